@@ -1,0 +1,455 @@
+//! `range_fault`: snapshot a range of the CPU page table and fault pages in where asked
+//! (the kernel's `hmm_range_fault`), and the driver loop around it.
+//!
+//! # Entries
+//!
+//! One `u64` per page. On output: [`entry::VALID`] (with [`entry::WRITE`] if the CPU may write)
+//! and the page's frame number in the low bits, or [`entry::ERROR`] for a page no device may use
+//! (a hole, a PROT_NONE or I/O area), or 0 for a page that is not present but could be faulted.
+//! A huge page gives every covered entry its order. svmirror adds two output bits the kernel
+//! reports through `struct page` instead: [`entry::ZERO`] for the shared zero page and
+//! [`entry::DEVICE_PRIVATE`] for a page in the caller's own device memory.
+//!
+//! On input, `VALID` means "fault it in" ([`entry::REQ_FAULT`]) and `WRITE` means "fault it in
+//! writable" ([`entry::REQ_WRITE`], only together with `REQ_FAULT`). The request for a page is
+//! `(entry & pfn_flags_mask) | default_flags`; most drivers set `pfn_flags_mask = 0` and ask
+//! for the same thing everywhere through `default_flags`.
+
+use std::time::{Duration, Instant};
+
+use crate::context::{UpdateGuard, UpdateLock, might_sleep};
+use crate::error::{Error, Result};
+use crate::notifier::{ReadSeq, Subscription};
+use crate::range::{Owner, PAGE_SHIFT, PAGE_SIZE, Range};
+
+/// Bits of a `range_fault` entry.
+pub mod entry {
+    /// Output: the page is mapped and its frame number is in [`PFN_MASK`]. Input: fault it in.
+    pub const VALID: u64 = 1 << 63;
+    /// Output: the CPU may write the page. Input (with `REQ_FAULT`): fault it in writable.
+    pub const WRITE: u64 = 1 << 62;
+    /// Output: no device may use this page (hole, PROT_NONE, I/O or PFN-map area).
+    pub const ERROR: u64 = 1 << 61;
+    /// Shift of the 5-bit order field: log2 of the CPU mapping's size in pages.
+    pub const ORDER_SHIFT: u32 = 56;
+    /// The order field.
+    pub const ORDER_MASK: u64 = 0x1f << ORDER_SHIFT;
+    /// Output (svmirror): the page lives in device memory owned by the caller.
+    pub const DEVICE_PRIVATE: u64 = 1 << 55;
+    /// Output (svmirror): the page is the shared zero page.
+    pub const ZERO: u64 = 1 << 54;
+    /// The frame number.
+    pub const PFN_MASK: u64 = ZERO - 1;
+    /// Input: fault the page in if it is not present.
+    pub const REQ_FAULT: u64 = VALID;
+    /// Input: fault the page in writable.
+    pub const REQ_WRITE: u64 = WRITE;
+
+    /// The order field of an entry.
+    pub const fn order(e: u64) -> u32 {
+        ((e & ORDER_MASK) >> ORDER_SHIFT) as u32
+    }
+
+    /// The frame number of an entry.
+    pub const fn pfn(e: u64) -> u64 {
+        e & PFN_MASK
+    }
+
+    /// Whether an output entry is a usable page.
+    pub const fn is_valid(e: u64) -> bool {
+        e & VALID != 0
+    }
+
+    /// Whether an output entry is a usable, writable page.
+    pub const fn is_writable(e: u64) -> bool {
+        e & (VALID | WRITE) == VALID | WRITE
+    }
+}
+
+/// What the CPU page table holds for one base page, as a [`PageSource`] reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuPte {
+    /// No page: never touched, swapped out, or in the middle of a migration.
+    #[default]
+    None,
+    /// A page in RAM.
+    Present {
+        /// Frame number (0 when the process may not read frame numbers).
+        pfn: u64,
+        /// The CPU may write it without a fault (not read-only, not shared copy-on-write).
+        write: bool,
+        /// It is the shared zero page.
+        zero: bool,
+        /// log2 of the CPU mapping's size in base pages: 0, 9 (2 MiB), 18 (1 GiB).
+        order: u8,
+    },
+    /// A page migrated to a device's private memory.
+    DevicePrivate {
+        /// The device page's frame number.
+        pfn: u64,
+        /// The driver whose memory it is.
+        owner: Owner,
+        /// Writable once faulted back or accessed by its owner.
+        write: bool,
+    },
+}
+
+/// What kind of mapping covers part of a range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AreaKind {
+    /// No mapping at all.
+    Hole,
+    /// An I/O or PFN-map mapping (`VM_IO`/`VM_PFNMAP`): no pages a device may mirror.
+    Io,
+    /// Ordinary memory with the mapping's permissions.
+    Mapped {
+        /// The mapping is readable (false for PROT_NONE).
+        read: bool,
+        /// The mapping is writable.
+        write: bool,
+    },
+}
+
+/// A stretch `[addr, end)` with one [`AreaKind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Area {
+    /// End of the stretch (exclusive, page aligned), at most the `limit` asked for.
+    pub end: u64,
+    /// What covers it.
+    pub kind: AreaKind,
+}
+
+/// The CPU page table of one address space, as `range_fault` walks it. svmirror-mm implements
+/// it for the real process (PROCMAP_QUERY, PAGEMAP_SCAN, MADV_POPULATE_*);
+/// [`ScriptedPageSource`](crate::testing::ScriptedPageSource) is the test double.
+pub trait PageSource {
+    /// The mapping at page-aligned `addr`, reported up to at most `limit` (`addr < limit`);
+    /// `end` must be above `addr`.
+    fn area(&self, addr: u64, limit: u64) -> Result<Area>;
+
+    /// Fills `out[i]` with the state of page `addr + i * PAGE_SIZE`. The pages lie in one
+    /// [`AreaKind::Mapped`] area returned by [`area`](Self::area).
+    fn snapshot(&self, addr: u64, out: &mut [CpuPte]) -> Result<()>;
+
+    /// Faults `range` in, writable if `write` (MADV_POPULATE_READ/WRITE). Errors:
+    /// [`Error::WriteToReadOnly`], [`Error::BadAddress`], or [`Error::Source`].
+    fn fault(&self, range: Range, write: bool) -> Result<()>;
+}
+
+/// The input and output of one [`range_fault`] (the kernel's `struct hmm_range`).
+#[derive(Debug)]
+pub struct FaultRequest<'a> {
+    /// The range to snapshot; must lie inside the subscription.
+    pub range: Range,
+    /// One entry per page: requests in, results out.
+    pub entries: &'a mut [u64],
+    /// Flags requested for every page.
+    pub default_flags: u64,
+    /// Which bits of each input entry add to `default_flags`.
+    pub pfn_flags_mask: u64,
+    /// Device-private pages of this owner are reported without faulting them back.
+    pub dev_private_owner: Option<Owner>,
+}
+
+impl<'a> FaultRequest<'a> {
+    /// A request that asks the same for every page: `REQ_FAULT` (+ `REQ_WRITE` if `write`).
+    pub fn fault_all(range: Range, entries: &'a mut [u64], write: bool) -> Self {
+        FaultRequest {
+            range,
+            entries,
+            default_flags: entry::REQ_FAULT | if write { entry::REQ_WRITE } else { 0 },
+            pfn_flags_mask: 0,
+            dev_private_owner: None,
+        }
+    }
+
+    /// A request that faults nothing and only reports what is there (a snapshot).
+    pub fn snapshot(range: Range, entries: &'a mut [u64]) -> Self {
+        FaultRequest {
+            range,
+            entries,
+            default_flags: 0,
+            pfn_flags_mask: 0,
+            dev_private_owner: None,
+        }
+    }
+
+    /// Reports device-private pages of `owner` instead of faulting them back.
+    pub fn with_owner(mut self, owner: Owner) -> Self {
+        self.dev_private_owner = Some(owner);
+        self
+    }
+}
+
+/// What one `range_fault` or fault loop did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultStats {
+    /// Walk passes (one plus one per fault).
+    pub passes: u64,
+    /// Calls to [`PageSource::fault`].
+    pub faults: u64,
+    /// Times the fault loop started over because an invalidation raced it.
+    pub retries: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Need {
+    None,
+    Read,
+    Write,
+}
+
+/// Pages snapshot per call to the source.
+const BATCH: usize = 64;
+/// Faults of the same page in a row, with no invalidation in between, before giving up.
+const MAX_FAULTS_WITHOUT_PROGRESS: u32 = 8;
+
+fn request(req: &FaultRequest<'_>, i: usize, addr: u64) -> Result<u64> {
+    let r = (req.entries[i] & req.pfn_flags_mask) | req.default_flags;
+    if r & entry::REQ_WRITE != 0 && r & entry::REQ_FAULT == 0 {
+        return Err(Error::InvalidRequest { addr });
+    }
+    Ok(r)
+}
+
+fn need_for(r: u64, present: bool, writable: bool) -> Need {
+    if r & entry::REQ_FAULT == 0 {
+        Need::None
+    } else if r & entry::REQ_WRITE != 0 && !writable {
+        Need::Write
+    } else if !present {
+        Need::Read
+    } else {
+        Need::None
+    }
+}
+
+/// The output entry for a page and whether the request needs a fault first.
+fn classify(pte: CpuPte, r: u64, owner: Option<Owner>) -> (u64, Need) {
+    match pte {
+        CpuPte::None => (0, need_for(r, false, false)),
+        CpuPte::Present {
+            pfn,
+            write,
+            zero,
+            order,
+        } => {
+            let mut e = (pfn & entry::PFN_MASK)
+                | entry::VALID
+                | ((u64::from(order) << entry::ORDER_SHIFT) & entry::ORDER_MASK);
+            if write {
+                e |= entry::WRITE;
+            }
+            if zero {
+                e |= entry::ZERO;
+            }
+            (e, need_for(r, true, write))
+        }
+        CpuPte::DevicePrivate {
+            pfn,
+            owner: o,
+            write,
+        } if Some(o) == owner => {
+            let mut e = (pfn & entry::PFN_MASK) | entry::VALID | entry::DEVICE_PRIVATE;
+            if write {
+                e |= entry::WRITE;
+            }
+            (e, Need::None)
+        }
+        // Someone else's device memory: as good as absent; a fault brings it back to RAM.
+        CpuPte::DevicePrivate { .. } => (0, need_for(r, false, false)),
+    }
+}
+
+/// Snapshots `req.range` of the CPU page table and faults pages in where the request asks
+/// (the kernel's `hmm_range_fault`), under the sequence `seq` from `sub.read_begin()`.
+///
+/// Returns [`Error::Busy`] as soon as an invalidation of the subscription has run since `seq`:
+/// take a new sequence and call again (or use [`fault_and_program`], which does). On `Busy`, the
+/// entries already walked hold output and the rest still hold input.
+///
+/// ```
+/// use std::sync::Arc;
+/// use svmirror_core::testing::{ScriptedPageSource, TestMirror};
+/// use svmirror_core::{entry, range_fault, AreaKind, Error, FaultRequest, Notifier, Owner, Range};
+///
+/// let cpu = ScriptedPageSource::new();
+/// let r = Range::new(0x10000, 0x12000).unwrap();
+/// cpu.map_area(r, AreaKind::Mapped { read: true, write: false });
+/// let notifier = Notifier::new();
+/// let sub = notifier.insert(r, Arc::new(TestMirror::new(Owner(1)))).unwrap();
+/// let mut entries = [0u64; 2];
+///
+/// // A read fault of a read-only anonymous area maps the zero page.
+/// let seq = sub.read_begin().unwrap();
+/// range_fault(&sub, seq, &cpu, &mut FaultRequest::fault_all(r, &mut entries, false)).unwrap();
+/// assert!(entries.iter().all(|&e| entry::is_valid(e) && e & entry::ZERO != 0));
+///
+/// // A write fault there is EPERM.
+/// let err = range_fault(&sub, seq, &cpu, &mut FaultRequest::fault_all(r, &mut entries, true));
+/// assert!(matches!(err, Err(Error::WriteToReadOnly { addr: 0x10000 })));
+/// ```
+pub fn range_fault<S: PageSource + ?Sized>(
+    sub: &Subscription,
+    seq: ReadSeq,
+    source: &S,
+    req: &mut FaultRequest<'_>,
+) -> Result<FaultStats> {
+    might_sleep("range_fault");
+    let range = req.range;
+    if req.entries.len() as u64 != range.pages() {
+        return Err(Error::EntryCount {
+            range,
+            expected: range.pages(),
+            got: req.entries.len(),
+        });
+    }
+    let subscription = sub.range();
+    if range.start() < subscription.start() || range.end() > subscription.end() {
+        return Err(Error::OutsideSubscription {
+            range,
+            subscription,
+        });
+    }
+    let _span =
+        tracing::trace_span!("range_fault", start = range.start(), end = range.end()).entered();
+    let mut stats = FaultStats::default();
+    let mut addr = range.start();
+    let mut stuck_at = (u64::MAX, 0u32);
+    let mut buf = [CpuPte::None; BATCH];
+    'pass: loop {
+        if sub.check_retry(seq) {
+            return Err(Error::Busy { range });
+        }
+        stats.passes += 1;
+        while addr < range.end() {
+            let area = source.area(addr, range.end())?;
+            let area_end = area.end.min(range.end());
+            if area_end <= addr || area_end % PAGE_SIZE != 0 {
+                return Err(Error::Source {
+                    range,
+                    source: format!("page source reported area end {:#x} at {addr:#x}", area.end)
+                        .into(),
+                });
+            }
+            let first = ((addr - range.start()) >> PAGE_SHIFT) as usize;
+            let count = ((area_end - addr) >> PAGE_SHIFT) as usize;
+            let vma_write = match area.kind {
+                AreaKind::Mapped { read: true, write } => write,
+                // Holes, I/O areas and PROT_NONE: EFAULT if any page asks for a fault, else ERROR.
+                _ => {
+                    for i in first..first + count {
+                        let page = range.start() + ((i as u64) << PAGE_SHIFT);
+                        if request(req, i, page)? & entry::REQ_FAULT != 0 {
+                            return Err(Error::BadAddress { addr: page });
+                        }
+                    }
+                    req.entries[first..first + count].fill(entry::ERROR);
+                    addr = area_end;
+                    continue;
+                }
+            };
+            let mut done = 0;
+            while done < count {
+                let n = (count - done).min(BATCH);
+                let batch_addr = addr + ((done as u64) << PAGE_SHIFT);
+                source.snapshot(batch_addr, &mut buf[..n])?;
+                for j in 0..n {
+                    let i = first + done + j;
+                    let page = batch_addr + ((j as u64) << PAGE_SHIFT);
+                    let (out, need) =
+                        classify(buf[j], request(req, i, page)?, req.dev_private_owner);
+                    if need == Need::None {
+                        req.entries[i] = out;
+                        continue;
+                    }
+                    if need == Need::Write && !vma_write {
+                        return Err(Error::WriteToReadOnly { addr: page });
+                    }
+                    // Fault the run of following pages that need the same kind of fault.
+                    let mut run = 1;
+                    while j + run < n {
+                        let k = i + run;
+                        let next = batch_addr + (((j + run) as u64) << PAGE_SHIFT);
+                        let (_, nneed) =
+                            classify(buf[j + run], request(req, k, next)?, req.dev_private_owner);
+                        if nneed != need {
+                            break;
+                        }
+                        run += 1;
+                    }
+                    stuck_at = if stuck_at.0 == page {
+                        (page, stuck_at.1 + 1)
+                    } else {
+                        (page, 1)
+                    };
+                    if stuck_at.1 > MAX_FAULTS_WITHOUT_PROGRESS {
+                        return Err(Error::NoProgress { addr: page });
+                    }
+                    let fault_range = Range::with_len(page, (run as u64) << PAGE_SHIFT)?;
+                    source.fault(fault_range, need == Need::Write)?;
+                    stats.faults += 1;
+                    addr = page;
+                    continue 'pass;
+                }
+                done += n;
+            }
+            addr = area_end;
+        }
+        return Ok(stats);
+    }
+}
+
+/// The default time limit of [`fault_and_program`], as the kernel's `HMM_RANGE_DEFAULT_TIMEOUT`.
+pub const DEFAULT_FAULT_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// The whole driver-side fault loop: `read_begin` → [`range_fault`] → take the update lock →
+/// `read_retry` → `program`, starting over whenever an invalidation raced it, for at most
+/// `timeout` ([`DEFAULT_FAULT_TIMEOUT`] is the kernel's choice).
+///
+/// `program` runs under the update lock with entries that are guaranteed current: no
+/// invalidation of the subscription has run since they were read (DESIGN.md invariant 1).
+/// Inputs are restored before each retry when `pfn_flags_mask` makes them matter.
+pub fn fault_and_program<S, T, R>(
+    sub: &Subscription,
+    lock: &UpdateLock<T>,
+    source: &S,
+    req: &mut FaultRequest<'_>,
+    timeout: Duration,
+    program: impl FnOnce(&mut UpdateGuard<'_, T>, &FaultRequest<'_>) -> R,
+) -> Result<(R, FaultStats)>
+where
+    S: PageSource + ?Sized,
+{
+    let started = Instant::now();
+    let input: Option<Vec<u64>> = (req.pfn_flags_mask != 0).then(|| req.entries.to_vec());
+    let mut total = FaultStats::default();
+    loop {
+        let seq = sub.read_begin()?;
+        match range_fault(sub, seq, source, req) {
+            Ok(s) => {
+                total.passes += s.passes;
+                total.faults += s.faults;
+                let mut guard = lock.lock();
+                if !sub.read_retry(&guard, seq)? {
+                    let r = program(&mut guard, req);
+                    return Ok((r, total));
+                }
+            }
+            Err(Error::Busy { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        total.retries += 1;
+        let elapsed = started.elapsed();
+        if elapsed > timeout {
+            return Err(Error::Timeout {
+                range: req.range,
+                retries: total.retries,
+                elapsed,
+            });
+        }
+        if let Some(input) = &input {
+            req.entries.copy_from_slice(input);
+        }
+    }
+}
