@@ -834,3 +834,7 @@ impl AtomicCtx<'_> {
         self.subscription
     }
 }
+
+#[cfg(all(test, not(loom)))]
+#[path = "notifier_tests.rs"]
+mod tests;
