@@ -366,18 +366,10 @@ pub fn range_fault<S: PageSource + ?Sized>(
                     if need == Need::Write && !vma_write {
                         return Err(Error::WriteToReadOnly { addr: page });
                     }
-                    // Fault the run of following pages that need the same kind of fault.
-                    let mut run = 1;
-                    while j + run < n {
-                        let k = i + run;
-                        let next = batch_addr + (((j + run) as u64) << PAGE_SHIFT);
-                        let (_, nneed) =
-                            classify(buf[j + run], request(req, k, next)?, req.dev_private_owner);
-                        if nneed != need {
-                            break;
-                        }
-                        run += 1;
-                    }
+                    // Fault the whole run of following pages that need the same kind of fault,
+                    // snapshotting past this batch if the run goes on (the walk restarts at
+                    // `page` afterwards, so the buffer may be reused).
+                    let run = fault_run(source, req, &mut buf, (j, n), page, area_end, need)?;
                     stuck_at = if stuck_at.0 == page {
                         (page, stuck_at.1 + 1)
                     } else {
@@ -397,6 +389,38 @@ pub fn range_fault<S: PageSource + ?Sized>(
             addr = area_end;
         }
         return Ok(stats);
+    }
+}
+
+/// Length in pages of the run starting at `page` (index `j` of the `n` pages in `buf`) whose pages
+/// all need the fault `need`, up to `area_end`.
+fn fault_run<S: PageSource + ?Sized>(
+    source: &S,
+    req: &FaultRequest<'_>,
+    buf: &mut [CpuPte; BATCH],
+    (mut j, mut n): (usize, usize),
+    page: u64,
+    area_end: u64,
+    need: Need,
+) -> Result<usize> {
+    let first = ((page - req.range.start()) >> PAGE_SHIFT) as usize;
+    let mut run = 1;
+    loop {
+        j += 1;
+        let addr = page + ((run as u64) << PAGE_SHIFT);
+        if addr >= area_end {
+            return Ok(run);
+        }
+        if j == n {
+            n = (((area_end - addr) >> PAGE_SHIFT) as usize).min(BATCH);
+            source.snapshot(addr, &mut buf[..n])?;
+            j = 0;
+        }
+        let r = request(req, first + run, addr)?;
+        if classify(buf[j], r, req.dev_private_owner).1 != need {
+            return Ok(run);
+        }
+        run += 1;
     }
 }
 
@@ -453,3 +477,7 @@ where
         }
     }
 }
+
+#[cfg(all(test, not(loom)))]
+#[path = "fault_tests.rs"]
+mod tests;
