@@ -351,10 +351,11 @@ impl<V> LinearIndex<V> {
 
     /// Removes the interval inserted with `(start, id)`.
     pub fn remove(&mut self, start: u64, id: u64) -> Option<V> {
+        // From the back: removing in reverse insertion order is O(1) per removal.
         let i = self
             .items
             .iter()
-            .position(|&(s, _, i, _)| s == start && i == id)?;
+            .rposition(|&(s, _, i, _)| s == start && i == id)?;
         Some(self.items.swap_remove(i).3)
     }
 

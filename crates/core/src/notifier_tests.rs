@@ -528,7 +528,9 @@ fn secondary_tlb_flush_runs_at_page_level() {
     assert!(may_sleep(), "atomic section ended");
 }
 
+#[cfg(debug_assertions)]
 struct SleepyFlush(UpdateLock<()>);
+#[cfg(debug_assertions)]
 impl IntervalNotifierOps for SleepyFlush {
     fn invalidate(&self, _: &InvalidateCtx<'_>, _: &NotifierRange) -> Result<Pass, WouldBlock> {
         Ok(Pass::Done)
