@@ -6,8 +6,10 @@
 //! make it up:
 //!
 //! - [`core`]: the shared invalidation core (interval notifier, seq/retry protocol, `range_fault`).
+//! - [`mm`]: the CPU side: so far the real process's page table as a `PageSource`.
 //!
-//! The CPU side (svmirror-mm) and the device backends (simulated IOMMU, VFIO, Vulkan) join here
-//! as they land.
+//! The rest of the CPU side (userfaultfd monitor, SVM API) and the device backends (simulated
+//! IOMMU, VFIO, Vulkan) join here as they land.
 
 pub use svmirror_core as core;
+pub use svmirror_mm as mm;
