@@ -199,7 +199,14 @@ enum Need {
     Write,
 }
 
-/// Pages snapshot per call to the source.
+/// Pages snapshot per call to the source, at most. Each call costs the source a few system calls
+/// whatever its length (svmirror-mm: a VMA lookup, pagemap reads, a PAGEMAP_SCAN), so batches are
+/// large: 4096 pages (16 MiB of 4 KiB pages, a 96 KiB buffer, allocated once per `range_fault` and
+/// no larger than the range). Unit tests use small batches, so that their ranges of a few hundred
+/// pages cross batch boundaries.
+#[cfg(not(test))]
+const BATCH: usize = 4096;
+#[cfg(test)]
 const BATCH: usize = 64;
 /// Faults of the same page in a row, with no invalidation in between, before giving up.
 const MAX_FAULTS_WITHOUT_PROGRESS: u32 = 8;
@@ -313,10 +320,27 @@ pub fn range_fault<S: PageSource + ?Sized>(
     }
     let _span =
         tracing::trace_span!("range_fault", start = range.start(), end = range.end()).entered();
+    walk(sub, seq, source, req).map_err(|e| match e {
+        // An error seen while an invalidation overtook the walk (a fault into a mapping that was
+        // being replaced, say) describes a page table that no longer exists: start over.
+        Error::Busy { .. } => e,
+        _ if sub.check_retry(seq) => Error::Busy { range },
+        _ => e,
+    })
+}
+
+/// The walk of [`range_fault`], on validated input.
+fn walk<S: PageSource + ?Sized>(
+    sub: &Subscription,
+    seq: ReadSeq,
+    source: &S,
+    req: &mut FaultRequest<'_>,
+) -> Result<FaultStats> {
+    let range = req.range;
     let mut stats = FaultStats::default();
     let mut addr = range.start();
     let mut stuck_at = (u64::MAX, 0u32);
-    let mut buf = [CpuPte::None; BATCH];
+    let mut buf = vec![CpuPte::None; BATCH.min(req.entries.len())];
     'pass: loop {
         if sub.check_retry(seq) {
             return Err(Error::Busy { range });
@@ -351,7 +375,7 @@ pub fn range_fault<S: PageSource + ?Sized>(
             };
             let mut done = 0;
             while done < count {
-                let n = (count - done).min(BATCH);
+                let n = (count - done).min(buf.len());
                 let batch_addr = addr + ((done as u64) << PAGE_SHIFT);
                 source.snapshot(batch_addr, &mut buf[..n])?;
                 for j in 0..n {
@@ -397,7 +421,7 @@ pub fn range_fault<S: PageSource + ?Sized>(
 fn fault_run<S: PageSource + ?Sized>(
     source: &S,
     req: &FaultRequest<'_>,
-    buf: &mut [CpuPte; BATCH],
+    buf: &mut [CpuPte],
     (mut j, mut n): (usize, usize),
     page: u64,
     area_end: u64,
@@ -412,7 +436,7 @@ fn fault_run<S: PageSource + ?Sized>(
             return Ok(run);
         }
         if j == n {
-            n = (((area_end - addr) >> PAGE_SHIFT) as usize).min(BATCH);
+            n = (((area_end - addr) >> PAGE_SHIFT) as usize).min(buf.len());
             source.snapshot(addr, &mut buf[..n])?;
             j = 0;
         }

@@ -26,6 +26,13 @@
 //!   PAGEMAP_SCAN (before Linux 6.7) the order is always 0: /proc/self/smaps only counts huge
 //!   pages per VMA, and /proc/kpageflags needs privilege and describes folios, not mappings.
 //!
+//! # Cost
+//!
+//! A snapshot reads pagemap in `pread`s of up to 2048 entries, then runs PAGEMAP_SCAN only if
+//! the entries leave a zero or huge page possible (see [`ScanNeed`]): with frame numbers visible,
+//! ordinary 4 KiB pages rule both out, and the snapshot costs one pagemap read; without them, any
+//! 2 MiB block of present pages needs the scan, which costs about half as much again.
+//!
 //! The two reads are not atomic with each other or with the CPU: a page may change between them
 //! and after. The core's sequence protocol is what makes a snapshot usable; here we only keep
 //! the answer self-consistent (a zero page is never writable).
@@ -54,8 +61,12 @@ const PM_PFN_MASK: u64 = (1 << 55) - 1;
 
 /// Order of a PMD-mapped THP with 4 KiB base pages (2 MiB).
 const PMD_ORDER: u8 = 9;
-/// Pagemap entries read per `pread`.
-const CHUNK: usize = 512;
+/// Bytes in one pagemap entry.
+const ENTRY: usize = size_of::<u64>();
+/// Pagemap entries read per `pread` in a snapshot, at most. A `pread` of pagemap costs about as
+/// much as reading a hundred entries or more (measured on 6.18 in a VM: 1-2 µs a call, about
+/// 10 ns an entry), so a snapshot reads many at once, into a 16 KiB buffer.
+const CHUNK: usize = 2048;
 /// Regions per PAGEMAP_SCAN call.
 const REGIONS: usize = 32;
 
@@ -122,6 +133,9 @@ impl Pagemap {
     }
 
     /// Fills `out` with the state of the pages from `addr` on, all inside `vma`.
+    ///
+    /// PAGEMAP_SCAN runs only when the pagemap entries leave something for it to find (see
+    /// [`ScanNeed`]): it costs about half as much again as the pagemap read.
     pub(crate) fn snapshot(
         &self,
         maps: &Maps,
@@ -129,17 +143,20 @@ impl Pagemap {
         addr: u64,
         out: &mut [CpuPte],
     ) -> Result<(), MmError> {
-        let mut entries = [0u64; CHUNK];
+        let mut bytes = [0u8; CHUNK * ENTRY];
+        let mut need = ScanNeed::new(self, vma);
+        let rule = PteRule::new(self, vma);
         for (i, chunk) in out.chunks_mut(CHUNK).enumerate() {
             let at = addr + (((i * CHUNK) as u64) << PAGE_SHIFT);
-            let entries = &mut entries[..chunk.len()];
-            self.read(at, entries)
+            let bytes = &mut bytes[..chunk.len() * ENTRY];
+            self.read_raw(at, bytes)
                 .map_err(|source| MmError::ReadPagemap { addr: at, source })?;
-            for (pte, &e) in chunk.iter_mut().zip(entries.iter()) {
-                *pte = self.pte(vma, e);
+            need.entries(at >> PAGE_SHIFT, bytes);
+            for (pte, raw) in chunk.iter_mut().zip(bytes.chunks_exact(ENTRY)) {
+                *pte = rule.pte(decode(raw));
             }
         }
-        if !self.scan {
+        if !self.scan || !need.needed() {
             return Ok(());
         }
         let end = addr + ((out.len() as u64) << PAGE_SHIFT);
@@ -188,48 +205,41 @@ impl Pagemap {
     }
 
     /// The page state one pagemap entry describes (order 0; the scan adds huge orders).
+    #[cfg(test)]
     fn pte(&self, vma: &Vma, e: u64) -> CpuPte {
-        if e & PM_PRESENT == 0 {
-            return CpuPte::None;
-        }
-        let pfn = if self.pfn_visible { e & PM_PFN_MASK } else { 0 };
-        let exclusive = e & PM_MMAP_EXCLUSIVE != 0;
-        let file = e & PM_FILE != 0;
-        let zero = !exclusive && !file && self.zero_pfn.is_some_and(|z| z == pfn);
-        CpuPte::Present {
-            pfn,
-            write: vma.write && !zero && (vma.shared || (exclusive && !file)),
-            zero,
-            order: 0,
-        }
+        PteRule::new(self, vma).pte(e)
     }
 
-    /// Reads the pagemap entries of `out.len()` pages from `addr`. Entries past the end of the
-    /// address space read as 0 (not present).
+    /// Reads the pagemap entries of `out.len()` pages from `addr` (for probes: few pages, small
+    /// reads). Entries past the end of the address space read as 0 (not present).
     fn read(&self, addr: u64, out: &mut [u64]) -> io::Result<()> {
-        const ENTRY: usize = size_of::<u64>();
-        let mut bytes = [0u8; CHUNK * ENTRY];
-        for (i, part) in out.chunks_mut(CHUNK).enumerate() {
+        let mut bytes = [0u8; 64 * ENTRY];
+        for (i, part) in out.chunks_mut(64).enumerate() {
             let bytes = &mut bytes[..part.len() * ENTRY];
-            let vpn = (addr >> PAGE_SHIFT) + (i * CHUNK) as u64;
-            let mut done = 0;
-            while done < bytes.len() {
-                let offset = vpn * ENTRY as u64 + done as u64;
-                match self.file.read_at(&mut bytes[done..], offset) {
-                    // The kernel answers in whole entries; 0 is the end of the address space.
-                    Ok(n) if n >= ENTRY => done += n - n % ENTRY,
-                    Ok(_) => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            bytes[done..].fill(0);
+            self.read_raw(addr + (((i * 64) as u64) << PAGE_SHIFT), bytes)?;
             for (entry, raw) in part.iter_mut().zip(bytes.chunks_exact(ENTRY)) {
-                let mut b = [0u8; ENTRY];
-                b.copy_from_slice(raw);
-                *entry = u64::from_ne_bytes(b);
+                *entry = decode(raw);
             }
         }
+        Ok(())
+    }
+
+    /// Reads the raw pagemap entries of `bytes.len() / ENTRY` pages from `addr` into `bytes`
+    /// (whole entries only), in one `pread` when the kernel answers in full. Entries past the end
+    /// of the address space read as 0 (not present).
+    fn read_raw(&self, addr: u64, bytes: &mut [u8]) -> io::Result<()> {
+        let offset = (addr >> PAGE_SHIFT) * ENTRY as u64;
+        let mut done = 0;
+        while done < bytes.len() {
+            match self.file.read_at(&mut bytes[done..], offset + done as u64) {
+                // The kernel answers in whole entries; 0 is the end of the address space.
+                Ok(n) if n >= ENTRY => done += n - n % ENTRY,
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        bytes[done..].fill(0);
         Ok(())
     }
 
@@ -296,6 +306,151 @@ impl Pagemap {
         let zero_like = e & PM_PRESENT != 0 && e & (PM_MMAP_EXCLUSIVE | PM_FILE) == 0;
         (read.is_ok() && zero_like && e & PM_PFN_MASK != 0).then_some(e & PM_PFN_MASK)
     }
+}
+
+/// How pagemap entries of one VMA become [`CpuPte`]s (see the module docs), with what the
+/// answer depends on besides the entry fetched once.
+#[derive(Clone, Copy)]
+struct PteRule {
+    /// Mask of the frame number bits: all of them, or none when frame numbers are hidden.
+    pfn_mask: u64,
+    /// The zero page's frame number, or a value no frame number has.
+    zero_pfn: u64,
+    /// The VMA is writable.
+    write: bool,
+    /// The VMA is shared.
+    shared: bool,
+}
+
+impl PteRule {
+    fn new(pagemap: &Pagemap, vma: &Vma) -> Self {
+        PteRule {
+            pfn_mask: if pagemap.pfn_visible { PM_PFN_MASK } else { 0 },
+            zero_pfn: pagemap.zero_pfn.unwrap_or(u64::MAX),
+            write: vma.write,
+            shared: vma.shared,
+        }
+    }
+
+    /// The page state entry `e` describes (order 0; the scan adds huge orders).
+    fn pte(self, e: u64) -> CpuPte {
+        if e & PM_PRESENT == 0 {
+            return CpuPte::None;
+        }
+        let pfn = e & self.pfn_mask;
+        let kind = e & (PM_MMAP_EXCLUSIVE | PM_FILE);
+        // The zero page has no `struct page`: the kernel marks it neither exclusive nor file.
+        let zero = kind == 0 && pfn == self.zero_pfn;
+        let exclusive_anon = kind == PM_MMAP_EXCLUSIVE;
+        CpuPte::Present {
+            pfn,
+            write: self.write && !zero && (self.shared || exclusive_anon),
+            zero,
+            order: 0,
+        }
+    }
+}
+
+/// Base pages a PMD maps (2 MiB of 4 KiB pages).
+const PMD_PAGES: u64 = 1 << PMD_ORDER;
+
+/// Whether PAGEMAP_SCAN could add anything to a snapshot read from pagemap, judged from the
+/// pagemap entries as they are read.
+///
+/// The scan marks zero pages and pages mapped by a huge entry; pagemap rules both out for most
+/// pages:
+/// - **Zero**: the zero page is present, anonymous and never "exclusively mapped" (the kernel
+///   has no `struct page` for it). With frame numbers, pagemap itself marks it by its frame.
+/// - **Huge** (base-page VMAs): a PMD maps a whole 2 MiB block of present pages, and with frame
+///   numbers each page's frame is aligned as its address is (the PMD's frame is 2 MiB aligned
+///   and pagemap reports `frame + index` for each page, the huge zero page included). A block
+///   with one page that is not so holds no huge entry. Only the pages of a block that the
+///   snapshot covers are judged. A hugetlb VMA (or one whose page size is unknown) maps huge
+///   entries only: there, any present page needs the scan.
+///
+/// Judging costs little next to the read: a block is ruled out at its first page that fails
+/// (without frame numbers, at its first absent page), and once one block needs the scan, the
+/// rest is not looked at.
+struct ScanNeed {
+    /// The entries seen so far leave something for the scan to find.
+    needed: bool,
+    /// Every present page is in a huge entry (hugetlb, or the page size is unknown).
+    hugetlb: bool,
+    /// Frame numbers are visible: huge blocks are also judged by frame alignment.
+    frames: bool,
+    /// Pagemap does not mark the zero page itself: zero-page candidates need the scan.
+    zero_unknown: bool,
+    /// Some page has been seen, so a block is open.
+    open: bool,
+    /// Every page of the open 2 MiB block seen so far could be mapped by a PMD.
+    block_may_be_huge: bool,
+}
+
+impl ScanNeed {
+    fn new(pagemap: &Pagemap, vma: &Vma) -> Self {
+        ScanNeed {
+            needed: false,
+            hugetlb: vma.page_size != Some(PAGE_SIZE),
+            frames: pagemap.pfn_visible,
+            zero_unknown: !(pagemap.pfn_visible && pagemap.zero_pfn.is_some()),
+            open: false,
+            block_may_be_huge: true,
+        }
+    }
+
+    /// Takes in `raw`, the pagemap entries of consecutive pages from page number `vpn` on,
+    /// following those taken in before.
+    fn entries(&mut self, vpn: u64, raw: &[u8]) {
+        if self.needed {
+            return;
+        }
+        let entry = |k: u64| decode(&raw[k as usize * ENTRY..][..ENTRY]);
+        let n = (raw.len() / ENTRY) as u64;
+        if self.hugetlb {
+            self.needed = (0..n).any(|k| entry(k) & PM_PRESENT != 0);
+            return;
+        }
+        let mut k = 0;
+        while k < n {
+            let at = vpn + k;
+            if at % PMD_PAGES == 0 && self.open {
+                if self.block_may_be_huge {
+                    self.needed = true;
+                    return;
+                }
+                self.block_may_be_huge = true;
+            }
+            self.open = true;
+            let end = (k + PMD_PAGES - at % PMD_PAGES).min(n);
+            if self.block_may_be_huge {
+                self.block_may_be_huge = (k..end).all(|j| {
+                    let e = entry(j);
+                    e & PM_PRESENT != 0
+                        && (!self.frames || (e & PM_PFN_MASK) % PMD_PAGES == (vpn + j) % PMD_PAGES)
+                });
+            }
+            if self.zero_unknown
+                && (k..end)
+                    .any(|j| entry(j) & (PM_PRESENT | PM_MMAP_EXCLUSIVE | PM_FILE) == PM_PRESENT)
+            {
+                self.needed = true;
+                return;
+            }
+            k = end;
+        }
+    }
+
+    /// Whether the scan is needed, once every page is taken in.
+    fn needed(&self) -> bool {
+        self.needed || (self.open && self.block_may_be_huge)
+    }
+}
+
+/// One pagemap entry from its `ENTRY` bytes.
+fn decode(raw: &[u8]) -> u64 {
+    let mut b = [0u8; ENTRY];
+    b.copy_from_slice(raw);
+    u64::from_ne_bytes(b)
 }
 
 /// The order of a huge entry in a VMA whose kernel page size is `page_size`: that size for
@@ -413,6 +568,107 @@ mod tests {
         assert_eq!(huge_page_order(2 << 20), 9);
         assert_eq!(huge_page_order(1 << 30), 18);
         assert_eq!(huge_page_order(3 << 20), 9);
+    }
+
+    /// Runs [`ScanNeed`] over `entries`, the first at page number `vpn`, in a base-page VMA:
+    /// in one part, and in parts as a snapshot's pagemap reads split them, which must agree.
+    fn scan_needed(p: &Pagemap, vpn: u64, entries: &[u64]) -> bool {
+        let mut v = vma(true, false);
+        v.page_size = Some(PAGE_SIZE);
+        let raw: Vec<u8> = entries.iter().flat_map(|e| e.to_ne_bytes()).collect();
+        let run = |parts: usize| {
+            let mut need = ScanNeed::new(p, &v);
+            for (i, part) in raw.chunks(parts * ENTRY).enumerate() {
+                need.entries(vpn + (i * parts) as u64, part);
+            }
+            need.needed()
+        };
+        let whole = run(entries.len().max(1));
+        for parts in [1, 3, 512] {
+            assert_eq!(run(parts), whole, "in parts of {parts}");
+        }
+        whole
+    }
+
+    /// Entries of `n` present pages with frames from `pfn` on.
+    fn run_of(pfn: u64, n: u64) -> Vec<u64> {
+        (0..n)
+            .map(|i| PM_PRESENT | PM_MMAP_EXCLUSIVE | (pfn + i))
+            .collect()
+    }
+
+    #[test]
+    fn absent_pages_need_no_scan() {
+        for visible in [true, false] {
+            let mut p = source(Some(0x99));
+            p.pfn_visible = visible;
+            assert!(!scan_needed(&p, 0x400, &[0, 1 << 62 | 5, 0]));
+            assert!(!scan_needed(&p, 0x400, &[0; 600]));
+        }
+    }
+
+    #[test]
+    fn a_block_of_frames_aligned_as_their_addresses_needs_the_scan() {
+        let p = source(Some(0x99));
+        assert!(scan_needed(&p, 0x400, &run_of(0x8_0000, 512)));
+        // Part of a block at either end of the snapshot is judged by the pages seen.
+        assert!(scan_needed(&p, 0x5f0, &run_of(0x8_01f0, 32)));
+        let mut tail = run_of(0x1234, 512);
+        tail.extend(run_of(0x8_0000, 3));
+        assert!(scan_needed(&p, 0x400, &tail));
+    }
+
+    #[test]
+    fn blocks_with_a_misaligned_or_absent_page_need_no_scan() {
+        let p = source(Some(0x99));
+        assert!(!scan_needed(&p, 0x400, &run_of(0x8_0001, 1024)));
+        let mut hole = run_of(0x8_0000, 512);
+        hole[100] = 0;
+        assert!(!scan_needed(&p, 0x400, &hole));
+    }
+
+    #[test]
+    fn without_frame_numbers_a_fully_present_block_needs_the_scan() {
+        let mut p = source(None);
+        p.pfn_visible = false;
+        assert!(scan_needed(&p, 0x400, &run_of(0x8_0001, 512)));
+        assert!(scan_needed(&p, 0x5f0, &run_of(0, 16)));
+        let mut hole = run_of(0, 1024);
+        hole[100] = 0;
+        hole[600] = 0;
+        assert!(!scan_needed(&p, 0x400, &hole));
+    }
+
+    #[test]
+    fn a_possible_zero_page_needs_the_scan_unless_its_frame_is_known() {
+        let shared_anon = PM_PRESENT | 0x99;
+        let mut hole = vec![0; 1024];
+        hole[700] = shared_anon;
+        assert!(!scan_needed(&source(Some(0x99)), 0x400, &hole));
+        assert!(scan_needed(&source(None), 0x400, &hole));
+        let mut hidden = source(None);
+        hidden.pfn_visible = false;
+        assert!(scan_needed(&hidden, 0x400, &hole));
+        // Exclusive or file pages are never the zero page.
+        hole[700] = PM_PRESENT | PM_MMAP_EXCLUSIVE;
+        assert!(!scan_needed(&hidden, 0x400, &hole));
+        hole[700] = PM_PRESENT | PM_FILE;
+        assert!(!scan_needed(&hidden, 0x400, &hole));
+    }
+
+    #[test]
+    fn in_a_hugetlb_vma_any_present_page_needs_the_scan() {
+        let p = source(Some(0x99));
+        let mut v = vma(true, false);
+        v.page_size = Some(2 << 20);
+        let mut need = ScanNeed::new(&p, &v);
+        let mut raw = vec![0u8; 8 * ENTRY];
+        need.entries(0x400, &raw);
+        assert!(!need.needed());
+        raw[3 * ENTRY..4 * ENTRY]
+            .copy_from_slice(&(PM_PRESENT | PM_MMAP_EXCLUSIVE | 5).to_ne_bytes());
+        need.entries(0x408, &raw);
+        assert!(need.needed());
     }
 
     #[test]

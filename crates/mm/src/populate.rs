@@ -10,7 +10,9 @@
 //! [`Error::BadAddress`]; a write to a mapping without write permission is
 //! [`Error::WriteToReadOnly`]. Only when the mappings explain nothing does the errno decide:
 //! EFAULT (the fault itself raised SIGBUS or SIGSEGV, e.g. past the end of a file) is
-//! `BadAddress` at the first page that fails on its own, anything else is [`Error::Source`].
+//! `BadAddress` at the first page that fails on its own; ENOMEM or EINVAL mean the mappings
+//! changed while we faulted, reported as [`Error::Busy`] so the fault loop starts over; anything
+//! else is [`Error::Source`].
 
 use std::ffi::c_void;
 use std::io;
@@ -71,6 +73,10 @@ fn explain(maps: &Maps, range: Range, write: bool, err: io::Error) -> Result<(),
                 .unwrap_or(range.start());
             Err(Error::BadAddress { addr })
         }
+        // "No mapping" (or the mappings failed the kernel's checks) although every page is
+        // mapped and allowed now: the address space changed while we faulted (a munmap and a
+        // new mmap raced us). That is the walk's "try again", not a failure.
+        Some(libc::ENOMEM | libc::EINVAL) => Err(Error::Busy { range }),
         _ => Err(Error::Source {
             range,
             source: Box::new(err),

@@ -1,0 +1,213 @@
+//! What the DMA engine is told and what it reports: commands, completions, faults, page
+//! requests, configuration and counters.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::Result;
+
+/// The kind of a device access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// A read of memory.
+    Read,
+    /// A write (or atomic) to memory.
+    Write,
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Access::Read => "read",
+            Access::Write => "write",
+        })
+    }
+}
+
+/// Why a device access faulted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FaultReason {
+    /// No translation for the address.
+    NotMapped,
+    /// A write through a read-only translation.
+    ReadOnly,
+    /// The address lies beyond the IOVA space.
+    OutsideIovaSpace,
+}
+
+impl fmt::Display for FaultReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FaultReason::NotMapped => "not mapped",
+            FaultReason::ReadOnly => "read-only",
+            FaultReason::OutsideIovaSpace => "outside the IOVA space",
+        })
+    }
+}
+
+/// One device fault, as logged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultRecord {
+    /// The address accessed.
+    pub iova: u64,
+    /// Read or write.
+    pub access: Access,
+    /// Why it faulted.
+    pub reason: FaultReason,
+    /// Whether a page request resolved it (the access was retried).
+    pub resolved: bool,
+}
+
+/// What the device does on a fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultMode {
+    /// Raise a page request and retry once the driver answers.
+    Recoverable,
+    /// Abort the command.
+    Unrecoverable,
+}
+
+/// A page request: the device asks the driver to map `iova` for `access`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageRequest {
+    /// The faulting address.
+    pub iova: u64,
+    /// The access that faulted.
+    pub access: Access,
+    /// Why it faulted.
+    pub reason: FaultReason,
+}
+
+/// The driver side of page requests. Called on the device thread, with no access in flight.
+pub trait PageRequestHandler: Send + Sync {
+    /// Resolves `req` (maps the page) and returns `Ok` for the device to retry, or the reason it
+    /// cannot, which aborts the command.
+    fn page_request(&self, req: &PageRequest) -> Result<()>;
+}
+
+/// Fault injection for tests of the failure paths (the role dmirror's FLAGS command plays).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Injection {
+    /// The device thread panics.
+    Panic,
+    /// The device thread sleeps, holding no access.
+    Stall(Duration),
+    /// The device reads `iova` and sleeps with the access in flight.
+    StallDuringAccess {
+        /// The address to hold.
+        iova: u64,
+        /// How long.
+        duration: Duration,
+    },
+}
+
+/// A command for the device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DmaCommand {
+    /// Copies `len` bytes from `src` to `dst` (overlapping ranges give unspecified bytes).
+    Copy {
+        /// Source address.
+        src: u64,
+        /// Destination address.
+        dst: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// Sets `len` bytes at `dst` to `value`.
+    Fill {
+        /// Destination address.
+        dst: u64,
+        /// Bytes.
+        len: u64,
+        /// The byte.
+        value: u8,
+    },
+    /// Adds `value` to the u64 at `addr` (8-aligned) and returns the old value. Atomic with
+    /// respect to other device commands, not to the CPU.
+    AtomicAdd {
+        /// Address of the u64.
+        addr: u64,
+        /// The addend (wrapping).
+        value: u64,
+    },
+    /// Reads `len` bytes at `src` into device memory, returned in [`Completion::data`].
+    Read {
+        /// Source address.
+        src: u64,
+        /// Bytes (at most 1 GiB).
+        len: u64,
+    },
+    /// Writes `data` from device memory to `dst`.
+    Write {
+        /// Destination address.
+        dst: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Fault injection.
+    Inject(Injection),
+}
+
+impl DmaCommand {
+    /// The command's name, as logs and spans print it.
+    pub const fn name(&self) -> &'static str {
+        match self {
+            DmaCommand::Copy { .. } => "copy",
+            DmaCommand::Fill { .. } => "fill",
+            DmaCommand::AtomicAdd { .. } => "atomic-add",
+            DmaCommand::Read { .. } => "read",
+            DmaCommand::Write { .. } => "write",
+            DmaCommand::Inject(_) => "inject",
+        }
+    }
+}
+
+/// What a finished command reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Completion {
+    /// Page requests it raised (and the driver resolved).
+    pub page_requests: u32,
+    /// The old value, for `AtomicAdd`.
+    pub old_value: Option<u64>,
+    /// The bytes read, for `Read`.
+    pub data: Vec<u8>,
+}
+
+/// How to build a [`DmaEngine`](crate::DmaEngine).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaConfig {
+    /// Recoverable (page requests) or unrecoverable faults.
+    pub fault_mode: FaultMode,
+    /// How long the device may make no progress (outside page requests) before it is declared
+    /// hung.
+    pub watchdog: Duration,
+    /// Page requests one access may raise before the command gives up.
+    pub max_page_requests: u32,
+}
+
+impl Default for DmaConfig {
+    fn default() -> Self {
+        DmaConfig {
+            fault_mode: FaultMode::Recoverable,
+            watchdog: Duration::from_secs(10),
+            max_page_requests: 8,
+        }
+    }
+}
+
+/// Counters of a [`DmaEngine`](crate::DmaEngine).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DmaStats {
+    /// Commands submitted.
+    pub submitted: u64,
+    /// Commands completed successfully.
+    pub completed: u64,
+    /// Commands that failed.
+    pub failed: u64,
+    /// Device faults (each logged as a record).
+    pub faults: u64,
+    /// Page requests raised.
+    pub page_requests: u64,
+    /// Bytes moved.
+    pub bytes: u64,
+}

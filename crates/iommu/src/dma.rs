@@ -1,0 +1,617 @@
+//! The DMA engine: a device thread working through a queue of commands, every access translated
+//! by the [`Mmu`] and carried out through pins.
+//!
+//! # Commands and fences
+//!
+//! [`DmaEngine::submit`] queues a [`DmaCommand`] and returns a [`Fence`]; the device thread runs
+//! commands in order and completes each fence with a [`Completion`] or an error. Each command
+//! is split into accesses no longer than the leaves that translate them; each access is
+//! translated and registered as in flight atomically, then done by the kernel through the pins
+//! ([`PinPool`]), then ends.
+//!
+//! # Faults
+//!
+//! An access that misses (no translation) or breaks a permission is a device fault. It is
+//! logged as a [`FaultRecord`]. In [`FaultMode::Recoverable`] the device raises a page request
+//! (like PCIe PRI) to the driver's [`PageRequestHandler`], waits for the answer, and retries the
+//! access; in [`FaultMode::Unrecoverable`], or when the driver cannot resolve it, the command
+//! aborts with [`IommuError::DeviceFault`]. While it waits for an answer the device holds no
+//! translation and no access is in flight, so an invalidation that waits for the device's work
+//! ([`DmaEngine::wait_idle_range`]) never waits for a driver that waits for it.
+//!
+//! # Failing closed
+//!
+//! A device thread that panics, or makes no progress for longer than [`DmaConfig::watchdog`]
+//! (outside page requests), fails the engine: every pending fence completes with
+//! [`IommuError::DeviceDied`] or [`IommuError::DeviceHung`], new submissions are refused, and a
+//! hung thread that wakes up again is refused every further access. The watchdog is checked by
+//! whoever waits (fences, `wait_idle_range`, `submit`): there is no extra thread. A hung access
+//! stays registered as in flight, so `wait_idle_range` reports the hang instead of declaring the
+//! range idle, and the driver keeps those pins (DESIGN.md invariant 2).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use svmirror_core::{Range, might_sleep};
+
+pub use crate::command::{
+    Access, Completion, DmaCommand, DmaConfig, DmaStats, FaultMode, FaultReason, FaultRecord,
+    Injection, PageRequest, PageRequestHandler,
+};
+use crate::error::{IommuError, Result};
+use crate::mmu::{AccessGrant, Miss, Mmu};
+use crate::pin::PinPool;
+
+/// How often waiters wake to check the watchdog.
+const POLL: Duration = Duration::from_millis(20);
+/// Fault records kept; the count goes on past it.
+const MAX_FAULT_RECORDS: usize = 1024;
+/// Largest `Read` command (device memory it fills).
+const MAX_READ: u64 = 1 << 30;
+/// Bytes of device memory a `Fill` writes from.
+const FILL_CHUNK: u64 = 64 << 10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    Running,
+    Stopped,
+    Died,
+    Hung(Duration),
+}
+
+impl Status {
+    fn error(self) -> IommuError {
+        match self {
+            Status::Running | Status::Stopped => IommuError::EngineStopped,
+            Status::Died => IommuError::DeviceDied,
+            Status::Hung(stalled) => IommuError::DeviceHung { stalled },
+        }
+    }
+}
+
+/// Where a fence's result lands.
+struct FenceSlot {
+    result: Mutex<Option<Result<Completion>>>,
+    done: Condvar,
+}
+
+impl FenceSlot {
+    fn new() -> Arc<FenceSlot> {
+        Arc::new(FenceSlot {
+            result: Mutex::new(None),
+            done: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Result<Completion>>> {
+        self.result.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the result unless one was set already (a fence failed closed keeps its error).
+    fn complete(&self, r: Result<Completion>) -> bool {
+        let mut g = self.lock();
+        let first = g.is_none();
+        if first {
+            *g = Some(r);
+        }
+        drop(g);
+        self.done.notify_all();
+        first
+    }
+}
+
+struct Job {
+    cmd: DmaCommand,
+    fence: Arc<FenceSlot>,
+}
+
+/// The queue and the engine's status, under one lock.
+///
+/// `status` moves from `Running` to one of the others, once. `current` is the fence of the
+/// command the device thread runs; failing closed completes it and every queued fence.
+struct State {
+    queue: VecDeque<Job>,
+    current: Option<Arc<FenceSlot>>,
+    status: Status,
+}
+
+struct Shared {
+    mmu: Arc<Mmu>,
+    pins: Arc<PinPool>,
+    config: DmaConfig,
+    state: Mutex<State>,
+    /// Signalled on new work, on each command's end and when the status changes.
+    changed: Condvar,
+    handler: Mutex<Option<Arc<dyn PageRequestHandler>>>,
+    epoch: Instant,
+    /// Nanoseconds since `epoch` of the device's last progress.
+    progress: AtomicU64,
+    in_page_request: AtomicBool,
+    faults: Mutex<VecDeque<FaultRecord>>,
+    stats: Mutex<DmaStats>,
+}
+
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn touch(&self) {
+        let ns = self.epoch.elapsed().as_nanos() as u64;
+        self.progress.store(ns, Ordering::Relaxed);
+    }
+
+    fn stat(&self, f: impl FnOnce(&mut DmaStats)) {
+        f(&mut relock(&self.stats));
+    }
+
+    /// Moves the engine out of `Running` and completes every pending fence with the error.
+    fn fail_closed(&self, status: Status) {
+        let mut st = relock(&self.state);
+        if st.status != Status::Running {
+            return;
+        }
+        st.status = status;
+        let queued: Vec<Job> = st.queue.drain(..).collect();
+        let current = st.current.clone();
+        drop(st);
+        if !matches!(status, Status::Stopped) {
+            tracing::error!(?status, "DMA engine failed closed");
+        }
+        for job in queued {
+            job.fence.complete(Err(status.error()));
+        }
+        if let (Some(f), false) = (current, status == Status::Stopped) {
+            f.complete(Err(status.error()));
+        }
+        self.changed.notify_all();
+    }
+
+    /// Declares the device hung if it has run one command without progress for too long.
+    fn check_watchdog(&self) {
+        let st = relock(&self.state);
+        if st.status != Status::Running
+            || st.current.is_none()
+            || self.in_page_request.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        drop(st);
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let stalled =
+            Duration::from_nanos(now.saturating_sub(self.progress.load(Ordering::Relaxed)));
+        if stalled > self.config.watchdog {
+            self.fail_closed(Status::Hung(stalled));
+        }
+    }
+
+    fn status(&self) -> Status {
+        relock(&self.state).status
+    }
+
+    fn record(&self, miss: Miss, resolved: bool) {
+        let mut log = relock(&self.faults);
+        if log.len() == MAX_FAULT_RECORDS {
+            log.pop_front();
+        }
+        log.push_back(FaultRecord {
+            iova: miss.iova,
+            access: miss.access,
+            reason: miss.reason,
+            resolved,
+        });
+        drop(log);
+        self.stat(|s| s.faults += 1);
+    }
+
+    /// Translates and claims an access, raising page requests on faults as the mode allows.
+    fn access(
+        &self,
+        reqs: &[(u64, Access)],
+        max_len: u64,
+        c: &mut Completion,
+    ) -> Result<AccessGrant<'_>> {
+        let mut tries = 0;
+        loop {
+            if let s @ (Status::Died | Status::Hung(_)) = self.status() {
+                return Err(s.error());
+            }
+            let miss = match self.mmu.begin_access(reqs, max_len) {
+                Ok(g) => return Ok(g),
+                Err(miss) => miss,
+            };
+            let fault = |source| IommuError::DeviceFault {
+                iova: miss.iova,
+                access: miss.access,
+                reason: miss.reason,
+                source,
+            };
+            let handler = (self.config.fault_mode == FaultMode::Recoverable
+                && miss.reason != FaultReason::OutsideIovaSpace
+                && tries < self.config.max_page_requests)
+                .then(|| relock(&self.handler).clone())
+                .flatten();
+            let Some(handler) = handler else {
+                self.record(miss, false);
+                return Err(fault(None));
+            };
+            tries += 1;
+            c.page_requests += 1;
+            self.stat(|s| s.page_requests += 1);
+            self.in_page_request.store(true, Ordering::Relaxed);
+            let r = handler.page_request(&PageRequest {
+                iova: miss.iova,
+                access: miss.access,
+                reason: miss.reason,
+            });
+            self.touch();
+            self.in_page_request.store(false, Ordering::Relaxed);
+            self.record(miss, r.is_ok());
+            if let Err(e) = r {
+                return Err(fault(Some(Box::new(e))));
+            }
+        }
+    }
+
+    fn execute(&self, cmd: DmaCommand) -> Result<Completion> {
+        let mut c = Completion::default();
+        match cmd {
+            DmaCommand::Copy { src, dst, len } => {
+                let mut done = 0;
+                while done < len {
+                    let g = self.access(
+                        &[(src + done, Access::Read), (dst + done, Access::Write)],
+                        len - done,
+                        &mut c,
+                    )?;
+                    self.pins.copy(g.target(0), g.target(1), g.len)?;
+                    done += g.len;
+                    self.touch();
+                }
+            }
+            DmaCommand::Fill { dst, len, value } => {
+                let buf = vec![value; len.min(FILL_CHUNK) as usize];
+                let mut done = 0;
+                while done < len {
+                    let max = (len - done).min(FILL_CHUNK);
+                    let g = self.access(&[(dst + done, Access::Write)], max, &mut c)?;
+                    self.pins.write(g.target(0), &buf[..g.len as usize])?;
+                    done += g.len;
+                    self.touch();
+                }
+            }
+            DmaCommand::Read { src, len } => {
+                let mut data = vec![0u8; len as usize];
+                let mut done = 0;
+                while done < len {
+                    let g = self.access(&[(src + done, Access::Read)], len - done, &mut c)?;
+                    let part = &mut data[done as usize..(done + g.len) as usize];
+                    self.pins.read(g.target(0), part)?;
+                    done += g.len;
+                    self.touch();
+                }
+                c.data = data;
+            }
+            DmaCommand::Write { dst, data } => {
+                let len = data.len() as u64;
+                let mut done = 0;
+                while done < len {
+                    let g = self.access(&[(dst + done, Access::Write)], len - done, &mut c)?;
+                    self.pins
+                        .write(g.target(0), &data[done as usize..(done + g.len) as usize])?;
+                    done += g.len;
+                    self.touch();
+                }
+            }
+            DmaCommand::AtomicAdd { addr, value } => {
+                let g = self.access(&[(addr, Access::Write)], 8, &mut c)?;
+                let mut old = [0u8; 8];
+                self.pins.read(g.target(0), &mut old)?;
+                let old = u64::from_ne_bytes(old);
+                self.pins
+                    .write(g.target(0), &old.wrapping_add(value).to_ne_bytes())?;
+                c.old_value = Some(old);
+            }
+            DmaCommand::Inject(Injection::Panic) => panic!("svmirror-iommu: injected device crash"),
+            DmaCommand::Inject(Injection::Stall(d)) => std::thread::sleep(d),
+            DmaCommand::Inject(Injection::StallDuringAccess { iova, duration }) => {
+                let _g = self.access(&[(iova, Access::Read)], 1, &mut c)?;
+                std::thread::sleep(duration);
+            }
+        }
+        Ok(c)
+    }
+}
+
+fn validate(cmd: &DmaCommand) -> Result<()> {
+    let bad = |iova, reason| Err(IommuError::InvalidCommand { iova, reason });
+    let span = |a: u64, len: u64| len > 0 && a.checked_add(len).is_some();
+    match *cmd {
+        DmaCommand::Copy { src, dst, len } if !span(src, len) || !span(dst, len) => {
+            bad(src, "empty or overflowing copy")
+        }
+        DmaCommand::Fill { dst, len, .. } if !span(dst, len) => {
+            bad(dst, "empty or overflowing fill")
+        }
+        DmaCommand::Read { src, len } if !span(src, len) || len > MAX_READ => {
+            bad(src, "read must be 1 byte to 1 GiB")
+        }
+        DmaCommand::Write { dst, ref data } if !span(dst, data.len() as u64) => {
+            bad(dst, "empty or overflowing write")
+        }
+        DmaCommand::AtomicAdd { addr, .. } if addr % 8 != 0 => bad(addr, "atomic is not 8-aligned"),
+        _ => Ok(()),
+    }
+}
+
+/// Fails the engine if the device thread unwinds.
+struct DeathWatch(Arc<Shared>);
+
+impl Drop for DeathWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fail_closed(Status::Died);
+        }
+    }
+}
+
+fn device_thread(shared: Arc<Shared>) {
+    let watch = DeathWatch(shared);
+    let sh = &*watch.0;
+    loop {
+        let job = {
+            let mut st = relock(&sh.state);
+            loop {
+                if st.status != Status::Running {
+                    return;
+                }
+                if let Some(job) = st.queue.pop_front() {
+                    st.current = Some(job.fence.clone());
+                    break job;
+                }
+                st = sh.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        sh.touch();
+        let r = sh.execute(job.cmd);
+        relock(&sh.state).current = None;
+        let ok = r.is_ok();
+        if job.fence.complete(r) {
+            sh.stat(|s| if ok { s.completed += 1 } else { s.failed += 1 });
+        }
+        sh.changed.notify_all();
+    }
+}
+
+/// The DMA device. See the [module documentation](self). Dropping it shuts it down.
+pub struct DmaEngine {
+    handle: DmaHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A shared handle on a [`DmaEngine`] for drivers: wait for work in flight, check health.
+#[derive(Clone)]
+pub struct DmaHandle {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for DmaEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.handle.fmt(f)
+    }
+}
+
+impl fmt::Debug for DmaHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaEngine")
+            .field("status", &self.shared.status())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl DmaEngine {
+    /// Starts the device thread over `mmu` and `pins`.
+    pub fn new(mmu: Arc<Mmu>, pins: Arc<PinPool>, config: DmaConfig) -> Result<DmaEngine> {
+        let shared = Arc::new(Shared {
+            mmu,
+            pins,
+            config,
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                current: None,
+                status: Status::Running,
+            }),
+            changed: Condvar::new(),
+            handler: Mutex::new(None),
+            epoch: Instant::now(),
+            progress: AtomicU64::new(0),
+            in_page_request: AtomicBool::new(false),
+            faults: Mutex::new(VecDeque::new()),
+            stats: Mutex::new(DmaStats::default()),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("svmirror-dma".into())
+            .spawn(move || device_thread(s))
+            .map_err(|source| IommuError::Spawn { source })?;
+        Ok(DmaEngine {
+            handle: DmaHandle { shared },
+            thread: Some(thread),
+        })
+    }
+
+    /// Installs the driver that answers page requests (recoverable mode).
+    pub fn set_page_request_handler(&self, handler: Arc<dyn PageRequestHandler>) {
+        *relock(&self.handle.shared.handler) = Some(handler);
+    }
+
+    /// A shared handle for drivers.
+    pub fn handle(&self) -> DmaHandle {
+        self.handle.clone()
+    }
+
+    /// Queues `cmd`. Errors: [`IommuError::InvalidCommand`]; the engine's failure
+    /// ([`IommuError::DeviceDied`], [`IommuError::DeviceHung`]) or [`IommuError::EngineStopped`].
+    pub fn submit(&self, cmd: DmaCommand) -> Result<Fence> {
+        validate(&cmd)?;
+        let sh = &self.handle.shared;
+        let _span = tracing::trace_span!("dma.submit", cmd = cmd.name()).entered();
+        sh.check_watchdog();
+        let fence = FenceSlot::new();
+        let mut st = relock(&sh.state);
+        if st.status != Status::Running {
+            return Err(st.status.error());
+        }
+        st.queue.push_back(Job {
+            cmd,
+            fence: fence.clone(),
+        });
+        drop(st);
+        sh.stat(|s| s.submitted += 1);
+        sh.changed.notify_all();
+        Ok(Fence {
+            slot: fence,
+            shared: sh.clone(),
+        })
+    }
+
+    /// See [`DmaHandle::wait_idle_range`].
+    pub fn wait_idle_range(&self, range: Range) -> Result<()> {
+        self.handle.wait_idle_range(range)
+    }
+
+    /// Waits until the queue is empty and no command runs. May sleep.
+    pub fn wait_idle(&self) -> Result<()> {
+        might_sleep("DmaEngine::wait_idle");
+        let sh = &self.handle.shared;
+        let mut st = relock(&sh.state);
+        loop {
+            match st.status {
+                Status::Running if st.queue.is_empty() && st.current.is_none() => return Ok(()),
+                Status::Running => {}
+                s => return Err(s.error()),
+            }
+            st = sh
+                .changed
+                .wait_timeout(st, POLL)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            drop(st);
+            sh.check_watchdog();
+            st = relock(&sh.state);
+        }
+    }
+
+    /// Device faults logged (the last 1024).
+    pub fn faults(&self) -> Vec<FaultRecord> {
+        relock(&self.handle.shared.faults).iter().copied().collect()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> DmaStats {
+        self.handle.stats()
+    }
+
+    /// Stops taking commands, fails the queued ones with [`IommuError::EngineStopped`], lets the
+    /// running one finish and joins the device thread (unless it hung: then it is left behind,
+    /// with the pins it may still use). Idempotent.
+    pub fn shutdown(&mut self) {
+        let sh = &self.handle.shared;
+        sh.fail_closed(Status::Stopped);
+        if let Some(t) = self.thread.take() {
+            if matches!(sh.status(), Status::Hung(_)) {
+                tracing::error!("DMA device thread hung; leaving it behind");
+            } else {
+                // A panic was already turned into `Died`.
+                let _ = t.join();
+            }
+        }
+        relock(&sh.handler).take();
+    }
+}
+
+impl Drop for DmaEngine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl DmaHandle {
+    /// Waits until no device access in flight touches `range` (what an invalidation does before
+    /// it releases pins). A command waiting on a page request has none in flight. Errors:
+    /// [`IommuError::DeviceHung`] when the device stops making progress with an access in the
+    /// range still in flight (its pins must then be kept).
+    pub fn wait_idle_range(&self, range: Range) -> Result<()> {
+        might_sleep("DmaHandle::wait_idle_range");
+        let sh = &self.shared;
+        loop {
+            if sh.mmu.wait_drained(range, Instant::now() + POLL) {
+                return Ok(());
+            }
+            sh.check_watchdog();
+            if let Status::Hung(stalled) = sh.status() {
+                return Err(IommuError::DeviceHung { stalled });
+            }
+        }
+    }
+
+    /// Whether the engine failed (died or hung).
+    pub fn has_failed(&self) -> bool {
+        matches!(self.shared.status(), Status::Died | Status::Hung(_))
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> DmaStats {
+        *relock(&self.shared.stats)
+    }
+}
+
+/// Completion of one submitted command.
+#[must_use = "a fence reports whether the command worked"]
+pub struct Fence {
+    slot: Arc<FenceSlot>,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Fence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fence")
+            .field("done", &self.is_done())
+            .finish()
+    }
+}
+
+impl Fence {
+    /// Whether the command finished (or the engine failed).
+    pub fn is_done(&self) -> bool {
+        self.slot.lock().is_some()
+    }
+
+    /// Waits for the command and returns its result. May sleep; checks the watchdog while it
+    /// waits, so a hung device fails this fence instead of blocking forever.
+    pub fn wait(self) -> Result<Completion> {
+        might_sleep("Fence::wait");
+        loop {
+            let g = self.slot.lock();
+            let (mut g, _) = self
+                .slot
+                .done
+                .wait_timeout_while(g, POLL, |r| r.is_none())
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(r) = g.take() {
+                return r;
+            }
+            drop(g);
+            self.shared.check_watchdog();
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "dma_tests.rs"]
+mod tests;

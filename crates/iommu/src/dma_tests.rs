@@ -1,0 +1,456 @@
+use std::sync::MutexGuard;
+
+use svmirror_core::PAGE_SIZE;
+
+use super::*;
+use crate::mmu::MmuConfig;
+use crate::page_table::{IOVA_END, Perms};
+use crate::pin::{Pin, PinPoolConfig};
+use crate::testing::AnonMap;
+
+/// A DMA engine over a fresh IOMMU, with buffers pinned and mapped at their own addresses.
+struct Rig {
+    mmu: Arc<Mmu>,
+    pool: Arc<PinPool>,
+    dma: DmaEngine,
+    pins: Vec<Pin>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+fn rig(config: DmaConfig) -> Rig {
+    let serial = crate::testing::pin_test_lock();
+    let mmu = Arc::new(Mmu::new(MmuConfig {
+        iotlb_entries: 16,
+        checking: true,
+    }));
+    let pool = PinPool::new(PinPoolConfig::default()).unwrap();
+    let dma = DmaEngine::new(mmu.clone(), pool.clone(), config).unwrap();
+    Rig {
+        mmu,
+        pool,
+        dma,
+        pins: Vec::new(),
+        _serial: serial,
+    }
+}
+
+impl Rig {
+    /// Pins `buf` and maps it at its own address with `perms`.
+    fn map(&mut self, buf: &AnonMap, perms: Perms) {
+        // SAFETY: test buffers are accessed only through raw pointers.
+        let pin = unsafe { self.pool.pin(buf.addr(), buf.len() as u64) }.unwrap();
+        let t = pin.target_of(buf.addr()).unwrap();
+        self.mmu.with(|s| {
+            s.page_table_mut()
+                .map(buf.addr(), buf.len() as u64, t, perms)
+                .unwrap()
+        });
+        self.pins.push(pin);
+    }
+
+    fn run(&self, cmd: DmaCommand) -> Result<Completion> {
+        self.dma.submit(cmd)?.wait()
+    }
+
+    fn violations(&self) -> u64 {
+        self.mmu.with(|s| s.iotlb().stats().violations)
+    }
+}
+
+fn buf(pages: u64) -> AnonMap {
+    AnonMap::new((pages * PAGE_SIZE) as usize).unwrap()
+}
+
+#[test]
+fn copy_moves_bytes_between_mapped_buffers() {
+    let mut r = rig(DmaConfig::default());
+    let (a, b) = (buf(4), buf(4));
+    a.fill_with(|i| (i * 7) as u8);
+    r.map(&a, Perms::Read);
+    r.map(&b, Perms::ReadWrite);
+    let c = r
+        .run(DmaCommand::Copy {
+            src: a.addr() + 100,
+            dst: b.addr() + 5,
+            len: 3 * PAGE_SIZE,
+        })
+        .unwrap();
+    assert_eq!(c.page_requests, 0);
+    let got = b.read(5, (3 * PAGE_SIZE) as usize);
+    assert_eq!(got, a.read(100, (3 * PAGE_SIZE) as usize));
+    assert_eq!(b.read(0, 5), vec![0; 5]);
+    assert_eq!(r.violations(), 0);
+}
+
+#[test]
+fn fill_sets_every_byte() {
+    let mut r = rig(DmaConfig::default());
+    let b = buf(20);
+    r.map(&b, Perms::ReadWrite);
+    let len = 20 * PAGE_SIZE - 3;
+    r.run(DmaCommand::Fill {
+        dst: b.addr() + 1,
+        len,
+        value: 0x5a,
+    })
+    .unwrap();
+    let v = b.to_vec();
+    assert_eq!(v[0], 0);
+    assert!(v[1..=len as usize].iter().all(|&x| x == 0x5a));
+}
+
+#[test]
+fn read_and_write_commands_round_trip_through_device_memory() {
+    let mut r = rig(DmaConfig::default());
+    let b = buf(2);
+    r.map(&b, Perms::ReadWrite);
+    let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    r.run(DmaCommand::Write {
+        dst: b.addr() + 1000,
+        data: data.clone(),
+    })
+    .unwrap();
+    assert_eq!(b.read(1000, 5000), data);
+    let c = r
+        .run(DmaCommand::Read {
+            src: b.addr() + 1000,
+            len: 5000,
+        })
+        .unwrap();
+    assert_eq!(c.data, data);
+}
+
+#[test]
+fn atomic_add_returns_old_value_and_adds() {
+    let mut r = rig(DmaConfig::default());
+    let b = buf(1);
+    b.write(8, &41u64.to_ne_bytes());
+    r.map(&b, Perms::ReadWrite);
+    let c = r
+        .run(DmaCommand::AtomicAdd {
+            addr: b.addr() + 8,
+            value: 1,
+        })
+        .unwrap();
+    assert_eq!(c.old_value, Some(41));
+    assert_eq!(b.read(8, 8), 42u64.to_ne_bytes());
+}
+
+#[test]
+fn malformed_commands_are_refused_at_submit() {
+    let r = rig(DmaConfig::default());
+    for cmd in [
+        DmaCommand::AtomicAdd { addr: 4, value: 1 },
+        DmaCommand::Copy {
+            src: 0,
+            dst: 0,
+            len: 0,
+        },
+        DmaCommand::Fill {
+            dst: u64::MAX,
+            len: 2,
+            value: 0,
+        },
+        DmaCommand::Read {
+            src: 0,
+            len: 2 << 30,
+        },
+    ] {
+        let err = r.dma.submit(cmd).unwrap_err();
+        assert!(matches!(err, IommuError::InvalidCommand { .. }), "{err}");
+    }
+}
+
+#[test]
+fn unrecoverable_fault_aborts_command_and_logs_record() {
+    let r = rig(DmaConfig {
+        fault_mode: FaultMode::Unrecoverable,
+        ..DmaConfig::default()
+    });
+    let b = buf(1);
+    let err = r
+        .run(DmaCommand::Read {
+            src: b.addr(),
+            len: 8,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            IommuError::DeviceFault {
+                reason: FaultReason::NotMapped,
+                access: Access::Read,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        r.dma.faults(),
+        vec![FaultRecord {
+            iova: b.addr(),
+            access: Access::Read,
+            reason: FaultReason::NotMapped,
+            resolved: false,
+        }]
+    );
+}
+
+#[test]
+fn write_through_read_only_mapping_faults() {
+    let mut r = rig(DmaConfig::default());
+    let b = buf(1);
+    r.map(&b, Perms::Read);
+    let err = r
+        .run(DmaCommand::Fill {
+            dst: b.addr(),
+            len: 1,
+            value: 1,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            IommuError::DeviceFault {
+                reason: FaultReason::ReadOnly,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(b.read(0, 1), [0]);
+}
+
+#[test]
+fn address_beyond_iova_space_faults_without_page_request() {
+    let r = rig(DmaConfig::default());
+    let err = r
+        .run(DmaCommand::Read {
+            src: IOVA_END,
+            len: 8,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            IommuError::DeviceFault {
+                reason: FaultReason::OutsideIovaSpace,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(r.dma.stats().page_requests, 0);
+}
+
+/// Maps the buffer it holds when asked.
+struct MapOnRequest {
+    mmu: Arc<Mmu>,
+    pin: Pin,
+    perms: Perms,
+    fail: bool,
+}
+
+impl PageRequestHandler for MapOnRequest {
+    fn page_request(&self, req: &PageRequest) -> Result<()> {
+        if self.fail {
+            return Err(IommuError::StalePin { pin: self.pin.id() });
+        }
+        assert!(self.pin.target_of(req.iova).is_some());
+        let t = self.pin.target_of(self.pin.addr()).unwrap();
+        self.mmu.with(|s| {
+            s.page_table_mut()
+                .map(self.pin.addr(), self.pin.len(), t, self.perms)
+        })
+    }
+}
+
+#[test]
+fn page_request_is_resolved_and_access_retried() {
+    let r = rig(DmaConfig::default());
+    let b = buf(2);
+    b.fill(9);
+    // SAFETY: test buffer accessed only through raw pointers.
+    let pin = unsafe { r.pool.pin(b.addr(), b.len() as u64) }.unwrap();
+    r.dma.set_page_request_handler(Arc::new(MapOnRequest {
+        mmu: r.mmu.clone(),
+        pin,
+        perms: Perms::Read,
+        fail: false,
+    }));
+    let c = r
+        .run(DmaCommand::Read {
+            src: b.addr() + 10,
+            len: 2 * PAGE_SIZE - 10,
+        })
+        .unwrap();
+    assert_eq!(c.page_requests, 1);
+    assert!(c.data.iter().all(|&x| x == 9));
+    assert!(r.dma.faults()[0].resolved);
+}
+
+#[test]
+fn unresolvable_page_request_aborts_with_driver_error_as_source() {
+    let r = rig(DmaConfig::default());
+    let b = buf(1);
+    // SAFETY: test buffer accessed only through raw pointers.
+    let pin = unsafe { r.pool.pin(b.addr(), b.len() as u64) }.unwrap();
+    r.dma.set_page_request_handler(Arc::new(MapOnRequest {
+        mmu: r.mmu.clone(),
+        pin,
+        perms: Perms::Read,
+        fail: true,
+    }));
+    let err = r
+        .run(DmaCommand::Read {
+            src: b.addr(),
+            len: 1,
+        })
+        .unwrap_err();
+    let source = std::error::Error::source(&err).expect("driver error as source");
+    assert!(source.to_string().contains("not registered"), "{source}");
+}
+
+#[test]
+fn dead_device_fails_pending_fences_and_refuses_submissions() {
+    let r = rig(DmaConfig::default());
+    let stall = r
+        .dma
+        .submit(DmaCommand::Inject(Injection::Stall(Duration::from_millis(
+            20,
+        ))))
+        .unwrap();
+    let crash = r.dma.submit(DmaCommand::Inject(Injection::Panic)).unwrap();
+    let queued = r
+        .dma
+        .submit(DmaCommand::Inject(Injection::Stall(Duration::ZERO)))
+        .unwrap();
+    stall.wait().unwrap();
+    assert!(matches!(crash.wait(), Err(IommuError::DeviceDied)));
+    assert!(matches!(queued.wait(), Err(IommuError::DeviceDied)));
+    let err = r
+        .dma
+        .submit(DmaCommand::Inject(Injection::Stall(Duration::ZERO)))
+        .unwrap_err();
+    assert!(matches!(err, IommuError::DeviceDied), "{err}");
+    assert!(r.dma.handle().has_failed());
+}
+
+#[test]
+fn hung_device_is_declared_by_the_watchdog_and_fails_closed() {
+    let r = rig(DmaConfig {
+        watchdog: Duration::from_millis(50),
+        ..DmaConfig::default()
+    });
+    let f = r
+        .dma
+        .submit(DmaCommand::Inject(Injection::Stall(Duration::from_secs(2))))
+        .unwrap();
+    let err = f.wait().unwrap_err();
+    assert!(matches!(err, IommuError::DeviceHung { .. }), "{err}");
+    let err = r
+        .dma
+        .submit(DmaCommand::Inject(Injection::Stall(Duration::ZERO)))
+        .unwrap_err();
+    assert!(matches!(err, IommuError::DeviceHung { .. }), "{err}");
+}
+
+#[test]
+fn wait_idle_range_waits_for_access_in_flight() {
+    let mut r = rig(DmaConfig::default());
+    let b = buf(2);
+    r.map(&b, Perms::Read);
+    let f = r
+        .dma
+        .submit(DmaCommand::Inject(Injection::StallDuringAccess {
+            iova: b.addr(),
+            duration: Duration::from_millis(500),
+        }))
+        .unwrap();
+    let page = Range::with_len(b.addr(), PAGE_SIZE).unwrap();
+    let other = Range::with_len(b.addr() + PAGE_SIZE, PAGE_SIZE).unwrap();
+    let started = Instant::now();
+    while !r.mmu.with(|s| s.busy(page)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "access never started"
+        );
+        std::thread::yield_now();
+    }
+    r.dma.wait_idle_range(other).unwrap();
+    assert!(
+        r.mmu.with(|s| s.busy(page)),
+        "an unrelated range waited for the access"
+    );
+    r.dma.wait_idle_range(page).unwrap();
+    assert!(!r.mmu.with(|s| s.busy(page)));
+    f.wait().unwrap();
+}
+
+#[test]
+fn access_hung_in_flight_makes_wait_idle_range_report_the_hang() {
+    let mut r = rig(DmaConfig {
+        watchdog: Duration::from_millis(50),
+        ..DmaConfig::default()
+    });
+    let b = buf(1);
+    r.map(&b, Perms::Read);
+    let _f = r
+        .dma
+        .submit(DmaCommand::Inject(Injection::StallDuringAccess {
+            iova: b.addr(),
+            duration: Duration::from_secs(1),
+        }))
+        .unwrap();
+    let page = Range::with_len(b.addr(), PAGE_SIZE).unwrap();
+    while !r.mmu.with(|s| s.busy(page)) {
+        std::thread::yield_now();
+    }
+    let err = r.dma.wait_idle_range(page).unwrap_err();
+    assert!(matches!(err, IommuError::DeviceHung { .. }), "{err}");
+    // Let the stalled thread finish before its pins go away with the rig.
+    assert!(
+        r.mmu
+            .wait_drained(page, Instant::now() + Duration::from_secs(5))
+    );
+}
+
+#[test]
+fn shutdown_refuses_new_commands() {
+    let mut r = rig(DmaConfig::default());
+    r.dma.shutdown();
+    let err = r
+        .dma
+        .submit(DmaCommand::Inject(Injection::Stall(Duration::ZERO)))
+        .unwrap_err();
+    assert!(matches!(err, IommuError::EngineStopped), "{err}");
+    r.dma.shutdown();
+}
+
+#[test]
+fn wait_idle_returns_after_queue_drains() {
+    let r = rig(DmaConfig::default());
+    for _ in 0..3 {
+        let _ = r
+            .dma
+            .submit(DmaCommand::Inject(Injection::Stall(Duration::from_millis(
+                5,
+            ))))
+            .unwrap();
+    }
+    r.dma.wait_idle().unwrap();
+    assert_eq!(r.dma.stats().completed, 3);
+}
+
+#[test]
+#[cfg(debug_assertions)]
+#[should_panic(expected = "the page level must not sleep")]
+fn fence_wait_at_page_level_panics_naming_the_rule() {
+    let r = rig(DmaConfig::default());
+    let f = r
+        .dma
+        .submit(DmaCommand::Inject(Injection::Stall(Duration::ZERO)))
+        .unwrap();
+    let _atomic = svmirror_core::AtomicSection::enter();
+    let _ = f.wait();
+}

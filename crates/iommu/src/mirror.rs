@@ -1,0 +1,654 @@
+//! [`IommuMirror`]: the simulated IOMMU as a mirroring backend of the core, with IOVA = process
+//! virtual address (true shared virtual memory).
+//!
+//! # Fault path
+//!
+//! A device access that misses raises a page request; the mirror resolves it on the device
+//! thread: it picks the run of pages to map (the 2 MiB-aligned window around the address,
+//! clamped to the subscription, to the VMA, and to the pages not yet mapped as needed), then
+//! loops `read_begin` → [`range_fault`] (snapshot and fault in through
+//! [`ProcessPageSource`]) → pin the run → take the update lock → `read_retry` → map the IO page
+//! table → unlock, and the device retries. That is `fault_and_program` with one step added
+//! between the snapshot and the lock: **the pin is taken outside the update lock**, because
+//! pinning may fault pages in, and a fault on memory a userfaultfd monitor serves waits for that
+//! monitor, which may itself be waiting for this update lock in `invalidate`. The pin is taken
+//! after `read_begin`, so the retry check covers it: if an invalidation ran since, the pin is
+//! dropped and the loop starts over.
+//!
+//! # Invalidation
+//!
+//! Under the update lock: `set_seq`; then in one page-level section, tear down the IO page-table
+//! entries (or downgrade them to read-only on `ProtectionVma`) and flush the IOTLB; then wait
+//! for device accesses in flight on the range; then release the pins no mapping uses any more.
+//! `Unmap` and `Release` free page-table pages, other events keep them for the refault. The
+//! mirror's own `Migrate`/`Exclusive` and `SoftDirty` are skipped. A non-blocking invalidation
+//! only `try_lock`s, refuses when an access is in flight on the range, and defers releasing pins
+//! (a system call) to the next sleepable point.
+//!
+//! # Pins
+//!
+//! One pin per resolved run, shared by the leaves that map it and released when the last of
+//! them goes. Dropping the mirror stops the device, removes the subscription, tears everything
+//! down and releases every pin (DESIGN.md invariant 7).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use svmirror_core::{
+    AreaKind, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest, IntervalNotifierOps, InvalidateCtx,
+    Notifier, NotifierRange, Owner, PAGE_SIZE, PageSource, Pass, Range, Subscription, UpdateGuard,
+    UpdateLock, WouldBlock, entry, range_fault,
+};
+use svmirror_mm::ProcessPageSource;
+
+use crate::dma::{
+    Access, DmaCommand, DmaConfig, DmaEngine, DmaHandle, Fence, PageRequest, PageRequestHandler,
+};
+use crate::error::{IommuError, Result};
+use crate::iotlb::Violation;
+use crate::mmu::{Mmu, MmuConfig};
+use crate::page_table::{IOVA_END, Perms, Unmapped, check_iova_space, iova_range};
+use crate::pin::{MAX_PIN_LEN, Pin, PinId, PinPool, PinPoolConfig};
+
+/// How to build an [`IommuMirror`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MirrorConfig {
+    /// The DMA engine: fault mode, watchdog.
+    pub dma: DmaConfig,
+    /// The IOMMU: IOTLB size, checking mode.
+    pub mmu: MmuConfig,
+    /// The pin table.
+    pub pins: PinPoolConfig,
+    /// Alignment and most bytes one page request maps (a power of two, at least a page).
+    pub fault_window: u64,
+    /// How long one page request may keep racing invalidations.
+    pub fault_timeout: Duration,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            dma: DmaConfig::default(),
+            mmu: MmuConfig::default(),
+            pins: PinPoolConfig::default(),
+            fault_window: 2 << 20,
+            fault_timeout: DEFAULT_FAULT_TIMEOUT,
+        }
+    }
+}
+
+impl MirrorConfig {
+    /// The default configuration with the IOTLB checking mode on: what tests use.
+    pub fn checked() -> Self {
+        let mut c = Self::default();
+        c.mmu.checking = true;
+        c
+    }
+}
+
+/// Counters of an [`IommuMirror`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MirrorStats {
+    /// Faults resolved (page requests and driver-initiated faults).
+    pub faults: u64,
+    /// Fault loops started over because an invalidation raced them.
+    pub fault_retries: u64,
+    /// Invalidations acted on.
+    pub invalidations: u64,
+    /// Invalidations skipped (own migration, soft-dirty).
+    pub skipped: u64,
+    /// Invalidations refused in non-blocking mode.
+    pub would_block: u64,
+    /// Pins released because their last mapping went.
+    pub pins_released: u64,
+    /// Pins kept because a hung device may still use them.
+    pub pins_quarantined: u64,
+}
+
+/// A pin and the bytes of IO page-table leaves that target it.
+struct Backing {
+    pin: Pin,
+    mapped: u64,
+}
+
+/// What the update lock guards.
+///
+/// A pin is in `pins` exactly while at least one leaf targets it, `mapped` being the sum of
+/// those leaves' bytes (never 0). When the last leaf goes, the pin leaves `pins` and is
+/// released once the device has drained the range; or it waits in `deferred` when the
+/// invalidation could not sleep (released at the next sleepable point under this lock); or in
+/// `quarantine` when the device hung with an access in flight (kept until the mirror goes).
+#[derive(Default)]
+struct MirrorState {
+    pins: HashMap<PinId, Backing>,
+    deferred: Vec<Pin>,
+    quarantine: Vec<Pin>,
+}
+
+impl MirrorState {
+    /// Takes the bytes `removed` off their pins and returns the pins no leaf targets any more.
+    fn unback(&mut self, removed: &[Unmapped]) -> Vec<Pin> {
+        let mut freed = Vec::new();
+        for u in removed {
+            let Some(b) = self.pins.get_mut(&u.target.pin) else {
+                debug_assert!(false, "leaf targets unknown {}", u.target.pin);
+                continue;
+            };
+            debug_assert!(b.mapped >= u.len);
+            b.mapped -= u.len.min(b.mapped);
+            if b.mapped == 0 {
+                freed.extend(self.pins.remove(&u.target.pin).map(|b| b.pin));
+            }
+        }
+        freed
+    }
+}
+
+/// The backend half the notifier calls.
+struct MirrorInner {
+    range: Range,
+    owner: Owner,
+    mmu: Arc<Mmu>,
+    pins: Arc<PinPool>,
+    dma: DmaHandle,
+    state: UpdateLock<MirrorState>,
+    skip_flush: AtomicBool,
+    stats: Mutex<MirrorStats>,
+    config: MirrorConfig,
+}
+
+impl MirrorInner {
+    fn stat(&self, f: impl FnOnce(&mut MirrorStats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Waits for the device on `range` and releases `freed`, or quarantines them if the device
+    /// hung there. Under the update lock, sleepable.
+    fn release_after_drain(&self, g: &mut MirrorState, range: Range, freed: Vec<Pin>) {
+        let n = freed.len() as u64;
+        match self.dma.wait_idle_range(range) {
+            Ok(()) => {
+                drop(freed);
+                self.stat(|s| s.pins_released += n);
+            }
+            Err(e) => {
+                tracing::error!(%range, error = %e, "device hung: keeping its pins");
+                g.quarantine.extend(freed);
+                self.stat(|s| s.pins_quarantined += n);
+            }
+        }
+    }
+
+    /// Tears everything down and releases every pin (or leaks them if the device hung).
+    fn teardown_all(&self, device_hung: bool) {
+        let mut g = self.state.lock();
+        let all = Range::new(0, IOVA_END).expect("the IOVA space is a range");
+        let removed = self.mmu.with(|s| {
+            let u = s.page_table_mut().unmap_present(all, true);
+            s.iotlb_mut().invalidate_all();
+            u
+        });
+        let mut freed = g.unback(&removed);
+        debug_assert!(g.pins.is_empty(), "every pin backs a leaf");
+        freed.append(&mut g.deferred);
+        freed.append(&mut g.quarantine);
+        if device_hung {
+            tracing::error!(pins = freed.len(), "device hung: leaking its pins");
+            std::mem::forget(freed);
+        }
+    }
+}
+
+impl IntervalNotifierOps for MirrorInner {
+    fn invalidate(
+        &self,
+        ctx: &InvalidateCtx<'_>,
+        nr: &NotifierRange,
+    ) -> std::result::Result<Pass, WouldBlock> {
+        if nr.is_own(self.owner) || nr.event == Event::SoftDirty {
+            self.stat(|s| s.skipped += 1);
+            return Ok(Pass::Done);
+        }
+        let _span = tracing::trace_span!(
+            "iommu.invalidate",
+            start = nr.range.start(),
+            end = nr.range.end(),
+            event = nr.event.name()
+        )
+        .entered();
+        let blockable = ctx.may_block();
+        let mut g = if blockable {
+            self.state.lock()
+        } else {
+            let Some(g) = self.state.try_lock() else {
+                self.stat(|s| s.would_block += 1);
+                return Err(WouldBlock);
+            };
+            g
+        };
+        ctx.set_seq(&g);
+        let Some(r) = nr
+            .range
+            .intersect(&ctx.subscription_range())
+            .and_then(|r| r.intersect(&Range::new(0, IOVA_END).expect("IOVA space")))
+        else {
+            return Ok(Pass::Done);
+        };
+        let flush = !self.skip_flush.load(Ordering::Relaxed);
+        let removed = self.mmu.with(|s| {
+            if !blockable && s.busy(r) {
+                return Err(WouldBlock);
+            }
+            let pt = s.page_table_mut();
+            let removed = match nr.event {
+                Event::ProtectionVma => {
+                    pt.protect_present(r, Perms::Read);
+                    Vec::new()
+                }
+                Event::Unmap | Event::Release => pt.unmap_present(r, true),
+                _ => pt.unmap_present(r, false),
+            };
+            if flush {
+                s.iotlb_mut().invalidate_range(r);
+            }
+            Ok(removed)
+        });
+        let removed = match removed {
+            Ok(u) => u,
+            Err(WouldBlock) => {
+                self.stat(|s| s.would_block += 1);
+                return Err(WouldBlock);
+            }
+        };
+        self.stat(|s| s.invalidations += 1);
+        let freed = g.unback(&removed);
+        if blockable {
+            self.release_after_drain(&mut g, r, freed);
+        } else {
+            // No access was in flight at teardown and none can find the old translations
+            // since: the pins are unused, but releasing them is a system call.
+            g.deferred.extend(freed);
+        }
+        Ok(Pass::Done)
+    }
+}
+
+/// The driver side of page requests: the subscription and the CPU page table.
+struct Resolver {
+    inner: Arc<MirrorInner>,
+    sub: Subscription,
+    source: Box<dyn PageSource + Send + Sync>,
+}
+
+fn core_err(op: &'static str, range: Range) -> impl FnOnce(svmirror_core::Error) -> IommuError {
+    move |source| IommuError::Core { op, range, source }
+}
+
+impl PageRequestHandler for Resolver {
+    fn page_request(&self, req: &PageRequest) -> Result<()> {
+        self.resolve(req.iova, req.access == Access::Write)
+    }
+}
+
+impl Resolver {
+    /// Maps the run of pages around `iova` that is not mapped (or not writable, for a write).
+    fn resolve(&self, iova: u64, write: bool) -> Result<()> {
+        let inner = &*self.inner;
+        let _span = tracing::trace_span!("iommu.fault", iova, write).entered();
+        let page = iova & !(PAGE_SIZE - 1);
+        let outside = || IommuError::OutsideMirror {
+            iova,
+            range: inner.range,
+        };
+        if !inner.range.contains(page) || page >= IOVA_END {
+            return Err(outside());
+        }
+        let win = inner.config.fault_window;
+        let window = Range::with_len(page & !(win - 1), win)
+            .ok()
+            .and_then(|w| w.intersect(&inner.range))
+            .and_then(|w| w.intersect(&Range::new(0, IOVA_END).ok()?))
+            .ok_or_else(outside)?;
+        let vma = self.vma_run(window, page, write)?;
+        let started = Instant::now();
+        let mut retries = 0;
+        loop {
+            let run = inner.mmu.with(|s| {
+                let pt = s.page_table();
+                let needs = |p: u64| pt.translate(p).is_none_or(|t| write && !t.perms.writable());
+                if !needs(page) {
+                    return None;
+                }
+                let (mut s, mut e) = (page, page + PAGE_SIZE);
+                while s > vma.start() && needs(s - PAGE_SIZE) {
+                    s -= PAGE_SIZE;
+                }
+                while e < vma.end() && needs(e) {
+                    e += PAGE_SIZE;
+                }
+                Range::new(s, e).ok()
+            });
+            let Some(run) = run else {
+                return Ok(());
+            };
+            if retries > 0 && started.elapsed() > inner.config.fault_timeout {
+                let elapsed = started.elapsed();
+                return Err(core_err("fault", run)(svmirror_core::Error::Timeout {
+                    range: run,
+                    retries,
+                    elapsed,
+                }));
+            }
+            let seq = self.sub.read_begin().map_err(core_err("fault", run))?;
+            let mut entries = vec![0u64; run.pages() as usize];
+            let mut req = FaultRequest::fault_all(run, &mut entries, write).with_owner(inner.owner);
+            match range_fault(&self.sub, seq, &*self.source, &mut req) {
+                Ok(_) => {}
+                Err(svmirror_core::Error::Busy { .. }) => {
+                    retries += 1;
+                    continue;
+                }
+                Err(e) => return Err(core_err("fault", run)(e)),
+            }
+            // Outside the update lock: see the module documentation.
+            // SAFETY: `IommuMirror::new`'s contract covers device writes anywhere in the
+            // mirrored range, which `run` lies in.
+            let pin = unsafe { inner.pins.pin(run.start(), run.len()) }?;
+            let mut g = inner.state.lock();
+            if self
+                .sub
+                .read_retry(&g, seq)
+                .map_err(core_err("fault", run))?
+            {
+                drop(g);
+                drop(pin);
+                retries += 1;
+                continue;
+            }
+            drop(std::mem::take(&mut g.deferred));
+            self.program(&mut g, pin, run, &entries, write)?;
+            drop(g);
+            inner.stat(|s| {
+                s.faults += 1;
+                s.fault_retries += retries;
+            });
+            return Ok(());
+        }
+    }
+
+    /// The part of `window` covered by the mapping at `page`, which must be one the device may
+    /// use for `write`.
+    fn vma_run(&self, window: Range, page: u64, write: bool) -> Result<Range> {
+        let mut at = window.start();
+        loop {
+            let a = self
+                .source
+                .area(at, window.end())
+                .map_err(core_err("fault", window))?;
+            if page < a.end {
+                return match a.kind {
+                    AreaKind::Mapped {
+                        read: true,
+                        write: true,
+                    } => Range::new(at, a.end).map_err(core_err("fault", window)),
+                    AreaKind::Mapped { read: true, .. } if write => Err(core_err("fault", window)(
+                        svmirror_core::Error::WriteToReadOnly { addr: page },
+                    )),
+                    AreaKind::Mapped { read: true, .. } => {
+                        Err(IommuError::ReadOnlyMemory { iova: page })
+                    }
+                    _ => Err(core_err("fault", window)(
+                        svmirror_core::Error::BadAddress { addr: page },
+                    )),
+                };
+            }
+            at = a.end;
+        }
+    }
+
+    /// Maps `run` from the current `entries` through `pin`, under the update lock.
+    fn program(
+        &self,
+        g: &mut UpdateGuard<'_, MirrorState>,
+        pin: Pin,
+        run: Range,
+        entries: &[u64],
+        write: bool,
+    ) -> Result<()> {
+        let inner = &*self.inner;
+        let want = |e: u64| {
+            if entry::is_writable(e) {
+                Some(Perms::ReadWrite)
+            } else if entry::is_valid(e) {
+                Some(Perms::Read)
+            } else {
+                None
+            }
+        };
+        // Pages to (re)map: (start, end, perms). Read-only leaves are replaced for a write.
+        let outcome = inner.mmu.with(|s| {
+            let pt = s.page_table_mut();
+            let mut pieces: Vec<(u64, u64, Perms, bool)> = Vec::new();
+            for (i, &e) in entries.iter().enumerate() {
+                let p = run.start() + i as u64 * PAGE_SIZE;
+                let Some(perms) = want(e) else { continue };
+                let replace = match pt.translate(p) {
+                    None => false,
+                    Some(t) if write && !t.perms.writable() && perms.writable() => true,
+                    Some(_) => continue,
+                };
+                match pieces.last_mut() {
+                    Some(l) if l.1 == p && l.2 == perms && l.3 == replace => l.1 += PAGE_SIZE,
+                    _ => pieces.push((p, p + PAGE_SIZE, perms, replace)),
+                }
+            }
+            let mut removed = Vec::new();
+            let mut mapped = 0;
+            let mut result = Ok(());
+            for &(s0, e0, perms, replace) in &pieces {
+                let r = Range::new(s0, e0).expect("page-aligned piece");
+                if replace {
+                    removed.extend(pt.unmap_present(r, false));
+                }
+                let t = pin.target_of(s0).expect("piece lies in the pinned run");
+                // Both locks are held and every page was checked free: a failure is a bug,
+                // reported without leaving a leaf on a pin that is not tracked.
+                result = pt.map(s0, e0 - s0, t, perms);
+                if result.is_err() {
+                    break;
+                }
+                mapped += e0 - s0;
+            }
+            for u in &removed {
+                let r = Range::with_len(u.iova, u.len).expect("unmapped piece");
+                s.iotlb_mut().invalidate_range(r);
+            }
+            (removed, mapped, result)
+        });
+        let (removed, mapped, result) = outcome;
+        if mapped > 0 {
+            g.pins.insert(pin.id(), Backing { pin, mapped });
+        }
+        let freed = g.unback(&removed);
+        if !freed.is_empty() {
+            inner.release_after_drain(g, run, freed);
+        }
+        result
+    }
+}
+
+/// The simulated IOMMU mirroring one range of this process's address space, with its DMA device.
+/// See the [module documentation](self).
+pub struct IommuMirror {
+    inner: Arc<MirrorInner>,
+    resolver: Arc<Resolver>,
+    dma: DmaEngine,
+}
+
+impl std::fmt::Debug for IommuMirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IommuMirror")
+            .field("range", &self.inner.range)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl IommuMirror {
+    /// Creates the IOMMU, its pins and its DMA device, and subscribes `range` (IOVA = virtual
+    /// address; it must lie in the 48-bit IOVA space) to `notifier`, which must be fed every
+    /// change to this process's address space that should reach the device.
+    ///
+    /// # Safety
+    ///
+    /// Device commands may read and write any memory the process maps in `range`, through pins
+    /// that the kernel writes behind Rust's back. The caller must ensure no memory a command
+    /// writes is accessed through Rust references while the device may write it (STYLE.md
+    /// rule 6): DMA buffers are touched by the CPU through raw pointers only.
+    pub unsafe fn new(notifier: &Notifier, range: Range, config: MirrorConfig) -> Result<Self> {
+        let source =
+            ProcessPageSource::new().map_err(|source| IommuError::PageSource { source })?;
+        // SAFETY: the caller upholds this function's contract, which is the same.
+        unsafe { Self::with_page_source(notifier, range, config, Box::new(source)) }
+    }
+
+    /// As [`new`](Self::new), with the CPU page table read through `source` instead of this
+    /// process's own (a wrapper that injects races or failures, in tests). The source must
+    /// describe this process: pins are taken at the addresses it reports.
+    ///
+    /// # Safety
+    ///
+    /// As for [`new`](Self::new).
+    pub unsafe fn with_page_source(
+        notifier: &Notifier,
+        range: Range,
+        config: MirrorConfig,
+        source: Box<dyn PageSource + Send + Sync>,
+    ) -> Result<Self> {
+        check_iova_space(range)?;
+        let win = config.fault_window;
+        if !win.is_power_of_two() || !(PAGE_SIZE..=MAX_PIN_LEN).contains(&win) {
+            return Err(IommuError::InvalidConfig {
+                reason: "fault window must be a power of two from 4 KiB to 1 GiB",
+            });
+        }
+        let pins = PinPool::new(config.pins)?;
+        let mmu = Arc::new(Mmu::new(config.mmu));
+        let dma = DmaEngine::new(mmu.clone(), pins.clone(), config.dma)?;
+        let inner = Arc::new(MirrorInner {
+            range,
+            owner: Owner(Arc::as_ptr(&mmu) as u64),
+            mmu,
+            pins,
+            dma: dma.handle(),
+            state: UpdateLock::new(MirrorState::default()),
+            skip_flush: AtomicBool::new(false),
+            stats: Mutex::new(MirrorStats::default()),
+            config,
+        });
+        let sub = notifier
+            .insert(range, inner.clone())
+            .map_err(core_err("subscribe", range))?;
+        let resolver = Arc::new(Resolver {
+            inner: inner.clone(),
+            sub,
+            source,
+        });
+        dma.set_page_request_handler(resolver.clone());
+        tracing::debug!(%range, "iommu mirror ready");
+        Ok(IommuMirror {
+            inner,
+            resolver,
+            dma,
+        })
+    }
+
+    /// Queues a command on the device (see [`DmaEngine::submit`]).
+    pub fn submit(&self, cmd: DmaCommand) -> Result<Fence> {
+        self.dma.submit(cmd)
+    }
+
+    /// The DMA engine.
+    pub fn dma(&self) -> &DmaEngine {
+        &self.dma
+    }
+
+    /// The IOMMU: page table, IOTLB, accesses in flight. For reading: changing the page table
+    /// behind the mirror's back breaks its pin accounting.
+    pub fn mmu(&self) -> &Mmu {
+        &self.inner.mmu
+    }
+
+    /// The pins.
+    pub fn pins(&self) -> &PinPool {
+        &self.inner.pins
+    }
+
+    /// The mirrored range.
+    pub fn range(&self) -> Range {
+        self.inner.range
+    }
+
+    /// The owner identity this mirror skips its own `Migrate`/`Exclusive` events by.
+    pub fn owner(&self) -> Owner {
+        self.inner.owner
+    }
+
+    /// Faults `[iova, iova + len)` in and maps it for the device, writable if `write`, as page
+    /// requests would (a prefetch). Errors as page requests fail.
+    pub fn fault(&self, iova: u64, len: u64, write: bool) -> Result<()> {
+        let r = iova_range(iova, len)?;
+        if r.start() < self.inner.range.start() || r.end() > self.inner.range.end() {
+            return Err(IommuError::OutsideMirror {
+                iova,
+                range: self.inner.range,
+            });
+        }
+        let mut at = r.start();
+        while at < r.end() {
+            self.resolver.resolve(at, write)?;
+            at = self
+                .inner
+                .mmu
+                .translate(at)
+                .map_or(at + PAGE_SIZE, |t| t.end());
+        }
+        Ok(())
+    }
+
+    /// IOTLB violations seen in checking mode (the first 64) and their total.
+    pub fn violations(&self) -> (Vec<Violation>, u64) {
+        self.inner.mmu.with(|s| {
+            (
+                s.iotlb().violations().to_vec(),
+                s.iotlb().stats().violations,
+            )
+        })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> MirrorStats {
+        *self.inner.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Test hook: when on, invalidations leave the IOTLB alone, breaking the protocol on
+    /// purpose so tests can prove the checking mode catches a missing flush.
+    pub fn set_skip_iotlb_flush(&self, skip: bool) {
+        self.inner.skip_flush.store(skip, Ordering::Relaxed);
+    }
+}
+
+impl Drop for IommuMirror {
+    fn drop(&mut self) {
+        self.dma.shutdown();
+        // No callback runs or will run after this; an already removed or released one is fine.
+        let _ = self.resolver.sub.remove();
+        self.inner.teardown_all(self.dma.handle().has_failed());
+    }
+}
+
+#[cfg(test)]
+#[path = "mirror_tests.rs"]
+mod tests;

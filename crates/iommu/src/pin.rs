@@ -1,0 +1,755 @@
+//! Physical access through kernel pins: io_uring registered buffers (DESIGN.md invariant 2).
+//!
+//! The simulated device never dereferences a process address. It reaches CPU memory only through
+//! a [`Pin`]: a registered buffer of one io_uring instance, which the kernel pins
+//! (`pin_user_pages(FOLL_WRITE | FOLL_LONGTERM)`) when it is registered and unpins when it is
+//! released. The kernel remembers the pages, not the addresses: after the CPU unmaps the range, or
+//! maps something else there, an access through the pin still lands on the old pages, exactly as a
+//! VFIO-pinned page does for a real device, and never on the new memory.
+//!
+//! # How an access works
+//!
+//! Every transfer is done by the kernel against the pinned pages, through a staging memfd that
+//! the pool owns and maps:
+//!
+//! - device read of pinned memory: `IORING_OP_WRITE_FIXED` from the registered buffer into the
+//!   memfd, then a copy out of the memfd's mapping (device-local memory);
+//! - device write: a copy into the memfd's mapping, then `IORING_OP_READ_FIXED` from the memfd
+//!   into the registered buffer;
+//! - pin-to-pin copy: both, linked (`IOSQE_IO_LINK`) in one submission.
+//!
+//! One `io_uring_enter` per chunk of at most the staging size; no Rust pointer ever touches a
+//! pinned page.
+//!
+//! # The slot table
+//!
+//! Pins live in a sparse registered-buffer table (`IORING_REGISTER_BUFFERS2` with
+//! `IORING_RSRC_REGISTER_SPARSE`), updated one slot at a time (`IORING_REGISTER_BUFFERS_UPDATE`)
+//! so pins come and go individually. The kernel allows at most [`MAX_SLOTS`] slots and
+//! [`MAX_PIN_LEN`] bytes per buffer. A [`PinId`] carries the slot's generation, so an id kept
+//! past its pin's release is refused ([`IommuError::StalePin`]) instead of reaching whatever pin
+//! took the slot since.
+//!
+//! # Limits and privileges
+//!
+//! - io_uring must be enabled (`kernel.io_uring_disabled` = 0, or 1 with the process in
+//!   `kernel.io_uring_group` or holding `CAP_SYS_ADMIN`).
+//! - A process without `CAP_IPC_LOCK` (when the pool is created) has every pinned page charged to
+//!   its user's `RLIMIT_MEMLOCK` (`ulimit -l`); a pin past it fails with
+//!   [`IommuError::MemlockLimit`]. Such a user needs `ulimit -l` at least as large as everything
+//!   pinned at once (see [`raise_memlock_limit`]). Root, with `CAP_IPC_LOCK`, is not limited.
+//! - Pins are taken for writing: a read-only or PROT_NONE mapping cannot be pinned
+//!   ([`IommuError::PinFailed`] with `EFAULT`). Pinning an untouched or copy-on-write page makes
+//!   the CPU's mapping a private writable page first, as any long-term pin does.
+//! - Pinned pages show in `VmPin` of /proc/self/status ([`vm_pinned_bytes`]).
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use io_uring::{IoUring, opcode, squeue, types};
+use svmirror_core::{PAGE_SIZE, might_sleep};
+
+use crate::error::{IommuError, Result};
+use crate::page_table::Target;
+
+/// The most slots a registered-buffer table may have (`IORING_MAX_REG_BUFFERS`).
+pub const MAX_SLOTS: u32 = 1 << 14;
+/// The largest registered buffer the kernel accepts.
+pub const MAX_PIN_LEN: u64 = 1 << 30;
+
+/// Identifies one pin: its slot in the registered-buffer table and the slot's generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PinId {
+    slot: u32,
+    generation: u32,
+}
+
+impl PinId {
+    /// The slot in the registered-buffer table.
+    pub const fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    #[cfg(test)]
+    pub(crate) const fn for_tests(slot: u32) -> PinId {
+        PinId {
+            slot,
+            generation: 0,
+        }
+    }
+}
+
+impl fmt::Display for PinId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pin#{}.{}", self.slot, self.generation)
+    }
+}
+
+/// How to build a [`PinPool`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PinPoolConfig {
+    /// Slots in the registered-buffer table: the most pins alive at once (at most [`MAX_SLOTS`]).
+    pub slots: u32,
+    /// Bytes of staging memory: the largest chunk moved per submission (a multiple of pages).
+    pub staging_bytes: u64,
+}
+
+impl Default for PinPoolConfig {
+    fn default() -> Self {
+        PinPoolConfig {
+            slots: 4096,
+            staging_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Counters of a [`PinPool`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PinStats {
+    /// Pins alive now.
+    pub live: u64,
+    /// Bytes pinned now.
+    pub bytes: u64,
+    /// Pins taken, ever.
+    pub taken: u64,
+    /// Pins released, ever.
+    pub released: u64,
+    /// Pin attempts that failed.
+    pub failed: u64,
+    /// Kernel submissions made for transfers.
+    pub submissions: u64,
+}
+
+/// The staging memfd's mapping. Owned by [`Staging`] and touched only under the pool's lock, so
+/// the pointer may move between threads (STYLE.md rule 7).
+struct StagingPtr(NonNull<u8>);
+
+// SAFETY: the mapping is private to the pool; every access goes through `PoolInner`, which the
+// pool's mutex serializes.
+unsafe impl Send for StagingPtr {}
+
+/// A memfd of `len` bytes mapped shared into the process: device-local memory the kernel copies
+/// pinned pages into and out of.
+struct Staging {
+    fd: OwnedFd,
+    map: StagingPtr,
+    len: usize,
+}
+
+impl Staging {
+    fn new(len: usize) -> io::Result<Staging> {
+        // SAFETY: the name is a NUL-terminated literal; the returned descriptor is checked.
+        let raw =
+            unsafe { libc::memfd_create(c"svmirror-iommu-staging".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: plain syscall on a descriptor we own.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new shared mapping of our own memfd; the result is checked for MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let map = NonNull::new(p.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
+        Ok(Staging {
+            fd,
+            map: StagingPtr(map),
+            len,
+        })
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made; nothing refers to it any more.
+        unsafe { libc::munmap(self.map.0.as_ptr().cast(), self.len) };
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    generation: u32,
+    /// `(addr, len)` of the registered buffer, or `None` when the slot is free.
+    span: Option<(u64, u64)>,
+}
+
+struct PoolInner {
+    ring: IoUring,
+    staging: Staging,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    stats: PinStats,
+}
+
+/// A table of pins and the means to move bytes through them. Shared as `Arc<PinPool>`; every
+/// operation may sleep (it makes system calls) and is serialized by the pool's lock.
+pub struct PinPool {
+    inner: Mutex<PoolInner>,
+    slots: u32,
+    /// Whether pins count against RLIMIT_MEMLOCK (no `CAP_IPC_LOCK` when the ring was made).
+    accounted: bool,
+    /// Pins alive; readable without the lock.
+    live: AtomicU64,
+}
+
+impl fmt::Debug for PinPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PinPool")
+            .field("slots", &self.slots)
+            .field("accounted", &self.accounted)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+fn io_err(res: i32) -> io::Error {
+    io::Error::from_raw_os_error(-res)
+}
+
+impl PinPool {
+    /// Creates the io_uring instance with an empty table of `config.slots` pins and the staging
+    /// memory. Errors: [`IommuError::RingSetup`], [`IommuError::Staging`], and
+    /// [`IommuError::InvalidConfig`] for a zero or oversized configuration.
+    pub fn new(config: PinPoolConfig) -> Result<Arc<PinPool>> {
+        if config.slots == 0
+            || config.slots > MAX_SLOTS
+            || config.staging_bytes == 0
+            || config.staging_bytes % PAGE_SIZE != 0
+            || config.staging_bytes > MAX_PIN_LEN
+        {
+            return Err(IommuError::InvalidConfig {
+                reason: "pin slots must be 1 to 16384 and staging whole pages up to 1 GiB",
+            });
+        }
+        let accounted = !has_cap_ipc_lock();
+        let ring = IoUring::new(8).map_err(|source| IommuError::RingSetup { source })?;
+        ring.submitter()
+            .register_buffers_sparse(config.slots)
+            .map_err(|source| IommuError::RingSetup { source })?;
+        let staging = Staging::new(config.staging_bytes as usize)
+            .map_err(|source| IommuError::Staging { source })?;
+        tracing::debug!(slots = config.slots, accounted, "pin pool ready");
+        Ok(Arc::new(PinPool {
+            inner: Mutex::new(PoolInner {
+                ring,
+                staging,
+                slots: vec![Slot::default(); config.slots as usize],
+                free: (0..config.slots).rev().collect(),
+                stats: PinStats::default(),
+            }),
+            slots: config.slots,
+            accounted,
+            live: AtomicU64::new(0),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolInner> {
+        // A panic under the lock leaves the slot table consistent: every update is one store.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> PinStats {
+        self.lock().stats
+    }
+
+    /// Pins alive now, without taking the lock.
+    pub fn live(&self) -> u64 {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Whether pins count against RLIMIT_MEMLOCK.
+    pub fn is_accounted(&self) -> bool {
+        self.accounted
+    }
+
+    /// Pins the pages behind `[addr, addr + len)` (faulting them in, writable) and registers them
+    /// in a free slot. On error nothing stays pinned: [`IommuError::PinSize`],
+    /// [`IommuError::PinSlotsExhausted`], [`IommuError::MemlockLimit`], [`IommuError::PinFailed`].
+    ///
+    /// # Safety
+    ///
+    /// Writes through the pin ([`write`](Self::write), [`copy`](Self::copy)) change the pinned
+    /// memory behind Rust's back. The caller must ensure that while the pin exists no such write
+    /// targets memory that Rust code accesses through references (STYLE.md rule 6): DMA memory
+    /// is read and written by the CPU through raw pointers only.
+    pub unsafe fn pin(self: &Arc<Self>, addr: u64, len: u64) -> Result<Pin> {
+        might_sleep("PinPool::pin");
+        if addr % PAGE_SIZE != 0
+            || len == 0
+            || len % PAGE_SIZE != 0
+            || len > MAX_PIN_LEN
+            || addr.checked_add(len).is_none()
+        {
+            return Err(IommuError::PinSize { addr, len });
+        }
+        let mut g = self.lock();
+        let Some(slot) = g.free.pop() else {
+            g.stats.failed += 1;
+            return Err(IommuError::PinSlotsExhausted { slots: self.slots });
+        };
+        let iov = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: len as usize,
+        };
+        // SAFETY: the kernel reads the iovec during the call and pins the pages it describes;
+        // from then on fixed-buffer I/O uses the pinned pages, never the addresses, so nothing
+        // of ours has to stay valid for memory safety of the kernel's accesses. The crate's
+        // further requirement, that the memory is not otherwise in use while I/O writes it, is
+        // this function's own contract, passed on to the caller.
+        let r = unsafe {
+            g.ring
+                .submitter()
+                .register_buffers_update(slot, &[iov], None)
+        };
+        if let Err(source) = r {
+            g.free.push(slot);
+            g.stats.failed += 1;
+            drop(g);
+            return Err(self.pin_error(addr, len, source));
+        }
+        let s = &mut g.slots[slot as usize];
+        s.span = Some((addr, len));
+        let id = PinId {
+            slot,
+            generation: s.generation,
+        };
+        g.stats.live += 1;
+        g.stats.bytes += len;
+        g.stats.taken += 1;
+        self.live.fetch_add(1, Ordering::Relaxed);
+        drop(g);
+        tracing::trace!(addr, len, %id, "pinned");
+        Ok(Pin {
+            pool: self.clone(),
+            id,
+            addr,
+            len,
+        })
+    }
+
+    fn pin_error(&self, addr: u64, len: u64, source: io::Error) -> IommuError {
+        if self.accounted && source.raw_os_error() == Some(libc::ENOMEM) {
+            let limit = memlock_limit().map_or(0, |l| l.soft);
+            return IommuError::MemlockLimit {
+                addr,
+                len,
+                limit,
+                source,
+            };
+        }
+        IommuError::PinFailed { addr, len, source }
+    }
+
+    /// Unregisters (and so unpins) `id`.
+    fn release(&self, id: PinId) -> Result<()> {
+        might_sleep("PinPool::release");
+        let mut g = self.lock();
+        let s = g.slots[id.slot as usize];
+        let Some((_, len)) = s.span.filter(|_| s.generation == id.generation) else {
+            return Err(IommuError::StalePin { pin: id });
+        };
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        // SAFETY: an empty iovec registers nothing; it only drops the slot's buffer, whose
+        // pages the kernel unpins once no request uses them (none does: transfers complete under
+        // this lock).
+        let r = unsafe {
+            g.ring
+                .submitter()
+                .register_buffers_update(id.slot, &[empty], None)
+        };
+        r.map_err(|source| IommuError::Unpin { pin: id, source })?;
+        let s = &mut g.slots[id.slot as usize];
+        s.span = None;
+        s.generation = s.generation.wrapping_add(1);
+        g.free.push(id.slot);
+        g.stats.live -= 1;
+        g.stats.bytes -= len;
+        g.stats.released += 1;
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Copies `dst.len()` bytes of pinned memory at `at` into device memory `dst`.
+    pub fn read(&self, at: Target, dst: &mut [u8]) -> Result<()> {
+        might_sleep("PinPool::read");
+        let mut g = self.lock();
+        let addr = g.resolve(at, dst.len() as u64)?;
+        let chunk = g.staging.len;
+        let mut done = 0;
+        while done < dst.len() {
+            let n = (dst.len() - done).min(chunk);
+            let e = opcode::WriteFixed::new(
+                types::Fd(g.staging.fd.as_raw_fd()),
+                (addr + done as u64) as *const u8,
+                n as u32,
+                at.pin.slot as u16,
+            )
+            .offset(0)
+            .build();
+            let [res, _] = g.submit(&[e])?;
+            check("read", at.pin, res, n)?;
+            // SAFETY: the staging mapping holds at least `chunk >= n` bytes, the kernel has
+            // finished writing them (its completion was reaped), and `dst[done..done + n]` is
+            // a distinct, valid slice.
+            unsafe {
+                std::ptr::copy_nonoverlapping(g.staging.map.0.as_ptr(), dst[done..].as_mut_ptr(), n)
+            };
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Copies device memory `src` into pinned memory at `at`.
+    pub fn write(&self, at: Target, src: &[u8]) -> Result<()> {
+        might_sleep("PinPool::write");
+        let mut g = self.lock();
+        let addr = g.resolve(at, src.len() as u64)?;
+        let chunk = g.staging.len;
+        let mut done = 0;
+        while done < src.len() {
+            let n = (src.len() - done).min(chunk);
+            // SAFETY: the staging mapping holds at least `chunk >= n` bytes and no I/O uses it
+            // now (transfers complete under the lock we hold).
+            unsafe {
+                std::ptr::copy_nonoverlapping(src[done..].as_ptr(), g.staging.map.0.as_ptr(), n)
+            };
+            let e = opcode::ReadFixed::new(
+                types::Fd(g.staging.fd.as_raw_fd()),
+                (addr + done as u64) as *mut u8,
+                n as u32,
+                at.pin.slot as u16,
+            )
+            .offset(0)
+            .build();
+            let [res, _] = g.submit(&[e])?;
+            check("write", at.pin, res, n)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Copies `len` bytes of pinned memory from `src` to `dst` (which may be the same pin), in
+    /// the kernel: each chunk is a fixed-buffer write into staging linked to a fixed-buffer read
+    /// out of it.
+    pub fn copy(&self, src: Target, dst: Target, len: u64) -> Result<()> {
+        might_sleep("PinPool::copy");
+        let mut g = self.lock();
+        let from = g.resolve(src, len)?;
+        let to = g.resolve(dst, len)?;
+        let chunk = g.staging.len as u64;
+        let fd = types::Fd(g.staging.fd.as_raw_fd());
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk);
+            let out = opcode::WriteFixed::new(
+                fd,
+                (from + done) as *const u8,
+                n as u32,
+                src.pin.slot as u16,
+            )
+            .offset(0)
+            .build()
+            .flags(squeue::Flags::IO_LINK);
+            let back =
+                opcode::ReadFixed::new(fd, (to + done) as *mut u8, n as u32, dst.pin.slot as u16)
+                    .offset(0)
+                    .build();
+            let [r1, r2] = g.submit(&[out, back])?;
+            check("copy", src.pin, r1, n as usize)?;
+            check("copy", dst.pin, r2, n as usize)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Whether `id` names a live pin of this pool.
+    pub fn is_live(&self, id: PinId) -> bool {
+        let g = self.lock();
+        g.slots
+            .get(id.slot as usize)
+            .is_some_and(|s| s.generation == id.generation && s.span.is_some())
+    }
+}
+
+fn check(op: &'static str, pin: PinId, res: i32, want: usize) -> Result<()> {
+    if res < 0 {
+        return Err(IommuError::Transfer {
+            op,
+            pin,
+            source: io_err(res),
+        });
+    }
+    if res as usize != want {
+        return Err(IommuError::ShortTransfer {
+            op,
+            pin,
+            done: res as u64,
+            len: want as u64,
+        });
+    }
+    Ok(())
+}
+
+impl PoolInner {
+    /// The process address of `at`, after checking its pin is live and `len` bytes fit in it.
+    fn resolve(&self, at: Target, len: u64) -> Result<u64> {
+        let s = self
+            .slots
+            .get(at.pin.slot as usize)
+            .filter(|s| s.generation == at.pin.generation)
+            .and_then(|s| s.span);
+        let Some((addr, pin_len)) = s else {
+            return Err(IommuError::StalePin { pin: at.pin });
+        };
+        if at.offset.checked_add(len).is_none_or(|end| end > pin_len) {
+            return Err(IommuError::OutsidePin {
+                pin: at.pin,
+                offset: at.offset,
+                len,
+                pin_len,
+            });
+        }
+        Ok(addr + at.offset)
+    }
+
+    /// Submits one or two entries (the second linked to the first) and waits for all of them.
+    /// Returns each one's result in order (the unused second is 0).
+    fn submit(&mut self, entries: &[squeue::Entry]) -> Result<[i32; 2]> {
+        debug_assert!(!entries.is_empty() && entries.len() <= 2);
+        let mut sq = self.ring.submission();
+        for (i, e) in entries.iter().enumerate() {
+            let e = e.clone().user_data(i as u64);
+            // SAFETY: the buffers the entries name are registered buffers (pinned by the kernel)
+            // and the staging mapping, which outlives the submission: we wait for every
+            // completion below, under the pool lock.
+            unsafe { sq.push(&e) }.map_err(|_| IommuError::Transfer {
+                op: "submit",
+                pin: PinId {
+                    slot: 0,
+                    generation: 0,
+                },
+                source: io::Error::from_raw_os_error(libc::EBUSY),
+            })?;
+        }
+        drop(sq);
+        let mut res = [0i32; 2];
+        let mut seen = 0;
+        while seen < entries.len() {
+            if let Err(source) = self.ring.submit_and_wait(entries.len() - seen) {
+                if source.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(IommuError::Transfer {
+                    op: "submit",
+                    pin: PinId {
+                        slot: 0,
+                        generation: 0,
+                    },
+                    source,
+                });
+            }
+            for cqe in self.ring.completion() {
+                if let Some(r) = res.get_mut(cqe.user_data() as usize) {
+                    *r = cqe.result();
+                    seen += 1;
+                }
+            }
+        }
+        self.stats.submissions += 1;
+        Ok(res)
+    }
+}
+
+/// A pinned range of the process's memory, registered in a [`PinPool`]. Dropping it releases
+/// the pin (errors are logged); [`Pin::release`] reports them.
+pub struct Pin {
+    pool: Arc<PinPool>,
+    id: PinId,
+    addr: u64,
+    len: u64,
+}
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pin({} at {:#x}+{:#x})", self.id, self.addr, self.len)
+    }
+}
+
+impl Pin {
+    /// The pin's id, as page-table targets name it.
+    pub fn id(&self) -> PinId {
+        self.id
+    }
+
+    /// The process address the pin was taken at.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// Bytes pinned.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Always false: a pin covers at least a page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The target of process address `addr` inside the pin, if it lies there.
+    pub fn target_of(&self, addr: u64) -> Option<Target> {
+        (self.addr <= addr && addr < self.addr + self.len).then_some(Target {
+            pin: self.id,
+            offset: addr - self.addr,
+        })
+    }
+
+    /// Releases the pin now, reporting a failure (the pin then stays registered until the pool
+    /// goes away).
+    pub fn release(self) -> Result<()> {
+        let this = std::mem::ManuallyDrop::new(self);
+        let r = this.pool.release(this.id);
+        // SAFETY: `this` is never used again and its destructor does not run; the Arc is moved
+        // out exactly once.
+        drop(unsafe { std::ptr::read(&this.pool) });
+        r
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        if let Err(e) = self.pool.release(self.id) {
+            tracing::error!(pin = %self.id, error = %e, "releasing a pin failed");
+        }
+    }
+}
+
+/// Bytes this process has pinned (`VmPin` of /proc/self/status): io_uring registered buffers,
+/// RDMA and VFIO pins of every part of the process.
+pub fn vm_pinned_bytes() -> Result<u64> {
+    const FIELD: &str = "VmPin:";
+    let bad = |source| IommuError::ProcStatus {
+        field: FIELD,
+        source,
+    };
+    let status = std::fs::read_to_string("/proc/self/status").map_err(bad)?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(FIELD))
+        .ok_or_else(|| bad(io::Error::from(io::ErrorKind::NotFound)))?;
+    let kib: u64 = line
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .map_err(|_| bad(io::Error::from(io::ErrorKind::InvalidData)))?;
+    Ok(kib * 1024)
+}
+
+/// The RLIMIT_MEMLOCK limits in bytes (`u64::MAX` for unlimited).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemlockLimit {
+    /// The soft limit: what pins are checked against.
+    pub soft: u64,
+    /// The hard limit: how far an unprivileged process may raise the soft one.
+    pub hard: u64,
+}
+
+/// The process's RLIMIT_MEMLOCK.
+pub fn memlock_limit() -> Result<MemlockLimit> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0 {
+        return Err(IommuError::Rlimit {
+            source: io::Error::last_os_error(),
+        });
+    }
+    let conv = |v: libc::rlim_t| {
+        if v == libc::RLIM_INFINITY {
+            u64::MAX
+        } else {
+            v
+        }
+    };
+    Ok(MemlockLimit {
+        soft: conv(r.rlim_cur),
+        hard: conv(r.rlim_max),
+    })
+}
+
+/// Raises the soft RLIMIT_MEMLOCK to at least `bytes`, and the hard one too if needed (which
+/// takes `CAP_SYS_RESOURCE`). Returns the new limits. Only matters for a process without
+/// `CAP_IPC_LOCK`, whose pins are charged against it.
+pub fn raise_memlock_limit(bytes: u64) -> Result<MemlockLimit> {
+    let cur = memlock_limit()?;
+    if cur.soft >= bytes {
+        return Ok(cur);
+    }
+    let r = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: cur.hard.max(bytes),
+    };
+    // SAFETY: setrlimit reads one `rlimit` we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) } != 0 {
+        return Err(IommuError::Rlimit {
+            source: io::Error::last_os_error(),
+        });
+    }
+    memlock_limit()
+}
+
+/// Whether the calling thread has `CAP_IPC_LOCK` in its effective set (then io_uring does not
+/// charge pins to RLIMIT_MEMLOCK).
+fn has_cap_ipc_lock() -> bool {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_IPC_LOCK: u32 = 14;
+    let mut h = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut d = [Data::default(); 2];
+    // SAFETY: capget with a version-3 header writes two `Data` structs into `d`.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) };
+    r == 0 && d[0].effective & (1 << CAP_IPC_LOCK) != 0
+}
+
+#[cfg(test)]
+#[path = "pin_tests.rs"]
+mod tests;
