@@ -70,4 +70,73 @@ pub enum MmError {
         #[source]
         source: io::Error,
     },
+    /// A userfaultfd operation failed.
+    #[error("userfaultfd {op} failed")]
+    Userfaultfd {
+        /// The operation (`open`, `UFFDIO_API`, `UFFDIO_REGISTER`, ...).
+        op: &'static str,
+        /// What the kernel answered.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel lacks a userfaultfd feature svmirror cannot work without.
+    #[error("kernel lacks userfaultfd features {missing:?}")]
+    MissingFeatures {
+        /// The features' names.
+        missing: Vec<&'static str>,
+    },
+    /// The monitor thread could not be started.
+    #[error("cannot start the userfaultfd monitor thread")]
+    Monitor {
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A core error (an invalid range, a released notifier).
+    #[error("invalid request")]
+    Core(#[source] svmirror_core::Error),
+    /// Part of the range is not mapped (a double unmap, an address never mapped).
+    #[error("nothing is mapped at {addr:#x}")]
+    NotMapped {
+        /// The first unmapped page.
+        addr: u64,
+    },
+    /// The range is already registered with the userfaultfd.
+    #[error("{range} is already registered")]
+    AlreadyRegistered {
+        /// The registered span.
+        range: svmirror_core::Range,
+    },
+    /// userfaultfd refused to register a mapping (a private file mapping, say).
+    #[error("userfaultfd cannot register {range}")]
+    Register {
+        /// The mapping.
+        range: svmirror_core::Range,
+        /// What the kernel answered.
+        #[source]
+        source: io::Error,
+    },
+    /// A memory-management system call failed.
+    #[error("{op} of {range} failed")]
+    Syscall {
+        /// The call (`munmap`, `mprotect`, ...).
+        op: &'static str,
+        /// The range.
+        range: svmirror_core::Range,
+        /// What the kernel answered.
+        #[source]
+        source: io::Error,
+    },
+    /// Only private anonymous memory can migrate to a device.
+    #[error("{range} is shared or file-backed memory and cannot migrate")]
+    CannotMigrate {
+        /// The range.
+        range: svmirror_core::Range,
+    },
+    /// The page is not in device memory.
+    #[error("page {addr:#x} does not live on a device")]
+    NotMigrated {
+        /// The page.
+        addr: u64,
+    },
 }

@@ -63,15 +63,24 @@
 
 mod error;
 mod maps;
+mod migrate;
+mod monitor;
 mod pagemap;
 mod populate;
+mod process;
+mod svm;
 mod uapi;
+mod uffd;
+mod writes;
 
 use svmirror_core::{Area, AreaKind, CpuPte, Error, PAGE_SHIFT, PAGE_SIZE, PageSource, Range};
 
 pub use crate::error::MmError;
 use crate::maps::Maps;
 use crate::pagemap::Pagemap;
+pub use crate::process::{DevicePages, MmFeatures, MmStats, ProcessMm};
+pub use crate::svm::{Advice, Protection};
+pub use crate::uffd::{UffdAccess, feature as uffd_feature};
 
 /// Which kernel interfaces a [`ProcessPageSource`] uses. As an argument to
 /// [`ProcessPageSource::restricted`], which ones it may use.
@@ -92,6 +101,21 @@ impl PageSourceFeatures {
         pagemap_scan: true,
         pfn_visible: true,
     };
+}
+
+/// One mapping (VMA) of the process, as [`ProcessPageSource::mapping`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// Its extent.
+    pub range: Range,
+    /// Readable.
+    pub read: bool,
+    /// Writable.
+    pub write: bool,
+    /// Shared (writes reach the backing object; no copy-on-write).
+    pub shared: bool,
+    /// An I/O or PFN-map area (judged by name).
+    pub io: bool,
 }
 
 /// The calling process's own page table as a [`PageSource`].
@@ -120,6 +144,19 @@ impl ProcessPageSource {
         let this = ProcessPageSource { maps, pagemap };
         tracing::debug!(features = ?this.features(), "process page source ready");
         Ok(this)
+    }
+
+    /// The mapping (VMA) containing `addr`, or the next one above it, or `None` above the last.
+    pub fn mapping(&self, addr: u64) -> Result<Option<Mapping>, MmError> {
+        Ok(self.maps.find(addr)?.and_then(|v| {
+            Some(Mapping {
+                range: Range::new(v.start, v.end).ok()?,
+                read: v.read,
+                write: v.write,
+                shared: v.shared,
+                io: v.io,
+            })
+        }))
     }
 
     /// The mechanisms in use.

@@ -1,0 +1,124 @@
+//! Migration hooks: pages of a range move into a backend's device memory and come back when the
+//! CPU touches them (the kernel's device-private pages and `migrate_to_ram`, in userspace).
+//!
+//! Out: fault the range in, register it for MISSING faults, invalidate with
+//! `Migrate { owner }` (every other device drops it; the owner skips its own event), let the
+//! owner copy each page out, and drop the CPU pages with MADV_DONTNEED. From then on the page
+//! source reports the pages as device-private to their owner, and absent to everyone else.
+//!
+//! Back: a CPU access (or another device's fault, through MADV_POPULATE) raises a missing fault;
+//! the monitor invalidates the page with `Migrate { owner }`, asks the owner for the contents and
+//! maps them with UFFDIO_COPY.
+//!
+//! Userspace cannot stop the CPU from writing a page while it is copied out (the kernel does,
+//! with migration entries): the caller must not write a range while it migrates to a device.
+//! Only private anonymous memory migrates.
+
+use std::sync::Arc;
+
+use svmirror_core::{CpuPte, Event, PAGE_SHIFT, PAGE_SIZE, PageSource, Range};
+
+use crate::error::MmError;
+use crate::process::{DevicePages, ProcessMm};
+use crate::uffd::{self, MODE_MISSING, MODE_WP};
+
+impl ProcessMm {
+    /// Moves the pages of `range` into `device`'s memory; returns how many moved.
+    pub fn migrate_to_device(
+        &self,
+        range: Range,
+        device: Arc<dyn DevicePages>,
+    ) -> Result<u64, MmError> {
+        let mut addr = range.start();
+        while addr < range.end() {
+            let m = self.mapping_at(addr)?;
+            if m.shared || m.io || !m.read {
+                return Err(MmError::CannotMigrate { range });
+            }
+            addr = m.range.end();
+        }
+        // Every page must exist on the CPU to be copied out.
+        self.shared
+            .source
+            .fault(range, false)
+            .map_err(MmError::Core)?;
+        self.shared
+            .uffd
+            .register(range, MODE_MISSING | MODE_WP)
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::EINVAL) => MmError::CannotMigrate { range },
+                _ => MmError::Register { range, source },
+            })?;
+        let owner = device.owner();
+        let inv = self.invalidate(range, Event::Migrate { owner })?;
+        let mut ptes = vec![CpuPte::None; range.pages() as usize];
+        self.shared
+            .source
+            .snapshot(range.start(), &mut ptes)
+            .map_err(MmError::Core)?;
+        let mut moved = 0;
+        for (i, pte) in ptes.iter().enumerate() {
+            let page = range.start() + ((i as u64) << PAGE_SHIFT);
+            if matches!(pte, CpuPte::Present { .. }) && self.migrated_owner(page).is_none() {
+                device
+                    .copy_out(page, page as usize as *const u8)
+                    .map_err(MmError::Core)?;
+                self.book_migrate(page, device.clone());
+                moved += 1;
+            }
+        }
+        let _expected = self.expect(uffd::EVENT_REMOVE, range.start(), range.end());
+        // SAFETY: the pages' contents now live on the device and come back on the next touch
+        // through the missing-fault handler; dropping them changes nothing a reader can see.
+        let rc = unsafe {
+            libc::madvise(
+                range.start() as usize as *mut libc::c_void,
+                range.len() as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        drop(inv);
+        if rc != 0 {
+            return Err(MmError::Syscall {
+                op: "madvise",
+                range,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(moved)
+    }
+
+    /// Brings every page of `range` that lives on a device back into RAM; returns how many came
+    /// back. The range stops taking MISSING faults afterwards.
+    pub fn migrate_to_ram(&self, range: Range) -> Result<u64, MmError> {
+        let mut back = 0;
+        let mut addr = range.start();
+        while addr < range.end() {
+            if self.migrated_owner(addr).is_some() {
+                let page = Range::with_len(addr, PAGE_SIZE).map_err(MmError::Core)?;
+                // A CPU read of the page: the missing fault brings it back.
+                self.shared
+                    .source
+                    .fault(page, false)
+                    .map_err(MmError::Core)?;
+                back += 1;
+            }
+            addr += PAGE_SIZE;
+        }
+        if let Err(source) = self.uffd().register(range, self.shared.mode_for(range)) {
+            tracing::debug!(%range, %source, "could not drop MISSING mode after migrating back");
+        }
+        Ok(back)
+    }
+
+    /// Drops device copies of pages in `range` (the CPU discarded them).
+    pub(crate) fn discard_migrated(&self, range: Range) {
+        let mut addr = range.start();
+        while addr < range.end() {
+            if let Some(o) = self.take_migrated(addr) {
+                o.discard(addr);
+            }
+            addr += PAGE_SIZE;
+        }
+    }
+}

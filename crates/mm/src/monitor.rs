@@ -1,0 +1,236 @@
+//! The monitor thread: reads userfaultfd events and turns them into invalidations.
+//!
+//! It never touches memory it monitors: its message and page buffers live in a mapping of its
+//! own that no device ever faults (so it is never registered), and it allocates nothing while it
+//! handles an event that a device or the CPU could be waiting on. Reading an event completes it
+//! in the kernel (the munmap or madvise that caused it goes on), so events are read in batches
+//! and every one is handled; none is dropped under a burst.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use svmirror_core::PAGE_SIZE;
+
+use crate::error::MmError;
+use crate::process::Shared;
+use crate::uffd::{self, UffdMsg};
+
+/// Messages read per `read(2)`.
+const BATCH: usize = 64;
+
+/// The running monitor: its thread and the eventfd that stops it.
+pub(crate) struct Monitor {
+    thread: Option<JoinHandle<()>>,
+    stop: OwnedFd,
+}
+
+/// The monitor's private buffers, in a mapping of their own.
+struct Buffers {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: `Buffers` owns its private mapping outright (nothing else has the pointer), so
+// moving it to the monitor thread moves sole ownership.
+unsafe impl Send for Buffers {}
+
+impl Buffers {
+    fn new() -> io::Result<Self> {
+        let len = PAGE_SIZE as usize + BATCH * std::mem::size_of::<UffdMsg>();
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Buffers {
+            base: p.cast(),
+            len,
+        })
+    }
+
+    fn page(&self) -> *mut u8 {
+        self.base
+    }
+
+    fn msgs(&mut self) -> &mut [UffdMsg] {
+        let msgs = self.base.wrapping_add(PAGE_SIZE as usize).cast::<UffdMsg>();
+        // SAFETY: the bytes after the first page hold BATCH messages, are part of our own
+        // mapping, suitably aligned (page aligned + 4096), and only this thread uses them.
+        unsafe { std::slice::from_raw_parts_mut(msgs, BATCH) }
+    }
+}
+
+impl Drop for Buffers {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` are exactly the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+impl Monitor {
+    pub(crate) fn start(shared: Arc<Shared>) -> Result<Self, MmError> {
+        // SAFETY: eventfd takes plain integer arguments and returns a new fd or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(MmError::Monitor {
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: eventfd just returned this fd; we own it.
+        let stop = unsafe { OwnedFd::from_raw_fd(efd) };
+        let stop_raw = stop.as_raw_fd();
+        let bufs = Buffers::new().map_err(|source| MmError::Monitor { source })?;
+        let thread = std::thread::Builder::new()
+            .name("svmirror-uffd".into())
+            .spawn(move || run(shared, stop_raw, bufs))
+            .map_err(|source| MmError::Monitor { source })?;
+        Ok(Monitor {
+            thread: Some(thread),
+            stop,
+        })
+    }
+
+    /// Makes the monitor fail as if its userfaultfd had (for tests of failing closed).
+    pub(crate) fn inject_failure(&self) {
+        let v: u64 = INJECT_FAILURE;
+        // SAFETY: writes 8 bytes from a local u64 to our eventfd.
+        unsafe { libc::write(self.stop.as_raw_fd(), (&v as *const u64).cast(), 8) };
+    }
+
+    /// Stops the thread and waits for it.
+    pub(crate) fn stop(mut self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a local u64 to our eventfd.
+        unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Value written to the stop eventfd to make the monitor fail, for tests of failing closed.
+pub(crate) const INJECT_FAILURE: u64 = 1 << 32;
+
+fn run(shared: Arc<Shared>, stop: i32, mut bufs: Buffers) {
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        event_loop(&shared, stop, &mut bufs, false)
+    }));
+    match result {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => shared.fail(&e.to_string()),
+        Err(_) => shared.fail("the monitor thread panicked"),
+    }
+    // Failed closed: keep reading events so no thread stays blocked on one, until stopped.
+    let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        event_loop(&shared, stop, &mut bufs, true)
+    }));
+}
+
+fn event_loop(
+    shared: &Shared,
+    stop: i32,
+    bufs: &mut Buffers,
+    draining: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let uffd = shared.uffd.raw();
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: uffd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        if fds[1].revents != 0 {
+            let mut v: u64 = 0;
+            // SAFETY: reads 8 bytes into a local u64 from our eventfd.
+            unsafe { libc::read(stop, (&mut v as *mut u64).cast(), 8) };
+            if v >= INJECT_FAILURE && !draining {
+                return Err("monitor failure injected".into());
+            }
+            return Ok(());
+        }
+        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            return Err("userfaultfd reported an error".into());
+        }
+        loop {
+            let page = bufs.page();
+            let msgs = bufs.msgs();
+            shared
+                .read_gen
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            let n = shared.uffd.read_msgs(msgs)?;
+            shared
+                .read_gen
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            if n == 0 {
+                break;
+            }
+            shared.batch_read();
+            for m in &msgs[..n] {
+                if draining {
+                    drain(shared, m, page);
+                } else {
+                    handle(shared, m, page)?;
+                }
+            }
+            shared.batch_handled();
+        }
+    }
+}
+
+/// After a failure: complete events without invalidating (everything is already released),
+/// and still resolve missing faults so no CPU thread hangs: bring the page back if its device
+/// can, else give it a zero page.
+fn drain(shared: &Shared, m: &UffdMsg, page: *mut u8) {
+    match m.event {
+        uffd::EVENT_FORK => shared.handle_fork(m.arg[0] as u32),
+        uffd::EVENT_PAGEFAULT if shared.handle_missing(m.arg[1], page).is_err() => {
+            let _ = shared.uffd.zero_page(m.arg[1] & !(PAGE_SIZE - 1));
+        }
+        _ => {}
+    }
+}
+
+fn handle(shared: &Shared, m: &UffdMsg, page: *mut u8) -> Result<(), svmirror_core::Error> {
+    match m.event {
+        uffd::EVENT_UNMAP => shared.handle_unmap(m.arg[0], m.arg[1]),
+        uffd::EVENT_REMOVE => shared.handle_remove(m.arg[0], m.arg[1]),
+        uffd::EVENT_REMAP => shared.handle_remap(m.arg[0], m.arg[1], m.arg[2]),
+        uffd::EVENT_FORK => {
+            shared.handle_fork(m.arg[0] as u32);
+            Ok(())
+        }
+        uffd::EVENT_PAGEFAULT => shared.handle_missing(m.arg[1], page),
+        other => {
+            tracing::warn!(event = other, "unknown userfaultfd event ignored");
+            Ok(())
+        }
+    }
+}

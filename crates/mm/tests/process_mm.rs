@@ -1,0 +1,605 @@
+//! ProcessMm against the real kernel: every userfaultfd event kind gives exactly one invalidation
+//! with the right range and reason, the SVM API is coherent before it returns, migration round
+//! trips keep the data, and a failing monitor fails closed.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use svmirror_core::testing::TestMirror;
+use svmirror_core::{
+    Error, Event, FaultRequest, Owner, PAGE_SIZE, PageSource, Range, entry, range_fault,
+};
+use svmirror_mm::{Advice, DevicePages, MmError, ProcessMm, Protection};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+const PAGE: u64 = PAGE_SIZE;
+
+/// A process mm, a buffer of `pages` private anonymous pages, a mirror subscribed to it and
+/// faulted in writable (which registers the buffer's VMA for events).
+struct Fixture {
+    mm: ProcessMm,
+    buf: Range,
+    mirror: Arc<TestMirror>,
+    sub: svmirror_core::Subscription,
+}
+
+fn fixture(pages: u64) -> Fixture {
+    let mm = ProcessMm::new().expect("userfaultfd available");
+    let buf = mm
+        .mmap_anonymous(pages * PAGE, Protection::READ_WRITE)
+        .unwrap();
+    fixture_with(mm, buf)
+}
+
+/// A fixture whose buffer sits far below everything else the process maps, so no other
+/// allocation lands in a hole a test punches into it.
+fn fixture_far(pages: u64, hint: u64) -> Fixture {
+    let mm = ProcessMm::new().expect("userfaultfd available");
+    // SAFETY: MAP_FIXED_NOREPLACE maps only where nothing is mapped.
+    let p = unsafe {
+        libc::mmap(
+            hint as *mut _,
+            (pages * PAGE) as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(
+        p as u64, hint,
+        "address {hint:#x} is free in a test process"
+    );
+    fixture_with(mm, Range::with_len(hint, pages * PAGE).unwrap())
+}
+
+fn fixture_with(mm: ProcessMm, buf: Range) -> Fixture {
+    nohuge(buf);
+    let mirror = Arc::new(TestMirror::new(Owner(0x5eed)));
+    let sub = mm.notifier().insert(buf, mirror.clone()).unwrap();
+    mirror.fault(&sub, &mm, buf, true).unwrap();
+    assert_eq!(mirror.table.lock().entries.len() as u64, buf.pages());
+    Fixture {
+        mm,
+        buf,
+        mirror,
+        sub,
+    }
+}
+
+fn nohuge(r: Range) {
+    // SAFETY: advice only; no contents change.
+    assert_eq!(sys_madvise(r.start(), r.len(), libc::MADV_NOHUGEPAGE), 0);
+}
+
+/// `madvise` on test memory, which Rust code only touches through raw pointers.
+fn sys_madvise(addr: u64, len: u64, advice: i32) -> i32 {
+    // SAFETY: test buffers hold no Rust objects and nothing refers into them.
+    unsafe { libc::madvise(addr as *mut _, len as usize, advice) }
+}
+
+/// `munmap` of test memory, which Rust code only touches through raw pointers.
+fn sys_munmap(addr: u64, len: u64) -> i32 {
+    // SAFETY: as for `sys_madvise`.
+    unsafe { libc::munmap(addr as *mut _, len as usize) }
+}
+
+/// Anonymous `mmap` with `flags` added to MAP_PRIVATE | MAP_ANONYMOUS at `hint`; returns the
+/// address or `u64::MAX`.
+fn sys_mmap(hint: u64, len: u64, prot: i32, flags: i32) -> u64 {
+    // SAFETY: a new mapping; with MAP_FIXED_NOREPLACE it replaces nothing.
+    let p = unsafe {
+        libc::mmap(
+            hint as *mut _,
+            len as usize,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        u64::MAX
+    } else {
+        p as u64
+    }
+}
+
+fn page(r: Range, i: u64, n: u64) -> Range {
+    Range::with_len(r.start() + i * PAGE, n * PAGE).unwrap()
+}
+
+/// Waits until the mirror has seen `n` invalidations (events are handled on the monitor thread
+/// right after the syscall returns), then returns them.
+fn invalidations(m: &TestMirror, n: usize) -> Vec<(Range, Event)> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = m.table.lock().invalidations.clone();
+        if got.len() >= n || Instant::now() > deadline {
+            // Give a duplicate the chance to show up before we say "exactly".
+            std::thread::sleep(Duration::from_millis(20));
+            return m.table.lock().invalidations.clone();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn write_byte(addr: u64, v: u8) {
+    // SAFETY: test buffers are mapped read-write and touched only through raw pointers.
+    unsafe { std::ptr::write_volatile(addr as *mut u8, v) }
+}
+
+fn read_byte(addr: u64) -> u8 {
+    // SAFETY: as above, for reads.
+    unsafe { std::ptr::read_volatile(addr as *const u8) }
+}
+
+#[test]
+fn features_are_negotiated_and_named() {
+    let _s = serial();
+    let mm = ProcessMm::new().unwrap();
+    let f = mm.features();
+    for needed in ["EVENT_UNMAP", "EVENT_REMOVE", "EVENT_REMAP"] {
+        assert!(f.uffd_feature_names.contains(&needed), "{f:?}");
+    }
+    // EVENT_FORK is offered but deliberately not taken (see `uffd_feature::WANTED`).
+    assert!(!f.uffd_feature_names.contains(&"EVENT_FORK"), "{f:?}");
+    assert_eq!(f.uffd_offered & f.uffd_features, f.uffd_features);
+}
+
+#[test]
+fn munmap_gives_one_unmap_invalidation() {
+    let _s = serial();
+    let f = fixture(4);
+    let part = page(f.buf, 1, 2);
+    assert_eq!(sys_munmap(part.start(), part.len()), 0);
+    assert_eq!(invalidations(&f.mirror, 1), vec![(part, Event::Unmap)]);
+    assert_eq!(
+        f.mirror.table.lock().entries.len(),
+        2,
+        "only the unmapped pages are gone"
+    );
+    assert_eq!(f.mm.stats().unmap_events, 1);
+}
+
+#[test]
+fn madvise_dontneed_free_remove_give_one_clear_each() {
+    let _s = serial();
+    let f = fixture(4);
+    assert_eq!(sys_madvise(f.buf.start(), PAGE, libc::MADV_DONTNEED), 0);
+    assert_eq!(sys_madvise(f.buf.start() + PAGE, PAGE, libc::MADV_FREE), 0);
+    let got = invalidations(&f.mirror, 2);
+    assert_eq!(
+        got,
+        vec![
+            (page(f.buf, 0, 1), Event::Clear),
+            (page(f.buf, 1, 1), Event::Clear)
+        ]
+    );
+
+    // MADV_REMOVE needs shared memory.
+    let mm = &f.mm;
+    // SAFETY: a fresh shared anonymous mapping.
+    let shm = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            2 * PAGE as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(shm, libc::MAP_FAILED);
+    let shm = Range::with_len(shm as u64, 2 * PAGE).unwrap();
+    let m2 = Arc::new(TestMirror::new(Owner(2)));
+    let s2 = mm.notifier().insert(shm, m2.clone()).unwrap();
+    m2.fault(&s2, mm, shm, true).unwrap();
+    // SAFETY: as above.
+    assert_eq!(sys_madvise(shm.start(), PAGE, libc::MADV_REMOVE), 0);
+    assert_eq!(invalidations(&m2, 1), vec![(page(shm, 0, 1), Event::Clear)]);
+}
+
+#[test]
+fn mremap_moving_gives_one_unmap_of_the_old_range() {
+    let _s = serial();
+    let f = fixture(4);
+    // A destination we own, so the move is forced (MREMAP_FIXED replaces it).
+    let dst = f.mm.mmap_anonymous(4 * PAGE, Protection::NONE).unwrap();
+    // SAFETY: nothing refers into either range; the destination is ours to replace.
+    let p = unsafe {
+        libc::mremap(
+            f.buf.start() as *mut _,
+            f.buf.len() as usize,
+            f.buf.len() as usize,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            dst.start() as *mut libc::c_void,
+        )
+    };
+    assert_eq!(p as u64, dst.start());
+    let got = invalidations(&f.mirror, 1);
+    assert_eq!(
+        got,
+        vec![(f.buf, Event::Unmap)],
+        "exactly one Unmap of the old range"
+    );
+    assert!(f.mirror.table.lock().entries.is_empty());
+    assert_eq!(f.mm.stats().remap_events, 1);
+}
+
+#[test]
+fn mremap_growing_in_place_invalidates_nothing() {
+    let _s = serial();
+    let f = fixture(2);
+    // Make room: unmap whatever follows by growing into a fresh reservation we own.
+    // SAFETY: growing our own buffer without moving; the new tail is fresh memory.
+    let p = unsafe {
+        libc::mremap(
+            f.buf.start() as *mut _,
+            f.buf.len() as usize,
+            2 * f.buf.len() as usize,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        // Something is mapped right after the buffer: growth in place is impossible here.
+        return;
+    }
+    let got = invalidations(&f.mirror, 1);
+    assert!(got.is_empty(), "{got:?}");
+    assert_eq!(f.mirror.table.lock().entries.len(), 2);
+}
+
+#[test]
+fn svm_api_invalidates_once_before_the_change() {
+    let _s = serial();
+    let f = fixture(8);
+    // mprotect: no event exists; the API gives the only invalidation.
+    f.mm.mprotect(page(f.buf, 0, 2), Protection::READ).unwrap();
+    // munmap through the API: the UNMAP event is recognised, not invalidated again.
+    // SAFETY: nothing refers into the buffer.
+    unsafe { f.mm.munmap(page(f.buf, 2, 2)).unwrap() };
+    // madvise DONTNEED through the API: the REMOVE event likewise.
+    // SAFETY: as above.
+    unsafe { f.mm.madvise(page(f.buf, 4, 1), Advice::DontNeed).unwrap() };
+    // Each is coherent before the call returns: no waiting here.
+    let got = f.mirror.table.lock().invalidations.clone();
+    assert_eq!(
+        got,
+        vec![
+            (page(f.buf, 0, 2), Event::ProtectionVma),
+            (page(f.buf, 2, 2), Event::Unmap),
+            (page(f.buf, 4, 1), Event::Clear),
+        ]
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        f.mirror.table.lock().invalidations.len(),
+        3,
+        "no duplicate from the events"
+    );
+    assert_eq!(f.mm.stats().events_covered_by_api, 2);
+    // A write fault on the read-only part is now refused, as the kernel's EPERM.
+    let e = f
+        .mirror
+        .fault(&f.sub, &f.mm, page(f.buf, 0, 1), true)
+        .unwrap_err();
+    assert!(matches!(e, Error::WriteToReadOnly { .. }), "{e}");
+}
+
+#[test]
+fn svm_api_refuses_a_double_unmap_and_bad_ranges() {
+    let _s = serial();
+    let f = fixture_far(2, 0x1000_0000_0000);
+    let first = page(f.buf, 0, 1);
+    // SAFETY: nothing refers into the buffer.
+    unsafe { f.mm.munmap(first).unwrap() };
+    // SAFETY: as above.
+    let e = unsafe { f.mm.munmap(first) }.unwrap_err();
+    assert!(
+        matches!(e, MmError::NotMapped { addr } if addr == first.start()),
+        "{e}"
+    );
+    let e = f.mm.mprotect(first, Protection::READ).unwrap_err();
+    assert!(matches!(e, MmError::NotMapped { .. }), "{e}");
+    let e = f.mm.register(page(f.buf, 1, 1)).unwrap_err();
+    assert!(matches!(e, MmError::AlreadyRegistered { .. }), "{e}");
+}
+
+#[test]
+fn fork_keeps_the_parents_mirror_exact() {
+    let _s = serial();
+    let f = fixture(2);
+    write_byte(f.buf.start(), 7);
+    let before = f.mirror.table.lock().entries.clone();
+    let mut fds = [0; 2];
+    // SAFETY: a pipe for the child to wait on.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: the child only calls async-signal-safe functions (read, _exit).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let mut b = 0u8;
+        // SAFETY: an async-signal-safe read into a local byte.
+        unsafe { libc::read(fds[0], (&mut b as *mut u8).cast(), 1) };
+        // SAFETY: _exit is async-signal-safe and ends the child.
+        unsafe { libc::_exit(0) };
+    }
+    assert!(pid > 0);
+    // The parent's device entries still name the pages the parent has: the device's pages are
+    // pinned by the backend in real use; here the mirror holds entries, and the CPU page of the
+    // parent must be the same one.
+    let mut entries = vec![0u64; 2];
+    let seq = f.sub.read_begin().unwrap();
+    range_fault(
+        &f.sub,
+        seq,
+        &f.mm,
+        &mut FaultRequest::snapshot(f.buf, &mut entries),
+    )
+    .unwrap();
+    assert!(entry::is_valid(entries[0]));
+    assert_eq!(
+        f.mirror.table.lock().invalidations,
+        vec![],
+        "fork invalidates nothing in the parent"
+    );
+    assert_eq!(before.len(), 2);
+    let mut st = 0;
+    // SAFETY: releasing the child with one byte on the pipe, then reaping it and closing the
+    // pipe's two fds, all ours.
+    unsafe {
+        libc::write(fds[1], [0u8].as_ptr().cast(), 1);
+    }
+    // SAFETY: as above.
+    unsafe { libc::waitpid(pid, &mut st, 0) };
+    // SAFETY: as above.
+    unsafe { libc::close(fds[0]) };
+    // SAFETY: as above.
+    unsafe { libc::close(fds[1]) };
+    assert_eq!(read_byte(f.buf.start()), 7);
+}
+
+#[test]
+fn thp_partial_unmap_invalidates_the_whole_huge_page() {
+    let _s = serial();
+    let mm = ProcessMm::new().unwrap();
+    const HUGE: u64 = 2 << 20;
+    // A 2 MiB-aligned window inside a 4 MiB reservation.
+    let resv = mm.mmap_anonymous(2 * HUGE, Protection::READ_WRITE).unwrap();
+    let win = Range::with_len(resv.start().next_multiple_of(HUGE), HUGE).unwrap();
+    sys_madvise(win.start(), HUGE, libc::MADV_HUGEPAGE);
+    let mirror = Arc::new(TestMirror::new(Owner(3)));
+    let sub = mm.notifier().insert(win, mirror.clone()).unwrap();
+    mirror.fault(&sub, &mm, win, true).unwrap();
+    let huge = mirror
+        .table
+        .lock()
+        .entries
+        .values()
+        .any(|&e| entry::order(e) == 9);
+    let part = page(win, 10, 1);
+    // SAFETY: nothing refers into the window.
+    assert_eq!(sys_munmap(part.start(), PAGE), 0);
+    let got = invalidations(&mirror, 1);
+    if huge {
+        assert_eq!(
+            got,
+            vec![(win, Event::Unmap)],
+            "whole huge page invalidated"
+        );
+    } else {
+        // THP is off (or the kernel had no huge page to give): only the page itself.
+        assert_eq!(got, vec![(part, Event::Unmap)]);
+    }
+}
+
+/// Device memory for the migration tests: pages in a map, counted.
+#[derive(Default)]
+struct FakeVram {
+    pages: Mutex<std::collections::BTreeMap<u64, Vec<u8>>>,
+}
+
+impl DevicePages for FakeVram {
+    fn owner(&self) -> Owner {
+        Owner(0xd00d)
+    }
+    fn copy_out(&self, addr: u64, src: *const u8) -> Result<(), Error> {
+        let mut v = vec![0u8; PAGE as usize];
+        // SAFETY: `src` is readable for a page while this runs (trait contract).
+        unsafe { std::ptr::copy_nonoverlapping(src, v.as_mut_ptr(), v.len()) };
+        self.pages.lock().unwrap().insert(addr, v);
+        Ok(())
+    }
+    fn copy_back(&self, addr: u64, dst: *mut u8) -> Result<(), Error> {
+        let v = self
+            .pages
+            .lock()
+            .unwrap()
+            .remove(&addr)
+            .ok_or(Error::BadAddress { addr })?;
+        // SAFETY: `dst` is writable for a page (trait contract).
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst, v.len()) };
+        Ok(())
+    }
+    fn device_pfn(&self, addr: u64) -> u64 {
+        addr >> 12
+    }
+    fn discard(&self, addr: u64) {
+        self.pages.lock().unwrap().remove(&addr);
+    }
+}
+
+#[test]
+fn migration_out_and_back_through_a_cpu_touch_keeps_the_data() {
+    let _s = serial();
+    let f = fixture(4);
+    for i in 0..4 {
+        write_byte(f.buf.start() + i * PAGE + 5, 0x40 + i as u8);
+    }
+    let vram = Arc::new(FakeVram::default());
+    let moved = f.mm.migrate_to_device(f.buf, vram.clone()).unwrap();
+    assert_eq!(moved, 4);
+    assert_eq!(vram.pages.lock().unwrap().len(), 4);
+    assert!(
+        f.mirror.table.lock().entries.is_empty(),
+        "other devices lost the range"
+    );
+    assert!(
+        matches!(f.mirror.table.lock().invalidations.last(), Some((r, Event::Migrate { .. })) if *r == f.buf)
+    );
+    // The owner sees its own pages without faulting them back.
+    let mut entries = vec![0u64; 4];
+    let seq = f.sub.read_begin().unwrap();
+    let mut req = FaultRequest::fault_all(f.buf, &mut entries, false).with_owner(vram.owner());
+    range_fault(&f.sub, seq, &f.mm, &mut req).unwrap();
+    assert!(
+        entries.iter().all(|&e| e & entry::DEVICE_PRIVATE != 0),
+        "{entries:x?}"
+    );
+    // A CPU touch brings a page back with its data.
+    assert_eq!(read_byte(f.buf.start() + 2 * PAGE + 5), 0x42);
+    assert_eq!(vram.pages.lock().unwrap().len(), 3);
+    // The rest come back explicitly.
+    assert_eq!(f.mm.migrate_to_ram(f.buf).unwrap(), 3);
+    for i in 0..4 {
+        assert_eq!(read_byte(f.buf.start() + i * PAGE + 5), 0x40 + i as u8);
+    }
+    assert!(f.mm.stats().missing_faults >= 4);
+}
+
+#[test]
+fn migration_of_shared_memory_is_refused() {
+    let _s = serial();
+    let mm = ProcessMm::new().unwrap();
+    // SAFETY: a fresh shared anonymous mapping.
+    let shm = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    let r = Range::with_len(shm as u64, PAGE).unwrap();
+    let e = mm
+        .migrate_to_device(r, Arc::new(FakeVram::default()))
+        .unwrap_err();
+    assert!(matches!(e, MmError::CannotMigrate { .. }), "{e}");
+}
+
+#[test]
+fn write_tracking_reports_written_pages_as_soft_dirty() {
+    let _s = serial();
+    let f = fixture(8);
+    if !f.mm.features().write_tracking() {
+        panic!("this kernel lacks WP_ASYNC; write tracking cannot be tested");
+    }
+    f.mm.track_writes(f.buf).unwrap();
+    write_byte(f.buf.start() + 3 * PAGE, 1);
+    write_byte(f.buf.start() + 4 * PAGE, 1);
+    let w = f.mm.collect_writes(f.buf).unwrap();
+    assert_eq!(w, vec![page(f.buf, 3, 2)]);
+    assert!(
+        f.mirror
+            .table
+            .lock()
+            .invalidations
+            .contains(&(page(f.buf, 3, 2), Event::SoftDirty))
+    );
+    assert!(
+        f.mm.collect_writes(f.buf).unwrap().is_empty(),
+        "re-protected"
+    );
+}
+
+#[test]
+fn a_failing_monitor_fails_closed() {
+    let _s = serial();
+    let f = fixture(2);
+    f.mm.inject_monitor_failure();
+    assert!(f.mm.is_failed());
+    assert_eq!(
+        f.mirror.table.lock().invalidations,
+        vec![(Range::FULL, Event::Release)]
+    );
+    assert!(f.mirror.table.lock().entries.is_empty());
+    assert!(matches!(f.sub.read_begin(), Err(Error::Released)));
+    assert!(matches!(
+        f.mm.area(f.buf.start(), f.buf.end()),
+        Err(Error::Released)
+    ));
+    // Events are still read, so the CPU never blocks on one.
+    assert_eq!(sys_munmap(f.buf.start(), f.buf.len()), 0);
+}
+
+#[test]
+fn a_faulter_racing_munmap_and_remap_never_keeps_a_stale_entry() {
+    let _s = serial();
+    let f = fixture_far(16, 0x1100_0000_0000);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fixture = Arc::new(f);
+    let faulter = {
+        let f = fixture.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut ok = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match f.mirror.fault(&f.sub, &f.mm, f.buf, true) {
+                    Ok(_) => ok += 1,
+                    Err(Error::BadAddress { .. }) => {} // caught between munmap and mmap
+                    Err(e) => panic!("{e}: {:?}", std::error::Error::source(&e)),
+                }
+            }
+            ok
+        })
+    };
+    let f = &fixture;
+    for round in 0..200u64 {
+        let victim = page(f.buf, round % 16, 1);
+        // The faulter only faults (no Rust references): unmap, and map a fresh page there.
+        assert_eq!(sys_munmap(victim.start(), PAGE), 0);
+        let p = sys_mmap(
+            victim.start(),
+            PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_FIXED_NOREPLACE,
+        );
+        assert_eq!(p, victim.start());
+    }
+    // Let the monitor finish the last events, then stop the faulter.
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = faulter.join().unwrap();
+    assert!(rounds > 0);
+    // Quiesced: every device entry must name the page the CPU has now.
+    let mut entries = vec![0u64; 16];
+    let seq = f.sub.read_begin().unwrap();
+    range_fault(
+        &f.sub,
+        seq,
+        &f.mm,
+        &mut FaultRequest::snapshot(f.buf, &mut entries),
+    )
+    .unwrap();
+    for (addr, e) in f.mirror.table.lock().entries.iter() {
+        let i = ((addr - f.buf.start()) / PAGE) as usize;
+        assert!(
+            entry::is_valid(entries[i]),
+            "device maps {addr:#x}, the CPU has nothing there"
+        );
+        if entry::pfn(entries[i]) != 0 {
+            assert_eq!(
+                entry::pfn(*e),
+                entry::pfn(entries[i]),
+                "stale entry at {addr:#x}"
+            );
+        }
+    }
+}
