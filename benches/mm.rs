@@ -319,5 +319,86 @@ fn fault_in_unpopulated(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, snapshot_populated, fault_in_unpopulated);
+/// 2 MiB of private anonymous memory, populated, outside any notifier.
+fn populated_2m() -> Range {
+    const LEN2M: usize = 2 << 20;
+    // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
+    let p = unsafe {
+        sys::mmap(
+            std::ptr::null_mut(),
+            LEN2M,
+            sys::PROT_READ | sys::PROT_WRITE,
+            sys::MAP_PRIVATE | sys::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, sys::MAP_FAILED);
+    // SAFETY: populating our own fresh mapping.
+    let rc = unsafe { sys::madvise(p, LEN2M, sys::MADV_POPULATE_WRITE) };
+    assert_eq!(rc, 0);
+    Range::with_len(p as u64, LEN2M as u64).unwrap()
+}
+
+fn unmap(r: Range) {
+    // SAFETY: the range is a mapping this benchmark made and nothing refers into it.
+    let rc = unsafe { sys::munmap(r.start() as *mut c_void, r.len() as usize) };
+    assert_eq!(rc, 0);
+}
+
+/// munmap of a 2 MiB mirrored range: plain (no monitor), with the userfaultfd monitor seeing
+/// it (the syscall waits until the monitor reads the UNMAP event), and through the SVM API
+/// (invalidation bracketed around the syscall).
+fn munmap_2m(c: &mut Criterion) {
+    let mut g = c.benchmark_group("mm_munmap_2m");
+    g.sample_size(50).measurement_time(Duration::from_secs(3));
+    g.bench_function("without_monitor", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let r = populated_2m();
+                let t = std::time::Instant::now();
+                unmap(r);
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    let mm = svmirror::mm::ProcessMm::new().unwrap();
+    let mirror = Arc::new(TestMirror::new(Owner(2)));
+    g.bench_function("with_monitor", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let r = populated_2m();
+                let sub = mm.notifier().insert(r, mirror.clone()).unwrap();
+                mirror.fault(&sub, &mm, r, true).unwrap();
+                let t = std::time::Instant::now();
+                unmap(r);
+                total += t.elapsed();
+                drop(sub);
+            }
+            total
+        })
+    });
+    g.bench_function("svm_api", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let r = populated_2m();
+                let sub = mm.notifier().insert(r, mirror.clone()).unwrap();
+                mirror.fault(&sub, &mm, r, true).unwrap();
+                let t = std::time::Instant::now();
+                // SAFETY: nothing refers into the range.
+                unsafe { mm.munmap(r).unwrap() };
+                total += t.elapsed();
+                drop(sub);
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, snapshot_populated, fault_in_unpopulated, munmap_2m);
 criterion_main!(benches);

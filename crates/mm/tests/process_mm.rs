@@ -603,3 +603,36 @@ fn a_faulter_racing_munmap_and_remap_never_keeps_a_stale_entry() {
         }
     }
 }
+
+#[test]
+fn a_burst_of_events_loses_none() {
+    let _s = serial();
+    let f = Arc::new(fixture_far(64, 0x1200_0000_0000));
+    // Four threads unmap sixteen single pages each, all at once.
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                for i in 0..16u64 {
+                    let p = page(f.buf, t * 16 + i, 1);
+                    assert_eq!(sys_munmap(p.start(), PAGE), 0);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut got = invalidations(&f.mirror, 64);
+    assert_eq!(
+        got.len(),
+        64,
+        "one invalidation per munmap, none lost, none doubled"
+    );
+    got.sort_by_key(|(r, _)| r.start());
+    for (i, (r, e)) in got.iter().enumerate() {
+        assert_eq!((*r, *e), (page(f.buf, i as u64, 1), Event::Unmap));
+    }
+    assert!(f.mirror.table.lock().entries.is_empty());
+    assert_eq!(f.mm.stats().unmap_events, 64);
+}
