@@ -6,9 +6,11 @@
 //! owner copy each page out, and drop the CPU pages with MADV_DONTNEED. From then on the page
 //! source reports the pages as device-private to their owner, and absent to everyone else.
 //!
-//! Back: a CPU access (or another device's fault, through MADV_POPULATE) raises a missing fault;
-//! the monitor invalidates the page with `Migrate { owner }`, asks the owner for the contents and
-//! maps them with UFFDIO_COPY.
+//! Back: a CPU access raises a missing fault; the monitor invalidates the page with
+//! `Migrate { owner }`, asks the owner for the contents and maps them with UFFDIO_COPY. Another
+//! device's fault and [`ProcessMm::migrate_to_ram`] do the same from the calling thread (UFFDIO_COPY
+//! needs no pending fault), so they work with a user-mode-only userfaultfd too, where the kernel's
+//! own accesses (a `read(2)` into the page) cannot be served.
 //!
 //! Userspace cannot stop the CPU from writing a page while it is copied out (the kernel does,
 //! with migration entries): the caller must not write a range while it migrates to a device.
@@ -29,6 +31,9 @@ impl ProcessMm {
         range: Range,
         device: Arc<dyn DevicePages>,
     ) -> Result<u64, MmError> {
+        // Events already read (a munmap of an earlier mapping here, say) are handled before we
+        // book pages that their handling would otherwise discard.
+        self.shared.wait_handled();
         let mut addr = range.start();
         while addr < range.end() {
             let m = self.mapping_at(addr)?;
@@ -49,6 +54,7 @@ impl ProcessMm {
                 Some(libc::EINVAL) => MmError::CannotMigrate { range },
                 _ => MmError::Register { range, source },
             })?;
+        self.record_registered(range);
         let owner = device.owner();
         let inv = self.invalidate(range, Event::Migrate { owner })?;
         let mut ptes = vec![CpuPte::None; range.pages() as usize];
@@ -91,20 +97,7 @@ impl ProcessMm {
     /// Brings every page of `range` that lives on a device back into RAM; returns how many came
     /// back. The range stops taking MISSING faults afterwards.
     pub fn migrate_to_ram(&self, range: Range) -> Result<u64, MmError> {
-        let mut back = 0;
-        let mut addr = range.start();
-        while addr < range.end() {
-            if self.migrated_owner(addr).is_some() {
-                let page = Range::with_len(addr, PAGE_SIZE).map_err(MmError::Core)?;
-                // A CPU read of the page: the missing fault brings it back.
-                self.shared
-                    .source
-                    .fault(page, false)
-                    .map_err(MmError::Core)?;
-                back += 1;
-            }
-            addr += PAGE_SIZE;
-        }
+        let back = self.shared.bring_back_range(range).map_err(MmError::Core)?;
         if let Err(source) = self.uffd().register(range, self.shared.mode_for(range)) {
             tracing::debug!(%range, %source, "could not drop MISSING mode after migrating back");
         }

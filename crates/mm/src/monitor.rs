@@ -10,6 +10,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 
 use svmirror_core::PAGE_SIZE;
@@ -20,6 +21,20 @@ use crate::uffd::{self, UffdMsg};
 
 /// Messages read per `read(2)`.
 const BATCH: usize = 64;
+
+/// A page-sized bounce buffer in a mapping of its own, for bringing a page back from a device
+/// outside the monitor thread.
+pub(crate) struct Bounce(Buffers);
+
+impl Bounce {
+    pub(crate) fn new() -> io::Result<Self> {
+        Buffers::new().map(Bounce)
+    }
+
+    pub(crate) fn ptr(&self) -> *mut u8 {
+        self.0.page()
+    }
+}
 
 /// The running monitor: its thread and the eventfd that stops it.
 pub(crate) struct Monitor {
@@ -182,17 +197,23 @@ fn event_loop(
         loop {
             let page = bufs.page();
             let msgs = bufs.msgs();
-            shared
-                .read_gen
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            let n = shared.uffd.read_msgs(msgs)?;
-            shared
-                .read_gen
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            // Counted as read before the read: the thread whose event this read takes off the
+            // queue wakes as the read completes, and must find the batch not yet handled.
+            shared.batch_read();
+            shared.read_gen.fetch_add(1, Ordering::AcqRel);
+            let read = shared.uffd.read_msgs(msgs);
+            shared.read_gen.fetch_add(1, Ordering::AcqRel);
+            let n = match read {
+                Ok(n) => n,
+                Err(e) => {
+                    shared.batch_handled();
+                    return Err(e.into());
+                }
+            };
             if n == 0 {
+                shared.batch_handled();
                 break;
             }
-            shared.batch_read();
             for m in &msgs[..n] {
                 if draining {
                     drain(shared, m, page);

@@ -207,6 +207,8 @@ pub(crate) struct Shared {
     progress_cv: Condvar,
     /// Bumped by the monitor right before and right after every read of the userfaultfd.
     pub(crate) read_gen: AtomicU64,
+    /// Serialises bringing pages back from devices.
+    returning: Mutex<()>,
 }
 
 impl Shared {
@@ -383,7 +385,7 @@ impl Shared {
 
     /// Waits until the monitor has handled every event it has read so far (returns at once
     /// once the monitor has stopped or failed).
-    fn wait_handled(&self) {
+    pub(crate) fn wait_handled(&self) {
         let mut p = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
         let target = p.0;
         while p.1 < target && !self.failed.load(Ordering::Acquire) {
@@ -496,9 +498,25 @@ impl Shared {
     pub(crate) fn handle_missing(&self, addr: u64, buf: *mut u8) -> Result<(), Error> {
         bump(&self.counters.missing);
         let page = addr & !(PAGE_SIZE - 1);
-        let owner = self.book().migrated.get(&page).cloned();
-        let Some(owner) = owner else {
-            return self.uffd.zero_page(page).map_err(|e| source_err(page, e));
+        if self.bring_back(page, buf)? {
+            return Ok(());
+        }
+        // Never migrated (or already back): a zero page; EEXIST if someone mapped it meanwhile.
+        self.uffd.zero_page(page).map_err(|e| source_err(page, e))
+    }
+
+    /// Brings the migrated page at `page` back from its device, if it is still there: a
+    /// `Migrate` invalidation by its owner, the owner's copy into `buf`, UFFDIO_COPY (which
+    /// needs no pending fault, so it works for the monitor and for callers alike, privileged or
+    /// not). One bring-back at a time, so the monitor never zero-fills a page that another
+    /// thread is bringing back. Returns whether this call brought it back.
+    pub(crate) fn bring_back(&self, page: u64, buf: *mut u8) -> Result<bool, Error> {
+        let _one = self
+            .returning
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(owner) = self.book().migrated.get(&page).cloned() else {
+            return Ok(false);
         };
         let r = Range::with_len(page, PAGE_SIZE)?;
         let inv = self.notifier.invalidate_range_start(NotifierRange::new(
@@ -508,11 +526,34 @@ impl Shared {
             },
         ))?;
         owner.copy_back(page, buf)?;
-        // SAFETY: `buf` is the monitor's own page-sized buffer, never monitored memory.
+        // SAFETY: `buf` is a page-sized buffer of our own (the monitor's, or a bounce page),
+        // never monitored memory.
         unsafe { self.uffd.copy_page(page, buf) }.map_err(|e| source_err(page, e))?;
         self.book().migrated.remove(&page);
         inv.end();
-        Ok(())
+        Ok(true)
+    }
+
+    /// Brings back every migrated page of `range` from the calling thread, through a bounce
+    /// page of its own; returns how many came back.
+    pub(crate) fn bring_back_range(&self, range: Range) -> Result<u64, Error> {
+        let pages: Vec<u64> = self
+            .book()
+            .migrated
+            .range(range.start()..range.end())
+            .map(|(a, _)| *a)
+            .collect();
+        if pages.is_empty() {
+            return Ok(0);
+        }
+        let bounce = crate::monitor::Bounce::new().map_err(|e| source_err(range.start(), e))?;
+        let mut back = 0;
+        for page in pages {
+            if self.bring_back(page, bounce.ptr())? {
+                back += 1;
+            }
+        }
+        Ok(back)
     }
 }
 
@@ -562,6 +603,7 @@ impl ProcessMm {
             progress: Mutex::new((0, 0)),
             progress_cv: Condvar::new(),
             read_gen: AtomicU64::new(0),
+            returning: Mutex::new(()),
         });
         let monitor = crate::monitor::Monitor::start(shared.clone())?;
         tracing::debug!(features = ?uffd::feature_names(shared.uffd.features), "process mm ready");
@@ -705,6 +747,15 @@ impl ProcessMm {
         self.shared.book().migrated.insert(page, owner);
     }
 
+    /// Records that `r` is registered with the userfaultfd (a registration made outside
+    /// `ensure_registered`, e.g. by a migration).
+    pub(crate) fn record_registered(&self, r: Range) {
+        let generation = self.shared.read_gen.load(Ordering::Acquire);
+        let mut book = self.shared.book();
+        carve_gen(&mut book.registered, r.start(), r.end());
+        book.registered.insert(r.start(), (r.end(), generation));
+    }
+
     pub(crate) fn take_migrated(&self, page: u64) -> Option<Arc<dyn DevicePages>> {
         self.shared.book().migrated.remove(&page)
     }
@@ -794,6 +845,9 @@ impl PageSource for ProcessMm {
 
     fn fault(&self, range: Range, write: bool) -> Result<(), Error> {
         self.shared.check_alive()?;
+        // Pages living on a device come back from here, not through a kernel fault (which a
+        // user-mode-only userfaultfd would refuse).
+        self.shared.bring_back_range(range)?;
         self.shared.source.fault(range, write)
     }
 }

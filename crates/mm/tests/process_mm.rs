@@ -469,7 +469,8 @@ fn migration_out_and_back_through_a_cpu_touch_keeps_the_data() {
     for i in 0..4 {
         assert_eq!(read_byte(f.buf.start() + i * PAGE + 5), 0x40 + i as u8);
     }
-    assert!(f.mm.stats().missing_faults >= 4);
+    // The CPU touch came through the monitor; migrate_to_ram brought the rest back directly.
+    assert_eq!(f.mm.stats().missing_faults, 1);
 }
 
 #[test]
