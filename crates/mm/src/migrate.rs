@@ -42,7 +42,9 @@ impl ProcessMm {
             }
             addr = m.range.end();
         }
-        // Every page must exist on the CPU to be copied out.
+        // Every page must exist on the CPU to be copied out; pages already on a device come
+        // back first, from this thread.
+        self.shared.bring_back_range(range).map_err(MmError::Core)?;
         self.shared
             .source
             .fault(range, false)

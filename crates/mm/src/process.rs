@@ -269,6 +269,9 @@ impl Shared {
     }
 
     /// Consumes an expected event, if an SVM API call is causing this one.
+    /// Consumes the part `[start, end)` of an expected event, if an SVM API call is causing it.
+    /// One call can cause several events (madvise sends one REMOVE per VMA), so an event matches
+    /// any expectation of its kind that contains it, and only its part of it is consumed.
     fn take_expected(&self, event: u8, start: u64, end: u64) -> bool {
         let mut book = self.book();
         // An expectation whose event never came (our registration record was stale) must not
@@ -283,16 +286,27 @@ impl Shared {
                 i += 1;
             }
         }
-        let want = Expected { event, start, end };
-        match book.expected.iter().position(|e| *e == want) {
-            Some(i) => {
-                book.expected.swap_remove(i);
-                book.expected_at.swap_remove(i);
-                bump(&self.counters.covered);
-                true
+        let Some(i) = book
+            .expected
+            .iter()
+            .position(|e| e.event == event && e.start <= start && end <= e.end)
+        else {
+            return false;
+        };
+        let e = book.expected.swap_remove(i);
+        let at = book.expected_at.swap_remove(i);
+        for (s, t) in [(e.start, start), (end, e.end)] {
+            if s < t {
+                book.expected.push(Expected {
+                    event,
+                    start: s,
+                    end: t,
+                });
+                book.expected_at.push(at);
             }
-            None => false,
         }
+        bump(&self.counters.covered);
+        true
     }
 
     /// Registers `[addr, limit)`, clamped to the mapping at `addr`, for events, unless a record
@@ -526,10 +540,12 @@ impl Shared {
             },
         ))?;
         owner.copy_back(page, buf)?;
+        // Unbooked before it is mapped: a thread woken by the copy must not find it "on the
+        // device" any more.
+        self.book().migrated.remove(&page);
         // SAFETY: `buf` is a page-sized buffer of our own (the monitor's, or a bounce page),
         // never monitored memory.
         unsafe { self.uffd.copy_page(page, buf) }.map_err(|e| source_err(page, e))?;
-        self.book().migrated.remove(&page);
         inv.end();
         Ok(true)
     }
@@ -785,9 +801,16 @@ impl Drop for ExpectGuard<'_> {
             return;
         }
         let mut book = self.mm.shared.book();
-        if let Some(i) = book.expected.iter().position(|x| *x == self.e) {
-            book.expected.swap_remove(i);
-            book.expected_at.swap_remove(i);
+        let e = self.e;
+        let mut i = 0;
+        while i < book.expected.len() {
+            let x = book.expected[i];
+            if x.event == e.event && e.start <= x.start && x.end <= e.end {
+                book.expected.swap_remove(i);
+                book.expected_at.swap_remove(i);
+            } else {
+                i += 1;
+            }
         }
     }
 }

@@ -637,3 +637,33 @@ fn a_burst_of_events_loses_none() {
     assert!(f.mirror.table.lock().entries.is_empty());
     assert_eq!(f.mm.stats().unmap_events, 64);
 }
+
+#[test]
+fn migration_across_two_mappings_keeps_the_data() {
+    let _s = serial();
+    let f = fixture(4);
+    for i in 0..4 {
+        write_byte(f.buf.start() + i * PAGE + 9, 0x70 + i as u8);
+    }
+    // Two VMAs: madvise then sends one REMOVE per VMA for the migration's single call.
+    f.mm.mprotect(page(f.buf, 0, 2), Protection::READ).unwrap();
+    let vram = Arc::new(FakeVram::default());
+    assert_eq!(f.mm.migrate_to_device(f.buf, vram.clone()).unwrap(), 4);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        vram.pages.lock().unwrap().len(),
+        4,
+        "no device copy discarded"
+    );
+    for i in 0..4 {
+        assert_eq!(read_byte(f.buf.start() + i * PAGE + 9), 0x70 + i as u8);
+    }
+    // Migrating again, half of it already back on the CPU, moves every page.
+    assert_eq!(f.mm.migrate_to_device(f.buf, vram.clone()).unwrap(), 4);
+    assert_eq!(read_byte(f.buf.start() + 3 * PAGE + 9), 0x73);
+    assert_eq!(f.mm.migrate_to_device(f.buf, vram.clone()).unwrap(), 4);
+    assert_eq!(f.mm.migrate_to_ram(f.buf).unwrap(), 4);
+    for i in 0..4 {
+        assert_eq!(read_byte(f.buf.start() + i * PAGE + 9), 0x70 + i as u8);
+    }
+}
