@@ -9,6 +9,7 @@
 //! | [`PinPool`] | `pin` | physical access through io_uring registered buffers (kernel pins) |
 //! | [`DmaEngine`] | `dma` | a device thread running copy / fill / atomic commands, with fences, faults and page requests |
 //! | [`IommuMirror`] | `mirror` | the backend: subscribes a range to the core's notifier, resolves page requests, invalidates |
+//! | [`Dmirror`] | `dmirror` | the test device of the hmm selftests (`lib/test_hmm.c`) over an [`IommuMirror`] and a `ProcessMm` |
 //!
 //! # What it guarantees
 //!
@@ -72,6 +73,7 @@
 
 mod command;
 pub mod dma;
+pub mod dmirror;
 mod error;
 pub mod iotlb;
 pub mod mirror;
@@ -84,6 +86,7 @@ pub use dma::{
     Access, Completion, DmaCommand, DmaConfig, DmaEngine, DmaHandle, DmaStats, FaultMode,
     FaultReason, FaultRecord, Fence, Injection, PageRequest, PageRequestHandler,
 };
+pub use dmirror::{Dmirror, DmirrorCmd, DmirrorError};
 pub use error::{IommuError, Result};
 pub use iotlb::{DEFAULT_IOTLB_ENTRIES, Iotlb, IotlbStats, Violation};
 pub use mirror::{IommuMirror, MirrorConfig, MirrorStats};

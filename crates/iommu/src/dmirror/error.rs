@@ -1,0 +1,129 @@
+//! The dmirror device's error, with the errno the kernel's `lib/test_hmm.c` would return.
+
+use svmirror_core::Range;
+use svmirror_mm::MmError;
+
+use crate::command::FaultReason;
+use crate::error::IommuError;
+
+/// Why a [`Dmirror`](super::Dmirror) command failed. [`errno`](Self::errno) gives the code the
+/// kernel's test device returns for the same condition, so tests can assert as the selftests do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DmirrorError {
+    /// The command's arguments are wrong (EINVAL).
+    #[error("invalid command at {addr:#x} for {npages} pages: {reason}")]
+    InvalidCommand {
+        /// The command's address.
+        addr: u64,
+        /// The command's page count.
+        npages: u64,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The simulated IOMMU or its DMA engine failed.
+    #[error("device {op} of {range} failed")]
+    Iommu {
+        /// The command.
+        op: &'static str,
+        /// The pages it worked on.
+        range: Range,
+        /// The backend's error.
+        #[source]
+        source: IommuError,
+    },
+    /// The process address space (migration, page source) failed.
+    #[error("{op} of {range} failed")]
+    Mm {
+        /// The command.
+        op: &'static str,
+        /// The pages it worked on.
+        range: Range,
+        /// The address space's error.
+        #[source]
+        source: MmError,
+    },
+    /// The core (subscription, `range_fault`) failed.
+    #[error("{op} of {range} failed")]
+    Core {
+        /// The command.
+        op: &'static str,
+        /// The pages it worked on.
+        range: Range,
+        /// The core's error.
+        #[source]
+        source: svmirror_core::Error,
+    },
+    /// A page to migrate lives in another device's memory (ENOENT).
+    #[error("page {addr:#x} lives in another device's memory")]
+    OnOtherDevice {
+        /// The page.
+        addr: u64,
+    },
+    /// Fault passes kept racing invalidations (EBUSY).
+    #[error("device {op} at {addr:#x} made no progress after {passes} fault passes")]
+    NoProgress {
+        /// The command.
+        op: &'static str,
+        /// The page it was stuck at.
+        addr: u64,
+        /// Fault passes made.
+        passes: u64,
+    },
+}
+
+impl DmirrorError {
+    /// The errno the kernel's dmirror would return: EPERM for a write to a read-only mapping,
+    /// EFAULT for an address with no usable mapping, ENOENT for memory that cannot migrate
+    /// (shared, or in another device's memory), EINVAL for bad arguments (a migration of a
+    /// range that is not all readable memory included), EBUSY when invalidations kept winning, EIO otherwise.
+    /// A read-only mapping, which this backend cannot pin ([`IommuError::ReadOnlyMemory`]),
+    /// is EOPNOTSUPP: the kernel device would succeed there.
+    pub fn errno(&self) -> i32 {
+        match self {
+            DmirrorError::InvalidCommand { .. } => libc::EINVAL,
+            DmirrorError::Iommu { source, .. } => iommu_errno(source),
+            DmirrorError::Mm { source, .. } => mm_errno(source),
+            DmirrorError::Core { source, .. } => source.errno(),
+            DmirrorError::OnOtherDevice { .. } => libc::ENOENT,
+            DmirrorError::NoProgress { .. } => libc::EBUSY,
+        }
+    }
+}
+
+/// The errno of a backend error.
+pub(crate) fn iommu_errno(e: &IommuError) -> i32 {
+    match e {
+        IommuError::Core { source, .. } => source.errno(),
+        IommuError::DeviceFault {
+            source: Some(s), ..
+        } => iommu_errno(s),
+        IommuError::DeviceFault { reason, .. } => match reason {
+            FaultReason::ReadOnly => libc::EPERM,
+            FaultReason::NotMapped | FaultReason::OutsideIovaSpace => libc::EFAULT,
+        },
+        IommuError::OutsideMirror { .. }
+        | IommuError::OutsideIovaSpace { .. }
+        | IommuError::NotMapped { .. } => libc::EFAULT,
+        IommuError::ReadOnlyMemory { .. } => libc::EOPNOTSUPP,
+        IommuError::InvalidConfig { .. }
+        | IommuError::InvalidRange { .. }
+        | IommuError::InvalidCommand { .. }
+        | IommuError::PinSize { .. } => libc::EINVAL,
+        IommuError::MemlockLimit { .. } | IommuError::PinSlotsExhausted { .. } => libc::ENOMEM,
+        IommuError::PinFailed { source, .. } => source.raw_os_error().unwrap_or(libc::EFAULT),
+        IommuError::PageSource { source } => mm_errno(source),
+        _ => libc::EIO,
+    }
+}
+
+/// The errno of an address-space error.
+pub(crate) fn mm_errno(e: &MmError) -> i32 {
+    match e {
+        MmError::Core(source) => source.errno(),
+        MmError::CannotMigrate { .. } | MmError::NotMigrated { .. } => libc::ENOENT,
+        MmError::NotMapped { .. } => libc::EFAULT,
+        MmError::Syscall { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        _ => libc::EIO,
+    }
+}

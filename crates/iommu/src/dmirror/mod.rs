@@ -1,0 +1,677 @@
+//! [`Dmirror`]: the userspace counterpart of the kernel's test device (`lib/test_hmm.c`), built on
+//! an [`IommuMirror`] and a [`ProcessMm`], so that the kernel's hmm selftests can be ported.
+//!
+//! # What it is made of
+//!
+//! - **One IOMMU mirror over the whole user address space** (`[4 KiB, 128 TiB)`), as the kernel's
+//!   dmirror subscribes one range over everything. Its page source is the [`ProcessMm`], so
+//!   userfaultfd events and the SVM API invalidate the device. The mirror resolves faults in
+//!   windows of [`FAULT_CHUNK_PAGES`] pages, clamped to the mapping.
+//! - **A snapshot subscription** on the same notifier, used only to run `range_fault` in
+//!   snapshot mode for [`Dmirror::snapshot`].
+//! - **Device memory**: a map of page address → boxed page, the [`DevicePages`] that
+//!   [`ProcessMm::migrate_to_device`] moves pages into. Its owner is not the mirror's, so the
+//!   mirror drops its mappings of pages that migrate here; READ and WRITE use device-resident
+//!   pages directly.
+//!
+//! # Commands
+//!
+//! Every command takes `(addr, npages)` and returns [`DmirrorCmd`] `{cpages, faults}` like the
+//! kernel's `struct hmm_dmirror_cmd`; errors carry the kernel's errno
+//! ([`DmirrorError::errno`]).
+//!
+//! - [`read`](Dmirror::read) / [`write`](Dmirror::write): copy between the pages and a host
+//!   buffer by DMA through the IOMMU. Where a page is not mapped (or not writable, for a write),
+//!   the rest of the range is faulted in [`FAULT_CHUNK_PAGES`]-page chunks and one fault pass
+//!   is counted, then the copy goes on. The buffer is written only when a read succeeds.
+//! - [`snapshot`](Dmirror::snapshot): one `HMM_DMIRROR_PROT_*` byte per page ([`prot`]),
+//!   without faulting.
+//! - [`migrate_to_dev`](Dmirror::migrate_to_dev) / [`migrate_to_sys`](Dmirror::migrate_to_sys);
+//!   [`release`](Dmirror::release) evicts all device memory. As in the kernel, migrating a
+//!   range that is not all readable memory is EINVAL, and shared memory or a page in another
+//!   device's memory is ENOENT. The range migrates one mapping at a time; pages already in this
+//!   device's memory are brought back first and migrate again (they count in `cpages`).
+//!
+//! # Limits of this backend
+//!
+//! - Pins are taken for writing, so a READ of a read-only mapping fails with EOPNOTSUPP
+//!   ([`IommuError::ReadOnlyMemory`]) where the kernel device succeeds, and file mappings whose
+//!   filesystem tracks dirty pages cannot be read or written.
+//! - A fault window that mixes this device's pages with pages in RAM brings the device pages of
+//!   that window back to RAM (the IOMMU pins every page it maps). Commands over a range that is
+//!   wholly on the device or wholly in RAM behave as the kernel's.
+//! - As with [`ProcessMm`], the caller must not write a range while it migrates.
+//!
+//! Dropping the device brings its pages back to RAM, then tears the mirror down (every pin
+//! released).
+
+mod error;
+mod memory;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use svmirror_core::{
+    Area, AreaKind, CpuPte, DEFAULT_FAULT_TIMEOUT, FaultRequest, IntervalNotifierOps,
+    InvalidateCtx, NotifierRange, PAGE_SIZE, PageSource, Pass, Range, Subscription, UpdateLock,
+    WouldBlock, entry, range_fault,
+};
+use svmirror_mm::{DevicePages, ProcessMm, ProcessPageSource};
+
+pub use self::error::DmirrorError;
+use self::memory::DeviceMemory;
+use crate::dma::DmaCommand;
+use crate::error::IommuError;
+use crate::mirror::{IommuMirror, MirrorConfig};
+
+/// Pages faulted at a time, as the kernel's dmirror does.
+pub const FAULT_CHUNK_PAGES: u64 = 32;
+
+/// The user address space the device mirrors: everything a 4-level page table maps but page 0.
+const USER_SPACE: (u64, u64) = (PAGE_SIZE, 1 << 47);
+
+/// What a command did (the kernel's `struct hmm_dmirror_cmd` outputs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DmirrorCmd {
+    /// Pages copied, migrated or snapshotted.
+    pub cpages: u64,
+    /// Fault passes the device made.
+    pub faults: u64,
+}
+
+/// The `HMM_DMIRROR_PROT_*` bytes of [`Dmirror::snapshot`].
+pub mod prot {
+    /// No device may use the page (hole, PROT_NONE).
+    pub const ERROR: u8 = 0xff;
+    /// No page.
+    pub const NONE: u8 = 0x00;
+    /// Readable.
+    pub const READ: u8 = 0x01;
+    /// Writable.
+    pub const WRITE: u8 = 0x02;
+    /// Mapped by a 2 MiB page.
+    pub const PMD: u8 = 0x04;
+    /// Mapped by a 1 GiB page.
+    pub const PUD: u8 = 0x08;
+    /// The shared zero page.
+    pub const ZERO: u8 = 0x10;
+    /// In this device's private memory.
+    pub const DEV_PRIVATE_LOCAL: u8 = 0x20;
+}
+
+/// The byte [`Dmirror::snapshot`] reports for one `range_fault` output entry.
+pub fn prot_of(e: u64) -> u8 {
+    if e & entry::ERROR != 0 {
+        return prot::ERROR;
+    }
+    if !entry::is_valid(e) {
+        return prot::NONE;
+    }
+    let mut p = if e & entry::DEVICE_PRIVATE != 0 {
+        prot::DEV_PRIVATE_LOCAL
+    } else if e & entry::ZERO != 0 {
+        prot::ZERO
+    } else {
+        0
+    };
+    p |= if e & entry::WRITE != 0 {
+        prot::WRITE
+    } else {
+        prot::READ
+    };
+    match entry::order(e) {
+        9 => p | prot::PMD,
+        18 => p | prot::PUD,
+        _ => p,
+    }
+}
+
+/// The address space as the mirror's page source.
+struct MmSource(Arc<ProcessMm>);
+
+impl PageSource for MmSource {
+    fn area(&self, addr: u64, limit: u64) -> svmirror_core::Result<Area> {
+        self.0.area(addr, limit)
+    }
+
+    fn snapshot(&self, addr: u64, out: &mut [CpuPte]) -> svmirror_core::Result<()> {
+        self.0.snapshot(addr, out)
+    }
+
+    fn fault(&self, range: Range, write: bool) -> svmirror_core::Result<()> {
+        self.0.fault(range, write)
+    }
+}
+
+/// The snapshot subscription's callbacks: nothing to tear down, only the sequence to move.
+struct SnapshotOps {
+    lock: UpdateLock<()>,
+}
+
+impl IntervalNotifierOps for SnapshotOps {
+    fn invalidate(
+        &self,
+        ctx: &InvalidateCtx<'_>,
+        _range: &NotifierRange,
+    ) -> Result<Pass, WouldBlock> {
+        let g = if ctx.may_block() {
+            self.lock.lock()
+        } else {
+            self.lock.try_lock().ok_or(WouldBlock)?
+        };
+        ctx.set_seq(&g);
+        Ok(Pass::Done)
+    }
+}
+
+/// Read or write, for the copy loop.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Read,
+    Write,
+}
+
+impl Dir {
+    const fn op(self) -> &'static str {
+        match self {
+            Dir::Read => "read",
+            Dir::Write => "write",
+        }
+    }
+}
+
+/// The test device. See the [module documentation](self).
+pub struct Dmirror {
+    mm: Arc<ProcessMm>,
+    /// The process's mappings, to migrate one at a time.
+    maps: ProcessPageSource,
+    mirror: IommuMirror,
+    snap: Subscription,
+    memory: Arc<DeviceMemory>,
+}
+
+impl std::fmt::Debug for Dmirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dmirror")
+            .field("mirror", &self.mirror)
+            .field("device_pages", &self.memory.len())
+            .finish()
+    }
+}
+
+impl Dmirror {
+    /// Opens the device on `mm`'s address space (the kernel's `open("/dev/hmm_dmirror0")`).
+    ///
+    /// # Safety
+    ///
+    /// As [`IommuMirror::new`]: commands make the device write process memory behind Rust's
+    /// back, so memory a WRITE targets must not be accessed through Rust references while the
+    /// command runs (touch it through raw pointers only).
+    pub unsafe fn open(mm: Arc<ProcessMm>) -> Result<Self, DmirrorError> {
+        let range = Range::new(USER_SPACE.0, USER_SPACE.1).expect("user space is a valid range");
+        let config = MirrorConfig {
+            fault_window: FAULT_CHUNK_PAGES * PAGE_SIZE,
+            ..MirrorConfig::checked()
+        };
+        let source = Box::new(MmSource(mm.clone()));
+        // SAFETY: this function's contract is the same as `with_page_source`'s.
+        let mirror = unsafe { IommuMirror::with_page_source(mm.notifier(), range, config, source) }
+            .map_err(|source| DmirrorError::Iommu {
+                op: "open",
+                range,
+                source,
+            })?;
+        let ops = Arc::new(SnapshotOps {
+            lock: UpdateLock::new(()),
+        });
+        let snap = mm
+            .notifier()
+            .insert(range, ops)
+            .map_err(|source| DmirrorError::Core {
+                op: "open",
+                range,
+                source,
+            })?;
+        let maps = ProcessPageSource::new().map_err(|source| DmirrorError::Mm {
+            op: "open",
+            range,
+            source,
+        })?;
+        Ok(Dmirror {
+            mm,
+            maps,
+            mirror,
+            snap,
+            memory: DeviceMemory::new(),
+        })
+    }
+
+    /// The IOMMU mirror underneath (for its counters and pins).
+    pub fn mirror(&self) -> &IommuMirror {
+        &self.mirror
+    }
+
+    /// How many pages live in the device's memory.
+    pub fn device_pages(&self) -> usize {
+        self.memory.len()
+    }
+
+    /// The device reads `npages` at `addr` into `buf` (at least `npages` pages long).
+    /// `buf` is left untouched on error.
+    pub fn read(&self, addr: u64, npages: u64, buf: &mut [u8]) -> Result<DmirrorCmd, DmirrorError> {
+        let _span = tracing::debug_span!("dmirror.read", addr, npages).entered();
+        let range = check(addr, npages, buf.len() as u64, PAGE_SIZE)?;
+        let mut bounce = vec![0u8; range.len() as usize];
+        let faults = self.copy(range, Dir::Read, &mut bounce)?;
+        buf[..bounce.len()].copy_from_slice(&bounce);
+        Ok(DmirrorCmd {
+            cpages: npages,
+            faults,
+        })
+    }
+
+    /// The device writes the first `npages` pages of `buf` to `npages` at `addr`. Needs write
+    /// permission: a read-only mapping is EPERM.
+    pub fn write(&self, addr: u64, npages: u64, buf: &[u8]) -> Result<DmirrorCmd, DmirrorError> {
+        let _span = tracing::debug_span!("dmirror.write", addr, npages).entered();
+        let range = check(addr, npages, buf.len() as u64, PAGE_SIZE)?;
+        let mut data = buf[..range.len() as usize].to_vec();
+        let faults = self.copy(range, Dir::Write, &mut data)?;
+        Ok(DmirrorCmd {
+            cpages: npages,
+            faults,
+        })
+    }
+
+    /// One `HMM_DMIRROR_PROT_*` byte per page of `npages` at `addr` into `out`, faulting
+    /// nothing.
+    pub fn snapshot(
+        &self,
+        addr: u64,
+        npages: u64,
+        out: &mut [u8],
+    ) -> Result<DmirrorCmd, DmirrorError> {
+        let _span = tracing::debug_span!("dmirror.snapshot", addr, npages).entered();
+        let range = check(addr, npages, out.len() as u64, 1)?;
+        let core = |source| DmirrorError::Core {
+            op: "snapshot",
+            range,
+            source,
+        };
+        let started = Instant::now();
+        let mut entries = vec![0u64; npages as usize];
+        loop {
+            let seq = self.snap.read_begin().map_err(core)?;
+            let mut req = FaultRequest::snapshot(range, &mut entries).with_owner(self.owner());
+            match range_fault(&self.snap, seq, &*self.mm, &mut req) {
+                Ok(_) => break,
+                Err(svmirror_core::Error::Busy { .. })
+                    if started.elapsed() < DEFAULT_FAULT_TIMEOUT => {}
+                Err(e) => return Err(core(e)),
+            }
+        }
+        for (o, &e) in out.iter_mut().zip(&entries) {
+            *o = prot_of(e);
+        }
+        Ok(DmirrorCmd {
+            cpages: npages,
+            faults: 0,
+        })
+    }
+
+    /// Migrates `npages` at `addr` into device memory; `cpages` is how many moved. As the
+    /// kernel's, the device then reads the range into `buf` (at least `npages` pages long) for
+    /// the caller to check.
+    pub fn migrate_to_dev(
+        &self,
+        addr: u64,
+        npages: u64,
+        buf: &mut [u8],
+    ) -> Result<DmirrorCmd, DmirrorError> {
+        let _span = tracing::debug_span!("dmirror.migrate_to_dev", addr, npages).entered();
+        let range = check(addr, npages, buf.len() as u64, PAGE_SIZE)?;
+        let mm_err = |source| DmirrorError::Mm {
+            op: "migrate to device",
+            range,
+            source,
+        };
+        let (pieces, own) = self.check_migratable(range)?;
+        // Pages already in this device's memory come back first, from this thread.
+        // `migrate_to_device` would bring them back through kernel faults that the monitor
+        // serves, and the monitor unbooks a page only after mapping it: the populate can return
+        // while the page still looks migrated, and the page is then skipped and dropped.
+        if own {
+            self.mm.migrate_to_ram(range).map_err(mm_err)?;
+        }
+        // One mapping at a time, as the kernel's dmirror walks VMAs: over several mappings,
+        // `migrate_to_device` reports every page moved but the device copies are discarded
+        // right away and the CPU then reads zeros (seemingly the MADV_DONTNEED's one REMOVE
+        // event per mapping, which the monitor does not match with the one it expects).
+        let mut moved = 0;
+        for piece in pieces {
+            let device: Arc<dyn DevicePages> = self.memory.clone();
+            moved +=
+                self.mm
+                    .migrate_to_device(piece, device)
+                    .map_err(|source| DmirrorError::Mm {
+                        op: "migrate to device",
+                        range: piece,
+                        source,
+                    })?;
+        }
+        self.read(addr, npages, buf)?;
+        Ok(DmirrorCmd {
+            cpages: moved,
+            faults: 0,
+        })
+    }
+
+    /// Brings the pages of `npages` at `addr` that live in device memory back to RAM; `cpages`
+    /// is how many came back.
+    pub fn migrate_to_sys(&self, addr: u64, npages: u64) -> Result<DmirrorCmd, DmirrorError> {
+        let _span = tracing::debug_span!("dmirror.migrate_to_sys", addr, npages).entered();
+        let range = check(addr, npages, u64::MAX, 1)?;
+        let back = self
+            .mm
+            .migrate_to_ram(range)
+            .map_err(|source| DmirrorError::Mm {
+                op: "migrate to system",
+                range,
+                source,
+            })?;
+        Ok(DmirrorCmd {
+            cpages: back,
+            faults: 0,
+        })
+    }
+
+    /// Evicts everything from device memory back to RAM (the kernel's RELEASE); `cpages` is how
+    /// many pages came back.
+    pub fn release(&self) -> Result<DmirrorCmd, DmirrorError> {
+        let _span = tracing::debug_span!("dmirror.release").entered();
+        let mut cmd = DmirrorCmd::default();
+        let mut first_error = None;
+        // Every run is tried; the first failure is reported.
+        for run in self.memory.runs() {
+            match self.mm.migrate_to_ram(run) {
+                Ok(n) => cmd.cpages += n,
+                Err(source) => {
+                    first_error.get_or_insert(DmirrorError::Mm {
+                        op: "release",
+                        range: run,
+                        source,
+                    });
+                }
+            }
+        }
+        first_error.map_or(Ok(cmd), Err)
+    }
+
+    /// Checks `range` for migration as the kernel's dmirror does: every page must be in a
+    /// readable mapping (else EINVAL), and none may live in another device's memory (ENOENT:
+    /// the kernel migrates system memory only). Returns the pieces of `range` in each mapping,
+    /// and whether a page lives in this device's memory already.
+    fn check_migratable(&self, range: Range) -> Result<(Vec<Range>, bool), DmirrorError> {
+        let core = |source| DmirrorError::Core {
+            op: "migrate to device",
+            range,
+            source,
+        };
+        let mine = self.owner();
+        let mut own = false;
+        let mut pieces = Vec::new();
+        let mut at = range.start();
+        let mut ptes = Vec::new();
+        while at < range.end() {
+            let area = self.mm.area(at, range.end()).map_err(core)?;
+            let end = area.end.min(range.end());
+            let AreaKind::Mapped { read: true, .. } = area.kind else {
+                return Err(DmirrorError::InvalidCommand {
+                    addr: range.start(),
+                    npages: range.pages(),
+                    reason: "range is not all readable memory",
+                });
+            };
+            // Split at mapping (VMA) boundaries: areas of one kind may span several.
+            let mut a = at;
+            while a < end {
+                let vma_end = match self.maps.mapping(a) {
+                    Ok(Some(m)) if m.range.start() <= a => m.range.end().min(end),
+                    Ok(_) => end,
+                    Err(source) => {
+                        return Err(DmirrorError::Mm {
+                            op: "migrate to device",
+                            range,
+                            source,
+                        });
+                    }
+                };
+                pieces.push(Range::new(a, vma_end).map_err(core)?);
+                a = vma_end;
+            }
+            ptes.clear();
+            ptes.resize(((end - at) / PAGE_SIZE) as usize, CpuPte::None);
+            self.mm.snapshot(at, &mut ptes).map_err(core)?;
+            for (i, p) in ptes.iter().enumerate() {
+                match p {
+                    CpuPte::DevicePrivate { owner, .. } if *owner == mine => own = true,
+                    CpuPte::DevicePrivate { .. } => {
+                        return Err(DmirrorError::OnOtherDevice {
+                            addr: at + i as u64 * PAGE_SIZE,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            at = end;
+        }
+        Ok((pieces, own))
+    }
+
+    fn owner(&self) -> svmirror_core::Owner {
+        self.memory.owner()
+    }
+
+    /// The copy loop of READ and WRITE: copy from the start; where a page is missing, fault the
+    /// rest of the range in chunks (one fault pass) and go on from there. Returns the fault
+    /// passes, plus any page requests the device raised because an invalidation overtook a pass.
+    fn copy(&self, range: Range, dir: Dir, data: &mut [u8]) -> Result<u64, DmirrorError> {
+        let mut faults = 0;
+        let mut at = range.start();
+        let max_passes = 16 + 4 * range.pages().div_ceil(FAULT_CHUNK_PAGES);
+        loop {
+            let (missing, requests) = self.copy_present(range, at, dir, data)?;
+            faults += requests;
+            let Some(page) = missing else {
+                return Ok(faults);
+            };
+            if faults >= max_passes {
+                return Err(DmirrorError::NoProgress {
+                    op: dir.op(),
+                    addr: page,
+                    passes: faults,
+                });
+            }
+            self.fault(page, range.end(), dir == Dir::Write)
+                .map_err(|source| DmirrorError::Iommu {
+                    op: dir.op(),
+                    range,
+                    source,
+                })?;
+            faults += 1;
+            at = page;
+        }
+    }
+
+    /// Copies from `from` up to the first page the device cannot reach without a fault, which
+    /// it returns, with the page requests the DMA raised.
+    fn copy_present(
+        &self,
+        range: Range,
+        from: u64,
+        dir: Dir,
+        data: &mut [u8],
+    ) -> Result<(Option<u64>, u64), DmirrorError> {
+        let mmu = self.mirror.mmu();
+        let write = dir == Dir::Write;
+        let mapped = |p: u64| {
+            !self.memory.contains(p)
+                && mmu
+                    .translate(p)
+                    .is_some_and(|t| !write || t.perms.writable())
+        };
+        let off = |p: u64| (p - range.start()) as usize;
+        let mut requests = 0;
+        let mut p = from;
+        while p < range.end() {
+            let page = &mut data[off(p)..off(p) + PAGE_SIZE as usize];
+            let on_device = match dir {
+                Dir::Read => self.memory.read(p, page),
+                Dir::Write => self.memory.write(p, page),
+            };
+            if on_device {
+                p += PAGE_SIZE;
+                continue;
+            }
+            let mut q = p;
+            while q < range.end() && mapped(q) {
+                q += PAGE_SIZE;
+            }
+            if q == p {
+                return Ok((Some(p), requests));
+            }
+            let iommu = |source| DmirrorError::Iommu {
+                op: dir.op(),
+                range,
+                source,
+            };
+            let cmd = match dir {
+                Dir::Read => DmaCommand::Read { src: p, len: q - p },
+                Dir::Write => DmaCommand::Write {
+                    dst: p,
+                    data: data[off(p)..off(q)].to_vec(),
+                },
+            };
+            let done = self
+                .mirror
+                .submit(cmd)
+                .and_then(|f| f.wait())
+                .map_err(iommu)?;
+            if dir == Dir::Read {
+                data[off(p)..off(q)].copy_from_slice(&done.data);
+            }
+            requests += u64::from(done.page_requests);
+            p = q;
+        }
+        Ok((None, requests))
+    }
+
+    /// One fault pass over `[from, end)`: the pages not in device memory, in chunks of
+    /// [`FAULT_CHUNK_PAGES`].
+    fn fault(&self, from: u64, end: u64, write: bool) -> Result<(), IommuError> {
+        let mut chunk = from;
+        while chunk < end {
+            let chunk_end = (chunk + FAULT_CHUNK_PAGES * PAGE_SIZE).min(end);
+            let mut p = chunk;
+            while p < chunk_end {
+                if self.memory.contains(p) {
+                    p += PAGE_SIZE;
+                    continue;
+                }
+                let mut q = p + PAGE_SIZE;
+                while q < chunk_end && !self.memory.contains(q) {
+                    q += PAGE_SIZE;
+                }
+                self.mirror.fault(p, q - p, write)?;
+                p = q;
+            }
+            chunk = chunk_end;
+        }
+        Ok(())
+    }
+}
+
+/// The range of a command, checked against the buffer it comes with (`unit` bytes per page).
+fn check(addr: u64, npages: u64, buf_len: u64, unit: u64) -> Result<Range, DmirrorError> {
+    let bad = |reason| DmirrorError::InvalidCommand {
+        addr,
+        npages,
+        reason,
+    };
+    if npages == 0 {
+        return Err(bad("no pages"));
+    }
+    if addr % PAGE_SIZE != 0 {
+        return Err(bad("address not page aligned"));
+    }
+    let len = npages
+        .checked_mul(PAGE_SIZE)
+        .ok_or_else(|| bad("too many pages"))?;
+    if npages.checked_mul(unit).is_none_or(|need| buf_len < need) {
+        return Err(bad("buffer too small"));
+    }
+    let range = Range::with_len(addr, len).map_err(|_| bad("range overflows"))?;
+    if range.start() < USER_SPACE.0 || range.end() > USER_SPACE.1 {
+        return Err(bad("outside the user address space"));
+    }
+    Ok(range)
+}
+
+impl Drop for Dmirror {
+    fn drop(&mut self) {
+        // Device memory goes with the device: bring its pages home first.
+        if let Err(e) = self.release() {
+            tracing::warn!(error = %e, "dmirror: could not bring pages back to RAM");
+        }
+        if let Err(e) = self.snap.remove() {
+            tracing::warn!(error = %e, "dmirror: could not remove the snapshot subscription");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prot_bytes_match_the_kernel() {
+        assert_eq!(prot_of(entry::ERROR), prot::ERROR);
+        assert_eq!(prot_of(0), prot::NONE);
+        assert_eq!(prot_of(entry::VALID), prot::READ);
+        assert_eq!(prot_of(entry::VALID | entry::WRITE), prot::WRITE);
+        assert_eq!(prot_of(entry::VALID | entry::ZERO), prot::ZERO | prot::READ);
+        assert_eq!(
+            prot_of(entry::VALID | entry::WRITE | (9 << entry::ORDER_SHIFT)),
+            prot::WRITE | prot::PMD
+        );
+        assert_eq!(
+            prot_of(entry::VALID | (18 << entry::ORDER_SHIFT)),
+            prot::READ | prot::PUD
+        );
+        assert_eq!(
+            prot_of(entry::VALID | entry::WRITE | entry::DEVICE_PRIVATE),
+            prot::DEV_PRIVATE_LOCAL | prot::WRITE
+        );
+    }
+
+    #[test]
+    fn commands_check_their_arguments() {
+        let einval = |r: Result<Range, DmirrorError>| r.unwrap_err().errno();
+        assert_eq!(einval(check(0x10000, 0, 0, PAGE_SIZE)), libc::EINVAL);
+        assert_eq!(
+            einval(check(0x10001, 1, PAGE_SIZE, PAGE_SIZE)),
+            libc::EINVAL
+        );
+        assert_eq!(
+            einval(check(0x10000, 2, PAGE_SIZE, PAGE_SIZE)),
+            libc::EINVAL
+        );
+        assert_eq!(einval(check(0, 1, PAGE_SIZE, PAGE_SIZE)), libc::EINVAL);
+        assert_eq!(
+            einval(check(1 << 47, 1, PAGE_SIZE, PAGE_SIZE)),
+            libc::EINVAL
+        );
+        assert!(check(0x10000, 2, 2 * PAGE_SIZE, PAGE_SIZE).is_ok());
+        assert!(check(0x10000, 2, 2, 1).is_ok());
+    }
+}
