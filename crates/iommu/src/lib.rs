@@ -76,6 +76,7 @@ pub mod dma;
 pub mod dmirror;
 mod error;
 pub mod iotlb;
+pub mod kernel;
 pub mod mirror;
 pub mod mmu;
 pub mod page_table;
@@ -89,6 +90,7 @@ pub use dma::{
 pub use dmirror::{Dmirror, DmirrorCmd, DmirrorError};
 pub use error::{IommuError, Result};
 pub use iotlb::{DEFAULT_IOTLB_ENTRIES, Iotlb, IotlbStats, Violation};
+pub use kernel::{DeviceKernel, KernelCtx, KernelError, KernelResult, KernelRun, KernelStats};
 pub use mirror::{IommuMirror, MirrorConfig, MirrorStats};
 pub use mmu::{Mmu, MmuConfig, MmuState};
 pub use page_table::{
