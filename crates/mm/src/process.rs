@@ -309,8 +309,9 @@ impl Shared {
         true
     }
 
-    /// Registers `[addr, limit)`, clamped to the mapping at `addr`, for events, unless a record
-    /// says it is registered and nothing has been read from the userfaultfd since.
+    /// Registers `want` (part of one readable mapping, as `area` just reported it) for events,
+    /// unless a record says it is registered and nothing has been read from the userfaultfd
+    /// since. It reuses the caller's mapping lookup: no second PROCMAP_QUERY on the fault path.
     ///
     /// Only what a device faults is registered, never the rest of its VMA: anonymous VMAs merge
     /// with their neighbours, and registering a whole one could take in unrelated memory, even
@@ -322,16 +323,8 @@ impl Shared {
     /// in, and any read since (the monitor bumps the generation before and after each read)
     /// makes the next fault register again; registering twice with the same userfaultfd is
     /// harmless.
-    fn ensure_registered(&self, addr: u64, limit: u64) {
-        let Ok(Some(m)) = self.source.mapping(addr) else {
-            return;
-        };
-        if m.range.start() > addr || m.io {
-            return;
-        }
-        let Ok(want) = Range::new(addr, limit.min(m.range.end())) else {
-            return;
-        };
+    fn ensure_registered(&self, want: Range) {
+        let addr = want.start();
         let generation = self.read_gen.load(Ordering::Acquire);
         {
             let book = self.book();
@@ -827,8 +820,10 @@ impl PageSource for ProcessMm {
     fn area(&self, addr: u64, limit: u64) -> Result<Area, Error> {
         self.shared.check_alive()?;
         let area = self.shared.source.area(addr, limit)?;
-        if let AreaKind::Mapped { read: true, .. } = area.kind {
-            self.shared.ensure_registered(addr, area.end);
+        if let (AreaKind::Mapped { read: true, .. }, Ok(want)) =
+            (area.kind, Range::new(addr, area.end))
+        {
+            self.shared.ensure_registered(want);
         }
         Ok(area)
     }
