@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use svmirror_core::{CpuPte, Event, PAGE_SHIFT, PAGE_SIZE, PageSource, Range};
+use svmirror_core::{CpuPte, Event, PAGE_SHIFT, PageSource, Range};
 
 use crate::error::MmError;
 use crate::process::{DevicePages, ProcessMm};
@@ -108,12 +108,6 @@ impl ProcessMm {
 
     /// Drops device copies of pages in `range` (the CPU discarded them).
     pub(crate) fn discard_migrated(&self, range: Range) {
-        let mut addr = range.start();
-        while addr < range.end() {
-            if let Some(o) = self.take_migrated(addr) {
-                o.discard(addr);
-            }
-            addr += PAGE_SIZE;
-        }
+        self.shared.discard_migrated(range.start(), range.end());
     }
 }

@@ -166,6 +166,31 @@ struct Book {
     migrated: BTreeMap<u64, Arc<dyn DevicePages>>,
 }
 
+impl Book {
+    /// Forgets the huge-page windows that reach into `[start, end)`.
+    fn drop_huge(&mut self, start: u64, end: u64) {
+        let from = start.saturating_sub(1 << 30);
+        let doomed: Vec<u64> = self
+            .huge
+            .range(from..end)
+            .filter(|(w, size)| **w + **size > start)
+            .map(|(w, _)| *w)
+            .collect();
+        for w in doomed {
+            self.huge.remove(&w);
+        }
+    }
+
+    /// Unbooks the migrated pages in `[start, end)`, returning them with their owners.
+    fn take_migrated(&mut self, start: u64, end: u64) -> Vec<(u64, Arc<dyn DevicePages>)> {
+        let pages: Vec<u64> = self.migrated.range(start..end).map(|(a, _)| *a).collect();
+        pages
+            .into_iter()
+            .filter_map(|a| self.migrated.remove(&a).map(|o| (a, o)))
+            .collect()
+    }
+}
+
 /// The span of `map` (start → (end, generation)) containing `addr`.
 fn span_containing(map: &BTreeMap<u64, (u64, u64)>, addr: u64) -> Option<(u64, u64)> {
     map.range(..=addr)
@@ -244,31 +269,24 @@ impl Shared {
     /// Forgets everything known about `[start, end)` (it was unmapped or moved away), telling
     /// device owners to free migrated pages there.
     fn forget(&self, start: u64, end: u64) {
-        let dropped: Vec<(u64, Arc<dyn DevicePages>)> = {
+        {
             let mut book = self.book();
             carve_gen(&mut book.registered, start, end);
             carve_gen(&mut book.refused, start, end);
-            let doomed: Vec<u64> = book
-                .huge
-                .range(..end)
-                .filter(|(w, s)| **w + **s > start)
-                .map(|(w, _)| *w)
-                .collect();
-            for w in doomed {
-                book.huge.remove(&w);
-            }
-            let pages: Vec<u64> = book.migrated.range(start..end).map(|(a, _)| *a).collect();
-            pages
-                .into_iter()
-                .filter_map(|a| book.migrated.remove(&a).map(|o| (a, o)))
-                .collect()
-        };
+            book.drop_huge(start, end);
+        }
+        self.discard_migrated(start, end);
+    }
+
+    /// Drops the device copies of pages in `[start, end)`: the CPU discarded them. The owners
+    /// are told outside the bookkeeping lock.
+    pub(crate) fn discard_migrated(&self, start: u64, end: u64) {
+        let dropped = self.book().take_migrated(start, end);
         for (addr, owner) in dropped {
             owner.discard(addr);
         }
     }
 
-    /// Consumes an expected event, if an SVM API call is causing this one.
     /// Consumes the part `[start, end)` of an expected event, if an SVM API call is causing it.
     /// One call can cause several events (madvise sends one REMOVE per VMA), so an event matches
     /// any expectation of its kind that contains it, and only its part of it is consumed.
@@ -439,17 +457,7 @@ impl Shared {
         }
         self.invalidate(Range::new(start, end)?, Event::Clear)?;
         // The pages are being dropped: any that lived on a device are discarded with them.
-        let dropped: Vec<(u64, Arc<dyn DevicePages>)> = {
-            let mut book = self.book();
-            let pages: Vec<u64> = book.migrated.range(start..end).map(|(a, _)| *a).collect();
-            pages
-                .into_iter()
-                .filter_map(|a| book.migrated.remove(&a).map(|o| (a, o)))
-                .collect()
-        };
-        for (addr, owner) in dropped {
-            owner.discard(addr);
-        }
+        self.discard_migrated(start, end);
         Ok(())
     }
 
@@ -482,15 +490,7 @@ impl Shared {
                 book.migrated.insert(a - from + to, o);
             }
         }
-        let doomed: Vec<u64> = book
-            .huge
-            .range(..from + len)
-            .filter(|(w, s)| **w + **s > from)
-            .map(|(w, _)| *w)
-            .collect();
-        for w in doomed {
-            book.huge.remove(&w);
-        }
+        book.drop_huge(from, from + len);
         Ok(())
     }
 
@@ -763,10 +763,6 @@ impl ProcessMm {
         let mut book = self.shared.book();
         carve_gen(&mut book.registered, r.start(), r.end());
         book.registered.insert(r.start(), (r.end(), generation));
-    }
-
-    pub(crate) fn take_migrated(&self, page: u64) -> Option<Arc<dyn DevicePages>> {
-        self.shared.book().migrated.remove(&page)
     }
 
     pub(crate) fn migrated_owner(&self, page: u64) -> Option<Arc<dyn DevicePages>> {
