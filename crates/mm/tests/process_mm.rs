@@ -235,8 +235,18 @@ fn mremap_moving_gives_one_unmap_of_the_old_range() {
 #[test]
 fn mremap_growing_in_place_invalidates_nothing() {
     let _s = serial();
-    let f = fixture(2);
-    // Make room: unmap whatever follows by growing into a fresh reservation we own.
+    // Far below every other mapping, with nothing after it: growth in place must succeed
+    // (a test that skipped when it could not grow would prove nothing).
+    let f = fixture_far(2, 0x1400_0000_0000);
+    let after = Range::with_len(f.buf.end(), f.buf.len()).unwrap();
+    let next = svmirror_mm::ProcessPageSource::new()
+        .unwrap()
+        .mapping(after.start())
+        .unwrap();
+    assert!(
+        next.is_none_or(|m| m.range.start() >= after.end()),
+        "room after the buffer: {next:?}"
+    );
     // SAFETY: growing our own buffer without moving; the new tail is fresh memory.
     let p = unsafe {
         libc::mremap(
@@ -246,13 +256,12 @@ fn mremap_growing_in_place_invalidates_nothing() {
             0,
         )
     };
-    if p == libc::MAP_FAILED {
-        // Something is mapped right after the buffer: growth in place is impossible here.
-        return;
-    }
-    let got = invalidations(&f.mirror, 1);
+    assert_eq!(p as u64, f.buf.start(), "grew in place");
+    std::thread::sleep(Duration::from_millis(20));
+    let got = f.mirror.table.lock().invalidations.clone();
     assert!(got.is_empty(), "{got:?}");
     assert_eq!(f.mirror.table.lock().entries.len(), 2);
+    assert_eq!(sys_munmap(f.buf.start(), 2 * f.buf.len()), 0);
 }
 
 #[test]
