@@ -9,12 +9,16 @@ use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use svmirror_core::testing::TestMirror;
-use svmirror_core::{Error, Event, Owner, PAGE_SIZE, Range};
-use svmirror_mm::{DevicePages, ProcessMm, Protection, UffdAccess};
+use svmirror_core::{Event, Owner, PAGE_SIZE, Range};
+use svmirror_mm::{ProcessMm, Protection, UffdAccess};
+
+#[path = "support/vram.rs"]
+mod vram;
+use vram::FakeVram;
 
 const PAGE: u64 = PAGE_SIZE;
 
@@ -169,48 +173,6 @@ impl Drop for TempCopy {
 }
 
 // ---- the child: runs as nobody ----
-
-/// Device memory: pages in a map.
-#[derive(Default)]
-struct FakeVram {
-    pages: Mutex<std::collections::BTreeMap<u64, Vec<u8>>>,
-}
-
-impl DevicePages for FakeVram {
-    fn owner(&self) -> Owner {
-        Owner(0xd00d)
-    }
-    fn copy_out(&self, addr: u64, src: *const u8) -> Result<(), Error> {
-        let mut v = vec![0u8; PAGE as usize];
-        // SAFETY: `src` is readable for a page while this runs (trait contract).
-        unsafe { std::ptr::copy_nonoverlapping(src, v.as_mut_ptr(), v.len()) };
-        self.pages.lock().unwrap().insert(addr, v);
-        Ok(())
-    }
-    fn copy_back(&self, addr: u64, dst: *mut u8) -> Result<(), Error> {
-        let v = self
-            .pages
-            .lock()
-            .unwrap()
-            .remove(&addr)
-            .ok_or(Error::BadAddress { addr })?;
-        // SAFETY: `dst` is writable for a page (trait contract).
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst, v.len()) };
-        Ok(())
-    }
-    fn device_pfn(&self, addr: u64) -> u64 {
-        addr >> 12
-    }
-    fn discard(&self, addr: u64) {
-        self.pages.lock().unwrap().remove(&addr);
-    }
-}
-
-impl FakeVram {
-    fn holds(&self, addr: u64) -> bool {
-        self.pages.lock().unwrap().contains_key(&addr)
-    }
-}
 
 fn page(r: Range, i: u64, n: u64) -> Range {
     Range::with_len(r.start() + i * PAGE, n * PAGE).unwrap()
@@ -453,11 +415,7 @@ fn unprivileged_child() {
         "the other device lost the range"
     );
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(
-        vram.pages.lock().unwrap().len(),
-        3,
-        "all three pages on the device"
-    );
+    assert_eq!(vram.len(), 3, "all three pages on the device");
     let (p0, p1) = (buf.start(), buf.start() + PAGE);
     let pipe = Pipe::new();
     let msg = *b"written by the kernel";

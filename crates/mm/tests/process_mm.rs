@@ -11,6 +11,10 @@ use svmirror_core::{
 };
 use svmirror_mm::{Advice, DevicePages, MmError, ProcessMm, Protection};
 
+#[path = "support/vram.rs"]
+mod vram;
+use vram::FakeVram;
+
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
@@ -407,42 +411,6 @@ fn thp_partial_unmap_invalidates_the_whole_huge_page() {
     }
 }
 
-/// Device memory for the migration tests: pages in a map, counted.
-#[derive(Default)]
-struct FakeVram {
-    pages: Mutex<std::collections::BTreeMap<u64, Vec<u8>>>,
-}
-
-impl DevicePages for FakeVram {
-    fn owner(&self) -> Owner {
-        Owner(0xd00d)
-    }
-    fn copy_out(&self, addr: u64, src: *const u8) -> Result<(), Error> {
-        let mut v = vec![0u8; PAGE as usize];
-        // SAFETY: `src` is readable for a page while this runs (trait contract).
-        unsafe { std::ptr::copy_nonoverlapping(src, v.as_mut_ptr(), v.len()) };
-        self.pages.lock().unwrap().insert(addr, v);
-        Ok(())
-    }
-    fn copy_back(&self, addr: u64, dst: *mut u8) -> Result<(), Error> {
-        let v = self
-            .pages
-            .lock()
-            .unwrap()
-            .remove(&addr)
-            .ok_or(Error::BadAddress { addr })?;
-        // SAFETY: `dst` is writable for a page (trait contract).
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst, v.len()) };
-        Ok(())
-    }
-    fn device_pfn(&self, addr: u64) -> u64 {
-        addr >> 12
-    }
-    fn discard(&self, addr: u64) {
-        self.pages.lock().unwrap().remove(&addr);
-    }
-}
-
 #[test]
 fn migration_out_and_back_through_a_cpu_touch_keeps_the_data() {
     let _s = serial();
@@ -453,7 +421,7 @@ fn migration_out_and_back_through_a_cpu_touch_keeps_the_data() {
     let vram = Arc::new(FakeVram::default());
     let moved = f.mm.migrate_to_device(f.buf, vram.clone()).unwrap();
     assert_eq!(moved, 4);
-    assert_eq!(vram.pages.lock().unwrap().len(), 4);
+    assert_eq!(vram.len(), 4);
     assert!(
         f.mirror.table.lock().entries.is_empty(),
         "other devices lost the range"
@@ -472,7 +440,12 @@ fn migration_out_and_back_through_a_cpu_touch_keeps_the_data() {
     );
     // A CPU touch brings a page back with its data.
     assert_eq!(read_byte(f.buf.start() + 2 * PAGE + 5), 0x42);
-    assert_eq!(vram.pages.lock().unwrap().len(), 3);
+    assert!(
+        !vram.holds(f.buf.start() + 2 * PAGE),
+        "the touched page left the device"
+    );
+    assert!(vram.holds(f.buf.start() + 3 * PAGE));
+    assert_eq!(vram.len(), 3);
     // The rest come back explicitly.
     assert_eq!(f.mm.migrate_to_ram(f.buf).unwrap(), 3);
     for i in 0..4 {
@@ -659,11 +632,7 @@ fn migration_across_two_mappings_keeps_the_data() {
     let vram = Arc::new(FakeVram::default());
     assert_eq!(f.mm.migrate_to_device(f.buf, vram.clone()).unwrap(), 4);
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(
-        vram.pages.lock().unwrap().len(),
-        4,
-        "no device copy discarded"
-    );
+    assert_eq!(vram.len(), 4, "no device copy discarded");
     for i in 0..4 {
         assert_eq!(read_byte(f.buf.start() + i * PAGE + 9), 0x70 + i as u8);
     }
