@@ -7,6 +7,12 @@
 //! - `cargo xtask loom`: the loom models of the seq protocol, bounded by `LOOM_MAX_PREEMPTIONS`
 //!   (default 3).
 //! - `cargo xtask bench [FILTER]`: runs the criterion benchmarks and prints a table of results.
+//! - `cargo xtask vfio-vm`: boots a QEMU guest with an emulated IOMMU and QEMU's edu device and
+//!   runs the VFIO tests inside it ([`vfio_vm`]).
+//! - `cargo xtask shaders [--check]`: regenerates the committed SPIR-V from `shaders/`, or checks
+//!   that it matches its source and passes `spirv-val` ([`vulkan`]).
+//! - `cargo xtask device-test`: on a GPU host, the Vulkan suite and benchmarks on the real GPU
+//!   ([`vulkan`]).
 
 use std::env;
 use std::fs;
@@ -14,15 +20,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
-/// Debian packages the test suites need, with the program that shows each is present.
-/// Empty until a suite needs one (lavapipe for the Vulkan backend, QEMU for the VFIO guest).
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[];
+mod vfio_vm;
+mod vulkan;
 
-const USAGE: &str = "usage: cargo xtask <ci|loom|bench [FILTER]>
+/// A Debian package a suite needs: its name and a shell test that succeeds when it is installed
+/// (`command -v prog`, `test -e /path`).
+pub(crate) type DebianPackage = (&'static str, &'static str);
 
-  ci      fmt check, clippy -D warnings, all tests, loom models, benches build
-  loom    bounded loom models of the seq protocol (LOOM_MAX_PREEMPTIONS, default 3)
-  bench   criterion benchmarks, then a table of the results";
+/// Every Debian package the test suites need.
+fn debian_packages() -> Vec<DebianPackage> {
+    let mut v = Vec::new();
+    v.extend_from_slice(vulkan::DEBIAN_PACKAGES);
+    v.extend_from_slice(vfio_vm::DEBIAN_PACKAGES);
+    v
+}
+
+const USAGE: &str = "usage: cargo xtask <ci|loom|bench [FILTER]|vfio-vm|shaders [--check]|device-test>
+
+  ci           fmt check, clippy -D warnings, all tests, SPIR-V check, VFIO guest, loom models,
+               benches build
+  loom         bounded loom models of the seq protocol (LOOM_MAX_PREEMPTIONS, default 3)
+  bench        criterion benchmarks, then a table of the results
+  vfio-vm      boot a QEMU guest (emulated Intel IOMMU + edu device) and run the VFIO tests in it
+  shaders      recompile shaders/*.comp to the committed SPIR-V (--check: verify, change nothing)
+  device-test  on a GPU host: the Vulkan suite and benchmarks on the real GPU, with a table";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -30,6 +51,11 @@ fn main() -> ExitCode {
         Some("ci") => ci(),
         Some("loom") => loom().map_err(|e| vec![e]),
         Some("bench") => bench(args.get(1).map(String::as_str)).map_err(|e| vec![e]),
+        Some("vfio-vm") => vfio_vm::run(&args[1..]).map_err(|e| vec![e]),
+        Some("shaders") => {
+            vulkan::shaders(args.get(1).is_some_and(|a| a == "--check")).map_err(|e| vec![e])
+        }
+        Some("device-test") => vulkan::device_test(&args[1..]).map_err(|e| vec![e]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -50,20 +76,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
     c
 }
 
-fn run(what: &str, mut cmd: Command) -> Result<(), String> {
+pub(crate) fn run(what: &str, mut cmd: Command) -> Result<(), String> {
     eprintln!("xtask: running {what}");
     let status = cmd
         .status()
@@ -113,6 +139,8 @@ fn ci() -> Result<(), Vec<String>> {
             run("cargo test --workspace", c)
         }),
     ));
+    steps.push(("shaders", Box::new(|| vulkan::shaders(true))));
+    steps.push(("vfio-vm", Box::new(|| vfio_vm::run(&[]))));
     steps.push(("loom", Box::new(loom)));
     steps.push((
         "bench-build",
@@ -173,15 +201,15 @@ fn loom() -> Result<(), String> {
 /// Checks that every package the suites need is installed; installs the missing ones with
 /// apt-get when running as root, else fails with the command to run.
 fn ensure_debian_packages() -> Result<(), String> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .iter()
-        .filter(|(_, program)| {
+    let missing: Vec<&str> = debian_packages()
+        .into_iter()
+        .filter(|(_, check)| {
             !Command::new("sh")
-                .args(["-c", &format!("command -v {program}")])
+                .args(["-c", check])
                 .output()
                 .is_ok_and(|o| o.status.success())
         })
-        .map(|(pkg, _)| *pkg)
+        .map(|(pkg, _)| pkg)
         .collect();
     if missing.is_empty() {
         return Ok(());

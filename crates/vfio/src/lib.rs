@@ -1,0 +1,1 @@
+//! svmirror's vfio backend (under construction).

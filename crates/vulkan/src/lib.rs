@@ -1,0 +1,1 @@
+//! svmirror's vulkan backend (under construction).
