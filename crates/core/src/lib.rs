@@ -53,6 +53,7 @@
 //! ```
 
 pub mod context;
+pub mod counters;
 mod error;
 mod fault;
 pub mod interval_tree;
@@ -62,6 +63,7 @@ mod sync;
 pub mod testing;
 
 pub use context::{AtomicSection, UpdateGuard, UpdateLock, may_sleep, might_sleep};
+pub use counters::{CounterSnapshot, Counters, FaultSize, LatencyHistogram};
 pub use error::{Error, Result};
 pub use fault::{
     Area, AreaKind, CpuPte, DEFAULT_FAULT_TIMEOUT, FaultRequest, FaultStats, PageSource, entry,

@@ -1,0 +1,3 @@
+//! Vulkan backend benchmarks (being written; see issue 6).
+
+fn main() {}
