@@ -35,7 +35,8 @@ fn debian_packages() -> Vec<DebianPackage> {
     v
 }
 
-const USAGE: &str = "usage: cargo xtask <ci|loom|bench [FILTER]|vfio-vm|shaders [--check]|device-test>
+const USAGE: &str =
+    "usage: cargo xtask <ci|loom|bench [FILTER]|vfio-vm|shaders [--check]|device-test>
 
   ci           fmt check, clippy -D warnings, all tests, SPIR-V check, VFIO guest, loom models,
                benches build

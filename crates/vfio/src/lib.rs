@@ -1,1 +1,46 @@
-//! svmirror's vfio backend (under construction).
+//! svmirror-vfio: svmirror's VFIO backend. Mirrored ranges of the process's address space are
+//! mapped into a real IOMMU through a VFIO type1 container (rust-vmm `vfio-ioctls`), and kept
+//! an exact mirror of the CPU's page table through the core's interval notifier.
+//!
+//! - [`VfioMapper`]: the backend. Maps in fixed, aligned chunks (2 MiB where the range allows),
+//!   a chunk being the unit of invalidation because type1 cannot unmap part of a mapping;
+//!   IOVA = virtual address where the IOMMU's IOVA ranges allow it, an [`IovaAllocator`]
+//!   otherwise; tracks the container's mapping budget (`dma_avail`); turns kernel errors into
+//!   typed [`VfioError`]s and rolls back a partial map.
+//! - [`EduDevice`]: a userspace driver for QEMU's `edu` DMA device, the real device the tests
+//!   run against (`cargo xtask vfio-vm` boots a guest with an emulated Intel IOMMU for it).
+//!
+//! # What is the caller's job
+//!
+//! - **The host**: an IOMMU enabled (`intel_iommu=on` / `amd_iommu=on`), the device bound to
+//!   `vfio-pci`, read-write access to `/dev/vfio/vfio` and the group's `/dev/vfio/N`, and an
+//!   RLIMIT_MEMLOCK that covers everything mapped at once (type1 charges pinned pages to locked
+//!   memory), or CAP_IPC_LOCK. See the crate's README.
+//! - **Feed the notifier every CPU change** (a `svmirror_mm::ProcessMm` does, and is the page
+//!   source); change memory through its SVM API to be coherent before the call returns.
+//! - **Touch DMA memory through raw pointers only** while it is mapped ([`VfioMapper::new`] is
+//!   `unsafe` for this reason).
+//! - **Hold a [`DeviceAccess`]** (or use [`EduDevice::copy_to_device`] /
+//!   [`EduDevice::copy_from_device`], which do) for the duration of a DMA: an invalidation
+//!   waits for it; without one, a DMA racing an invalidation is blocked by the IOMMU.
+//!
+//! # Lock order
+//!
+//! The notifier's lock, then the mapper's update lock, then its in-flight list. The update
+//! lock is held across VFIO_IOMMU_MAP_DMA / UNMAP_DMA; `read_begin` is never called under it.
+
+#![cfg(target_os = "linux")]
+
+mod chunk;
+mod conv;
+mod edu;
+mod error;
+mod mapper;
+mod uapi;
+
+pub use crate::chunk::{Budget, IovaAllocator, MAX_GRANULE, chunk_granule, identity_fits};
+pub use crate::edu::{Direction, EduDevice};
+pub use crate::error::{Result, VfioError};
+pub use crate::mapper::{DeviceAccess, IovaMode, MapperConfig, MapperStats, VfioMapper};
+pub use crate::uapi::IommuInfo;
+pub use vfio_ioctls::VfioContainer;

@@ -1,0 +1,186 @@
+//! The crate's error type.
+
+use std::io;
+use std::path::PathBuf;
+
+use svmirror_core::Range;
+
+/// Everything that can go wrong in svmirror-vfio.
+#[derive(Debug, thiserror::Error)]
+pub enum VfioError {
+    /// Opening the VFIO container, the device's group or the device failed.
+    #[error("cannot open VFIO {what}")]
+    Open {
+        /// Container, group or device.
+        what: &'static str,
+        /// What vfio-ioctls reported.
+        #[source]
+        source: vfio_ioctls::VfioError,
+    },
+    /// A system call on the container, the device or sysfs failed.
+    #[error("{op} failed")]
+    Io {
+        /// The operation.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// VFIO_IOMMU_MAP_DMA: part of the IOVA range is already mapped (EEXIST).
+    #[error("IOVA range {iova:#x}+{len:#x} is already mapped")]
+    AlreadyMapped {
+        /// IOVA of the refused mapping.
+        iova: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// The kernel refused a mapping for lack of mapping entries (ENOSPC): `dma_avail` is 0.
+    #[error("the container has no mapping entry left for IOVA {iova:#x}+{len:#x}")]
+    NoMappingEntries {
+        /// IOVA of the refused mapping.
+        iova: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// The mapper refused a mapping before asking the kernel: it would exceed the container's
+    /// mapping budget (`dma_avail`).
+    #[error("mapping budget exhausted: {needed} more mappings needed, {available} available")]
+    BudgetExhausted {
+        /// Mappings the chunk needs.
+        needed: u32,
+        /// Mappings the container has left.
+        available: u32,
+    },
+    /// The kernel rejected the mapping's parameters (EINVAL): misaligned, or outside the
+    /// IOMMU's IOVA ranges.
+    #[error("invalid mapping of {vaddr:#x} at IOVA {iova:#x}+{len:#x}")]
+    InvalidMapping {
+        /// IOVA of the refused mapping.
+        iova: u64,
+        /// Its length.
+        len: u64,
+        /// The process address it was to map.
+        vaddr: u64,
+    },
+    /// The kernel could not pin the memory (EFAULT): not mapped, or not writable for a
+    /// writable mapping.
+    #[error("cannot pin {vaddr:#x}+{len:#x} for DMA")]
+    BadAddress {
+        /// Start of the memory.
+        vaddr: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// The kernel ran out of memory or of locked-memory allowance (ENOMEM): raise
+    /// RLIMIT_MEMLOCK or run with CAP_IPC_LOCK.
+    #[error("out of memory or RLIMIT_MEMLOCK pinning {len:#x} bytes at {vaddr:#x}")]
+    OutOfMemory {
+        /// Start of the memory.
+        vaddr: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// Another VFIO_IOMMU_MAP_DMA failure.
+    #[error("VFIO_IOMMU_MAP_DMA of {vaddr:#x} at IOVA {iova:#x}+{len:#x} failed")]
+    Map {
+        /// IOVA of the refused mapping.
+        iova: u64,
+        /// Its length.
+        len: u64,
+        /// The process address it was to map.
+        vaddr: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// VFIO_IOMMU_UNMAP_DMA failed.
+    #[error("VFIO_IOMMU_UNMAP_DMA of IOVA {iova:#x}+{len:#x} failed")]
+    Unmap {
+        /// IOVA of the range.
+        iova: u64,
+        /// Its length.
+        len: u64,
+        /// What vfio-ioctls reported.
+        #[source]
+        source: vfio_ioctls::VfioError,
+    },
+    /// No usable IOVA range can hold an identity mapping of the range, and IOVA = virtual
+    /// address was required.
+    #[error("{range} lies outside the IOMMU's usable IOVA ranges")]
+    OutsideIovaRanges {
+        /// The range.
+        range: Range,
+    },
+    /// The IOVA allocator has no free window of this size left.
+    #[error("no free IOVA window of {len:#x} bytes")]
+    IovaExhausted {
+        /// The size asked for.
+        len: u64,
+    },
+    /// The address is not inside the mirrored range.
+    #[error("address {addr:#x}+{len:#x} is outside the mirrored range {range}")]
+    OutsideMirror {
+        /// The address asked for.
+        addr: u64,
+        /// The length asked for.
+        len: u64,
+        /// The mirrored range.
+        range: Range,
+    },
+    /// Part of the range has no page a device may use (a hole, PROT_NONE, an I/O mapping).
+    #[error("no memory a device may use at {addr:#x}")]
+    NotMapped {
+        /// The first page without one.
+        addr: u64,
+    },
+    /// The mapper's configuration or the container does not allow a mapping.
+    #[error("invalid configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The core refused an operation.
+    #[error("{op} of {range} failed")]
+    Core {
+        /// The operation.
+        op: &'static str,
+        /// The range it was for.
+        range: Range,
+        /// The core's error.
+        #[source]
+        source: svmirror_core::Error,
+    },
+    /// No PCI device at this sysfs path, or it is not the device expected.
+    #[error("{path} is not a usable {expected} device")]
+    WrongDevice {
+        /// The sysfs path.
+        path: PathBuf,
+        /// The device expected.
+        expected: &'static str,
+    },
+    /// A device DMA parameter is out of bounds.
+    #[error(
+        "device DMA of {len} bytes at buffer offset {offset:#x} is out of bounds ({limit} bytes max)"
+    )]
+    DmaOutOfBounds {
+        /// Offset into the device's buffer.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// The most the device allows.
+        limit: u64,
+    },
+    /// The device did not finish a DMA in time.
+    #[error("device DMA at IOVA {iova:#x}+{len:#x} did not finish within {millis} ms")]
+    DmaTimeout {
+        /// IOVA of the transfer.
+        iova: u64,
+        /// Its length.
+        len: u64,
+        /// How long it was given.
+        millis: u64,
+    },
+}
+
+/// The crate's result type.
+pub type Result<T, E = VfioError> = std::result::Result<T, E>;

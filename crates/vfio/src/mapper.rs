@@ -1,0 +1,571 @@
+//! [`VfioMapper`]: a range of this process's address space mirrored into a VFIO type1
+//! container, as a backend of the core.
+//!
+//! # Chunks
+//!
+//! The mirrored range is cut into aligned chunks of one granule ([`chunk_granule`]: 2 MiB where
+//! the range allows, never below the IOMMU's smallest page). A chunk is the unit of
+//! invalidation: type1 cannot unmap part of an earlier mapping, so an invalidation that touches
+//! any byte of a chunk unmaps every mapping in it, and the next fault maps again what is still
+//! valid. Inside a chunk, each run of pages of one mapping (VMA) is one type1 mapping (a
+//! `vfio_dma` entry): a chunk holds one mapping in the common case, more where VMAs end inside
+//! it or where a later fault filled a gap.
+//!
+//! # IOVAs
+//!
+//! Where the whole mirrored range lies in one of the IOMMU's usable IOVA ranges, IOVA = the
+//! process's virtual address (true shared virtual memory: the device uses the CPU's pointers).
+//! Otherwise (an IOMMU with fewer address bits than the CPU, or the MSI window in the way) each
+//! chunk gets a granule-aligned IOVA window from an [`IovaAllocator`], kept while the virtual
+//! range exists and freed on `Unmap` and `Release`.
+//!
+//! # Fault path
+//!
+//! [`VfioMapper::fault`] (a driver-initiated fault: edu has no page requests) walks the chunks
+//! of the request; for each run of one mapping in a chunk it runs the core's
+//! [`fault_and_program`] loop: `read_begin` → `range_fault` (faults the pages in and registers
+//! them with the userfaultfd when the source is a `ProcessMm`) → update lock → `read_retry` →
+//! VFIO_IOMMU_MAP_DMA of the pages not mapped yet. **The map runs under the update lock**:
+//! type1 pins the pages the CPU maps *at the time of the ioctl*, so mapping before the retry
+//! check could pin pages that an invalidation already dropped. The pages were faulted in just
+//! before, so the pin does not fault (a fault here on memory a userfaultfd monitor serves would
+//! wait for a monitor that may wait for this lock). Writable mappings are always pinned
+//! writable, which breaks copy-on-write at pin time: the device never keeps a shared zero or
+//! COW page that a later CPU write would replace without an event.
+//!
+//! # Invalidation
+//!
+//! Under the update lock: `set_seq`; wait for device accesses in flight on the range
+//! ([`VfioMapper::access`]); unmap every chunk the range touches; on `Unmap` and `Release` also
+//! free IOVA windows no longer backed by a virtual range. Own `Migrate`/`Exclusive` and
+//! `SoftDirty` are skipped. Type1 cannot change a mapping's permissions, so a protection change
+//! unmaps too and the next fault maps with the new permissions. A non-blocking invalidation
+//! only `try_lock`s and refuses when an access is in flight.
+//!
+//! # Budget
+//!
+//! The container holds at most `dma_avail` mappings (65535 by default, the module parameter
+//! `dma_entry_limit`). The mapper reads it once, tracks what it maps and unmaps, and refuses a
+//! chunk that needs more with [`VfioError::BudgetExhausted`] before asking the kernel. A map
+//! that fails part way through a chunk unmaps what that call mapped (rollback).
+//!
+//! # Pinned memory
+//!
+//! Type1 charges pinned pages to the process's **locked** memory (`mm->locked_vm`, `VmLck` in
+//! /proc/self/status), against RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK; it does not
+//! touch `pinned_vm` (`VmPin`, where io_uring and RDMA charge). Tearing a mapper down returns
+//! `VmLck` and `dma_avail` to where they were.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use svmirror_core::{
+    CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, IntervalNotifierOps, InvalidateCtx,
+    Notifier, NotifierRange, Owner, PAGE_SIZE, PageSource, Pass, Range, Subscription, UpdateGuard,
+    UpdateLock, WouldBlock,
+};
+use vfio_ioctls::VfioContainer;
+
+use crate::chunk::{Budget, IovaAllocator, chunk_granule, identity_fits, window};
+use crate::error::{Result, VfioError};
+use crate::uapi::{self, IommuInfo};
+
+mod fault;
+
+pub use fault::DeviceAccess;
+
+/// How IOVAs are chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IovaMode {
+    /// IOVA = virtual address where the IOMMU's IOVA ranges hold the whole mirrored range, an
+    /// allocator otherwise.
+    #[default]
+    Auto,
+    /// IOVA = virtual address, or [`VfioMapper::new`] fails with
+    /// [`VfioError::OutsideIovaRanges`].
+    Identity,
+    /// Always the allocator.
+    Allocated,
+}
+
+/// How to build a [`VfioMapper`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapperConfig {
+    /// Chunk size (a power of two, at least the IOMMU's smallest page); `None`: chosen by
+    /// [`chunk_granule`].
+    pub granule: Option<u64>,
+    /// How IOVAs are chosen.
+    pub iova: IovaMode,
+    /// How long one fault may keep racing invalidations.
+    pub fault_timeout: Duration,
+    /// Refuse maps the budget cannot hold (the default). Off, the kernel refuses them with
+    /// ENOSPC ([`VfioError::NoMappingEntries`]): for tests of the kernel's answer and of
+    /// rollback.
+    pub enforce_budget: bool,
+}
+
+impl Default for MapperConfig {
+    fn default() -> Self {
+        MapperConfig {
+            granule: None,
+            iova: IovaMode::Auto,
+            fault_timeout: DEFAULT_FAULT_TIMEOUT,
+            enforce_budget: true,
+        }
+    }
+}
+
+/// One type1 mapping inside a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Piece {
+    va: u64,
+    len: u64,
+    write: bool,
+}
+
+/// A chunk: its IOVA base and the mappings in it.
+#[derive(Debug)]
+struct Chunk {
+    /// IOVA of the chunk's aligned start (`va & !(granule - 1)`).
+    iova: u64,
+    /// Mappings, sorted by address, disjoint.
+    pieces: Vec<Piece>,
+}
+
+/// What the update lock guards.
+///
+/// `chunks` is keyed by the chunk's aligned virtual start. A chunk is present while it has
+/// pieces, or (allocator mode) while its IOVA window is reserved for a virtual range that still
+/// exists. `budget.used` equals the number of pieces of all chunks; `mapped_bytes` their bytes.
+/// Changed only under the update lock, which invalidations hold across `set_seq` and the unmap.
+#[derive(Debug)]
+struct State {
+    chunks: BTreeMap<u64, Chunk>,
+    alloc: Option<IovaAllocator>,
+    budget: Budget,
+    mapped_bytes: u64,
+    released: bool,
+}
+
+/// Device accesses in flight: invalidations of their range wait for them.
+#[derive(Debug, Default)]
+struct InFlight {
+    next: u64,
+    ranges: Vec<(u64, Range)>,
+}
+
+/// The backend half the notifier calls.
+struct Inner {
+    container: Arc<VfioContainer>,
+    fd: RawFd,
+    range: Range,
+    granule: u64,
+    identity: bool,
+    owner: Owner,
+    config: MapperConfig,
+    info: IommuInfo,
+    state: UpdateLock<State>,
+    inflight: Mutex<InFlight>,
+    inflight_cv: Condvar,
+    counters: Counters,
+    unmap_errors: AtomicU64,
+}
+
+/// Counts of what a [`VfioMapper`] holds now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapperStats {
+    /// Chunks with at least one mapping.
+    pub chunks_mapped: u64,
+    /// Type1 mappings (`vfio_dma` entries) held.
+    pub mappings: u32,
+    /// Bytes mapped.
+    pub mapped_bytes: u64,
+    /// Mappings the container may still create, as tracked.
+    pub budget_available: u32,
+    /// Unmaps the kernel refused (each logged as an error).
+    pub unmap_errors: u64,
+}
+
+impl Inner {
+    fn key(&self, va: u64) -> u64 {
+        va & !(self.granule - 1)
+    }
+
+    fn lock_state(&self) -> UpdateGuard<'_, State> {
+        self.state.lock()
+    }
+
+    /// Unmaps every piece of the chunk at `key`; keeps the chunk record. Returns the bytes.
+    ///
+    /// Each piece is unmapped with its exact IOVA and length (vfio-ioctls checks the unmapped
+    /// size against the asked one). Type1 refuses such an unmap only when the container has
+    /// lost its IOMMU (its last group detached, which removed every mapping) or on a bug: a
+    /// refusal is logged, counted in [`MapperStats::unmap_errors`], and the piece forgotten.
+    fn unmap_chunk(&self, g: &mut State, key: u64) -> u64 {
+        let Some(chunk) = g.chunks.get_mut(&key) else {
+            return 0;
+        };
+        let pieces = std::mem::take(&mut chunk.pieces);
+        let base = chunk.iova;
+        let mut bytes = 0;
+        for p in &pieces {
+            let iova = base + (p.va - key);
+            if let Err(e) = self.container.vfio_dma_unmap(iova, p.len as usize) {
+                self.unmap_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(iova, len = p.len, error = %e, "VFIO unmap failed");
+            }
+            bytes += p.len;
+        }
+        g.budget.give(pieces.len() as u32);
+        g.mapped_bytes -= bytes;
+        self.counters.record_unmap(bytes);
+        bytes
+    }
+
+    /// Drops the chunk record and its IOVA window (allocator mode).
+    fn forget_chunk(&self, g: &mut State, key: u64) {
+        if let Some(c) = g.chunks.remove(&key) {
+            debug_assert!(c.pieces.is_empty());
+            if let Some(a) = g.alloc.as_mut() {
+                a.free(c.iova, self.granule);
+            }
+        }
+    }
+
+    /// Waits until no device access overlaps `r`; with `block` false, says whether one does.
+    fn drain(&self, r: Range, block: bool) -> bool {
+        let mut f = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if !f.ranges.iter().any(|(_, x)| x.overlaps(&r)) {
+                return true;
+            }
+            if !block {
+                return false;
+            }
+            f = self.inflight_cv.wait(f).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Unmaps and forgets everything.
+    fn teardown_all(&self) {
+        let mut g = self.lock_state();
+        let keys: Vec<u64> = g.chunks.keys().copied().collect();
+        for k in keys {
+            self.unmap_chunk(&mut g, k);
+            self.forget_chunk(&mut g, k);
+        }
+        g.released = true;
+        debug_assert_eq!(g.budget.used, 0);
+    }
+}
+
+impl IntervalNotifierOps for Inner {
+    fn invalidate(
+        &self,
+        ctx: &InvalidateCtx<'_>,
+        nr: &NotifierRange,
+    ) -> std::result::Result<Pass, WouldBlock> {
+        if nr.is_own(self.owner) || nr.event == Event::SoftDirty {
+            self.counters.record_invalidation(&nr.event, 0, false);
+            return Ok(Pass::Done);
+        }
+        let _span = tracing::trace_span!(
+            "vfio.invalidate",
+            start = nr.range.start(),
+            end = nr.range.end(),
+            event = nr.event.name()
+        )
+        .entered();
+        let blockable = ctx.may_block();
+        let mut g = if blockable {
+            self.state.lock()
+        } else {
+            self.state.try_lock().ok_or(WouldBlock)?
+        };
+        ctx.set_seq(&g);
+        let Some(r) = nr.range.intersect(&ctx.subscription_range()) else {
+            return Ok(Pass::Done);
+        };
+        if !self.drain(r, blockable) {
+            return Err(WouldBlock);
+        }
+        let first = self.key(r.start());
+        let keys: Vec<u64> = g.chunks.range(first..r.end()).map(|(k, _)| *k).collect();
+        let mut bytes = 0;
+        for k in keys {
+            bytes += self.unmap_chunk(&mut g, k);
+            let gone = match nr.event {
+                Event::Release => true,
+                // The IOVA window goes with the last byte of its virtual range.
+                Event::Unmap => window(k, self.granule, self.range)
+                    .is_some_and(|w| r.start() <= w.start() && w.end() <= r.end()),
+                _ => false,
+            };
+            // Identity chunks own no IOVA window: an empty one is simply dropped.
+            if gone || g.alloc.is_none() {
+                self.forget_chunk(&mut g, k);
+            }
+        }
+        if nr.event == Event::Release {
+            g.released = true;
+        }
+        self.counters.record_invalidation(&nr.event, bytes, true);
+        Ok(Pass::Done)
+    }
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("range", &self.range)
+            .field("granule", &self.granule)
+            .finish()
+    }
+}
+
+/// A range of this process's address space mirrored into a VFIO type1 container. See the
+/// [module documentation](self).
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use svmirror_mm::ProcessMm;
+/// use svmirror_vfio::{EduDevice, MapperConfig, VfioContainer, VfioMapper};
+///
+/// let mm = Arc::new(ProcessMm::new()?);
+/// let container = Arc::new(VfioContainer::new(None).map_err(|e| format!("{e}"))?);
+/// let edu = EduDevice::open(&EduDevice::find()?, container.clone())?;
+/// let buf = mm.mmap_anonymous(64 << 10, svmirror_mm::Protection::READ_WRITE)?;
+/// // SAFETY: `buf` is touched through raw pointers only while mapped.
+/// let mapper = unsafe { VfioMapper::new(mm.notifier(), mm.clone(), container, buf, MapperConfig::default())? };
+/// edu.copy_to_device(&mapper, buf.start(), 1024, 0)?; // device reads the CPU's memory
+/// edu.copy_from_device(&mapper, 0, buf.start() + 4096, 1024)?; // and writes it back
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct VfioMapper {
+    inner: Arc<Inner>,
+    sub: Subscription,
+    source: Arc<dyn PageSource + Send + Sync>,
+}
+
+impl std::fmt::Debug for VfioMapper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioMapper")
+            .field("range", &self.inner.range)
+            .field("granule", &self.inner.granule)
+            .field("identity", &self.inner.identity)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl VfioMapper {
+    /// Mirrors `range` of this process into `container` (whose IOMMU must be set: at least one
+    /// device's group attached, e.g. by [`EduDevice::open`](crate::EduDevice::open)), reading
+    /// the CPU page table through `source` and subscribing to `notifier`, which must be fed
+    /// every change to the address space (a `ProcessMm` is both).
+    ///
+    /// # Safety
+    ///
+    /// Devices behind the container may read and write any memory mapped in `range` while it
+    /// is mapped, behind Rust's back. The caller must not hold Rust references to memory a
+    /// device may write (STYLE.md rule 6): DMA buffers are touched through raw pointers only.
+    pub unsafe fn new(
+        notifier: &Notifier,
+        source: Arc<dyn PageSource + Send + Sync>,
+        container: Arc<VfioContainer>,
+        range: Range,
+        config: MapperConfig,
+    ) -> Result<Self> {
+        let fd = container.as_raw_fd();
+        let info = uapi::iommu_info(fd).map_err(|e| match e.raw_os_error() {
+            Some(libc::EINVAL) => VfioError::InvalidConfig {
+                reason: "the container has no IOMMU set: attach a device's group first",
+            },
+            _ => VfioError::Io {
+                op: "VFIO_IOMMU_GET_INFO",
+                source: e,
+            },
+        })?;
+        let granule = config
+            .granule
+            .unwrap_or_else(|| chunk_granule(info.page_sizes, range));
+        let min_page = if info.page_sizes == 0 {
+            PAGE_SIZE
+        } else {
+            1 << info.page_sizes.trailing_zeros()
+        };
+        if !granule.is_power_of_two() || granule < min_page.max(PAGE_SIZE) || granule > 1 << 30 {
+            return Err(VfioError::InvalidConfig {
+                reason: "granule must be a power of two from the IOMMU's smallest page to 1 GiB",
+            });
+        }
+        let fits = identity_fits(&info.iova_ranges, range.widen_to(granule));
+        let identity = match config.iova {
+            IovaMode::Auto => fits,
+            IovaMode::Identity if fits => true,
+            IovaMode::Identity => return Err(VfioError::OutsideIovaRanges { range }),
+            IovaMode::Allocated => false,
+        };
+        let alloc = (!identity).then(|| {
+            if info.iova_ranges.is_empty() {
+                IovaAllocator::new(&[(0, u64::MAX)])
+            } else {
+                IovaAllocator::new(&info.iova_ranges)
+            }
+        });
+        let budget = Budget {
+            available: info.dma_avail.unwrap_or(u32::MAX),
+            used: 0,
+        };
+        // The owner identity is the address of the shared state, unique while it lives.
+        let inner = Arc::new_cyclic(|me| Inner {
+            owner: Owner(me.as_ptr() as u64),
+            fd,
+            container,
+            range,
+            granule,
+            identity,
+            config,
+            info,
+            state: UpdateLock::new(State {
+                chunks: BTreeMap::new(),
+                alloc,
+                budget,
+                mapped_bytes: 0,
+                released: false,
+            }),
+            inflight: Mutex::new(InFlight::default()),
+            inflight_cv: Condvar::new(),
+            counters: Counters::default(),
+            unmap_errors: AtomicU64::new(0),
+        });
+        let sub = notifier
+            .insert(range, inner.clone())
+            .map_err(|source| VfioError::Core {
+                op: "subscribe",
+                range,
+                source,
+            })?;
+        tracing::debug!(%range, granule, identity, "vfio mapper ready");
+        Ok(VfioMapper { inner, sub, source })
+    }
+
+    /// The mirrored range.
+    pub fn range(&self) -> Range {
+        self.inner.range
+    }
+
+    /// The chunk size.
+    pub fn granule(&self) -> u64 {
+        self.inner.granule
+    }
+
+    /// Whether IOVA = virtual address.
+    pub fn is_identity(&self) -> bool {
+        self.inner.identity
+    }
+
+    /// The owner identity the mapper skips its own `Migrate`/`Exclusive` events by.
+    pub fn owner(&self) -> Owner {
+        self.inner.owner
+    }
+
+    /// What the IOMMU reported when the mapper was made.
+    pub fn iommu_info(&self) -> &IommuInfo {
+        &self.inner.info
+    }
+
+    /// What the kernel reports now (`dma_avail` moves with every mapping in the container).
+    pub fn query_iommu_info(&self) -> Result<IommuInfo> {
+        uapi::iommu_info(self.inner.fd).map_err(|source| VfioError::Io {
+            op: "VFIO_IOMMU_GET_INFO",
+            source,
+        })
+    }
+
+    /// What the mapper holds now.
+    pub fn stats(&self) -> MapperStats {
+        let g = self.inner.lock_state();
+        MapperStats {
+            chunks_mapped: g.chunks.values().filter(|c| !c.pieces.is_empty()).count() as u64,
+            mappings: g.budget.used,
+            mapped_bytes: g.mapped_bytes,
+            budget_available: g.budget.available,
+            unmap_errors: self.inner.unmap_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Device accesses in flight ([`VfioMapper::access`] guards alive).
+    pub fn accesses_in_flight(&self) -> usize {
+        let f = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f.ranges.len()
+    }
+
+    /// The shared counters: faults by size and latency, retries, invalidations by reason,
+    /// bytes mapped and unmapped.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.inner.counters.snapshot()
+    }
+
+    /// The IOVA a device uses for `addr` now, if it is mapped (for writes too if `write`).
+    pub fn translate(&self, addr: u64, write: bool) -> Option<u64> {
+        let g = self.inner.lock_state();
+        let key = self.inner.key(addr);
+        let c = g.chunks.get(&key)?;
+        c.pieces
+            .iter()
+            .any(|p| p.va <= addr && addr < p.va + p.len && (p.write || !write))
+            .then(|| c.iova + (addr - key))
+    }
+
+    /// The IOVA of `addr` whether or not it is mapped now: the virtual address in identity
+    /// mode, else the chunk's reserved window, if it has one.
+    pub fn iova_of(&self, addr: u64) -> Option<u64> {
+        if self.inner.identity {
+            return Some(addr);
+        }
+        let g = self.inner.lock_state();
+        let key = self.inner.key(addr);
+        g.chunks.get(&key).map(|c| c.iova + (addr - key))
+    }
+
+    /// Unmaps every chunk and forgets every IOVA window, as an invalidation of the whole range
+    /// would, without removing the subscription (the next fault maps again).
+    pub fn unmap_all(&self) {
+        let inner = &*self.inner;
+        let mut g = inner.lock_state();
+        let keys: Vec<u64> = g.chunks.keys().copied().collect();
+        for k in keys {
+            inner.unmap_chunk(&mut g, k);
+            inner.forget_chunk(&mut g, k);
+        }
+    }
+
+    /// Removes the subscription and unmaps everything; what `Drop` does, with the errors.
+    pub fn close(self) -> Result<MapperStats> {
+        let r = self.sub.remove();
+        self.inner.teardown_all();
+        let stats = self.stats();
+        r.map_err(|source| VfioError::Core {
+            op: "unsubscribe",
+            range: self.inner.range,
+            source,
+        })?;
+        Ok(stats)
+    }
+}
+
+impl Drop for VfioMapper {
+    fn drop(&mut self) {
+        // No callback runs or will run after this; an already removed one is fine.
+        let _ = self.sub.remove();
+        self.inner.teardown_all();
+    }
+}

@@ -1,0 +1,378 @@
+//! The fault path of [`VfioMapper`]: walking a request chunk by chunk and mapping by run of
+//! one mapping, under the core's fault loop; and [`DeviceAccess`], which holds a range mapped
+//! for a device access.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use svmirror_core::{AreaKind, FaultRequest, PAGE_SIZE, Range, entry, fault_and_program};
+
+use super::{Chunk, Inner, Piece, State, VfioMapper};
+use crate::chunk::window;
+use crate::conv::{ioctls_errno, map_error};
+use crate::error::{Result, VfioError};
+use crate::uapi;
+
+impl Inner {
+    /// Maps the run `run` (one mapping's pages inside the chunk at `key`) from fresh `entries`,
+    /// under the update lock.
+    fn program(
+        &self,
+        g: &mut State,
+        key: u64,
+        run: Range,
+        entries: &[u64],
+        write: bool,
+    ) -> Result<u64> {
+        if g.released {
+            return Err(VfioError::Core {
+                op: "fault",
+                range: run,
+                source: svmirror_core::Error::Released,
+            });
+        }
+        if !g.chunks.contains_key(&key) {
+            let iova = match g.alloc.as_mut() {
+                Some(a) => a.alloc(self.granule, self.granule)?,
+                None => key,
+            };
+            g.chunks.insert(
+                key,
+                Chunk {
+                    iova,
+                    pieces: Vec::new(),
+                },
+            );
+        }
+        // A read-only mapping in the way of a writable one: type1 cannot upgrade it in place.
+        let upgrade = g.chunks[&key]
+            .pieces
+            .iter()
+            .any(|p| write && !p.write && p.va < run.end() && run.start() < p.va + p.len);
+        if upgrade {
+            self.unmap_chunk(g, key);
+        }
+        let chunk = &g.chunks[&key];
+        // New pieces: runs of valid pages of `run` no piece covers.
+        let covered = |va: u64| chunk.pieces.iter().any(|p| p.va <= va && va < p.va + p.len);
+        let mut new: Vec<Piece> = Vec::new();
+        for (i, &e) in entries.iter().enumerate() {
+            let va = run.start() + i as u64 * PAGE_SIZE;
+            if !entry::is_valid(e) || covered(va) {
+                continue;
+            }
+            match new.last_mut() {
+                Some(p) if p.va + p.len == va => p.len += PAGE_SIZE,
+                _ => new.push(Piece {
+                    va,
+                    len: PAGE_SIZE,
+                    write,
+                }),
+            }
+        }
+        if new.is_empty() {
+            return Ok(0);
+        }
+        let n = new.len() as u32;
+        if self.config.enforce_budget {
+            g.budget.take(n)?;
+        } else {
+            g.budget.available = g.budget.available.saturating_sub(n);
+            g.budget.used += n;
+        }
+        let base = g.chunks[&key].iova;
+        let mut done = 0;
+        let mut result = Ok(());
+        for p in &new {
+            let iova = base + (p.va - key);
+            if let Err(e) = self.map_one(iova, *p) {
+                result = Err(e);
+                break;
+            }
+            done += 1;
+        }
+        if let Err(e) = result {
+            // Roll back what this call mapped; the chunk keeps its earlier pieces.
+            for p in &new[..done] {
+                let iova = base + (p.va - key);
+                if let Err(u) = self.container.vfio_dma_unmap(iova, p.len as usize) {
+                    self.unmap_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(iova, len = p.len, error = %u, "VFIO unmap in rollback failed");
+                }
+            }
+            g.budget.give(n);
+            let chunk = g.chunks.get_mut(&key).expect("chunk made above");
+            if chunk.pieces.is_empty() && g.alloc.is_none() {
+                g.chunks.remove(&key);
+            }
+            return Err(e);
+        }
+        let bytes: u64 = new.iter().map(|p| p.len).sum();
+        let chunk = g.chunks.get_mut(&key).expect("chunk made above");
+        chunk.pieces.extend(new);
+        chunk.pieces.sort_unstable_by_key(|p| p.va);
+        g.mapped_bytes += bytes;
+        self.counters.record_map(bytes);
+        Ok(bytes)
+    }
+
+    fn map_one(&self, iova: u64, p: Piece) -> Result<()> {
+        let _span = tracing::trace_span!("vfio.map", iova, len = p.len, write = p.write).entered();
+        if p.write {
+            let len = usize::try_from(p.len).map_err(|_| VfioError::InvalidMapping {
+                iova,
+                len: p.len,
+                vaddr: p.va,
+            })?;
+            // SAFETY: the pages lie in the mirrored range, which `VfioMapper::new`'s contract
+            // opens to device reads and writes; they stay pinned until unmapped.
+            let r = unsafe { self.container.vfio_dma_map(iova, len, p.va as *mut u8) };
+            r.map_err(|e| map_error(ioctls_errno(&e), iova, p.len, p.va))
+        } else {
+            // SAFETY: as above, for device reads only.
+            let r = unsafe { uapi::map_dma_read_only(self.fd, iova, p.len, p.va) };
+            r.map_err(|e| map_error(e, iova, p.len, p.va))
+        }
+    }
+}
+
+/// A device access in flight on a mapped range (from [`VfioMapper::access`]): invalidations of
+/// the range wait until it is dropped, so the mapping stays in place while the device uses it.
+#[derive(Debug)]
+pub struct DeviceAccess<'a> {
+    inner: &'a Inner,
+    id: u64,
+    iova: u64,
+    range: Range,
+}
+
+impl DeviceAccess<'_> {
+    /// The IOVA of the range's first byte; the range is contiguous in IOVA space.
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+
+    /// The virtual range.
+    pub fn range(&self) -> Range {
+        self.range
+    }
+}
+
+impl Drop for DeviceAccess<'_> {
+    fn drop(&mut self) {
+        let mut f = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f.ranges.retain(|(id, _)| *id != self.id);
+        drop(f);
+        self.inner.inflight_cv.notify_all();
+    }
+}
+
+impl VfioMapper {
+    fn check(&self, addr: u64, len: u64) -> Result<Range> {
+        let outside = || VfioError::OutsideMirror {
+            addr,
+            len,
+            range: self.inner.range,
+        };
+        let r = Range::new(
+            addr & !(PAGE_SIZE - 1),
+            addr.checked_add(len)
+                .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
+                .ok_or_else(outside)?,
+        )
+        .map_err(|_| outside())?;
+        if r.start() < self.inner.range.start() || r.end() > self.inner.range.end() {
+            return Err(outside());
+        }
+        Ok(r)
+    }
+
+    /// Faults `[addr, addr + len)` in and maps every chunk it touches (writable if `write`),
+    /// as a device fault would. Each chunk maps the whole run of its mapping around the
+    /// request. Errors: outside the mirror, memory a device may not use, a write to read-only
+    /// memory, the budget or the IOVA space exhausted, or the kernel's refusal (typed).
+    pub fn fault(&self, addr: u64, len: u64, write: bool) -> Result<()> {
+        let r = self.check(addr, len)?;
+        let _span =
+            tracing::trace_span!("vfio.fault", start = r.start(), end = r.end(), write).entered();
+        let mut touched = Vec::new();
+        let mut at = r.start();
+        while at < r.end() {
+            let w = window(at, self.inner.granule, self.inner.range).expect("inside the mirror");
+            if let Err(e) = self.fault_window(w, r, write, &mut touched) {
+                // Roll back: the chunks this call mapped into go (a chunk is the unit of
+                // invalidation, so earlier pieces in them go too and are refaulted later).
+                let mut g = self.inner.lock_state();
+                for k in touched {
+                    self.inner.unmap_chunk(&mut g, k);
+                }
+                return Err(e);
+            }
+            at = w.end();
+        }
+        Ok(())
+    }
+
+    /// Maps the runs of each mapping in window `w` that overlap `want`; records in `touched`
+    /// the chunk if it mapped anything.
+    fn fault_window(
+        &self,
+        w: Range,
+        want: Range,
+        write: bool,
+        touched: &mut Vec<u64>,
+    ) -> Result<()> {
+        let core = |op, range| move |source| VfioError::Core { op, range, source };
+        let mut at = w.start();
+        while at < w.end() {
+            let area = self.source.area(at, w.end()).map_err(core("fault", w))?;
+            let run = Range::new(at, area.end).map_err(core("fault", w))?;
+            at = area.end;
+            let Some(need) = run.intersect(&want) else {
+                continue;
+            };
+            let vma_write = match area.kind {
+                AreaKind::Mapped { read: true, write } => write,
+                _ => return Err(VfioError::NotMapped { addr: need.start() }),
+            };
+            if write && !vma_write {
+                return Err(VfioError::Core {
+                    op: "fault",
+                    range: need,
+                    source: svmirror_core::Error::WriteToReadOnly { addr: need.start() },
+                });
+            }
+            if self.run_mapped(run, vma_write) {
+                continue;
+            }
+            if self.fault_run(run, vma_write)? > 0 {
+                let key = self.inner.key(run.start());
+                if touched.last() != Some(&key) {
+                    touched.push(key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every page of `run` is mapped (writable if `write`).
+    fn run_mapped(&self, run: Range, write: bool) -> bool {
+        let g = self.inner.lock_state();
+        let key = self.inner.key(run.start());
+        let Some(c) = g.chunks.get(&key) else {
+            return false;
+        };
+        let mut at = run.start();
+        for p in &c.pieces {
+            if p.va <= at && at < p.va + p.len && (p.write || !write) {
+                at = p.va + p.len;
+            }
+        }
+        at >= run.end()
+    }
+
+    /// The core's fault loop over one run of one mapping inside one chunk.
+    fn fault_run(&self, run: Range, write: bool) -> Result<u64> {
+        let started = Instant::now();
+        let key = self.inner.key(run.start());
+        let mut entries = vec![0u64; run.pages() as usize];
+        let mut req =
+            FaultRequest::fault_all(run, &mut entries, write).with_owner(self.inner.owner);
+        let inner = &*self.inner;
+        let (res, stats) = fault_and_program(
+            &self.sub,
+            &inner.state,
+            &*self.source,
+            &mut req,
+            inner.config.fault_timeout,
+            |g, req| inner.program(g, key, run, req.entries, write),
+        )
+        .map_err(|source| VfioError::Core {
+            op: "fault",
+            range: run,
+            source,
+        })?;
+        for _ in 0..stats.retries {
+            inner.counters.record_retry();
+        }
+        let bytes = res?;
+        inner.counters.record_fault(bytes, started.elapsed());
+        Ok(bytes)
+    }
+
+    /// Faults `[addr, addr + len)` in and holds it mapped for a device access: invalidations
+    /// of the range wait until the returned guard is dropped. The range must be contiguous in
+    /// IOVA space: anywhere in identity mode, within one chunk otherwise.
+    pub fn access(&self, addr: u64, len: u64, write: bool) -> Result<DeviceAccess<'_>> {
+        let r = self.check(addr, len)?;
+        if !self.inner.identity && self.inner.key(r.start()) != self.inner.key(r.last()) {
+            return Err(VfioError::InvalidConfig {
+                reason: "an access through allocated IOVAs must stay within one chunk",
+            });
+        }
+        let started = Instant::now();
+        loop {
+            self.fault(addr, len, write)?;
+            let g = self.inner.lock_state();
+            let mapped = {
+                let mut at = r.start();
+                let mut ok = true;
+                while at < r.end() {
+                    let key = self.inner.key(at);
+                    let Some(c) = g.chunks.get(&key) else {
+                        ok = false;
+                        break;
+                    };
+                    match c
+                        .pieces
+                        .iter()
+                        .find(|p| p.va <= at && at < p.va + p.len && (p.write || !write))
+                    {
+                        Some(p) => at = p.va + p.len,
+                        None => {
+                            ok = false;
+                            break;
+                        }
+                    }
+                }
+                ok
+            };
+            if mapped {
+                let key = self.inner.key(addr);
+                let iova = g.chunks[&key].iova + (addr - key);
+                let mut f = self
+                    .inner
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let id = f.next;
+                f.next += 1;
+                f.ranges.push((id, r));
+                drop(f);
+                drop(g);
+                return Ok(DeviceAccess {
+                    inner: &self.inner,
+                    id,
+                    iova,
+                    range: r,
+                });
+            }
+            drop(g);
+            if started.elapsed() > self.inner.config.fault_timeout {
+                return Err(VfioError::Core {
+                    op: "access",
+                    range: r,
+                    source: svmirror_core::Error::Timeout {
+                        range: r,
+                        retries: 0,
+                        elapsed: started.elapsed(),
+                    },
+                });
+            }
+        }
+    }
+}
