@@ -5,11 +5,32 @@
 //! the device's page table an exact mirror of the CPU's. This facade re-exports the crates that
 //! make it up:
 //!
-//! - [`core`]: the shared invalidation core (interval notifier, seq/retry protocol, `range_fault`).
-//! - [`mm`]: the CPU side: so far the real process's page table as a `PageSource`.
+//! - [`core`]: the shared invalidation core (interval notifier, seq/retry protocol,
+//!   `range_fault`, the counters every mirror keeps).
+//! - [`mm`]: the CPU side: the process's page table as a `PageSource`, and `ProcessMm`, a
+//!   userfaultfd monitor with the SVM API (munmap, mprotect, madvise, mremap that devices see
+//!   before they happen).
+//! - [`iommu`]: the simulated IOMMU, the embedded default backend.
 //!
-//! The rest of the CPU side (userfaultfd monitor, SVM API) and the device backends (simulated
-//! IOMMU, VFIO, Vulkan) join here as they land.
+//! and adds [`app`], the example SVM compute app that the `svmirror` command runs: a device
+//! chasing pointers through `Vec`s the CPU built, streaming over large vectors, and working
+//! while another thread frees, reallocates, unmaps and protects its data, every result checked
+//! against a CPU reference.
+//!
+//! ```no_run
+//! use svmirror::app::{self, AppConfig, AppKind, BackendKind, report::NoProgress};
+//!
+//! let mm = app::open_mm()?;                               // the userfaultfd monitor
+//! let backend = app::open_backend(BackendKind::Sim, &mm)?; // a device mirroring this process
+//! let config = AppConfig { nodes: 1000, saxpy_bytes: 1 << 20, ..AppConfig::default() };
+//! let report = app::run_apps(&*backend, &mm, AppKind::All.expand(), &config, &NoProgress)?;
+//! assert_eq!(report.mismatches, 0);
+//! print!("{}", report.render());
+//! # Ok::<(), svmirror::app::AppError>(())
+//! ```
+
+pub mod app;
 
 pub use svmirror_core as core;
+pub use svmirror_iommu as iommu;
 pub use svmirror_mm as mm;

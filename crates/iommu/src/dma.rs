@@ -77,6 +77,8 @@ impl Status {
 struct FenceSlot {
     result: Mutex<Option<Result<Completion>>>,
     done: Condvar,
+    /// Set (after `result`) when the result is in: what a spinning waiter watches.
+    ready: AtomicBool,
 }
 
 impl FenceSlot {
@@ -84,6 +86,7 @@ impl FenceSlot {
         Arc::new(FenceSlot {
             result: Mutex::new(None),
             done: Condvar::new(),
+            ready: AtomicBool::new(false),
         })
     }
 
@@ -99,6 +102,7 @@ impl FenceSlot {
             *g = Some(r);
         }
         drop(g);
+        self.ready.store(true, Ordering::Release);
         self.done.notify_all();
         first
     }
@@ -126,6 +130,8 @@ struct Shared {
     state: Mutex<State>,
     /// Signalled on new work, on each command's end and when the status changes.
     changed: Condvar,
+    /// Commands submitted so far: what the device thread watches while it spins idle.
+    submitted: AtomicU64,
     handler: Mutex<Option<Arc<dyn PageRequestHandler>>>,
     epoch: Instant,
     /// Nanoseconds since `epoch` of the device's last progress.
@@ -348,6 +354,26 @@ fn validate(cmd: &DmaCommand) -> Result<()> {
     }
 }
 
+/// Spins for up to `limit` until `done` holds; returns whether it did. Checks the clock every
+/// few dozen spins only.
+fn spin_until(limit: Duration, done: impl Fn() -> bool) -> bool {
+    if limit.is_zero() {
+        return done();
+    }
+    let start = Instant::now();
+    loop {
+        for _ in 0..64 {
+            if done() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        if start.elapsed() >= limit {
+            return done();
+        }
+    }
+}
+
 /// Fails the engine if the device thread unwinds.
 struct DeathWatch(Arc<Shared>);
 
@@ -365,6 +391,7 @@ fn device_thread(shared: Arc<Shared>) {
     loop {
         let job = {
             let mut st = relock(&sh.state);
+            let mut spun = false;
             loop {
                 if st.status != Status::Running {
                     return;
@@ -373,7 +400,21 @@ fn device_thread(shared: Arc<Shared>) {
                     st.current = Some(job.fence.clone());
                     break job;
                 }
-                st = sh.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                if spun {
+                    st = sh.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                    spun = false;
+                    continue;
+                }
+                // Idle: spin a little for the next command before parking (see
+                // `DmaConfig::spin`). A submission during the spin is seen by the counter; one
+                // after it finds the thread parked and wakes it (it queues under the lock).
+                let seen = sh.submitted.load(Ordering::Acquire);
+                drop(st);
+                spin_until(sh.config.spin, || {
+                    sh.submitted.load(Ordering::Acquire) != seen
+                });
+                spun = true;
+                st = relock(&sh.state);
             }
         };
         sh.touch();
@@ -427,6 +468,7 @@ impl DmaEngine {
                 status: Status::Running,
             }),
             changed: Condvar::new(),
+            submitted: AtomicU64::new(0),
             handler: Mutex::new(None),
             epoch: Instant::now(),
             progress: AtomicU64::new(0),
@@ -471,6 +513,7 @@ impl DmaEngine {
             cmd,
             fence: fence.clone(),
         });
+        sh.submitted.fetch_add(1, Ordering::Release);
         drop(st);
         sh.stat(|s| s.submitted += 1);
         sh.changed.notify_all();
@@ -596,6 +639,10 @@ impl Fence {
     /// waits, so a hung device fails this fence instead of blocking forever.
     pub fn wait(self) -> Result<Completion> {
         might_sleep("Fence::wait");
+        // Short commands finish within the spin (see `DmaConfig::spin`): no wake-up needed.
+        spin_until(self.shared.config.spin, || {
+            self.slot.ready.load(Ordering::Acquire)
+        });
         loop {
             let g = self.slot.lock();
             let (mut g, _) = self

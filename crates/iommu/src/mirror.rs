@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use svmirror_core::{
-    AreaKind, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest, IntervalNotifierOps, InvalidateCtx,
+    AreaKind, CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest, IntervalNotifierOps, InvalidateCtx,
     Notifier, NotifierRange, Owner, PAGE_SIZE, PageSource, Pass, Range, Subscription, UpdateGuard,
     UpdateLock, WouldBlock, entry, range_fault,
 };
@@ -156,6 +156,8 @@ struct MirrorInner {
     state: UpdateLock<MirrorState>,
     skip_flush: AtomicBool,
     stats: Mutex<MirrorStats>,
+    /// The shared counters ([`IommuMirror::counters`]), kept beside `stats`.
+    counters: Counters,
     config: MirrorConfig,
 }
 
@@ -190,6 +192,8 @@ impl MirrorInner {
             s.iotlb_mut().invalidate_all();
             u
         });
+        self.counters
+            .record_unmap(removed.iter().map(|u| u.len).sum());
         let mut freed = g.unback(&removed);
         debug_assert!(g.pins.is_empty(), "every pin backs a leaf");
         freed.append(&mut g.deferred);
@@ -209,6 +213,8 @@ impl IntervalNotifierOps for MirrorInner {
     ) -> std::result::Result<Pass, WouldBlock> {
         if nr.is_own(self.owner) || nr.event == Event::SoftDirty {
             self.stat(|s| s.skipped += 1);
+            self.counters
+                .record_invalidation(&nr.event, nr.range.len(), false);
             return Ok(Pass::Done);
         }
         let _span = tracing::trace_span!(
@@ -263,6 +269,9 @@ impl IntervalNotifierOps for MirrorInner {
             }
         };
         self.stat(|s| s.invalidations += 1);
+        self.counters.record_invalidation(&nr.event, r.len(), true);
+        self.counters
+            .record_unmap(removed.iter().map(|u| u.len).sum());
         let freed = g.unback(&removed);
         if blockable {
             self.release_after_drain(&mut g, r, freed);
@@ -311,6 +320,7 @@ impl Resolver {
             .and_then(|w| w.intersect(&inner.range))
             .and_then(|w| w.intersect(&Range::new(0, IOVA_END).ok()?))
             .ok_or_else(outside)?;
+        let requested = Instant::now();
         let vma = self.vma_run(window, page, write)?;
         let started = Instant::now();
         let mut retries = 0;
@@ -348,6 +358,7 @@ impl Resolver {
                 Ok(_) => {}
                 Err(svmirror_core::Error::Busy { .. }) => {
                     retries += 1;
+                    inner.counters.record_retry();
                     continue;
                 }
                 Err(e) => return Err(core_err("fault", run)(e)),
@@ -365,6 +376,7 @@ impl Resolver {
                 drop(g);
                 drop(pin);
                 retries += 1;
+                inner.counters.record_retry();
                 continue;
             }
             drop(std::mem::take(&mut g.deferred));
@@ -374,6 +386,9 @@ impl Resolver {
                 s.faults += 1;
                 s.fault_retries += retries;
             });
+            inner
+                .counters
+                .record_fault(run.len(), requested.elapsed());
             return Ok(());
         }
     }
@@ -468,6 +483,10 @@ impl Resolver {
             (removed, mapped, result)
         });
         let (removed, mapped, result) = outcome;
+        inner.counters.record_map(mapped);
+        inner
+            .counters
+            .record_unmap(removed.iter().map(|u| u.len).sum());
         if mapped > 0 {
             g.pins.insert(pin.id(), Backing { pin, mapped });
         }
@@ -546,6 +565,7 @@ impl IommuMirror {
             state: UpdateLock::new(MirrorState::default()),
             skip_flush: AtomicBool::new(false),
             stats: Mutex::new(MirrorStats::default()),
+            counters: Counters::default(),
             config,
         });
         let sub = notifier
@@ -631,6 +651,14 @@ impl IommuMirror {
     /// The counters.
     pub fn stats(&self) -> MirrorStats {
         *self.inner.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The shared counters: faults by size with their latency from the device's request to
+    /// the mapping being in place, fault retries, invalidations by reason (acted on, or skipped
+    /// as the mirror's own migration or soft-dirty), and bytes mapped and torn down in the IO
+    /// page table.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.inner.counters.snapshot()
     }
 
     /// Test hook: when on, invalidations leave the IOTLB alone, breaking the protocol on

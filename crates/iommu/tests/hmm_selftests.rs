@@ -5,100 +5,12 @@
 //! for writing, so a device READ of a read-only mapping is not possible; scenarios that need it
 //! read a read-write mapping instead, or are left out.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+mod hmm_common;
 
-use svmirror_core::{PAGE_SIZE, Range};
+use hmm_common::*;
+use svmirror_core::Range;
 use svmirror_iommu::dmirror::prot;
-use svmirror_iommu::{Dmirror, vm_pinned_bytes};
-use svmirror_mm::{Advice, ProcessMm, Protection};
-
-/// The kernel tests' HMM_BUFFER_SIZE in pages.
-const NPAGES: u64 = 1024;
-/// The kernel tests' NTIMES.
-const NTIMES: u32 = 10;
-const PAGE: u64 = PAGE_SIZE;
-const INTS_PER_PAGE: u64 = PAGE / 4;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// One test at a time: each opens the process's userfaultfd monitor, and the snapshot test
-/// depends on the address-space layout.
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// The process's address space and the pinned bytes before the test.
-struct Env {
-    mm: Arc<ProcessMm>,
-    pinned: u64,
-}
-
-impl Env {
-    fn new() -> Env {
-        let pinned = vm_pinned_bytes().unwrap();
-        Env {
-            mm: Arc::new(ProcessMm::new().expect("userfaultfd available (run as root)")),
-            pinned,
-        }
-    }
-
-    /// The kernel's `hmm_open`.
-    fn open(&self) -> Dmirror {
-        // SAFETY: test buffers are touched by the CPU through raw pointers only.
-        unsafe { Dmirror::open(self.mm.clone()) }.unwrap()
-    }
-
-    /// A private anonymous buffer of `npages`, without huge pages.
-    fn buffer(&self, npages: u64, prot: Protection) -> Range {
-        let r = self.mm.mmap_anonymous(npages * PAGE, prot).unwrap();
-        // SAFETY: advice only; no contents change.
-        unsafe { self.mm.madvise(r, Advice::NoHugePage) }.unwrap();
-        r
-    }
-
-    /// munmap through the SVM API.
-    fn unmap(&self, r: Range) {
-        // SAFETY: test buffers hold no Rust objects and nothing refers into them.
-        unsafe { self.mm.munmap(r) }.unwrap();
-    }
-
-    /// Checks that every pin is gone: call after dropping the devices.
-    fn check_unpinned(&self) {
-        assert_eq!(vm_pinned_bytes().unwrap(), self.pinned, "pins leaked");
-    }
-}
-
-fn write_int(r: Range, i: u64, v: u32) {
-    let p = (r.start() + i * 4) as *mut u32;
-    // SAFETY: `i` indexes an int of the mapped, writable test buffer `r`, which Rust code
-    // touches only through raw pointers.
-    unsafe { std::ptr::write_volatile(p, v) }
-}
-
-fn read_int(r: Range, i: u64) -> u32 {
-    let p = (r.start() + i * 4) as *const u32;
-    // SAFETY: as for `write_int`, for a readable buffer.
-    unsafe { std::ptr::read_volatile(p) }
-}
-
-fn ints(r: Range) -> u64 {
-    r.len() / 4
-}
-
-/// A host buffer (the kernel tests' `buffer->mirror`) of `npages`.
-fn mirror_buf(npages: u64) -> Vec<u8> {
-    vec![0; (npages * PAGE) as usize]
-}
-
-fn mirror_int(m: &[u8], i: u64) -> u32 {
-    let i = i as usize * 4;
-    u32::from_ne_bytes(m[i..i + 4].try_into().unwrap())
-}
-
-fn set_mirror_int(m: &mut [u8], i: u64, v: u32) {
-    let i = i as usize * 4;
-    m[i..i + 4].copy_from_slice(&v.to_ne_bytes());
-}
+use svmirror_mm::{Advice, Protection};
 
 /// `hmm.open_close`: the device opens and closes, several at once, leaving nothing pinned.
 #[test]

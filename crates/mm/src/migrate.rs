@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use svmirror_core::{CpuPte, Event, PAGE_SHIFT, PageSource, Range};
+use svmirror_core::{CpuPte, PAGE_SHIFT, PageSource, Range};
 
 use crate::error::MmError;
 use crate::process::{DevicePages, ProcessMm};
@@ -57,8 +57,7 @@ impl ProcessMm {
                 _ => MmError::Register { range, source },
             })?;
         self.record_registered(range);
-        let owner = device.owner();
-        let inv = self.invalidate(range, Event::Migrate { owner })?;
+        let inv = self.invalidate(range, device.event())?;
         let mut ptes = vec![CpuPte::None; range.pages() as usize];
         self.shared
             .source
@@ -104,6 +103,20 @@ impl ProcessMm {
             tracing::debug!(%range, %source, "could not drop MISSING mode after migrating back");
         }
         Ok(back)
+    }
+
+    /// Makes the address space ready for `fork(2)`, which svmirror does not see (no FORK
+    /// event): brings every page that lives on a device back into RAM, so that the child, which
+    /// gets the parent's pages but neither its userfaultfd registration nor its devices, finds
+    /// the data rather than zeros. The kernel does the like at fork for device-exclusive pages
+    /// (it restores them); device-private pages it shares with the child, which userspace
+    /// cannot. Call it right before `fork`, with no migration running; returns how many pages
+    /// came back.
+    pub fn prepare_fork(&self) -> Result<u64, MmError> {
+        self.shared.wait_handled();
+        self.shared
+            .bring_back_range(Range::FULL)
+            .map_err(MmError::Core)
     }
 
     /// Drops device copies of pages in `range` (the CPU discarded them).

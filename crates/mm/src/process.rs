@@ -67,8 +67,10 @@ pub trait DevicePages: Send + Sync {
     /// operations only.
     fn copy_out(&self, addr: u64, src: *const u8) -> Result<(), Error>;
 
-    /// The CPU touched `addr`: write the page's contents to `dst` (`PAGE_SIZE` writable bytes)
-    /// and free the device copy.
+    /// The CPU touched the page copied out from `addr`: write the page's contents to `dst`
+    /// (`PAGE_SIZE` writable bytes) and free the device copy. `addr` here, in
+    /// [`device_pfn`](Self::device_pfn) and in [`discard`](Self::discard) is always the address
+    /// the page was copied out from, even after a mremap moved it.
     fn copy_back(&self, addr: u64, dst: *mut u8) -> Result<(), Error>;
 
     /// The device page's frame number, reported in `range_fault` entries for its owner.
@@ -76,6 +78,16 @@ pub trait DevicePages: Send + Sync {
 
     /// The CPU dropped `addr` (munmap, madvise DONTNEED) while it lived on the device: free it.
     fn discard(&self, addr: u64);
+
+    /// The event that invalidates a page moving into this memory and back: `Migrate` with the
+    /// owner for device memory (the default), `Exclusive` with the owner for memory that holds
+    /// pages a device has exclusive (atomic) access to, as the kernel's
+    /// `make_device_exclusive` and the CPU fault that revokes it do.
+    fn event(&self) -> Event {
+        Event::Migrate {
+            owner: self.owner(),
+        }
+    }
 }
 
 /// What the kernel granted and how.
@@ -162,8 +174,16 @@ struct Book {
     /// Events SVM API calls are causing right now, and when each was announced.
     expected: Vec<Expected>,
     expected_at: Vec<std::time::Instant>,
-    /// Pages living in device memory: page address → owner.
-    migrated: BTreeMap<u64, Arc<dyn DevicePages>>,
+    /// Pages living in device memory: page address → owner and key.
+    migrated: BTreeMap<u64, OnDevice>,
+}
+
+/// A page living in device memory: its owner, and the address the page had when it migrated,
+/// by which the owner knows it (a mremap moves the page's address, not the device's copy).
+#[derive(Clone)]
+struct OnDevice {
+    owner: Arc<dyn DevicePages>,
+    key: u64,
 }
 
 impl Book {
@@ -182,11 +202,11 @@ impl Book {
     }
 
     /// Unbooks the migrated pages in `[start, end)`, returning them with their owners.
-    fn take_migrated(&mut self, start: u64, end: u64) -> Vec<(u64, Arc<dyn DevicePages>)> {
+    fn take_migrated(&mut self, start: u64, end: u64) -> Vec<OnDevice> {
         let pages: Vec<u64> = self.migrated.range(start..end).map(|(a, _)| *a).collect();
         pages
             .into_iter()
-            .filter_map(|a| self.migrated.remove(&a).map(|o| (a, o)))
+            .filter_map(|a| self.migrated.remove(&a))
             .collect()
     }
 }
@@ -282,8 +302,8 @@ impl Shared {
     /// are told outside the bookkeeping lock.
     pub(crate) fn discard_migrated(&self, start: u64, end: u64) {
         let dropped = self.book().take_migrated(start, end);
-        for (addr, owner) in dropped {
-            owner.discard(addr);
+        for d in dropped {
+            d.owner.discard(d.key);
         }
     }
 
@@ -522,17 +542,14 @@ impl Shared {
             .returning
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let Some(owner) = self.book().migrated.get(&page).cloned() else {
+        let Some(d) = self.book().migrated.get(&page).cloned() else {
             return Ok(false);
         };
         let r = Range::with_len(page, PAGE_SIZE)?;
-        let inv = self.notifier.invalidate_range_start(NotifierRange::new(
-            r,
-            Event::Migrate {
-                owner: owner.owner(),
-            },
-        ))?;
-        owner.copy_back(page, buf)?;
+        let inv = self
+            .notifier
+            .invalidate_range_start(NotifierRange::new(r, d.owner.event()))?;
+        d.owner.copy_back(d.key, buf)?;
         // Unbooked before it is mapped: a thread woken by the copy must not find it "on the
         // device" any more.
         self.book().migrated.remove(&page);
@@ -753,7 +770,10 @@ impl ProcessMm {
     }
 
     pub(crate) fn book_migrate(&self, page: u64, owner: Arc<dyn DevicePages>) {
-        self.shared.book().migrated.insert(page, owner);
+        self.shared
+            .book()
+            .migrated
+            .insert(page, OnDevice { owner, key: page });
     }
 
     /// Records that `r` is registered with the userfaultfd (a registration made outside
@@ -766,7 +786,11 @@ impl ProcessMm {
     }
 
     pub(crate) fn migrated_owner(&self, page: u64) -> Option<Arc<dyn DevicePages>> {
-        self.shared.book().migrated.get(&page).cloned()
+        self.shared
+            .book()
+            .migrated
+            .get(&page)
+            .map(|d| d.owner.clone())
     }
 
     pub(crate) fn uffd(&self) -> &Uffd {
@@ -844,12 +868,12 @@ impl PageSource for ProcessMm {
         for (w, size) in huge {
             book.huge.insert(w, size);
         }
-        for (&page, owner) in book.migrated.range(addr..end) {
+        for (&page, d) in book.migrated.range(addr..end) {
             let i = ((page - addr) >> PAGE_SHIFT) as usize;
             if out[i] == CpuPte::None {
                 out[i] = CpuPte::DevicePrivate {
-                    pfn: owner.device_pfn(page),
-                    owner: owner.owner(),
+                    pfn: d.owner.device_pfn(d.key),
+                    owner: d.owner.owner(),
                     write: true,
                 };
             }

@@ -1,1 +1,73 @@
-//! svmirror's vulkan backend (under construction).
+//! svmirror-vulkan: a Vulkan compute shader works on the process's ordinary memory by CPU
+//! pointer.
+//!
+//! A [`VulkanMirror`] keeps a GPU page table (a storage buffer) that maps the CPU pages of a
+//! range of the process's address space to device addresses, and keeps it an exact mirror of
+//! the CPU's through the shared core: it subscribes to the [`ProcessMm`]'s notifier, fills the
+//! table from [`range_fault`](svmirror_core::range_fault) under its update lock after
+//! `read_retry`, and clears it on invalidation after waiting for the GPU.
+//!
+//! - **Memory** reaches the GPU as host-memory imports (`VK_EXT_external_memory_host`), in
+//!   chunks of 2 MiB, 64 KiB or 4 KiB ([`import`](crate::MirrorConfig::chunk_sizes)), or as
+//!   device-local pages after [`VulkanMirror::migrate_to_device`].
+//! - **Shaders** include `shaders/svm.glsl`, whose `svm_translate(ptr, write)` turns a CPU
+//!   pointer into a device address or records a miss; [`VulkanMirror::dispatch`] resolves the
+//!   misses and replays the work items that faulted.
+//! - **Devices**: [`Gpu`] prefers a discrete GPU, falls back to lavapipe, takes an override
+//!   (`SVMIRROR_VK_DEVICE`), and says what is missing when a device cannot do this.
+//!
+//! # What is the caller's job
+//!
+//! - Keep Rust references off memory a kernel writes while it runs (dispatch is `unsafe` for
+//!   this reason), and do not write a range while it migrates.
+//! - Change mappings through the SVM API ([`ProcessMm::munmap`], `mprotect`, ...) for changes
+//!   to be coherent before the call returns; changes behind svmirror's back become coherent
+//!   when the userfaultfd monitor reads their event. With lavapipe, which reads host memory
+//!   without pinning it, do not unmap memory behind svmirror's back while a dispatch runs.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use svmirror_core::Range;
+//! use svmirror_mm::ProcessMm;
+//! use svmirror_vulkan::{Dispatch, Gpu, GpuConfig, Kernel, MirrorConfig, VulkanMirror};
+//!
+//! let mm = Arc::new(ProcessMm::new()?);
+//! let gpu = Arc::new(Gpu::new(&GpuConfig::default())?);
+//! let mirror = VulkanMirror::new(gpu, mm, Range::new(1 << 16, 1 << 47)?, MirrorConfig::default())?;
+//!
+//! let x = vec![1.0f32; 1 << 20];
+//! let mut y = vec![2.0f32; 1 << 20];
+//! let d = Dispatch::new(
+//!     Kernel::Stream,
+//!     x.len() as u32,
+//!     &[x.as_ptr() as u64, y.as_mut_ptr() as u64, 3.0f32.to_bits() as u64],
+//! )?;
+//! // SAFETY: `x` and `y` hold `items` floats and nothing else touches them meanwhile.
+//! let stats = unsafe { mirror.dispatch(&d) }?;
+//! assert_eq!(y[0], 5.0);
+//! println!("{} passes, {} pages faulted", stats.passes, stats.pages_resolved);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![cfg(target_os = "linux")]
+
+mod conv;
+pub mod device;
+pub mod dispatch;
+mod error;
+pub mod import;
+pub mod kernels;
+mod memory;
+pub mod migrate;
+pub mod mirror;
+pub mod page_table;
+
+pub use device::{
+    DEVICE_ENV, DeviceInfo, Gpu, GpuConfig, InjectedFailure, VALIDATION_ENV, ValidationCounts,
+};
+pub use dispatch::{DeviceArray, DispatchStats, StagedChase, StagedStream};
+pub use error::{Result, VulkanError};
+pub use import::DEFAULT_CHUNK_SIZES;
+pub use kernels::{BfsNode, ChaseNode, Dispatch, Kernel};
+pub use mirror::{MirrorConfig, Resources, VulkanMirror};
+#[doc(no_inline)]
+pub use svmirror_mm::ProcessMm;

@@ -60,6 +60,27 @@ pub enum DmirrorError {
         /// The page.
         addr: u64,
     },
+    /// The device still has exclusive access to a page (CHECK_EXCLUSIVE: EPERM).
+    #[error("device still has exclusive access to page {addr:#x}")]
+    StillExclusive {
+        /// The first such page.
+        addr: u64,
+    },
+    /// A page cannot be made exclusive to the device: EFAULT where it is not mapped or not
+    /// writable, EOPNOTSUPP where it is not private anonymous memory.
+    #[error("page {addr:#x} cannot be made exclusive: {reason}")]
+    NotExclusive {
+        /// The page.
+        addr: u64,
+        /// Why.
+        reason: ExclusiveRefusal,
+    },
+    /// A device-memory allocation failed (injected with FLAGS; ENOMEM).
+    #[error("device memory allocation failed at {addr:#x}")]
+    OutOfMemory {
+        /// The first page of the migration.
+        addr: u64,
+    },
     /// Fault passes kept racing invalidations (EBUSY).
     #[error("device {op} at {addr:#x} made no progress after {passes} fault passes")]
     NoProgress {
@@ -70,6 +91,20 @@ pub enum DmirrorError {
         /// Fault passes made.
         passes: u64,
     },
+}
+
+/// Why a page cannot be made exclusive to the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExclusiveRefusal {
+    /// No mapping there.
+    #[error("not mapped")]
+    NotMapped,
+    /// The mapping is not readable and writable.
+    #[error("not writable")]
+    ReadOnly,
+    /// Shared or I/O memory: only private anonymous memory can be.
+    #[error("not private anonymous memory")]
+    Shared,
 }
 
 impl DmirrorError {
@@ -87,6 +122,12 @@ impl DmirrorError {
             DmirrorError::Core { source, .. } => source.errno(),
             DmirrorError::OnOtherDevice { .. } => libc::ENOENT,
             DmirrorError::NoProgress { .. } => libc::EBUSY,
+            DmirrorError::StillExclusive { .. } => libc::EPERM,
+            DmirrorError::NotExclusive { reason, .. } => match reason {
+                ExclusiveRefusal::Shared => libc::EOPNOTSUPP,
+                ExclusiveRefusal::NotMapped | ExclusiveRefusal::ReadOnly => libc::EFAULT,
+            },
+            DmirrorError::OutOfMemory { .. } => libc::ENOMEM,
         }
     }
 }

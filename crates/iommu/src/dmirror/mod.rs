@@ -49,6 +49,7 @@ mod error;
 mod memory;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use svmirror_core::{
@@ -58,14 +59,21 @@ use svmirror_core::{
 };
 use svmirror_mm::{DevicePages, ProcessMm, ProcessPageSource};
 
-pub use self::error::DmirrorError;
-use self::memory::DeviceMemory;
+pub use self::error::{DmirrorError, ExclusiveRefusal};
+use self::memory::{DeviceMemory, Kind};
 use crate::dma::DmaCommand;
 use crate::error::IommuError;
 use crate::mirror::{IommuMirror, MirrorConfig};
 
 /// Pages faulted at a time, as the kernel's dmirror does.
 pub const FAULT_CHUNK_PAGES: u64 = 32;
+
+/// [`Dmirror::flags`]: make the next device-memory allocation fail (the kernel's
+/// `HMM_DMIRROR_FLAG_FAIL_ALLOC`).
+pub const FLAG_FAIL_ALLOC: u64 = 1 << 0;
+
+/// Pages in a 2 MiB transparent huge page.
+const PMD_PAGES: u64 = 512;
 
 /// The user address space the device mirrors: everything a 4-level page table maps but page 0.
 const USER_SPACE: (u64, u64) = (PAGE_SIZE, 1 << 47);
@@ -143,22 +151,28 @@ impl PageSource for MmSource {
     }
 }
 
-/// The snapshot subscription's callbacks: nothing to tear down, only the sequence to move.
-struct SnapshotOps {
+/// The device subscription's callbacks: the snapshot's sequence moves, and the ATOMIC tags of
+/// exclusive pages in the range are dropped (the kernel's dmirror clears its page-table entries
+/// on every event but its own migration), so the device faults before it uses them again.
+struct DeviceOps {
     lock: UpdateLock<()>,
+    exclusive: Arc<DeviceMemory>,
 }
 
-impl IntervalNotifierOps for SnapshotOps {
+impl IntervalNotifierOps for DeviceOps {
     fn invalidate(
         &self,
         ctx: &InvalidateCtx<'_>,
-        _range: &NotifierRange,
+        range: &NotifierRange,
     ) -> Result<Pass, WouldBlock> {
         let g = if ctx.may_block() {
             self.lock.lock()
         } else {
             self.lock.try_lock().ok_or(WouldBlock)?
         };
+        if !self.exclusive.untag(range.range, ctx.may_block()) {
+            return Err(WouldBlock);
+        }
         ctx.set_seq(&g);
         Ok(Pass::Done)
     }
@@ -188,6 +202,10 @@ pub struct Dmirror {
     mirror: IommuMirror,
     snap: Subscription,
     memory: Arc<DeviceMemory>,
+    /// Pages the device has exclusive access to (EXCLUSIVE).
+    exclusive: Arc<DeviceMemory>,
+    /// FLAGS asked for the next allocation to fail.
+    fail_alloc: AtomicBool,
 }
 
 impl std::fmt::Debug for Dmirror {
@@ -195,6 +213,7 @@ impl std::fmt::Debug for Dmirror {
         f.debug_struct("Dmirror")
             .field("mirror", &self.mirror)
             .field("device_pages", &self.memory.len())
+            .field("exclusive_pages", &self.exclusive.len())
             .finish()
     }
 }
@@ -221,8 +240,10 @@ impl Dmirror {
                 range,
                 source,
             })?;
-        let ops = Arc::new(SnapshotOps {
+        let exclusive = DeviceMemory::new(Kind::Exclusive);
+        let ops = Arc::new(DeviceOps {
             lock: UpdateLock::new(()),
+            exclusive: exclusive.clone(),
         });
         let snap = mm
             .notifier()
@@ -242,7 +263,9 @@ impl Dmirror {
             maps,
             mirror,
             snap,
-            memory: DeviceMemory::new(),
+            memory: DeviceMemory::new(Kind::Private),
+            exclusive,
+            fail_alloc: AtomicBool::new(false),
         })
     }
 
@@ -254,6 +277,11 @@ impl Dmirror {
     /// How many pages live in the device's memory.
     pub fn device_pages(&self) -> usize {
         self.memory.len()
+    }
+
+    /// How many pages the device holds for exclusive access (tagged or not).
+    pub fn exclusive_pages(&self) -> usize {
+        self.exclusive.len()
     }
 
     /// The device reads `npages` at `addr` into `buf` (at least `npages` pages long).
@@ -336,6 +364,9 @@ impl Dmirror {
             source,
         };
         let (pieces, own) = self.check_migratable(range)?;
+        if self.fail_alloc.swap(false, Ordering::AcqRel) {
+            self.injected_alloc_failure(range)?;
+        }
         // Pages already in this device's memory come back first, from this thread.
         // `migrate_to_device` would bring them back through kernel faults that the monitor
         // serves, and the monitor unbooks a page only after mapping it: the populate can return
@@ -366,11 +397,156 @@ impl Dmirror {
         })
     }
 
+    /// The allocation [`FLAG_FAIL_ALLOC`] made fail, at the start of a migration of `range`.
+    /// As in the kernel, a failed huge-page allocation falls back to 4 KiB pages and the
+    /// migration goes on; a failed 4 KiB allocation fails the command with ENOMEM, nothing
+    /// migrated. The first page is part of a huge page when `range` covers a whole 2 MiB
+    /// window from its start and, once faulted in for reading, that window is one PMD mapping
+    /// (a THP, or the huge zero page of an untouched THP area).
+    fn injected_alloc_failure(&self, range: Range) -> Result<(), DmirrorError> {
+        let core = |source| DmirrorError::Core {
+            op: "migrate to device",
+            range,
+            source,
+        };
+        let huge_window = range.start() % (PMD_PAGES * PAGE_SIZE) == 0 && range.pages() >= PMD_PAGES;
+        if huge_window {
+            let first = Range::with_len(range.start(), PAGE_SIZE).map_err(core)?;
+            self.mm.fault(first, false).map_err(core)?;
+            let mut pte = [CpuPte::None];
+            self.mm.snapshot(range.start(), &mut pte).map_err(core)?;
+            if matches!(pte[0], CpuPte::Present { order: 9, .. }) {
+                tracing::debug!(%range, "injected huge-page allocation failure: 4 KiB fallback");
+                return Ok(());
+            }
+        }
+        Err(DmirrorError::OutOfMemory {
+            addr: range.start(),
+        })
+    }
+
+    /// Sets the command flags (the kernel's FLAGS command): [`FLAG_FAIL_ALLOC`] makes the next
+    /// device-memory allocation fail, once. Unknown bits are EINVAL.
+    pub fn flags(&self, flags: u64) -> Result<DmirrorCmd, DmirrorError> {
+        if flags & !FLAG_FAIL_ALLOC != 0 {
+            return Err(DmirrorError::InvalidCommand {
+                addr: 0,
+                npages: 0,
+                reason: "unknown flags",
+            });
+        }
+        self.fail_alloc
+            .store(flags & FLAG_FAIL_ALLOC != 0, Ordering::Release);
+        Ok(DmirrorCmd::default())
+    }
+
+    /// Gives the device exclusive (atomic) access to `npages` at `addr` (the kernel's
+    /// EXCLUSIVE, `make_device_exclusive`), then reads them into `buf` (at least `npages` pages
+    /// long) as the kernel's does; `cpages` is the pages read.
+    ///
+    /// Userspace cannot turn a CPU page-table entry into a device-exclusive one, so the pages
+    /// move into the device's exclusive memory through the migration hooks: every other
+    /// subscriber (this device's IOMMU mirror included) gets an `Exclusive` invalidation, the
+    /// CPU pages are dropped, and the next CPU access, read or write, raises a missing fault
+    /// that revokes the access: another `Exclusive` invalidation, then the contents come back
+    /// into a CPU page. Any other invalidation of the range (a munmap, an mprotect through the
+    /// SVM API) drops the device's ATOMIC tags, as the kernel's dmirror drops its entries: the
+    /// device then faults the pages back before it uses them. Only private anonymous writable
+    /// memory can be made exclusive (EOPNOTSUPP for shared memory, EFAULT for a read-only or
+    /// missing mapping).
+    pub fn exclusive(
+        &self,
+        addr: u64,
+        npages: u64,
+        buf: &mut [u8],
+    ) -> Result<DmirrorCmd, DmirrorError> {
+        let _span = tracing::debug_span!("dmirror.exclusive", addr, npages).entered();
+        let range = check(addr, npages, buf.len() as u64, PAGE_SIZE)?;
+        let pieces = self.check_exclusive_able(range)?;
+        let mm_err = |range, source| DmirrorError::Mm {
+            op: "exclusive",
+            range,
+            source,
+        };
+        // Pages on a device (this one's included) come back first, from this thread.
+        self.mm.migrate_to_ram(range).map_err(|e| mm_err(range, e))?;
+        for piece in pieces {
+            let device: Arc<dyn DevicePages> = self.exclusive.clone();
+            self.mm
+                .migrate_to_device(piece, device)
+                .map_err(|e| mm_err(piece, e))?;
+        }
+        self.exclusive.tag(range);
+        self.read(addr, npages, buf)
+    }
+
+    /// Fails with EPERM ([`DmirrorError::StillExclusive`]) if the device still has exclusive
+    /// access to a page of `npages` at `addr` (the kernel's CHECK_EXCLUSIVE). The kernel's
+    /// selftests pass no pages, which checks nothing; here at least one page is needed.
+    pub fn check_exclusive(&self, addr: u64, npages: u64) -> Result<DmirrorCmd, DmirrorError> {
+        let range = check(addr, npages, u64::MAX, 1)?;
+        match self.exclusive.first_tagged(range) {
+            Some(addr) => Err(DmirrorError::StillExclusive { addr }),
+            None => Ok(DmirrorCmd::default()),
+        }
+    }
+
+    /// Checks `range` for EXCLUSIVE: private, writable, readable mappings only. Returns the
+    /// pieces of `range` in each mapping.
+    fn check_exclusive_able(&self, range: Range) -> Result<Vec<Range>, DmirrorError> {
+        let core = |source| DmirrorError::Core {
+            op: "exclusive",
+            range,
+            source,
+        };
+        let mut pieces = Vec::new();
+        let mut at = range.start();
+        while at < range.end() {
+            let m = match self.maps.mapping(at) {
+                Ok(Some(m)) if m.range.start() <= at => m,
+                Ok(_) => {
+                    return Err(DmirrorError::NotExclusive {
+                        addr: at,
+                        reason: ExclusiveRefusal::NotMapped,
+                    });
+                }
+                Err(source) => {
+                    return Err(DmirrorError::Mm {
+                        op: "exclusive",
+                        range,
+                        source,
+                    });
+                }
+            };
+            if m.shared || m.io {
+                return Err(DmirrorError::NotExclusive {
+                    addr: at,
+                    reason: ExclusiveRefusal::Shared,
+                });
+            }
+            if !m.read || !m.write {
+                return Err(DmirrorError::NotExclusive {
+                    addr: at,
+                    reason: ExclusiveRefusal::ReadOnly,
+                });
+            }
+            let end = m.range.end().min(range.end());
+            pieces.push(Range::new(at, end).map_err(core)?);
+            at = end;
+        }
+        Ok(pieces)
+    }
+
     /// Brings the pages of `npages` at `addr` that live in device memory back to RAM; `cpages`
     /// is how many came back.
     pub fn migrate_to_sys(&self, addr: u64, npages: u64) -> Result<DmirrorCmd, DmirrorError> {
         let _span = tracing::debug_span!("dmirror.migrate_to_sys", addr, npages).entered();
         let range = check(addr, npages, u64::MAX, 1)?;
+        // An injected failure of the RAM page allocation: device pages are 4 KiB here, which is
+        // what the kernel falls back to when a huge page cannot be allocated.
+        if self.fail_alloc.swap(false, Ordering::AcqRel) {
+            tracing::debug!(%range, "injected allocation failure: 4 KiB fallback");
+        }
         let back = self
             .mm
             .migrate_to_ram(range)
@@ -392,7 +568,8 @@ impl Dmirror {
         let mut cmd = DmirrorCmd::default();
         let mut first_error = None;
         // Every run is tried; the first failure is reported.
-        for run in self.memory.runs() {
+        let runs = self.memory.runs().into_iter().chain(self.exclusive.runs());
+        for run in runs {
             match self.mm.migrate_to_ram(run) {
                 Ok(n) => cmd.cpages += n,
                 Err(source) => {
@@ -417,7 +594,7 @@ impl Dmirror {
             range,
             source,
         };
-        let mine = self.owner();
+        let mine = [self.owner(), self.exclusive.owner()];
         let mut own = false;
         let mut pieces = Vec::new();
         let mut at = range.start();
@@ -454,7 +631,7 @@ impl Dmirror {
             self.mm.snapshot(at, &mut ptes).map_err(core)?;
             for (i, p) in ptes.iter().enumerate() {
                 match p {
-                    CpuPte::DevicePrivate { owner, .. } if *owner == mine => own = true,
+                    CpuPte::DevicePrivate { owner, .. } if mine.contains(owner) => own = true,
                     CpuPte::DevicePrivate { .. } => {
                         return Err(DmirrorError::OnOtherDevice {
                             addr: at + i as u64 * PAGE_SIZE,
@@ -480,7 +657,8 @@ impl Dmirror {
         let mut at = range.start();
         let max_passes = 16 + 4 * range.pages().div_ceil(FAULT_CHUNK_PAGES);
         loop {
-            let (missing, requests) = self.copy_present(range, at, dir, data)?;
+            let own = self.own_pages(range)?;
+            let (missing, requests) = self.copy_present(range, at, dir, data, &own)?;
             faults += requests;
             let Some(page) = missing else {
                 return Ok(faults);
@@ -492,7 +670,7 @@ impl Dmirror {
                     passes: faults,
                 });
             }
-            self.fault(page, range.end(), dir == Dir::Write)
+            self.fault(range, page, dir == Dir::Write, &own)
                 .map_err(|source| DmirrorError::Iommu {
                     op: dir.op(),
                     range,
@@ -503,19 +681,52 @@ impl Dmirror {
         }
     }
 
+    /// For each page of `range`, the frame number of this device's copy of it (migrated or
+    /// exclusive) where the device may use that copy, as the address space reports it (a page
+    /// moved by mremap keeps its copy). Reads no page table when the device holds no page.
+    fn own_pages(&self, range: Range) -> Result<Vec<Option<u64>>, DmirrorError> {
+        let n = range.pages() as usize;
+        if self.memory.len() == 0 && self.exclusive.len() == 0 {
+            return Ok(vec![None; n]);
+        }
+        let mut ptes = vec![CpuPte::None; n];
+        self.mm
+            .snapshot(range.start(), &mut ptes)
+            .map_err(|source| DmirrorError::Core {
+                op: "device access",
+                range,
+                source,
+            })?;
+        let mine = [self.owner(), self.exclusive.owner()];
+        Ok(ptes
+            .iter()
+            .map(|p| match p {
+                CpuPte::DevicePrivate { owner, pfn, .. }
+                    if mine.contains(owner)
+                        && (self.memory.usable(*pfn) || self.exclusive.usable(*pfn)) =>
+                {
+                    Some(*pfn)
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Copies from `from` up to the first page the device cannot reach without a fault, which
-    /// it returns, with the page requests the DMA raised.
+    /// it returns, with the page requests the DMA raised. `own` is [`own_pages`](Self::own_pages).
     fn copy_present(
         &self,
         range: Range,
         from: u64,
         dir: Dir,
         data: &mut [u8],
+        own: &[Option<u64>],
     ) -> Result<(Option<u64>, u64), DmirrorError> {
         let mmu = self.mirror.mmu();
         let write = dir == Dir::Write;
+        let idx = |p: u64| ((p - range.start()) / PAGE_SIZE) as usize;
         let mapped = |p: u64| {
-            !self.memory.contains(p)
+            own[idx(p)].is_none()
                 && mmu
                     .translate(p)
                     .is_some_and(|t| !write || t.perms.writable())
@@ -525,10 +736,10 @@ impl Dmirror {
         let mut p = from;
         while p < range.end() {
             let page = &mut data[off(p)..off(p) + PAGE_SIZE as usize];
-            let on_device = match dir {
-                Dir::Read => self.memory.read(p, page),
-                Dir::Write => self.memory.write(p, page),
-            };
+            let on_device = own[idx(p)].is_some_and(|pfn| match dir {
+                Dir::Read => self.memory.read(pfn, page) || self.exclusive.read(pfn, page),
+                Dir::Write => self.memory.write(pfn, page) || self.exclusive.write(pfn, page),
+            });
             if on_device {
                 p += PAGE_SIZE;
                 continue;
@@ -566,20 +777,28 @@ impl Dmirror {
         Ok((None, requests))
     }
 
-    /// One fault pass over `[from, end)`: the pages not in device memory, in chunks of
-    /// [`FAULT_CHUNK_PAGES`].
-    fn fault(&self, from: u64, end: u64, write: bool) -> Result<(), IommuError> {
+    /// One fault pass over `[from, range.end())`: the pages the device cannot use from its own
+    /// memory (`own`, as [`own_pages`](Self::own_pages)), in chunks of [`FAULT_CHUNK_PAGES`].
+    fn fault(
+        &self,
+        range: Range,
+        from: u64,
+        write: bool,
+        own: &[Option<u64>],
+    ) -> Result<(), IommuError> {
+        let end = range.end();
+        let on_device = |p: u64| own[((p - range.start()) / PAGE_SIZE) as usize].is_some();
         let mut chunk = from;
         while chunk < end {
             let chunk_end = (chunk + FAULT_CHUNK_PAGES * PAGE_SIZE).min(end);
             let mut p = chunk;
             while p < chunk_end {
-                if self.memory.contains(p) {
+                if on_device(p) {
                     p += PAGE_SIZE;
                     continue;
                 }
                 let mut q = p + PAGE_SIZE;
-                while q < chunk_end && !self.memory.contains(q) {
+                while q < chunk_end && !on_device(q) {
                     q += PAGE_SIZE;
                 }
                 self.mirror.fault(p, q - p, write)?;

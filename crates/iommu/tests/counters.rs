@@ -1,0 +1,209 @@
+//! The shared counters of an [`IommuMirror`] (`IommuMirror::counters`): faults by size with
+//! their latency, retries, invalidations by reason (acted on or skipped), bytes mapped and torn
+//! down.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::{PAGE, mirror_with};
+use svmirror_core::{
+    Event, FaultSize, Notifier, NotifierRange, PageSource, Range, counters::EVENT_NAMES,
+};
+use svmirror_iommu::testing::AnonMap;
+use svmirror_iommu::{DmaCommand, IommuMirror, MirrorConfig};
+use svmirror_mm::{ProcessMm, ProcessPageSource, Protection};
+
+fn read(m: &IommuMirror, src: u64, len: u64) -> Vec<u8> {
+    m.submit(DmaCommand::Read { src, len })
+        .unwrap()
+        .wait()
+        .unwrap()
+        .data
+}
+
+#[test]
+fn a_4k_fault_counts_one_4k_fault_with_its_latency_and_bytes() {
+    let notifier = Notifier::new();
+    let config = MirrorConfig {
+        fault_window: PAGE,
+        ..MirrorConfig::checked()
+    };
+    let m = mirror_with(&notifier, config);
+    let b = AnonMap::new(4 * PAGE as usize).unwrap();
+    b.fill(7);
+    assert_eq!(m.counters().total_faults(), 0);
+
+    assert_eq!(read(&m, b.addr() + 8, 8), vec![7; 8]);
+    let c = m.counters();
+    assert_eq!(c.faults[FaultSize::Page4K as usize], 1, "{c:?}");
+    assert_eq!(c.total_faults(), 1);
+    assert_eq!(c.fault_bytes, PAGE);
+    assert_eq!(c.bytes_mapped, PAGE);
+    assert_eq!(c.retries, 0);
+    assert_eq!(c.fault_latency.count(), 1);
+    assert!(c.fault_latency.median().is_some());
+
+    // A hit faults nothing more.
+    read(&m, b.addr() + 16, 8);
+    assert_eq!(m.counters().total_faults(), 1);
+}
+
+#[test]
+fn a_2m_window_fault_counts_in_the_2m_class() {
+    let notifier = Notifier::new();
+    let m = mirror_with(&notifier, MirrorConfig::checked());
+    let len = 2usize << 20;
+    let b = AnonMap::aligned(len, len).unwrap();
+    b.fill(1);
+    read(&m, b.addr() + PAGE, 8);
+    let c = m.counters();
+    assert_eq!(c.faults[FaultSize::UpTo2M as usize], 1, "{c:?}");
+    assert_eq!(c.fault_bytes, len as u64);
+    assert_eq!(c.bytes_mapped, len as u64);
+}
+
+#[test]
+fn munmap_through_the_svm_api_counts_an_unmap_invalidation() {
+    let mm = ProcessMm::new().expect("userfaultfd available (run as root)");
+    let m = mirror_with(mm.notifier(), MirrorConfig::checked());
+    let range = mm
+        .mmap_anonymous(4 * PAGE, Protection::READ_WRITE)
+        .unwrap();
+    m.fault(range.start(), range.len(), true).unwrap();
+    let before = m.counters();
+    assert_eq!(before.bytes_mapped, range.len());
+
+    // SAFETY: nothing in Rust refers into the fresh mapping.
+    unsafe { mm.munmap(range) }.unwrap();
+    let d = m.counters().since(&before);
+    assert_eq!(d.invalidations[Event::Unmap.index()], 1, "{d:?}");
+    assert_eq!(d.total_invalidations(), 1);
+    assert_eq!(d.invalidated_bytes, range.len());
+    assert_eq!(d.bytes_unmapped, range.len());
+    assert_eq!(EVENT_NAMES[Event::Unmap.index()], "unmap");
+}
+
+#[test]
+fn mprotect_through_the_svm_api_counts_a_protection_invalidation_and_keeps_the_mapping() {
+    let mm = ProcessMm::new().expect("userfaultfd available (run as root)");
+    let m = mirror_with(mm.notifier(), MirrorConfig::checked());
+    let range = mm
+        .mmap_anonymous(2 * PAGE, Protection::READ_WRITE)
+        .unwrap();
+    m.fault(range.start(), range.len(), true).unwrap();
+    let before = m.counters();
+    mm.mprotect(range, Protection::READ).unwrap();
+    let d = m.counters().since(&before);
+    assert_eq!(d.invalidations[Event::ProtectionVma.index()], 1, "{d:?}");
+    assert_eq!(d.bytes_unmapped, 0, "a downgrade tears nothing down");
+    mm.mprotect(range, Protection::READ_WRITE).unwrap();
+    // SAFETY: nothing in Rust refers into the mapping.
+    unsafe { mm.munmap(range) }.unwrap();
+}
+
+#[test]
+fn own_migration_is_counted_as_skipped() {
+    let notifier = Notifier::new();
+    let m = mirror_with(&notifier, MirrorConfig::checked());
+    let b = AnonMap::new(2 * PAGE as usize).unwrap();
+    b.fill(3);
+    m.fault(b.addr(), 2 * PAGE, false).unwrap();
+    let range = Range::with_len(b.addr(), 2 * PAGE).unwrap();
+    let before = m.counters();
+
+    let own = Event::Migrate { owner: m.owner() };
+    notifier
+        .invalidate_range_start(NotifierRange::new(range, own))
+        .unwrap()
+        .end();
+    let d = m.counters().since(&before);
+    assert_eq!(d.skipped[own.index()], 1, "{d:?}");
+    assert_eq!(d.total_invalidations(), 0);
+    assert_eq!(d.bytes_unmapped, 0);
+    assert!(m.mmu().translate(b.addr()).is_some(), "still mapped");
+
+    let soft = Event::SoftDirty;
+    notifier
+        .invalidate_range_start(NotifierRange::new(range, soft))
+        .unwrap()
+        .end();
+    assert_eq!(m.counters().since(&before).skipped[soft.index()], 1);
+
+    // Anyone else's Clear is acted on.
+    notifier
+        .invalidate_range_start(NotifierRange::new(range, Event::Clear))
+        .unwrap()
+        .end();
+    let d = m.counters().since(&before);
+    assert_eq!(d.invalidations[Event::Clear.index()], 1);
+    assert_eq!(d.bytes_unmapped, 2 * PAGE);
+}
+
+/// The process's page table, with an invalidation of `range` injected into the first snapshot.
+struct RacingSource {
+    inner: ProcessPageSource,
+    notifier: Notifier,
+    range: Range,
+    fired: AtomicBool,
+}
+
+impl PageSource for RacingSource {
+    fn area(&self, addr: u64, limit: u64) -> svmirror_core::Result<svmirror_core::Area> {
+        self.inner.area(addr, limit)
+    }
+
+    fn snapshot(&self, addr: u64, out: &mut [svmirror_core::CpuPte]) -> svmirror_core::Result<()> {
+        self.inner.snapshot(addr, out)?;
+        if !self.fired.swap(true, Ordering::Relaxed) {
+            let nr = NotifierRange::new(self.range, Event::Clear);
+            self.notifier.invalidate_range_start(nr)?.end();
+        }
+        Ok(())
+    }
+
+    fn fault(&self, range: Range, write: bool) -> svmirror_core::Result<()> {
+        self.inner.fault(range, write)
+    }
+}
+
+#[test]
+fn a_fault_raced_by_an_invalidation_counts_one_retry_and_one_fault() {
+    let notifier = Notifier::new();
+    let b = AnonMap::new(2 * PAGE as usize).unwrap();
+    b.fill(4);
+    let range = Range::with_len(b.addr(), b.len() as u64).unwrap();
+    let source = RacingSource {
+        inner: ProcessPageSource::new().unwrap(),
+        notifier: notifier.clone(),
+        range,
+        fired: AtomicBool::new(false),
+    };
+    // SAFETY: test memory is touched only through raw pointers.
+    let m = unsafe {
+        IommuMirror::with_page_source(&notifier, range, MirrorConfig::checked(), Box::new(source))
+    }
+    .unwrap();
+    assert_eq!(read(&m, b.addr(), 2 * PAGE), vec![4; 2 * PAGE as usize]);
+    let c = m.counters();
+    assert_eq!(c.retries, 1, "{c:?}");
+    assert_eq!(c.total_faults(), 1);
+    assert_eq!(c.faults[FaultSize::UpTo64K as usize], 1);
+    assert_eq!(c.bytes_mapped, 2 * PAGE);
+}
+
+#[test]
+fn dropping_the_mirror_counts_everything_torn_down() {
+    let notifier = Notifier::new();
+    let m = mirror_with(&notifier, MirrorConfig::checked());
+    let b = AnonMap::new(3 * PAGE as usize).unwrap();
+    m.fault(b.addr(), 3 * PAGE, true).unwrap();
+    let c = m.counters();
+    assert_eq!(c.bytes_mapped, 3 * PAGE);
+    assert_eq!(c.bytes_unmapped, 0);
+    // The mirror's own teardown is not visible after drop; a Release through the notifier is.
+    notifier.release().unwrap();
+    let d = m.counters();
+    assert_eq!(d.invalidations[Event::Release.index()], 1, "{d:?}");
+    assert_eq!(d.bytes_unmapped, 3 * PAGE);
+}

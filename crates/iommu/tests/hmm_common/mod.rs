@@ -1,0 +1,304 @@
+//! Helpers shared by the ports of the kernel's hmm selftests (`hmm_*.rs`): the environment (the
+//! process's address space and its pinned-page count), buffers, int access through raw
+//! pointers, forking, and hugetlb pool reservation.
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use svmirror_core::{PAGE_SIZE, Range};
+use svmirror_iommu::{Dmirror, vm_pinned_bytes};
+use svmirror_mm::{Advice, ProcessMm, Protection};
+
+/// The kernel tests' HMM_BUFFER_SIZE in pages.
+pub const NPAGES: u64 = 1024;
+/// The kernel tests' NTIMES.
+pub const NTIMES: u32 = 10;
+pub const PAGE: u64 = PAGE_SIZE;
+pub const INTS_PER_PAGE: u64 = PAGE / 4;
+/// The PMD size: a transparent or hugetlb huge page.
+pub const TWO_MEG: u64 = 2 << 20;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// One test at a time: each opens the process's userfaultfd monitor, and the snapshot test
+/// depends on the address-space layout.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The process's address space and the pinned bytes before the test.
+pub struct Env {
+    pub mm: Arc<ProcessMm>,
+    pub pinned: u64,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let pinned = vm_pinned_bytes().unwrap();
+        Env {
+            mm: Arc::new(ProcessMm::new().expect("userfaultfd available (run as root)")),
+            pinned,
+        }
+    }
+
+    /// The kernel's `hmm_open`.
+    pub fn open(&self) -> Dmirror {
+        // SAFETY: test buffers are touched by the CPU through raw pointers only.
+        unsafe { Dmirror::open(self.mm.clone()) }.unwrap()
+    }
+
+    /// A private anonymous buffer of `npages`, without huge pages.
+    pub fn buffer(&self, npages: u64, prot: Protection) -> Range {
+        let r = self.mm.mmap_anonymous(npages * PAGE, prot).unwrap();
+        // SAFETY: advice only; no contents change.
+        unsafe { self.mm.madvise(r, Advice::NoHugePage) }.unwrap();
+        r
+    }
+
+    /// The kernel tests' THP buffer: `2 * size` mapped with `prot`, and the `size`-aligned
+    /// `size` bytes inside it advised with `advice`. Returns (whole mapping, aligned part).
+    pub fn aligned_buffer(&self, size: u64, prot: Protection, advice: Advice) -> (Range, Range) {
+        let whole = self.mm.mmap_anonymous(2 * size, prot).unwrap();
+        let map = Range::with_len(whole.start().next_multiple_of(size), size).unwrap();
+        // SAFETY: advice only; no contents change.
+        unsafe { self.mm.madvise(map, advice) }.unwrap();
+        (whole, map)
+    }
+
+    /// munmap through the SVM API.
+    pub fn unmap(&self, r: Range) {
+        // SAFETY: test buffers hold no Rust objects and nothing refers into them.
+        unsafe { self.mm.munmap(r) }.unwrap();
+    }
+
+    /// Checks that every pin is gone: call after dropping the devices.
+    pub fn check_unpinned(&self) {
+        assert_eq!(vm_pinned_bytes().unwrap(), self.pinned, "pins leaked");
+    }
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Env::new()
+    }
+}
+
+/// A shared anonymous read-write mapping of `npages`.
+pub fn shared_buffer(npages: u64) -> Range {
+    // SAFETY: a new mapping at an address the kernel picks; it replaces nothing.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            (npages * PAGE) as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    Range::with_len(p as u64, npages * PAGE).unwrap()
+}
+
+/// A plain munmap, behind svmirror's back: seen through the userfaultfd UNMAP event.
+pub fn raw_munmap(r: Range) {
+    // SAFETY: test buffers hold no Rust objects and nothing refers into them.
+    let rc = unsafe { libc::munmap(r.start() as *mut libc::c_void, r.len() as usize) };
+    assert_eq!(rc, 0, "munmap {r}: {}", std::io::Error::last_os_error());
+}
+
+pub fn write_int(r: Range, i: u64, v: u32) {
+    let p = (r.start() + i * 4) as *mut u32;
+    // SAFETY: `i` indexes an int of the mapped, writable test buffer `r`, which Rust code
+    // touches only through raw pointers.
+    unsafe { std::ptr::write_volatile(p, v) }
+}
+
+pub fn read_int(r: Range, i: u64) -> u32 {
+    let p = (r.start() + i * 4) as *const u32;
+    // SAFETY: as for `write_int`, for a readable buffer.
+    unsafe { std::ptr::read_volatile(p) }
+}
+
+/// Fills `r` with its int indices (the kernel tests' `ptr[i] = i`).
+pub fn fill_ints(r: Range) {
+    for i in 0..ints(r) {
+        write_int(r, i, i as u32);
+    }
+}
+
+/// Checks that every int of `r` holds `f(i)`.
+pub fn check_ints(r: Range, what: &str, f: impl Fn(u64) -> u32) {
+    for i in 0..ints(r) {
+        let v = read_int(r, i);
+        assert_eq!(v, f(i), "{what}: int {i}");
+    }
+}
+
+pub fn ints(r: Range) -> u64 {
+    r.len() / 4
+}
+
+/// A host buffer (the kernel tests' `buffer->mirror`) of `npages`.
+pub fn mirror_buf(npages: u64) -> Vec<u8> {
+    vec![0; (npages * PAGE) as usize]
+}
+
+pub fn mirror_int(m: &[u8], i: u64) -> u32 {
+    let i = i as usize * 4;
+    u32::from_ne_bytes(m[i..i + 4].try_into().unwrap())
+}
+
+pub fn set_mirror_int(m: &mut [u8], i: u64, v: u32) {
+    let i = i as usize * 4;
+    m[i..i + 4].copy_from_slice(&v.to_ne_bytes());
+}
+
+/// Checks that the first `n` ints of the mirror buffer hold `f(i)`.
+pub fn check_mirror(m: &[u8], n: u64, what: &str, f: impl Fn(u64) -> u32) {
+    for i in 0..n {
+        assert_eq!(mirror_int(m, i), f(i), "{what}: mirror int {i}");
+    }
+}
+
+/// Forks. The child runs `child` and leaves with `_exit`: 0 if it returned, 1 if it panicked
+/// (its message goes to stderr, as the harness's output capture does not reach a child).
+/// Returns the child's pid in the parent.
+///
+/// The test process has threads (the harness's, the userfaultfd monitor): the child must not
+/// touch what they may have held locked at the fork, nor drop anything of the parent's (the
+/// parent's `ProcessMm` would wait for a monitor thread the child does not have). It may
+/// allocate (glibc makes malloc safe across fork) and open its own address space and devices.
+pub fn fork(child: impl FnOnce()) -> libc::pid_t {
+    // SAFETY: the child only runs `child` (see above) and leaves with `_exit`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)) {
+            Ok(()) => 0,
+            Err(e) => {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_else(|| "panic".to_owned());
+                let line = format!("child failed: {msg}\n");
+                // SAFETY: writes our own buffer to stderr.
+                unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+                1
+            }
+        };
+        // SAFETY: leaves the child without running the parent's destructors or atexit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    pid
+}
+
+/// Waits for `pid` and returns its wait status.
+pub fn wait(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    // SAFETY: `pid` is our child; `status` is a valid out pointer.
+    let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(rc, pid, "waitpid: {}", std::io::Error::last_os_error());
+    status
+}
+
+/// Waits for `pid` and checks that it exited with status 0.
+pub fn wait_ok(pid: libc::pid_t) {
+    let status = wait(pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child failed (wait status {status:#x}; its message is on stderr)"
+    );
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+const POOL_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+
+fn read_u64(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The 2 MiB hugetlb pool's free pages.
+fn free_2m() -> u64 {
+    read_u64(&format!("{POOL_2M}/free_hugepages")).unwrap_or(0)
+}
+
+/// The file that sizes the 2 MiB pool: `vm.nr_hugepages` where 2 MiB is the default huge page
+/// size (as on x86-64), else the pool's own.
+fn pool_size_file() -> String {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let default_2m = meminfo
+        .lines()
+        .any(|l| l.starts_with("Hugepagesize:") && l.split_whitespace().nth(1) == Some("2048"));
+    if default_2m {
+        NR_HUGEPAGES.to_owned()
+    } else {
+        format!("{POOL_2M}/nr_hugepages")
+    }
+}
+
+/// Huge pages reserved for a test: the pool size is written back on drop (also when the test
+/// fails).
+pub struct HugetlbPool {
+    restore: Option<(String, u64)>,
+}
+
+impl HugetlbPool {
+    /// Makes sure `want` 2 MiB hugetlb pages are free, growing the pool (as root). Fails the
+    /// test with a clear message where that is impossible: the kernel's selftests skip there,
+    /// ours must not.
+    pub fn reserve(want: u64) -> HugetlbPool {
+        let free = free_2m();
+        if free >= want {
+            return HugetlbPool { restore: None };
+        }
+        let file = pool_size_file();
+        let old = read_u64(&file).unwrap_or_else(|| panic!("hugetlb: cannot read {file}"));
+        let target = old + (want - free);
+        if let Err(e) = std::fs::write(&file, target.to_string()) {
+            panic!("hugetlb: could not grow {file} from {old} to {target} (needs root): {e}");
+        }
+        let pool = HugetlbPool {
+            restore: Some((file, old)),
+        };
+        assert!(
+            free_2m() >= want,
+            "hugetlb: only {} of {want} huge pages free after growing the pool",
+            free_2m()
+        );
+        pool
+    }
+}
+
+impl Drop for HugetlbPool {
+    fn drop(&mut self) {
+        if let Some((file, old)) = &self.restore {
+            if let Err(e) = std::fs::write(file, old.to_string()) {
+                eprintln!("could not restore {file} to {old}: {e}");
+            }
+        }
+    }
+}
+
+/// A private anonymous hugetlb mapping of `len` bytes (MAP_HUGETLB, 2 MiB pages).
+pub fn hugetlb_map(len: u64) -> Range {
+    // SAFETY: a new mapping at an address the kernel picks; it replaces nothing.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "MAP_HUGETLB mmap: {}",
+        std::io::Error::last_os_error()
+    );
+    Range::with_len(p as u64, len).unwrap()
+}

@@ -1,0 +1,260 @@
+//! The compute kernels in `shaders/`, compiled to the SPIR-V committed in `shaders/spv/`
+//! (`cargo xtask shaders` regenerates it), and their pipelines.
+//!
+//! Every kernel takes the same 128-byte push-constant block (`SvmPush` in `shaders/svm.glsl`):
+//! the page table's and fault buffer's addresses, the pass mode, the item count, and nine
+//! 64-bit kernel arguments ([`Dispatch::args`]).
+
+use std::sync::Arc;
+
+use ash::vk;
+
+use crate::conv::vk_err;
+use crate::device::Gpu;
+use crate::error::{Result, VulkanError};
+
+/// A kernel the backend can dispatch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// `y[i] = a * x[i] + y[i]` over `f32` arrays (saxpy). Arguments: `[x, y, a.to_bits()]`;
+    /// items: the element count. (The shader handles 16 elements per invocation and translates
+    /// each page once; the backend sets its fourth argument to the element count.)
+    Stream,
+    /// Linked-list walk: item `i` follows `next` from `heads[i]` for at most `steps` nodes
+    /// ([`ChaseNode`]) and stores the sum of their values in `out[i]` (`u32`). Arguments:
+    /// `[heads (*const u64), out (*mut u32), steps]`; items: the number of lists.
+    Chase,
+    /// One level of a pull-style BFS over [`BfsNode`]s: a node without a level that has a
+    /// neighbour at level `cur` takes `cur + 1` and adds one to `*changed`. Arguments:
+    /// `[nodes (*const u64 node pointers), cur, changed (*mut u32)]`; items: the node count.
+    BfsStep,
+}
+
+/// A list node of [`Kernel::Chase`], as the shader reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChaseNode {
+    /// Address of the next node, 0 at the end.
+    pub next: u64,
+    /// Added to the list's sum.
+    pub value: u32,
+    /// Unused (keeps the node 16 bytes).
+    pub pad: u32,
+}
+
+/// A graph node of [`Kernel::BfsStep`], as the shader reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BfsNode {
+    /// Address of `degree` node addresses (`u64`), the neighbours.
+    pub edges: u64,
+    /// Number of neighbours.
+    pub degree: u32,
+    /// BFS level, -1 while unreached.
+    pub level: i32,
+}
+
+/// One dispatch: a kernel, its work items, and its arguments (CPU pointers, by value).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dispatch {
+    /// What to run.
+    pub kernel: Kernel,
+    /// How many work items (one invocation each).
+    pub items: u32,
+    /// The kernel's arguments; see [`Kernel`].
+    pub args: [u64; 9],
+}
+
+impl Dispatch {
+    /// A dispatch of `kernel` over `items` with the first arguments `args` (rest zero).
+    pub fn new(kernel: Kernel, items: u32, args: &[u64]) -> Result<Self> {
+        if args.len() > 9 {
+            return Err(VulkanError::InvalidDispatch {
+                reason: "at most nine arguments",
+            });
+        }
+        let mut a = [0u64; 9];
+        a[..args.len()].copy_from_slice(args);
+        Ok(Dispatch {
+            kernel,
+            items,
+            args: a,
+        })
+    }
+}
+
+/// Which compiled module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Module {
+    Stream,
+    StreamDirect,
+    Chase,
+    ChaseDirect,
+    Bfs,
+}
+
+impl Module {
+    pub(crate) const ALL: [Module; 5] = [
+        Module::Stream,
+        Module::StreamDirect,
+        Module::Chase,
+        Module::ChaseDirect,
+        Module::Bfs,
+    ];
+
+    fn spirv(self) -> &'static [u8] {
+        match self {
+            Module::Stream => include_bytes!("../../../shaders/spv/stream.spv"),
+            Module::StreamDirect => include_bytes!("../../../shaders/spv/stream_direct.spv"),
+            Module::Chase => include_bytes!("../../../shaders/spv/chase.spv"),
+            Module::ChaseDirect => include_bytes!("../../../shaders/spv/chase_direct.spv"),
+            Module::Bfs => include_bytes!("../../../shaders/spv/bfs.spv"),
+        }
+    }
+
+    /// The workgroup size the shader declares.
+    pub(crate) fn local_size(self) -> u32 {
+        match self {
+            Module::Stream | Module::StreamDirect => 256,
+            _ => 64,
+        }
+    }
+
+    pub(crate) fn svm(kernel: Kernel) -> Module {
+        match kernel {
+            Kernel::Stream => Module::Stream,
+            Kernel::Chase => Module::Chase,
+            Kernel::BfsStep => Module::Bfs,
+        }
+    }
+
+    pub(crate) fn direct(kernel: Kernel) -> Option<Module> {
+        match kernel {
+            Kernel::Stream => Some(Module::StreamDirect),
+            Kernel::Chase => Some(Module::ChaseDirect),
+            Kernel::BfsStep => None,
+        }
+    }
+}
+
+/// Size of the push-constant block.
+pub(crate) const PUSH_SIZE: u32 = 128;
+
+/// The pipelines of every module, sharing one layout.
+pub(crate) struct Pipelines {
+    gpu: Arc<Gpu>,
+    pub(crate) layout: vk::PipelineLayout,
+    pipelines: Vec<(Module, vk::Pipeline)>,
+}
+
+impl Pipelines {
+    pub(crate) fn new(gpu: &Arc<Gpu>) -> Result<Self> {
+        let ranges = [vk::PushConstantRange::default()
+            .stage_flags(vk::ShaderStageFlags::COMPUTE)
+            .offset(0)
+            .size(PUSH_SIZE)];
+        let li = vk::PipelineLayoutCreateInfo::default().push_constant_ranges(&ranges);
+        // SAFETY: a live device and a create info pointing at locals.
+        let layout = unsafe { gpu.device.create_pipeline_layout(&li, None) }
+            .map_err(vk_err("vkCreatePipelineLayout"))?;
+        let mut me = Pipelines {
+            gpu: gpu.clone(),
+            layout,
+            pipelines: Vec::new(),
+        };
+        for m in Module::ALL {
+            let code = ash::util::read_spv(&mut std::io::Cursor::new(m.spirv())).map_err(|_| {
+                VulkanError::InvalidConfig {
+                    reason: "committed SPIR-V is malformed (run cargo xtask shaders)",
+                }
+            })?;
+            let mi = vk::ShaderModuleCreateInfo::default().code(&code);
+            // SAFETY: `code` is SPIR-V that passed spirv-val in `cargo xtask shaders --check`.
+            let module = unsafe { gpu.device.create_shader_module(&mi, None) }
+                .map_err(vk_err("vkCreateShaderModule"))?;
+            let stage = vk::PipelineShaderStageCreateInfo::default()
+                .stage(vk::ShaderStageFlags::COMPUTE)
+                .module(module)
+                .name(c"main");
+            let ci = [vk::ComputePipelineCreateInfo::default()
+                .stage(stage)
+                .layout(layout)];
+            // SAFETY: the module and layout are live; the create info points at locals.
+            let r = unsafe {
+                gpu.device
+                    .create_compute_pipelines(vk::PipelineCache::null(), &ci, None)
+            };
+            // SAFETY: the pipeline (if any) keeps what it needs; the module may go.
+            unsafe { gpu.device.destroy_shader_module(module, None) };
+            let p = r.map_err(|(_, e)| vk_err("vkCreateComputePipelines")(e))?;
+            me.pipelines.push((m, p[0]));
+        }
+        Ok(me)
+    }
+
+    pub(crate) fn get(&self, m: Module) -> vk::Pipeline {
+        self.pipelines
+            .iter()
+            .find(|(k, _)| *k == m)
+            .map(|(_, p)| *p)
+            .expect("every module has a pipeline")
+    }
+}
+
+impl Drop for Pipelines {
+    fn drop(&mut self) {
+        for (_, p) in self.pipelines.drain(..) {
+            // SAFETY: no submission using the pipeline is pending (the owner waited).
+            unsafe { self.gpu.device.destroy_pipeline(p, None) };
+        }
+        // SAFETY: as above; its pipelines are gone.
+        unsafe { self.gpu.device.destroy_pipeline_layout(self.layout, None) };
+    }
+}
+
+/// Elements one [`Kernel::Stream`] workgroup covers (256 invocations of 16 elements).
+const STREAM_TILE: u32 = 256 * 16;
+
+impl Dispatch {
+    /// The invocation count and push arguments the shader gets for this dispatch.
+    pub(crate) fn shader_form(&self) -> (u32, [u64; 9]) {
+        match self.kernel {
+            Kernel::Stream => {
+                let mut args = self.args;
+                args[3] = u64::from(self.items);
+                (self.items.div_ceil(STREAM_TILE) * 256, args)
+            }
+            Kernel::Chase | Kernel::BfsStep => (self.items, self.args),
+        }
+    }
+}
+
+/// Workgroup counts for `items` invocations of `local`-sized groups: x up to 65535, y for the
+/// rest (the shader folds y back into the item index).
+pub(crate) fn groups(items: u32, local: u32) -> (u32, u32) {
+    let g = items.div_ceil(local).max(1);
+    let x = g.min(65535);
+    (x, g.div_ceil(x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_cover_every_item() {
+        assert_eq!(groups(1, 256), (1, 1));
+        assert_eq!(groups(256, 256), (1, 1));
+        assert_eq!(groups(257, 256), (2, 1));
+        let (x, y) = groups(u32::MAX, 64);
+        assert!(u64::from(x) * u64::from(y) * 64 >= u64::from(u32::MAX));
+        assert!(x <= 65535 && y <= 65535);
+    }
+
+    #[test]
+    fn node_layouts_match_the_shaders() {
+        assert_eq!(std::mem::size_of::<ChaseNode>(), 16);
+        assert_eq!(std::mem::size_of::<BfsNode>(), 16);
+        assert_eq!(std::mem::offset_of!(BfsNode, level), 12);
+    }
+}

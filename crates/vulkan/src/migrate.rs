@@ -1,0 +1,303 @@
+//! Device memory: pages of a range move into device-local memory (gpu-allocator) through
+//! svmirror-mm's migration hooks, and a CPU touch brings them home.
+//!
+//! Out ([`VulkanMirror::migrate_to_device`]): svmirror-mm invalidates the range with
+//! `Migrate { owner }` (which this mirror skips: it updates its own table here), then hands
+//! each page to [`DevicePages::copy_out`]: under the update lock the chunk holding it is
+//! dropped (its CPU pages are about to go) after the device drains, and the contents are kept.
+//! Once svmirror-mm has dropped the CPU pages, the kept pages are uploaded into one device-local
+//! buffer per page and their entries point there.
+//!
+//! Back: a CPU access (or [`VulkanMirror::migrate_to_ram`], or another device's fault) calls
+//! [`DevicePages::copy_back`]: under the update lock the entry goes, the device drains, the page
+//! is copied back through a readback buffer and its device memory is freed.
+
+use std::sync::{Arc, Weak};
+
+use gpu_allocator::MemoryLocation;
+use svmirror_core::{Owner, PAGE_SIZE, Range};
+use svmirror_mm::DevicePages;
+
+use crate::error::{Result, VulkanError};
+use crate::memory::{GpuBuffer, Submission};
+use crate::mirror::{DevicePage, Inner, VulkanMirror};
+use crate::page_table::{VALID, WRITE};
+
+/// This mirror's device memory, as svmirror-mm sees it.
+pub(crate) struct DeviceMemory {
+    inner: Weak<Inner>,
+    owner: Owner,
+}
+
+fn page_range(addr: u64) -> Range {
+    Range::with_len(addr, PAGE_SIZE).expect("a page")
+}
+
+fn to_core(addr: u64) -> impl FnOnce(VulkanError) -> svmirror_core::Error {
+    move |e| svmirror_core::Error::Source {
+        range: page_range(addr),
+        source: Box::new(e),
+    }
+}
+
+impl DeviceMemory {
+    pub(crate) fn new(inner: &Arc<Inner>) -> Arc<Self> {
+        Arc::new(DeviceMemory {
+            inner: Arc::downgrade(inner),
+            owner: inner.owner,
+        })
+    }
+
+    fn inner(&self, addr: u64) -> std::result::Result<Arc<Inner>, svmirror_core::Error> {
+        self.inner
+            .upgrade()
+            .ok_or(svmirror_core::Error::BadAddress { addr })
+    }
+
+    /// Uploads every page copied out and not yet in device memory, and maps it.
+    pub(crate) fn upload_pending(&self) -> Result<()> {
+        let Some(inner) = self.inner.upgrade() else {
+            return Ok(());
+        };
+        let gpu = &inner.gpu;
+        let mut g = inner.state.lock();
+        let pending: Vec<u64> = g
+            .device_pages
+            .iter()
+            .filter(|(_, p)| matches!(p, DevicePage::Pending(_)))
+            .map(|(&a, _)| a)
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let staging = GpuBuffer::new(
+            gpu,
+            pending.len() as u64 * PAGE_SIZE,
+            MemoryLocation::CpuToGpu,
+            "migrate upload",
+        )?;
+        let dst = staging.host_ptr().expect("host-visible staging");
+        let mut targets = Vec::with_capacity(pending.len());
+        for (i, a) in pending.iter().enumerate() {
+            if let Some(DevicePage::Pending(data)) = g.device_pages.get(a) {
+                // SAFETY: `dst` is mapped for `pending.len()` pages; slot `i` is in bounds and
+                // distinct from `data`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        data.as_ptr(),
+                        dst.wrapping_add(i * PAGE_SIZE as usize),
+                        PAGE_SIZE as usize,
+                    )
+                };
+            }
+            // Allocation failures leave every page pending (its contents safe in host memory).
+            targets.push(GpuBuffer::new(
+                gpu,
+                PAGE_SIZE,
+                MemoryLocation::GpuOnly,
+                "migrated page",
+            )?);
+        }
+        let mut sub = Submission::begin(gpu)?;
+        for (i, t) in targets.iter().enumerate() {
+            let region = [ash::vk::BufferCopy::default()
+                .src_offset(i as u64 * PAGE_SIZE)
+                .size(PAGE_SIZE)];
+            // SAFETY: `sub.cb` is recording on this thread; both buffers are live and the region
+            // is in bounds of each.
+            unsafe {
+                gpu.device
+                    .cmd_copy_buffer(sub.cb, staging.buffer, t.buffer, &region)
+            };
+        }
+        sub.submit()?;
+        sub.wait()?;
+        drop(sub);
+        for (a, t) in pending.iter().zip(targets) {
+            g.table.set(*a, t.addr | VALID | WRITE)?;
+            g.device_pages.insert(*a, DevicePage::Resident(t));
+        }
+        drop(g);
+        inner.counters.record_map(pending.len() as u64 * PAGE_SIZE);
+        Ok(())
+    }
+
+    /// Maps `page` if it lives in device memory; false if it does not.
+    pub(crate) fn resolve(&self, page: u64, _write: bool) -> Result<bool> {
+        let Some(inner) = self.inner.upgrade() else {
+            return Ok(false);
+        };
+        let mut g = inner.state.lock();
+        match g.device_pages.get(&page) {
+            None => Ok(false),
+            Some(DevicePage::Resident(b)) => {
+                let addr = b.addr;
+                g.table.set(page, addr | VALID | WRITE)?;
+                Ok(true)
+            }
+            Some(DevicePage::Pending(_)) => {
+                drop(g);
+                self.upload_pending()?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Reads a resident page back into `dst` (a page). Under the update lock, device drained.
+    fn download(inner: &Inner, buf: &GpuBuffer, dst: *mut u8) -> Result<()> {
+        let gpu = &inner.gpu;
+        let rb = GpuBuffer::new(gpu, PAGE_SIZE, MemoryLocation::GpuToCpu, "migrate readback")?;
+        let mut sub = Submission::begin(gpu)?;
+        let region = [ash::vk::BufferCopy::default().size(PAGE_SIZE)];
+        // SAFETY: `sub.cb` is recording on this thread; both buffers are a page long.
+        unsafe {
+            gpu.device
+                .cmd_copy_buffer(sub.cb, buf.buffer, rb.buffer, &region)
+        };
+        sub.submit()?;
+        sub.wait()?;
+        let src = rb.host_ptr().expect("host-visible readback");
+        // SAFETY: `src` is mapped for a page written by the finished copy; `dst` is a writable
+        // page (`DevicePages::copy_back`'s contract), distinct from it.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, PAGE_SIZE as usize) };
+        Ok(())
+    }
+
+    /// Frees every device page (their contents are dropped): for teardown, after they were
+    /// brought home.
+    pub(crate) fn release_all(&self) {
+        if let Some(inner) = self.inner.upgrade() {
+            let mut g = inner.state.lock();
+            let pages = std::mem::take(&mut g.device_pages);
+            for &a in pages.keys() {
+                g.table.clear(page_range(a), true);
+            }
+            if !pages.is_empty() {
+                inner.drain(&g);
+            }
+        }
+    }
+}
+
+impl DevicePages for DeviceMemory {
+    fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    fn copy_out(&self, addr: u64, src: *const u8) -> std::result::Result<(), svmirror_core::Error> {
+        let inner = self.inner(addr)?;
+        let mut g = inner.state.lock();
+        // The CPU page is about to be dropped: the chunk that imports it goes first.
+        let (imports, bytes) = g.take_chunks(page_range(addr), false);
+        if bytes > 0 {
+            inner.drain(&g);
+        }
+        let mut data = vec![0u8; PAGE_SIZE as usize].into_boxed_slice();
+        // SAFETY: `DevicePages::copy_out`'s contract: `src` is readable for a page; the device
+        // no longer reaches it (drained above).
+        unsafe { std::ptr::copy_nonoverlapping(src, data.as_mut_ptr(), data.len()) };
+        g.device_pages.insert(addr, DevicePage::Pending(data));
+        drop(g);
+        drop(imports);
+        inner.counters.record_unmap(bytes);
+        Ok(())
+    }
+
+    fn copy_back(&self, addr: u64, dst: *mut u8) -> std::result::Result<(), svmirror_core::Error> {
+        let inner = self.inner(addr)?;
+        let mut g = inner.state.lock();
+        let page = g
+            .device_pages
+            .remove(&addr)
+            .ok_or(svmirror_core::Error::BadAddress { addr })?;
+        match page {
+            DevicePage::Pending(data) => {
+                // SAFETY: `DevicePages::copy_back`'s contract: `dst` is a writable page.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+            }
+            DevicePage::Resident(buf) => {
+                g.table.clear(page_range(addr), false);
+                inner.drain(&g);
+                let r = Self::download(&inner, &buf, dst);
+                if r.is_err() {
+                    // Keep the page where it is rather than lose it.
+                    g.device_pages.insert(addr, DevicePage::Resident(buf));
+                    return r.map_err(to_core(addr));
+                }
+                inner.counters.record_unmap(PAGE_SIZE);
+            }
+        }
+        Ok(())
+    }
+
+    fn device_pfn(&self, addr: u64) -> u64 {
+        // Device frame numbers, far from RAM's, for readable logs.
+        (1 << 40) + (addr >> svmirror_core::PAGE_SHIFT)
+    }
+
+    fn discard(&self, addr: u64) {
+        let Ok(inner) = self.inner(addr) else {
+            return;
+        };
+        let mut g = inner.state.lock();
+        if let Some(p) = g.device_pages.remove(&addr) {
+            g.table.clear(page_range(addr), false);
+            inner.drain(&g);
+            drop(g);
+            drop(p);
+        }
+    }
+}
+
+impl VulkanMirror {
+    /// Moves the pages of `range` (private anonymous memory inside the mirror) into
+    /// device-local memory; returns how many moved. The caller must not write the range while
+    /// it migrates (svmirror-mm's rule: userspace cannot stop the CPU meanwhile).
+    pub fn migrate_to_device(&self, addr: u64, len: u64) -> Result<u64> {
+        let range = self.check_range(addr, len)?;
+        let _span = tracing::debug_span!(
+            "vulkan.migrate_to_device",
+            start = range.start(),
+            end = range.end()
+        )
+        .entered();
+        let moved = self
+            .mm
+            .migrate_to_device(range, self.device_memory.clone())
+            .map_err(|source| VulkanError::Mm {
+                op: "migrate to device",
+                range,
+                source,
+            })?;
+        self.device_memory.upload_pending()?;
+        Ok(moved)
+    }
+
+    /// Brings every page of `range` that lives in device memory back into RAM; returns how
+    /// many came back.
+    pub fn migrate_to_ram(&self, addr: u64, len: u64) -> Result<u64> {
+        let range = self.check_range(addr, len)?;
+        self.mm
+            .migrate_to_ram(range)
+            .map_err(|source| VulkanError::Mm {
+                op: "migrate to RAM",
+                range,
+                source,
+            })
+    }
+
+    /// Pages now in device-local memory, in runs.
+    pub fn device_runs(&self) -> Vec<Range> {
+        let g = self.inner.state.lock();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &a in g.device_pages.keys() {
+            match runs.last_mut() {
+                Some(r) if r.1 == a => r.1 += PAGE_SIZE,
+                _ => runs.push((a, a + PAGE_SIZE)),
+            }
+        }
+        runs.into_iter()
+            .filter_map(|(s, e)| Range::new(s, e).ok())
+            .collect()
+    }
+}

@@ -1,0 +1,622 @@
+//! [`VulkanMirror`]: a GPU page table that mirrors a range of the process's address space,
+//! subscribed to the process's notifier.
+//!
+//! # Fault path
+//!
+//! A miss the shader records (or a [`prefetch`](VulkanMirror::prefetch)) names a page. The
+//! mirror finds the mapping around it, picks the chunk to import ([`crate::import`]), and loops:
+//! `read_begin` → [`range_fault`] over the chunk (fault in and snapshot through the
+//! [`ProcessMm`]) → import the chunk's host memory → take the update lock → `read_retry` →
+//! write the chunk's page-table entries → unlock. The import is made **outside** the update
+//! lock, because a driver pins pages on import and pinning may fault, and a fault on memory the
+//! userfaultfd monitor serves may wait for that monitor, which may be waiting for this update
+//! lock in `invalidate`. The import is made after `read_begin`, so the retry check covers it:
+//! if an invalidation ran since, the import is dropped and the loop starts over.
+//!
+//! # Invalidation
+//!
+//! Under the update lock: `set_seq`; then clear the page-table entries of every chunk the range
+//! touches (a partial invalidation drops the whole chunk), or on `ProtectionVma` only take their
+//! write permission; then wait for the fences of every submission in flight if anything was
+//! mapped there (a dispatch may touch any mapped page); then free the imports. `Unmap` and
+//! `Release` free page-table leaves left empty. The mirror's own `Migrate` and `SoftDirty` are
+//! skipped: the migration code updates the table itself.
+//!
+//! # Lock order
+//!
+//! Notifier lock (inside the core), then the update lock, then the gpu-allocator, pool and
+//! queue mutexes. A dispatch submits under the update lock, so an invalidation either runs
+//! before the submission (the shader then misses) or finds its fence in the in-flight list.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use ash::vk;
+use svmirror_core::{
+    AreaKind, CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest,
+    IntervalNotifierOps, InvalidateCtx, NotifierRange, Owner, PAGE_SIZE, PageSource, Pass, Range,
+    Subscription, UpdateLock, WouldBlock, entry, range_fault,
+};
+use svmirror_mm::ProcessMm;
+
+use crate::device::Gpu;
+use crate::error::{Result, VulkanError};
+use crate::import::{DEFAULT_CHUNK_SIZES, Import, choose_chunk};
+use crate::kernels::Pipelines;
+use crate::memory::{GpuBuffer, wait_fences};
+use crate::page_table::{PageTable, VALID, WRITE};
+
+/// How to build a [`VulkanMirror`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorConfig {
+    /// Chunk sizes to import, largest first (powers of two, at least a page).
+    pub chunk_sizes: Vec<u64>,
+    /// Misses one pass can record; more are found again on replay.
+    pub fault_capacity: u32,
+    /// Page-table leaves (each maps 2 MiB).
+    pub page_table_leaves: u32,
+    /// Fault-and-replay passes one dispatch may take.
+    pub max_passes: u32,
+    /// How long one fault may keep racing invalidations.
+    pub fault_timeout: Duration,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            chunk_sizes: DEFAULT_CHUNK_SIZES.to_vec(),
+            fault_capacity: 1024,
+            page_table_leaves: 1024,
+            max_passes: 10_000,
+            fault_timeout: DEFAULT_FAULT_TIMEOUT,
+        }
+    }
+}
+
+/// What a mirror holds right now: for tests that nothing leaks and for reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resources {
+    /// Imported chunks.
+    pub imports: u64,
+    /// Bytes imported.
+    pub imported_bytes: u64,
+    /// Valid page-table entries.
+    pub mapped_pages: u64,
+    /// Page-table leaves in use.
+    pub leaves: u32,
+    /// Pages living in device-local memory.
+    pub device_pages: u64,
+    /// Submissions in flight.
+    pub in_flight: u64,
+}
+
+/// A page migrated to device-local memory.
+pub(crate) enum DevicePage {
+    /// Copied out of the CPU; not yet uploaded.
+    Pending(Box<[u8]>),
+    /// In device-local memory.
+    Resident(GpuBuffer),
+}
+
+/// What the update lock guards.
+///
+/// Every valid page-table entry belongs either to a chunk in `chunks` (pointing into its import)
+/// or to a `Resident` page of `device_pages`. A chunk leaves `chunks` only after its entries are
+/// cleared and every fence in `in_flight` at that time has signalled; only then is its import
+/// freed. `in_flight` holds the fence of every submission made and not yet waited for by its
+/// submitter; a submitter removes its fence under this lock before destroying it.
+pub(crate) struct State {
+    pub(crate) chunks: BTreeMap<u64, Import>,
+    pub(crate) table: PageTable,
+    pub(crate) device_pages: BTreeMap<u64, DevicePage>,
+    pub(crate) in_flight: Vec<(u64, vk::Fence)>,
+    pub(crate) next_submission: u64,
+}
+
+impl State {
+    /// Whether `r` overlaps an import or a device page.
+    pub(crate) fn occupied(&self, r: Range) -> bool {
+        let chunk = self
+            .chunks
+            .range(..r.end())
+            .next_back()
+            .is_some_and(|(_, c)| c.range.end() > r.start());
+        chunk || self.device_pages.range(r.start()..r.end()).next().is_some()
+    }
+
+    /// The chunk holding `addr`.
+    pub(crate) fn chunk_at(&self, addr: u64) -> Option<Range> {
+        self.chunks
+            .range(..=addr)
+            .next_back()
+            .filter(|(_, c)| c.range.contains(addr))
+            .map(|(_, c)| c.range)
+    }
+
+    /// Removes every chunk overlapping `r`, clearing its entries; returns the imports to free
+    /// once the device is idle there, and the bytes they covered.
+    pub(crate) fn take_chunks(&mut self, r: Range, free_leaves: bool) -> (Vec<Import>, u64) {
+        let starts: Vec<u64> = self
+            .chunks
+            .range(..r.end())
+            .rev()
+            .take_while(|(_, c)| c.range.end() > r.start())
+            .map(|(&s, _)| s)
+            .collect();
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for s in starts {
+            if let Some(c) = self.chunks.remove(&s) {
+                self.table.clear(c.range, free_leaves);
+                bytes += c.range.len();
+                out.push(c);
+            }
+        }
+        (out, bytes)
+    }
+
+    /// Fences of every submission in flight.
+    pub(crate) fn fences(&self) -> Vec<vk::Fence> {
+        self.in_flight.iter().map(|&(_, f)| f).collect()
+    }
+}
+
+/// The backend half the notifier calls.
+pub(crate) struct Inner {
+    pub(crate) gpu: Arc<Gpu>,
+    pub(crate) range: Range,
+    pub(crate) owner: Owner,
+    pub(crate) state: UpdateLock<State>,
+    pub(crate) counters: Counters,
+    pub(crate) config: MirrorConfig,
+}
+
+impl Inner {
+    /// Waits for every submission in flight (under the update lock). A lost device runs
+    /// nothing, so its fences are as good as signalled.
+    pub(crate) fn drain(&self, g: &State) {
+        if let Err(e) = wait_fences(&self.gpu, &g.fences()) {
+            tracing::error!(error = %e, "waiting for the GPU failed; it can no longer run");
+        }
+    }
+}
+
+impl IntervalNotifierOps for Inner {
+    fn invalidate(
+        &self,
+        ctx: &InvalidateCtx<'_>,
+        nr: &NotifierRange,
+    ) -> std::result::Result<Pass, WouldBlock> {
+        if nr.is_own(self.owner) || nr.event == Event::SoftDirty {
+            self.counters.record_invalidation(&nr.event, 0, false);
+            return Ok(Pass::Done);
+        }
+        let _span = tracing::trace_span!(
+            "vulkan.invalidate",
+            start = nr.range.start(),
+            end = nr.range.end(),
+            event = nr.event.name()
+        )
+        .entered();
+        let blockable = ctx.may_block();
+        let mut g = if blockable {
+            self.state.lock()
+        } else {
+            self.state.try_lock().ok_or(WouldBlock)?
+        };
+        ctx.set_seq(&g);
+        let Some(r) = nr.range.intersect(&ctx.subscription_range()) else {
+            return Ok(Pass::Done);
+        };
+        if !blockable && !g.in_flight.is_empty() && g.occupied(r) {
+            return Err(WouldBlock);
+        }
+        let free_leaves = matches!(nr.event, Event::Unmap | Event::Release);
+        let (imports, bytes) = if nr.event == Event::ProtectionVma {
+            let n = g.table.protect(r);
+            (Vec::new(), n * PAGE_SIZE)
+        } else {
+            let (imports, bytes) = g.take_chunks(r, free_leaves);
+            // Pages in device memory lose their entries too; svmirror-mm frees them through
+            // `DevicePages::discard` when the CPU drops them.
+            let dev: Vec<u64> = g
+                .device_pages
+                .range(r.start()..r.end())
+                .map(|(&a, _)| a)
+                .collect();
+            let mut dev_bytes = 0;
+            for a in dev {
+                let page = Range::with_len(a, PAGE_SIZE).expect("page");
+                dev_bytes += g.table.clear(page, free_leaves) * PAGE_SIZE;
+            }
+            (imports, bytes + dev_bytes)
+        };
+        if bytes > 0 {
+            self.drain(&g);
+        }
+        drop(g);
+        drop(imports);
+        self.counters.record_invalidation(&nr.event, r.len(), true);
+        if bytes > 0 {
+            self.counters.record_unmap(bytes);
+        }
+        Ok(Pass::Done)
+    }
+}
+
+/// A Vulkan device mirroring one range of this process's address space. See the
+/// [module documentation](self).
+pub struct VulkanMirror {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) sub: Subscription,
+    pub(crate) mm: Arc<ProcessMm>,
+    pub(crate) pipelines: Pipelines,
+    pub(crate) dispatch_buffers: Mutex<Option<crate::dispatch::DispatchBuffers>>,
+    pub(crate) device_memory: Arc<crate::migrate::DeviceMemory>,
+}
+
+impl std::fmt::Debug for VulkanMirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VulkanMirror")
+            .field("range", &self.inner.range)
+            .field("device", &self.inner.gpu.info.name)
+            .field("resources", &self.resources())
+            .finish()
+    }
+}
+
+fn fault_err(addr: u64, write: bool) -> impl FnOnce(svmirror_core::Error) -> VulkanError {
+    move |source| VulkanError::Fault {
+        addr,
+        write,
+        source,
+    }
+}
+
+impl VulkanMirror {
+    /// Subscribes `range` of `mm`'s address space and sets up the page table and pipelines on
+    /// `gpu`. Nothing is imported until a dispatch faults or a prefetch asks.
+    pub fn new(
+        gpu: Arc<Gpu>,
+        mm: Arc<ProcessMm>,
+        range: Range,
+        config: MirrorConfig,
+    ) -> Result<Self> {
+        if config.chunk_sizes.is_empty()
+            || config
+                .chunk_sizes
+                .iter()
+                .any(|s| !s.is_power_of_two() || *s < PAGE_SIZE || *s > crate::page_table::BLOCK)
+        {
+            return Err(VulkanError::InvalidConfig {
+                reason: "chunk sizes must be powers of two from 4 KiB to 2 MiB",
+            });
+        }
+        if config.fault_capacity == 0 || config.max_passes == 0 {
+            return Err(VulkanError::InvalidConfig {
+                reason: "fault capacity and passes must not be zero",
+            });
+        }
+        let mut config = config;
+        config.chunk_sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let table = PageTable::new(&gpu, config.page_table_leaves)?;
+        let pipelines = Pipelines::new(&gpu)?;
+        let inner = Arc::new_cyclic(|w: &Weak<Inner>| Inner {
+            gpu: gpu.clone(),
+            range,
+            owner: Owner(w.as_ptr() as u64),
+            state: UpdateLock::new(State {
+                chunks: BTreeMap::new(),
+                table,
+                device_pages: BTreeMap::new(),
+                in_flight: Vec::new(),
+                next_submission: 0,
+            }),
+            counters: Counters::default(),
+            config,
+        });
+        let sub = mm
+            .notifier()
+            .insert(range, inner.clone())
+            .map_err(|source| VulkanError::Core {
+                op: "subscribe",
+                range,
+                source,
+            })?;
+        let device_memory = crate::migrate::DeviceMemory::new(&inner);
+        tracing::debug!(%range, device = %gpu.info.name, "vulkan mirror ready");
+        Ok(VulkanMirror {
+            inner,
+            sub,
+            mm,
+            pipelines,
+            dispatch_buffers: Mutex::new(None),
+            device_memory,
+        })
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.inner.gpu
+    }
+
+    /// The mirrored range.
+    pub fn range(&self) -> Range {
+        self.inner.range
+    }
+
+    /// The owner identity this mirror's own migrations carry.
+    pub fn owner(&self) -> Owner {
+        self.inner.owner
+    }
+
+    /// The counters: faults by size with latencies, retries, invalidations by reason, bytes
+    /// mapped and unmapped.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.inner.counters.snapshot()
+    }
+
+    /// What the mirror holds now.
+    pub fn resources(&self) -> Resources {
+        let g = self.inner.state.lock();
+        Resources {
+            imports: g.chunks.len() as u64,
+            imported_bytes: g.chunks.values().map(|c| c.range.len()).sum(),
+            mapped_pages: g.table.mapped_pages(),
+            leaves: g.table.leaves_in_use(),
+            device_pages: g.device_pages.len() as u64,
+            in_flight: g.in_flight.len() as u64,
+        }
+    }
+
+    /// The page-table entry of the page at `addr`: `Some(writable)` when mapped.
+    pub fn entry(&self, addr: u64) -> Option<bool> {
+        let e = self.inner.state.lock().table.get(addr & !(PAGE_SIZE - 1));
+        (e & VALID != 0).then_some(e & WRITE != 0)
+    }
+
+    /// Maps `[addr, addr + len)` ahead of a dispatch (writable if `write`), as faults would.
+    pub fn prefetch(&self, addr: u64, len: u64, write: bool) -> Result<()> {
+        let r = self.check_range(addr, len)?;
+        let _span =
+            tracing::debug_span!("vulkan.prefetch", start = r.start(), end = r.end()).entered();
+        let mut at = r.start();
+        while at < r.end() {
+            self.resolve(at, write)?;
+            let next = self.inner.state.lock().chunk_at(at).map(|c| c.end());
+            at = next.unwrap_or(at + PAGE_SIZE).max(at + PAGE_SIZE);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_range(&self, addr: u64, len: u64) -> Result<Range> {
+        let start = addr & !(PAGE_SIZE - 1);
+        let end = addr
+            .checked_add(len)
+            .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE));
+        let r = match (len, end) {
+            (0, _) => Range::new(start, start),
+            (_, Some(end)) => Range::new(start, end),
+            (_, None) => Range::with_len(addr, len),
+        }
+        .map_err(|source| VulkanError::InvalidRange { addr, len, source })?;
+        if r.start() < self.inner.range.start() || r.end() > self.inner.range.end() {
+            return Err(VulkanError::OutsideMirror {
+                addr,
+                range: self.inner.range,
+            });
+        }
+        Ok(r)
+    }
+
+    /// The part of the 2 MiB block around `page` that its mapping covers (clipped to the
+    /// mirror), and whether the mapping is writable.
+    fn mapping_around(&self, page: u64, write: bool) -> Result<(Range, bool)> {
+        let block = crate::page_table::BLOCK;
+        let window = Range::with_len(page & !(block - 1), block)
+            .ok()
+            .and_then(|w| w.intersect(&self.inner.range))
+            .ok_or(VulkanError::OutsideMirror {
+                addr: page,
+                range: self.inner.range,
+            })?;
+        let mut at = window.start();
+        loop {
+            let a = self
+                .mm
+                .area(at, window.end())
+                .map_err(fault_err(page, write))?;
+            if page < a.end {
+                return match a.kind {
+                    AreaKind::Mapped {
+                        read: true,
+                        write: w,
+                    } => {
+                        if write && !w {
+                            return Err(fault_err(page, write)(
+                                svmirror_core::Error::WriteToReadOnly { addr: page },
+                            ));
+                        }
+                        let r = Range::new(at, a.end).map_err(fault_err(page, write))?;
+                        Ok((r, w))
+                    }
+                    _ => Err(fault_err(page, write)(svmirror_core::Error::BadAddress {
+                        addr: page,
+                    })),
+                };
+            }
+            at = a.end;
+        }
+    }
+
+    /// Makes the page at `page` translatable (writable if `write`): the fault path of the
+    /// [module documentation](self).
+    pub(crate) fn resolve(&self, page: u64, write: bool) -> Result<()> {
+        let inner = &*self.inner;
+        let page = page & !(PAGE_SIZE - 1);
+        if !inner.range.contains(page) {
+            return Err(VulkanError::OutsideMirror {
+                addr: page,
+                range: inner.range,
+            });
+        }
+        let _span = tracing::trace_span!("vulkan.fault", page, write).entered();
+        let started = Instant::now();
+        let mut retries = 0u64;
+        loop {
+            if retries > 0 && started.elapsed() > inner.config.fault_timeout {
+                let range = Range::with_len(page, PAGE_SIZE).expect("page");
+                return Err(fault_err(page, write)(svmirror_core::Error::Timeout {
+                    range,
+                    retries,
+                    elapsed: started.elapsed(),
+                }));
+            }
+            let existing = {
+                let g = inner.state.lock();
+                let e = g.table.get(page);
+                if e & VALID != 0 && (!write || e & WRITE != 0) {
+                    return Ok(());
+                }
+                g.chunk_at(page)
+            };
+            if self.device_memory.resolve(page, write)? {
+                return Ok(());
+            }
+            let (allowed, vma_write) = self.mapping_around(page, write)?;
+            let chunk = match existing {
+                Some(c) => c,
+                None => {
+                    let g = inner.state.lock();
+                    choose_chunk(
+                        page,
+                        allowed,
+                        &inner.config.chunk_sizes,
+                        inner.gpu.info.import_alignment,
+                        |r| g.occupied(r),
+                    )
+                    .ok_or(VulkanError::NoChunk {
+                        addr: page,
+                        alignment: inner.gpu.info.import_alignment,
+                    })?
+                }
+            };
+            let seq = self.sub.read_begin().map_err(fault_err(page, write))?;
+            let mut entries = vec![0u64; chunk.pages() as usize];
+            let mut req =
+                FaultRequest::fault_all(chunk, &mut entries, vma_write).with_owner(inner.owner);
+            match range_fault(&self.sub, seq, &*self.mm, &mut req) {
+                Ok(_) => {}
+                Err(svmirror_core::Error::Busy { .. }) => {
+                    retries += 1;
+                    inner.counters.record_retry();
+                    continue;
+                }
+                Err(e) => return Err(fault_err(page, write)(e)),
+            }
+            // Outside the update lock: see the module documentation.
+            let import = match existing {
+                Some(_) => None,
+                // SAFETY: `chunk` lies in a readable mapping that was just faulted in; the
+                // device writes it only through dispatches, whose callers promise no Rust
+                // reference aliases what the kernel writes (`VulkanMirror::dispatch`).
+                None => Some(unsafe { Import::new(&inner.gpu, chunk) }?),
+            };
+            let mut g = inner.state.lock();
+            if self
+                .sub
+                .read_retry(&g, seq)
+                .map_err(fault_err(page, write))?
+            {
+                drop(g);
+                drop(import);
+                retries += 1;
+                inner.counters.record_retry();
+                continue;
+            }
+            let base = match &import {
+                Some(_) if g.occupied(chunk) => {
+                    // Another fault imported around here meanwhile: use what it mapped.
+                    drop(g);
+                    drop(import);
+                    continue;
+                }
+                Some(i) => i.addr,
+                None => match g.chunks.get(&chunk.start()) {
+                    Some(c) if c.range == chunk => c.addr,
+                    _ => {
+                        drop(g);
+                        continue;
+                    }
+                },
+            };
+            let mut result = Ok(());
+            for (i, &e) in entries.iter().enumerate() {
+                if !entry::is_valid(e) || e & entry::DEVICE_PRIVATE != 0 {
+                    continue;
+                }
+                let off = i as u64 * PAGE_SIZE;
+                let flags = if entry::is_writable(e) {
+                    VALID | WRITE
+                } else {
+                    VALID
+                };
+                result = g.table.set(chunk.start() + off, (base + off) | flags);
+                if result.is_err() {
+                    break;
+                }
+            }
+            if let Err(e) = result {
+                // Fail closed: nothing of this chunk stays mapped, and its import goes.
+                g.table.clear(chunk, true);
+                if import.is_none() {
+                    let (old, _) = g.take_chunks(chunk, true);
+                    inner.drain(&g);
+                    drop(g);
+                    drop(old);
+                }
+                return Err(e);
+            }
+            if let Some(i) = import {
+                g.chunks.insert(chunk.start(), i);
+            }
+            drop(g);
+            inner.counters.record_fault(chunk.len(), started.elapsed());
+            inner.counters.record_map(chunk.len());
+            return Ok(());
+        }
+    }
+
+    /// Drops every mapping and import (the device loses everything; faults map it again).
+    pub fn evict_all(&self) {
+        let mut g = self.inner.state.lock();
+        let (imports, bytes) = g.take_chunks(Range::FULL, true);
+        if !imports.is_empty() {
+            self.inner.drain(&g);
+        }
+        drop(g);
+        drop(imports);
+        self.inner.counters.record_unmap(bytes);
+    }
+}
+
+impl Drop for VulkanMirror {
+    fn drop(&mut self) {
+        // No callback runs or will run after this; an already released one is fine.
+        let _ = self.sub.remove();
+        // Pages living in device memory come home first; svmirror-mm would otherwise ask this
+        // mirror for them after it is gone.
+        for run in self.device_runs() {
+            if let Err(e) = self.mm.migrate_to_ram(run) {
+                tracing::error!(%run, error = %e, "could not bring pages home at teardown");
+            }
+        }
+        self.device_memory.release_all();
+        self.evict_all();
+        *self
+            .dispatch_buffers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+}

@@ -1,0 +1,381 @@
+//! The simulated IOMMU as the app's device: one [`IommuMirror`] over the whole user address
+//! space, its page source the [`ProcessMm`], so every SVM API call and every userfaultfd event
+//! reaches it. Kernels are [`DeviceKernel`]s: Rust closures whose every load and store is a DMA
+//! command through the IOMMU. The IOTLB checking mode is on: a device access through a
+//! translation that should have been flushed fails the run.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use svmirror_core::{
+    Area, CounterSnapshot, CpuPte, Event, Notifier, NotifierRange, PAGE_SIZE, PageSource, Range,
+};
+use svmirror_iommu::testing::AnonMap;
+use svmirror_iommu::{
+    DeviceKernel, DmaCommand, IommuError, IommuMirror, KernelError, KernelStats, MirrorConfig,
+};
+use svmirror_mm::ProcessMm;
+
+use super::report::Figure;
+use super::{
+    AppError, Backend, BackendKind, DeviceWork, Node, Progress, Result, SlotRef, SlotResult,
+};
+
+/// Elements of one saxpy block (1 MiB of f32): two loads and one store per block.
+const SAXPY_BLOCK: usize = 1 << 18;
+
+/// The lowest address mirrored (page 0 is never mapped).
+const USER_START: u64 = PAGE_SIZE;
+/// The end of the user address space on x86-64 and arm64 with 4-level tables.
+const USER_END: u64 = 1 << 47;
+
+/// The address space as the mirror's page source.
+struct MmSource(Arc<ProcessMm>);
+
+impl PageSource for MmSource {
+    fn area(&self, addr: u64, limit: u64) -> svmirror_core::Result<Area> {
+        self.0.area(addr, limit)
+    }
+
+    fn snapshot(&self, addr: u64, out: &mut [CpuPte]) -> svmirror_core::Result<()> {
+        self.0.snapshot(addr, out)
+    }
+
+    fn fault(&self, range: Range, write: bool) -> svmirror_core::Result<()> {
+        self.0.fault(range, write)
+    }
+}
+
+/// The simulated-IOMMU backend. See the [module documentation](self).
+pub struct SimBackend {
+    mirror: IommuMirror,
+    /// Kept so the address space outlives the mirror subscribed to it.
+    _mm: Arc<ProcessMm>,
+}
+
+impl std::fmt::Debug for SimBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimBackend")
+            .field("mirror", &self.mirror)
+            .finish()
+    }
+}
+
+fn work(s: &KernelStats) -> DeviceWork {
+    DeviceWork {
+        elapsed: s.elapsed,
+        commands: s.loads + s.stores,
+        bytes_read: s.bytes_loaded,
+        bytes_written: s.bytes_stored,
+        page_requests: s.page_requests,
+    }
+}
+
+fn unavailable(e: &IommuError) -> AppError {
+    let mut why = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        why.push_str(": ");
+        why.push_str(&s.to_string());
+        src = s.source();
+    }
+    AppError::BackendUnavailable {
+        backend: BackendKind::Sim,
+        missing: format!("the simulated IOMMU cannot start ({why})"),
+        fix: "it pins memory through io_uring: set sysctl kernel.io_uring_disabled=0 and give it locked memory (run as root, or ulimit -l unlimited); see svmirror info".into(),
+    }
+}
+
+impl SimBackend {
+    /// Opens the simulated IOMMU over all of `mm`'s user address space.
+    pub fn open(mm: Arc<ProcessMm>) -> Result<SimBackend> {
+        // Unprivileged pins count against RLIMIT_MEMLOCK: take what the hard limit allows.
+        let _ = svmirror_iommu::raise_memlock_limit(u64::MAX);
+        let range = Range::new(USER_START, USER_END).expect("user space is a range");
+        let source = Box::new(MmSource(mm.clone()));
+        // SAFETY: the apps touch memory the device writes through raw pointers only, and only
+        // when no device call on it is running (the `Backend` methods' contracts).
+        let mirror = unsafe {
+            IommuMirror::with_page_source(mm.notifier(), range, MirrorConfig::checked(), source)
+        }
+        .map_err(|e| unavailable(&e))?;
+        Ok(SimBackend { mirror, _mm: mm })
+    }
+
+    fn kernel_err(app: &'static str) -> impl FnOnce(KernelError) -> AppError {
+        move |e| AppError::device(app, BackendKind::Sim, "device kernel failed", e)
+    }
+
+    /// Fails when the IOTLB checking mode saw a stale translation used.
+    fn check_violations(&self, app: &'static str) -> Result<()> {
+        let (v, n) = self.mirror.violations();
+        if n == 0 {
+            return Ok(());
+        }
+        Err(AppError::Mismatch {
+            app,
+            count: n,
+            first: format!("the device used a stale translation: {:?}", v.first()),
+        })
+    }
+}
+
+impl Backend for SimBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Sim
+    }
+
+    fn device(&self) -> String {
+        "simulated IOMMU: 4-level IO page table, IOTLB in checking mode, DMA engine with page requests, io_uring pins; IOVA = process address".into()
+    }
+
+    unsafe fn bfs(&self, root: *const Node, progress: Progress<'_>) -> Result<(u64, DeviceWork)> {
+        const LEVEL: u64 = std::mem::offset_of!(Node, level) as u64;
+        const DEGREE: u64 = std::mem::offset_of!(Node, degree) as u64;
+        const EDGES: u64 = std::mem::offset_of!(Node, edges) as u64;
+        const _: () = assert!(EDGES == DEGREE + 8, "degree and edges load as one block");
+        let root = root as u64;
+        let run = DeviceKernel::new(&self.mirror)
+            .run(|k| {
+                // The device's own memory: the queue and the levels it has assigned.
+                let mut level: HashMap<u64, u64> = HashMap::new();
+                let mut queue = std::collections::VecDeque::new();
+                level.insert(root, 0);
+                k.store_u64(root + LEVEL, 0)?;
+                queue.push_back(root);
+                let mut done = 0u64;
+                let mut header = [0u8; 16];
+                let mut adj = Vec::new();
+                while let Some(node) = queue.pop_front() {
+                    let next = level[&node] + 1;
+                    k.load_bytes(node + DEGREE, &mut header)?;
+                    let degree = u64::from_ne_bytes(header[..8].try_into().expect("8 bytes"));
+                    let edges = u64::from_ne_bytes(header[8..].try_into().expect("8 bytes"));
+                    adj.resize(degree as usize * 8, 0);
+                    k.load_bytes(edges, &mut adj)?;
+                    for e in adj.chunks_exact(8) {
+                        let to = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
+                        if let std::collections::hash_map::Entry::Vacant(v) = level.entry(to) {
+                            v.insert(next);
+                            k.store_u64(to + LEVEL, next)?;
+                            queue.push_back(to);
+                        }
+                    }
+                    done += 1;
+                    if done % 256 == 0 {
+                        progress(done, level.len() as u64);
+                    }
+                }
+                progress(done, level.len() as u64);
+                Ok(level.len() as u64)
+            })
+            .map_err(Self::kernel_err("bfs"))?;
+        self.check_violations("bfs")?;
+        Ok((run.value, work(&run.stats)))
+    }
+
+    unsafe fn saxpy(
+        &self,
+        a: f32,
+        x: *const f32,
+        y: *mut f32,
+        n: usize,
+        progress: Progress<'_>,
+    ) -> Result<DeviceWork> {
+        let (x, y) = (x as u64, y as u64);
+        let run = DeviceKernel::new(&self.mirror)
+            .run(|k| {
+                let mut i = 0;
+                while i < n {
+                    let len = SAXPY_BLOCK.min(n - i);
+                    let off = (i * 4) as u64;
+                    let xs = k.load_f32s(x + off, len)?;
+                    let mut ys = k.load_f32s(y + off, len)?;
+                    for (y, x) in ys.iter_mut().zip(&xs) {
+                        *y += a * x;
+                    }
+                    k.store_f32s(y + off, &ys)?;
+                    i += len;
+                    progress(i as u64, n as u64);
+                }
+                Ok(())
+            })
+            .map_err(Self::kernel_err("saxpy"))?;
+        self.check_violations("saxpy")?;
+        Ok(work(&run.stats))
+    }
+
+    unsafe fn sum_slots(
+        &self,
+        table: *const SlotRef,
+        n: usize,
+    ) -> Result<(Vec<SlotResult>, DeviceWork)> {
+        let table = table as u64;
+        let run = DeviceKernel::new(&self.mirror)
+            .run(|k| {
+                let mut out = Vec::with_capacity(n);
+                let mut entry = [0u8; 16];
+                let mut data = Vec::new();
+                for i in 0..n as u64 {
+                    k.load_bytes(table + i * 16, &mut entry)?;
+                    let addr = u64::from_ne_bytes(entry[..8].try_into().expect("8 bytes"));
+                    let words = u64::from_ne_bytes(entry[8..].try_into().expect("8 bytes"));
+                    data.resize((words.max(1) - 1) as usize * 8, 0);
+                    let r = k.load_bytes(addr, &mut data).and_then(|()| {
+                        let sum = data.chunks_exact(8).fold(0u64, |s, w| {
+                            s.wrapping_add(u64::from_ne_bytes(w.try_into().expect("8 bytes")))
+                        });
+                        k.store_u64(addr + (words - 1) * 8, sum).map(|()| sum)
+                    });
+                    out.push(match r {
+                        Ok(sum) => SlotResult::Stored(sum),
+                        Err(KernelError::Fault { iova, .. }) => SlotResult::Refused { addr: iova },
+                        Err(e) => return Err(e),
+                    });
+                }
+                Ok(out)
+            })
+            .map_err(Self::kernel_err("churn"))?;
+        self.check_violations("churn")?;
+        Ok((run.value, work(&run.stats)))
+    }
+
+    fn counters(&self) -> CounterSnapshot {
+        self.mirror.counters()
+    }
+
+    fn micro_benchmarks(&self, quick: bool) -> Result<Vec<Figure>> {
+        let iters = if quick { 40 } else { 400 };
+        let mut figs = Vec::new();
+        for (name, len, huge, target) in [
+            ("fault → replay, 4 KiB", PAGE_SIZE as usize, false, 10e-6),
+            ("fault → replay, 2 MiB", 2 << 20, true, 100e-6),
+        ] {
+            let (fault, warm) = fault_replay(len, huge, iters)?;
+            let t = if target < 1e-4 { "≤ 10 µs" } else { "≤ 100 µs" };
+            figs.push(
+                Figure::latency("sim", name, fault, "the same read, already mapped", warm)
+                    .with_target(t, fault <= target),
+            );
+        }
+        let len = if quick { 4 << 20 } else { 16 << 20 };
+        let (dma, memcpy) = dma_copy(len, if quick { 5 } else { 30 })?;
+        let name = format!("DMA copy, {} MiB, warm IOTLB", len >> 20);
+        figs.push(
+            Figure::rate("sim", &name, dma, "B/s", "memcpy", memcpy)
+                .with_target("≥ 0.5× memcpy", dma >= 0.5 * memcpy),
+        );
+        Ok(figs)
+    }
+}
+
+fn bench_err(what: &'static str) -> impl FnOnce(IommuError) -> AppError {
+    move |e| AppError::device("bench", BackendKind::Sim, what, e)
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> AppError {
+    move |e| AppError::device("bench", BackendKind::Sim, what, e)
+}
+
+fn median(mut v: Vec<Duration>) -> f64 {
+    v.sort();
+    v.get(v.len() / 2).map_or(0.0, Duration::as_secs_f64)
+}
+
+/// A mirror of its own over `buf`, on a notifier of its own.
+fn bench_mirror(notifier: &Notifier, buf: &AnonMap) -> Result<IommuMirror> {
+    let range = Range::with_len(buf.addr(), buf.len() as u64)
+        .map_err(|e| AppError::device("bench", BackendKind::Sim, "range", e))?;
+    // SAFETY: the benchmark touches `buf` through raw pointers only (AnonMap's methods).
+    unsafe { IommuMirror::new(notifier, range, MirrorConfig::default()) }.map_err(bench_err("mirror"))
+}
+
+fn advise(buf: &AnonMap, advice: libc::c_int) {
+    // SAFETY: HUGEPAGE/NOHUGEPAGE change a flag of the benchmark's own mapping, never its
+    // contents. Failure (no THP) only makes the 2 MiB case use 4 KiB pages.
+    unsafe { libc::madvise(buf.addr() as usize as *mut libc::c_void, buf.len(), advice) };
+}
+
+/// Median device read latency when every read faults (the mapping is dropped before each),
+/// and when the translation is in place.
+fn fault_replay(len: usize, huge: bool, iters: usize) -> Result<(f64, f64)> {
+    let notifier = Notifier::new();
+    let buf = AnonMap::aligned(len, 2 << 20).map_err(io_err("mmap"))?;
+    advise(
+        &buf,
+        if huge {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        },
+    );
+    buf.fill(0x5a);
+    let m = bench_mirror(&notifier, &buf)?;
+    let range = m.range();
+    let src = buf.addr() + len as u64 / 2;
+    let read = || -> Result<(Duration, u32)> {
+        let t = Instant::now();
+        let done = m
+            .submit(DmaCommand::Read { src, len: 8 })
+            .and_then(|f| f.wait())
+            .map_err(bench_err("read"))?;
+        Ok((t.elapsed(), done.page_requests))
+    };
+    read()?;
+    let mut faults = Vec::with_capacity(iters);
+    let mut warm = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        notifier
+            .invalidate_range_start(NotifierRange::new(range, Event::Clear))
+            .map_err(|e| AppError::device("bench", BackendKind::Sim, "invalidate", e))?
+            .end();
+        let (t, requests) = read()?;
+        if requests == 1 {
+            faults.push(t);
+        }
+        warm.push(read()?.0);
+    }
+    Ok((median(faults), median(warm)))
+}
+
+/// Device copy rate between two pre-faulted halves of one buffer, and memcpy's, in bytes per
+/// second.
+fn dma_copy(len: usize, iters: usize) -> Result<(f64, f64)> {
+    let notifier = Notifier::new();
+    let buf = AnonMap::aligned(2 * len, 2 << 20).map_err(io_err("mmap"))?;
+    advise(&buf, libc::MADV_HUGEPAGE);
+    buf.fill(0x11);
+    let m = bench_mirror(&notifier, &buf)?;
+    let (src, dst) = (buf.addr(), buf.addr() + len as u64);
+    m.fault(buf.addr(), 2 * len as u64, true)
+        .map_err(bench_err("fault"))?;
+    let copy = || {
+        m.submit(DmaCommand::Copy {
+            src,
+            dst,
+            len: len as u64,
+        })
+        .and_then(|f| f.wait())
+        .map_err(bench_err("copy"))
+    };
+    copy()?;
+    let mut dma = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        copy()?;
+        dma.push(t.elapsed());
+    }
+    let mut cpu = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        // SAFETY: the two halves of one mapping, `len` bytes each, not overlapping; no device
+        // command runs.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src as usize as *const u8, dst as usize as *mut u8, len);
+        }
+        cpu.push(t.elapsed());
+    }
+    std::hint::black_box(buf.read(len, 8));
+    Ok((len as f64 / median(dma), len as f64 / median(cpu)))
+}
