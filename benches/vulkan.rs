@@ -16,6 +16,11 @@
 //! - `vulkan_chase/*`: 1024 linked-list walks of 64 steps over 64 Ki 16-byte nodes in a `Vec`
 //!   linked by real pointers, with the same four variants; the staging copy rewrites every
 //!   `next` pointer to a device address (the work SVM saves).
+//! - `cuda_stream/*` (only where the NVIDIA driver is present; skipped with a message
+//!   elsewhere): the same saxpy over CUDA managed memory (`cuMemAllocManaged`, what
+//!   `cudaMallocManaged` calls), with the CPU writing `y` before each launch so the pages start
+//!   on the host (`managed_host_resident`), and the host-to-device copy of the 8 MiB the kernel
+//!   reads, from pinned memory (`htod_copy_8m`): the physical limit for host-resident data.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -23,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use svmirror::core::Range;
+use svmirror_vulkan::cuda::CudaBaseline;
 use svmirror_vulkan::{
     ChaseNode, Dispatch, Gpu, GpuConfig, Kernel, MirrorConfig, ProcessMm, StagedChase,
     StagedStream, VulkanMirror,
@@ -67,10 +73,11 @@ fn stream(c: &mut Criterion, m: &VulkanMirror) {
         &[xp, yp, u64::from(0.5f32.to_bits())],
     )
     .expect("a dispatch");
-    // SAFETY (every dispatch below): `x` and `y` hold N floats and no reference to them is used
-    // while a dispatch runs.
     let run = || {
-        black_box(unsafe { m.dispatch(&d) }.expect("dispatch"));
+        // SAFETY: `x` and `y` hold N floats and no reference to them is used while a dispatch
+        // runs.
+        let stats = unsafe { m.dispatch(&d) };
+        black_box(stats.expect("dispatch"));
     };
     let mut g = c.benchmark_group("vulkan_stream");
     g.throughput(Throughput::Bytes((N * 4 * 3) as u64));
@@ -127,9 +134,11 @@ fn chase(c: &mut Criterion, m: &VulkanMirror) {
         &[heads.as_ptr() as u64, out.as_mut_ptr() as u64, STEPS],
     )
     .expect("a dispatch");
-    // SAFETY (every dispatch below): the pointers lead into `nodes`; `out` holds LISTS u32s.
     let run = || {
-        black_box(unsafe { m.dispatch(&d) }.expect("dispatch"));
+        // SAFETY: the pointers lead into `nodes`; `out` holds LISTS u32s and is not referenced
+        // while a dispatch runs.
+        let stats = unsafe { m.dispatch(&d) };
+        black_box(stats.expect("dispatch"));
     };
     let mut g = c.benchmark_group("vulkan_chase");
     g.throughput(Throughput::Elements(LISTS as u64 * STEPS));
@@ -170,10 +179,46 @@ fn chase(c: &mut Criterion, m: &VulkanMirror) {
     assert_eq!(out, out2, "SVM and staging copy agree");
 }
 
+fn cuda(c: &mut Criterion) {
+    let cuda = match CudaBaseline::open() {
+        Ok(cuda) => cuda,
+        Err(e) => {
+            eprintln!("cuda_stream skipped: {e}");
+            return;
+        }
+    };
+    eprintln!("cuda bench device: {}", cuda.device_name());
+    let mut g = c.benchmark_group("cuda_stream");
+    g.throughput(Throughput::Bytes((N * 4 * 3) as u64));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    g.bench_function("managed_host_resident", |b| {
+        b.iter_custom(|iters| {
+            let (times, right) = cuda
+                .managed_stream(N as u32, iters as u32)
+                .expect("managed saxpy");
+            assert!(right, "CUDA saxpy result");
+            times.iter().sum()
+        })
+    });
+    g.throughput(Throughput::Bytes((N * 4 * 2) as u64));
+    g.bench_function("htod_copy_8m", |b| {
+        b.iter_custom(|iters| {
+            cuda.htod_copy(N * 4 * 2, iters as u32)
+                .expect("host-to-device copy")
+                .iter()
+                .sum()
+        })
+    });
+    g.finish();
+}
+
 fn benches(c: &mut Criterion) {
     let m = setup();
     stream(c, &m);
     chase(c, &m);
+    cuda(c);
     let counters = m.counters();
     eprintln!(
         "vulkan bench counters: {} faults ({} bytes), {} retries",

@@ -2,9 +2,10 @@
 // stream.comp: y[e] = a * x[e] + y[e] over two float arrays in process memory (saxpy).
 // arg[0] = x (CPU pointer), arg[1] = y (CPU pointer), arg[2] = a (float bits), arg[3] = n.
 //
-// A workgroup covers a tile of 256 * 16 elements; invocation l handles elements
-// tile + l + 256 k for k < 16, so neighbouring invocations touch neighbouring addresses. It
-// translates each page it touches once (at most 5 per array), all before its first write:
+// A workgroup covers a tile of 256 * 16 elements in four 4 KiB sub-tiles of 64 invocations:
+// invocation l handles elements tile + 1024 (l / 64) + (l % 64) + 64 k for k < 16, so
+// neighbouring invocations touch neighbouring addresses and each spans under 4 KiB of an array.
+// It translates each page it touches once (at most 2 per array), all before its first write:
 // a replayed item then redoes exactly its own elements once. Items: 256 per tile
 // (svmirror-vulkan computes them from n).
 #extension GL_GOOGLE_include_directive : require
@@ -17,7 +18,7 @@ layout(buffer_reference, std430, buffer_reference_align = 4) buffer F32 {
 };
 
 const uint PER_ITEM = 16u;
-const uint PAGES = 5u;
+const uint PAGES = 2u;
 
 void main() {
     uint wg = gl_WorkGroupID.x + gl_WorkGroupID.y * gl_NumWorkGroups.x;
@@ -26,7 +27,8 @@ void main() {
         return;
     }
     uint n = uint(pc.arg[3]);
-    uint base = wg * 256u * PER_ITEM + gl_LocalInvocationID.x;
+    uint l = gl_LocalInvocationID.x;
+    uint base = wg * 256u * PER_ITEM + (l / 64u) * 64u * PER_ITEM + (l % 64u);
     uint64_t xfirst = (pc.arg[0] + 4ul * base) >> 12;
     uint64_t yfirst = (pc.arg[1] + 4ul * base) >> 12;
     uint64_t xt[PAGES];
@@ -34,7 +36,7 @@ void main() {
     uint xlast = ~0u;
     uint ylast = ~0u;
     for (uint k = 0u; k < PER_ITEM; k++) {
-        uint e = base + 256u * k;
+        uint e = base + 64u * k;
         if (e >= n) {
             break;
         }
@@ -57,7 +59,7 @@ void main() {
     }
     float a = uintBitsToFloat(uint(pc.arg[2]));
     for (uint k = 0u; k < PER_ITEM; k++) {
-        uint e = base + 256u * k;
+        uint e = base + 64u * k;
         if (e >= n) {
             break;
         }

@@ -30,7 +30,8 @@ layout(buffer_reference, std430, buffer_reference_align = 8) buffer SvmU64 {
 layout(buffer_reference, std430, buffer_reference_align = 4) buffer SvmBits {
     uint w[];
 };
-const uint SVM_SEEN = 1024u;
+const uint SVM_SEEN = 4096u;
+const uint SVM_SEEN_PROBE = 8u;
 
 layout(buffer_reference, std430, buffer_reference_align = 8) buffer SvmFaults {
     uint count;
@@ -66,13 +67,20 @@ void svm_miss(uint64_t page_addr, bool write) {
     svm_faulted = true;
     SvmFaults f = SvmFaults(pc.faults);
     // One record per page and kind of access per pass: the first miss of a page claims its
-    // tag; later ones with the same tag stop here. A tag collision only records a duplicate.
+    // tag (linear probing over a few slots); later ones with the same tag stop here. A full
+    // neighbourhood only records a duplicate.
     uint64_t pn = page_addr >> 12;
     uint tag = (uint(pn) << 1 | (write ? 1u : 0u)) | 0x80000000u;
     uint h = ((uint(pn) ^ uint(pn >> 32)) * 0x9E3779B1u >> 8) & (SVM_SEEN - 1u);
-    uint old = atomicCompSwap(f.seen[h], 0u, tag);
-    if (old == tag) {
-        return;
+    for (uint i = 0u; i < SVM_SEEN_PROBE; i++) {
+        uint old = atomicCompSwap(f.seen[h], 0u, tag);
+        if (old == tag) {
+            return;
+        }
+        if (old == 0u) {
+            break;
+        }
+        h = (h + 1u) & (SVM_SEEN - 1u);
     }
     if (f.count >= f.cap) {
         // Full: count the miss so the host knows it overflowed; the replay finds it again.

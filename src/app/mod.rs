@@ -25,6 +25,7 @@ pub mod churn;
 pub mod report;
 pub mod saxpy;
 pub mod sim;
+pub mod vfio;
 
 use std::fmt;
 use std::sync::Arc;
@@ -422,11 +423,7 @@ pub fn open_backend(kind: BackendKind, mm: &Arc<ProcessMm>) -> Result<Box<dyn Ba
             missing: "this build of svmirror has no Vulkan backend yet".into(),
             fix: "use --backend sim; the Vulkan backend (svmirror-vulkan) needs a Vulkan 1.1 driver with VK_EXT_external_memory_host (apt install mesa-vulkan-drivers for lavapipe)".into(),
         }),
-        BackendKind::Vfio => Err(AppError::BackendUnavailable {
-            backend: kind,
-            missing: "this build of svmirror has no VFIO backend yet".into(),
-            fix: "use --backend sim; the VFIO backend (svmirror-vfio) needs a DMA-capable PCI device bound to vfio-pci behind an IOMMU (cargo xtask vfio-vm runs one in a QEMU guest)".into(),
-        }),
+        BackendKind::Vfio => Ok(Box::new(vfio::VfioBackend::open(mm.clone())?)),
     }
 }
 

@@ -11,15 +11,18 @@
 //! 2. extracts the kernel as an uncompressed `vmlinux` (qboot boots it through its PVH entry,
 //!    about twice as fast as SeaBIOS with a bzImage) and the vfio modules with everything they
 //!    depend on (read from each module's `depends=`);
-//! 3. builds `svmirror-vfio`'s `vfio-guest-tests` statically (`+crt-static`) and packs it, busybox,
-//!    the modules and an `/init` script into an initramfs;
+//! 3. builds `svmirror-vfio`'s `vfio-guest-tests` and the `svmirror` command statically
+//!    (`+crt-static`, one cargo run) and packs them, busybox, the modules and an `/init` script
+//!    into an initramfs;
 //! 4. boots `-machine q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on
 //!    -device edu` (with `aw-bits=48` so the IOMMU takes the process's virtual addresses as
 //!    IOVAs, and edu's `dma_mask` opened to 64 bits); `/init` loads the modules, binds edu
-//!    (1234:11e8) to vfio-pci, runs the tests and reports through `isa-debug-exit`: QEMU exits
-//!    with 1 when every scenario passed, 3 when one failed; anything else (a kernel panic, a
-//!    crash) is a failed run, and a hang is killed after the timeout (`VFIO_VM_TIMEOUT`, seconds,
-//!    default 180).
+//!    (1234:11e8) to vfio-pci, runs the tests, then the example app on the VFIO backend
+//!    (`svmirror run --backend vfio` with sizes made for edu's 100 ms per DMA: [`APP_ARGS`]; a
+//!    mismatch against the CPU reference exits 1 and fails the run), and reports through
+//!    `isa-debug-exit`: QEMU exits with 1 when everything passed, 3 when something failed;
+//!    anything else (a kernel panic, a crash) is a failed run, and a hang is killed after the
+//!    timeout (`VFIO_VM_TIMEOUT`, seconds, default 180).
 //!
 //! `cargo xtask vfio-vm --also BINARY [ARGS...]` also runs another statically linked program in
 //! the guest after the tests (the example app on the VFIO backend, say): it finds edu bound to
@@ -53,6 +56,27 @@ const ROOT_MODULES: &[&str] = &["vfio_iommu_type1", "vfio_pci"];
 /// The test binary's package and name.
 const TEST_PACKAGE: &str = "svmirror-vfio";
 const TEST_BIN: &str = "vfio-guest-tests";
+/// The example app's package and binary, run on the VFIO backend after the tests.
+const APP_PACKAGE: &str = "svmirror";
+const APP_BIN: &str = "svmirror";
+/// `svmirror run --backend vfio` sized for edu: each of its DMA transfers takes 100 ms of
+/// virtual time and moves at most 4095 bytes, so a few hundred transfers in all (about 30 s).
+const APP_ARGS: &[&str] = &[
+    "run",
+    "--backend",
+    "vfio",
+    "--quiet",
+    "--nodes",
+    "20",
+    "--degree",
+    "4",
+    "--size",
+    "4K",
+    "--rounds",
+    "4",
+    "--slots",
+    "2",
+];
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// Builds and boots the guest and runs the VFIO tests inside it.
@@ -77,9 +101,14 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let qemu = check_qemu()?;
     let kernel = fetch_kernel(&cache)?;
     let busybox = fetch_busybox(&cache)?;
-    let test_bin = build_tests()?;
+    let (test_bin, app_bin) = build_guest_binaries()?;
     let initrd = cache.join("initrd.cpio");
-    write_initramfs(&initrd, &busybox, &test_bin, &kernel.modules, also.as_ref())?;
+    let bins = GuestBinaries {
+        tests: &test_bin,
+        app: &app_bin,
+        also: also.as_ref(),
+    };
+    write_initramfs(&initrd, &busybox, &bins, &kernel.modules)?;
     eprintln!(
         "xtask: vfio-vm: guest ready in {:.1}s (kernel {}), booting",
         started.elapsed().as_secs_f64(),
@@ -459,8 +488,9 @@ fn check_static(bin: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Builds the guest test binary, statically linked, and returns its path.
-fn build_tests() -> Result<PathBuf, String> {
+/// Builds the guest test binary and the example app, statically linked (one cargo run), and
+/// returns their paths.
+fn build_guest_binaries() -> Result<(PathBuf, PathBuf), String> {
     let mut c = crate::cargo();
     let flags = env::var("RUSTFLAGS").unwrap_or_default();
     c.env(
@@ -476,8 +506,12 @@ fn build_tests() -> Result<PathBuf, String> {
         TEST_PACKAGE,
         "--bin",
         TEST_BIN,
+        "-p",
+        APP_PACKAGE,
+        "--bin",
+        APP_BIN,
     ]);
-    crate::run("cargo build (static vfio-guest-tests)", c)?;
+    crate::run("cargo build (static vfio-guest-tests and svmirror)", c)?;
     let target_dir = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .map(|p| {
@@ -488,32 +522,59 @@ fn build_tests() -> Result<PathBuf, String> {
             }
         })
         .unwrap_or_else(|| crate::root().join("target"));
-    let bin = target_dir.join(TARGET).join("release").join(TEST_BIN);
-    if !bin.exists() {
-        return Err(format!("vfio-vm: {} was not built", bin.display()));
-    }
-    Ok(bin)
+    let built = |name: &str| {
+        let bin = target_dir.join(TARGET).join("release").join(name);
+        if bin.exists() {
+            Ok(bin)
+        } else {
+            Err(format!("vfio-vm: {} was not built", bin.display()))
+        }
+    };
+    let tests = built(TEST_BIN)?;
+    let app = built(APP_BIN)?;
+    check_static(&app)?;
+    Ok((tests, app))
 }
 
-/// The guest's /init: load the modules, bind edu to vfio-pci, run the tests, print the DMAR
-/// fault lines, and report through isa-debug-exit.
+/// The programs the guest runs.
+struct GuestBinaries<'a> {
+    tests: &'a Path,
+    app: &'a Path,
+    also: Option<&'a (PathBuf, Vec<String>)>,
+}
+
+/// Single-quotes `args` for the guest's shell.
+fn shell_quote<S: AsRef<str>>(args: &[S]) -> String {
+    args.iter()
+        .map(|a| format!("'{}'", a.as_ref().replace('\'', r"'\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The guest's /init: load the modules, bind edu to vfio-pci, run the tests, then the example
+/// app on the VFIO backend, then the `--also` binary, print the DMAR fault lines, and report
+/// through isa-debug-exit.
 fn init_script(modules: &[String], also: Option<&[String]>) -> String {
+    let app = format!(
+        "echo \"vfio-vm: running /bin/{APP_BIN} {}\"\n\
+         t0=$(cut -d' ' -f1 /proc/uptime)\n\
+         RUST_LOG=svmirror=debug,svmirror_vfio=debug,svmirror_mm=debug /bin/{APP_BIN} {}\n\
+         src=$?\n\
+         echo \"vfio-vm: {APP_BIN} exited with $src (started at ${{t0}}s of uptime, ended at $(cut -d' ' -f1 /proc/uptime)s)\"\n\
+         [ $src = 0 ] || rc=1\n",
+        APP_ARGS.join(" "),
+        shell_quote(APP_ARGS)
+    );
     let also = match also {
         None => String::new(),
-        Some(args) => {
-            let quoted: Vec<String> = args
-                .iter()
-                .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
-                .collect();
-            format!(
-                "echo \"vfio-vm: running --also binary\"\n\
-                 /bin/also {}\n\
-                 arc=$?\n\
-                 echo \"vfio-vm: --also binary exited with $arc\"\n\
-                 [ $arc = 0 ] || rc=1\n",
-                quoted.join(" ")
-            )
-        }
+        Some(args) => format!(
+            "echo \"vfio-vm: running --also binary\"\n\
+             /bin/also {}\n\
+             arc=$?\n\
+             echo \"vfio-vm: --also binary exited with $arc\"\n\
+             [ $arc = 0 ] || rc=1\n",
+            shell_quote(args)
+        ),
     };
     format!(
         r#"#!/bin/busybox sh
@@ -535,7 +596,7 @@ group=$(basename $(readlink $edu/iommu_group))
 echo "vfio-vm: edu ${{edu##*/}} bound to vfio-pci, IOMMU group $group"
 /bin/{TEST_BIN}
 rc=$?
-{also}echo "vfio-vm: DMAR fault lines in the guest log:"
+{app}{also}echo "vfio-vm: DMAR fault lines in the guest log:"
 dmesg | grep 'DMAR.*fault addr'
 echo "vfio-vm: tests exited with $rc"
 if [ $rc = 0 ]; then /bin/{TEST_BIN} --qemu-exit 0; else /bin/{TEST_BIN} --qemu-exit 1; fi
@@ -577,10 +638,10 @@ fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u3
 fn write_initramfs(
     path: &Path,
     busybox: &Path,
-    test_bin: &Path,
+    bins: &GuestBinaries<'_>,
     modules: &[PathBuf],
-    also: Option<&(PathBuf, Vec<String>)>,
 ) -> Result<(), String> {
+    let also = bins.also;
     let read = |p: &Path| fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
     let names: Vec<String> = modules
         .iter()
@@ -608,7 +669,14 @@ fn write_initramfs(
         &format!("bin/{TEST_BIN}"),
         0o100755,
         (0, 0),
-        &read(test_bin)?,
+        &read(bins.tests)?,
+    );
+    add(
+        &mut out,
+        &format!("bin/{APP_BIN}"),
+        0o100755,
+        (0, 0),
+        &read(bins.app)?,
     );
     for (m, n) in modules.iter().zip(&names) {
         add(
@@ -799,6 +867,15 @@ mod tests {
         let init = init_script(&["vfio".into()], Some(&["--size".into(), "it's".into()]));
         assert!(init.contains(r"/bin/also '--size' 'it'\''s'"), "{init}");
         assert!(!init_script(&[], None).contains("/bin/also"));
+    }
+
+    #[test]
+    fn the_app_runs_on_the_vfio_backend_after_the_tests_and_fails_the_run() {
+        let init = init_script(&[], None);
+        let tests = init.find(&format!("/bin/{TEST_BIN}\n")).unwrap();
+        let app = init.find("/bin/svmirror 'run' '--backend' 'vfio'").unwrap();
+        assert!(tests < app, "{init}");
+        assert!(init.contains("[ $src = 0 ] || rc=1"), "{init}");
     }
 
     #[test]

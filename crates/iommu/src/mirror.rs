@@ -37,9 +37,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use svmirror_core::{
-    AreaKind, CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest, IntervalNotifierOps, InvalidateCtx,
-    Notifier, NotifierRange, Owner, PAGE_SIZE, PageSource, Pass, Range, Subscription, UpdateGuard,
-    UpdateLock, WouldBlock, entry, range_fault,
+    AreaKind, CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest,
+    IntervalNotifierOps, InvalidateCtx, Notifier, NotifierRange, Owner, PAGE_SIZE, PageSource,
+    Pass, Range, Subscription, UpdateGuard, UpdateLock, WouldBlock, entry, range_fault,
 };
 use svmirror_mm::ProcessPageSource;
 
@@ -321,7 +321,7 @@ impl Resolver {
             .and_then(|w| w.intersect(&Range::new(0, IOVA_END).ok()?))
             .ok_or_else(outside)?;
         let requested = Instant::now();
-        let vma = self.vma_run(window, page, write)?;
+        let mut vma = self.vma_run(window, page, write)?;
         let started = Instant::now();
         let mut retries = 0;
         loop {
@@ -361,12 +361,30 @@ impl Resolver {
                     inner.counters.record_retry();
                     continue;
                 }
+                // The run was cut to the mapping as it was before `read_begin`; a neighbour
+                // munmapped or protected since (its event may still be on its way) makes the
+                // run fail where the faulting page would not: cut it again and retry.
+                Err(e) if self.vma_moved(window, page, write, &mut vma) => {
+                    tracing::debug!(%run, error = %e, "mapping changed under a fault: retrying");
+                    retries += 1;
+                    inner.counters.record_retry();
+                    continue;
+                }
                 Err(e) => return Err(core_err("fault", run)(e)),
             }
             // Outside the update lock: see the module documentation.
             // SAFETY: `IommuMirror::new`'s contract covers device writes anywhere in the
             // mirrored range, which `run` lies in.
-            let pin = unsafe { inner.pins.pin(run.start(), run.len()) }?;
+            let pin = match unsafe { inner.pins.pin(run.start(), run.len()) } {
+                Ok(pin) => pin,
+                Err(e) if self.vma_moved(window, page, write, &mut vma) => {
+                    tracing::debug!(%run, error = %e, "mapping changed under a pin: retrying");
+                    retries += 1;
+                    inner.counters.record_retry();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let mut g = inner.state.lock();
             if self
                 .sub
@@ -386,10 +404,20 @@ impl Resolver {
                 s.faults += 1;
                 s.fault_retries += retries;
             });
-            inner
-                .counters
-                .record_fault(run.len(), requested.elapsed());
+            inner.counters.record_fault(run.len(), requested.elapsed());
             return Ok(());
+        }
+    }
+
+    /// Whether the mapping at `page` no longer covers exactly `vma` (and, if so, makes `vma`
+    /// what it covers now). False when it cannot be looked up: the caller's error stands.
+    fn vma_moved(&self, window: Range, page: u64, write: bool, vma: &mut Range) -> bool {
+        match self.vma_run(window, page, write) {
+            Ok(now) if now != *vma => {
+                *vma = now;
+                true
+            }
+            _ => false,
         }
     }
 

@@ -67,9 +67,7 @@ fn a_2m_window_fault_counts_in_the_2m_class() {
 fn munmap_through_the_svm_api_counts_an_unmap_invalidation() {
     let mm = ProcessMm::new().expect("userfaultfd available (run as root)");
     let m = mirror_with(mm.notifier(), MirrorConfig::checked());
-    let range = mm
-        .mmap_anonymous(4 * PAGE, Protection::READ_WRITE)
-        .unwrap();
+    let range = mm.mmap_anonymous(4 * PAGE, Protection::READ_WRITE).unwrap();
     m.fault(range.start(), range.len(), true).unwrap();
     let before = m.counters();
     assert_eq!(before.bytes_mapped, range.len());
@@ -88,9 +86,7 @@ fn munmap_through_the_svm_api_counts_an_unmap_invalidation() {
 fn mprotect_through_the_svm_api_counts_a_protection_invalidation_and_keeps_the_mapping() {
     let mm = ProcessMm::new().expect("userfaultfd available (run as root)");
     let m = mirror_with(mm.notifier(), MirrorConfig::checked());
-    let range = mm
-        .mmap_anonymous(2 * PAGE, Protection::READ_WRITE)
-        .unwrap();
+    let range = mm.mmap_anonymous(2 * PAGE, Protection::READ_WRITE).unwrap();
     m.fault(range.start(), range.len(), true).unwrap();
     let before = m.counters();
     mm.mprotect(range, Protection::READ).unwrap();

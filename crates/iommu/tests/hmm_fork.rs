@@ -32,7 +32,9 @@ fn child_writes(buf: Range, m: &[u8], check_written: bool) {
     assert_eq!(cmd.cpages, npages);
     assert_eq!(cmd.faults, 1);
     if check_written {
-        check_ints(buf, "child sees its device's writes", |i| (i as u32).wrapping_neg());
+        check_ints(buf, "child sees its device's writes", |i| {
+            (i as u32).wrapping_neg()
+        });
     }
     // The child's device and address space are left to `_exit`.
     std::mem::forget(dev);
@@ -129,9 +131,11 @@ fn hmm_hmm_cow_in_device() {
 
     assert_eq!(env.mm.prepare_fork().unwrap(), npages);
     // The child waits for SIGKILL from the parent (pause is async-signal-safe).
-    let pid = fork(|| loop {
-        // SAFETY: pause has no preconditions.
-        unsafe { libc::pause() };
+    let pid = fork(|| {
+        loop {
+            // SAFETY: pause has no preconditions.
+            unsafe { libc::pause() };
+        }
     });
     // The parent writes the copy-on-write pages and gets its own copies.
     fill_ints(buf);

@@ -172,7 +172,10 @@ fn hmm_migrate_anon_huge_fault() {
     assert_eq!(rc, 0, "MADV_COLLAPSE: {}", std::io::Error::last_os_error());
     let mut snap = vec![0u8; npages as usize];
     dev.snapshot(buf.start(), npages, &mut snap).unwrap();
-    assert!(snap.iter().all(|&p| p == prot::WRITE | prot::PMD), "{snap:x?}");
+    assert!(
+        snap.iter().all(|&p| p == prot::WRITE | prot::PMD),
+        "{snap:x?}"
+    );
 
     let mut m = vec![0xffu8; (npages * PAGE) as usize];
     let cmd = dev.migrate_to_dev(buf.start(), npages, &mut m).unwrap();
@@ -232,7 +235,11 @@ fn hmm_migrate_partial_unmap_fault() {
             raw_munmap(hole);
             for i in 0..ints(buf) {
                 if !hole.contains(buf.start() + i * 4) {
-                    assert_eq!(read_int(buf, i), i as u32, "thp {thp} offset {offset}: int {i}");
+                    assert_eq!(
+                        read_int(buf, i),
+                        i as u32,
+                        "thp {thp} offset {offset}: int {i}"
+                    );
                 }
             }
             assert_eq!(dev.device_pages(), 0, "unmapped device pages are freed");
@@ -269,7 +276,10 @@ fn hmm_migrate_remap_fault() {
                     );
                     // Allocated before the hole is punched: the allocator could map it there.
                     let mut m = vec![0xffu8; size as usize];
-                    let whole = env.mm.mmap_anonymous(8 * size, Protection::READ_WRITE).unwrap();
+                    let whole = env
+                        .mm
+                        .mmap_anonymous(8 * size, Protection::READ_WRITE)
+                        .unwrap();
                     let map = Range::with_len(whole.start().next_multiple_of(size), size).unwrap();
                     let advice = if thp {
                         Advice::HugePage
@@ -298,7 +308,12 @@ fn hmm_migrate_remap_fault() {
                                 target as *mut libc::c_void,
                             )
                         };
-                        assert_eq!(p as u64, target, "{what}: mremap: {}", std::io::Error::last_os_error());
+                        assert_eq!(
+                            p as u64,
+                            target,
+                            "{what}: mremap: {}",
+                            std::io::Error::last_os_error()
+                        );
                         Range::with_len(target, size).unwrap()
                     };
                     let mut buf = map;

@@ -69,6 +69,17 @@ impl Buffers {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        // A VMA flag its neighbours lack keeps the kernel from merging this mapping into an
+        // adjacent anonymous one: merged, a device fault next door could register it with the
+        // userfaultfd, and the monitor's own munmap of it would then wait for the monitor.
+        // SAFETY: MADV_DONTFORK on our own fresh mapping changes a VMA flag, not its contents.
+        let rc = unsafe { libc::madvise(p, len, libc::MADV_DONTFORK) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            // SAFETY: the mapping made above, unmapped once.
+            unsafe { libc::munmap(p, len) };
+            return Err(e);
+        }
         Ok(Buffers {
             base: p.cast(),
             len,

@@ -362,9 +362,13 @@ impl Gpu {
             .application_info(&app)
             .enabled_layer_names(&layers)
             .enabled_extension_names(&exts);
+        // Synchronization validation too: missing barriers between submissions are errors.
+        let enables = [vk::ValidationFeatureEnableEXT::SYNCHRONIZATION_VALIDATION];
+        let mut features =
+            vk::ValidationFeaturesEXT::default().enabled_validation_features(&enables);
         if config.validation {
             // Also catches messages from instance creation and destruction.
-            ici = ici.push_next(&mut messenger_info);
+            ici = ici.push_next(&mut messenger_info).push_next(&mut features);
         }
         // SAFETY: every pointer in `ici` refers to locals alive across the call.
         let instance =

@@ -47,7 +47,7 @@ pub(crate) struct DispatchBuffers {
 }
 
 /// Header of the fault buffer: counters, then the `seen` filter of `shaders/svm.glsl`.
-const SEEN_WORDS: u64 = 1024;
+const SEEN_WORDS: u64 = 4096;
 const FAULT_HEADER: u64 = 16 + 4 * SEEN_WORDS;
 
 impl DispatchBuffers {
@@ -152,6 +152,21 @@ impl VulkanMirror {
     /// memory that may be accessed so, inside the mirrored range, and that no Rust reference
     /// to memory the kernel writes is used until this returns (STYLE.md rule 6).
     pub unsafe fn dispatch(&self, d: &Dispatch) -> Result<DispatchStats> {
+        // SAFETY: the caller's contract is this function's.
+        let r = unsafe { self.dispatch_inner(d) };
+        if matches!(r, Err(VulkanError::DeviceLost)) {
+            // Fail closed: a lost device reaches nothing any more; its imports go now.
+            self.evict_all();
+        }
+        r
+    }
+
+    /// [`dispatch`](Self::dispatch) without the clean-up on device loss.
+    ///
+    /// # Safety
+    ///
+    /// As for [`dispatch`](Self::dispatch).
+    unsafe fn dispatch_inner(&self, d: &Dispatch) -> Result<DispatchStats> {
         let inner = &*self.inner;
         let _span =
             tracing::debug_span!("vulkan.dispatch", kernel = ?d.kernel, items = d.items).entered();
@@ -241,6 +256,28 @@ impl VulkanMirror {
             cur_in = cur_out;
             mode = 1;
         }
+    }
+
+    /// `y[i] = a * x[i] + y[i]` on the device, in place, over the first `min(x.len(), y.len())`
+    /// elements: [`Kernel::Stream`] with its safety argument settled by the borrows (the kernel
+    /// reads only `x` and writes only `y`, which no one else can touch meanwhile).
+    pub fn saxpy(&self, a: f32, x: &[f32], y: &mut [f32]) -> Result<DispatchStats> {
+        let n = u32::try_from(x.len().min(y.len())).map_err(|_| VulkanError::InvalidDispatch {
+            reason: "more than 2^32 - 1 elements",
+        })?;
+        let d = Dispatch::new(
+            Kernel::Stream,
+            n,
+            &[
+                x.as_ptr() as u64,
+                y.as_mut_ptr() as u64,
+                u64::from(a.to_bits()),
+            ],
+        )?;
+        // SAFETY: the kernel reads `n` elements of `x` (shared borrow: nobody writes it) and
+        // writes `n` elements of `y` (exclusive borrow: nobody else reads or writes it), and
+        // nothing else; the borrows last until the dispatch has completed.
+        unsafe { self.dispatch(&d) }
     }
 
     /// Runs `d`'s kernel compiled without translation: its arguments are device addresses

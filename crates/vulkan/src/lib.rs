@@ -37,20 +37,26 @@
 //!
 //! let x = vec![1.0f32; 1 << 20];
 //! let mut y = vec![2.0f32; 1 << 20];
+//! // y = 3 x + y on the GPU, in place, through the page table (safe: the borrows settle it).
+//! let stats = mirror.saxpy(3.0, &x, &mut y)?;
+//! assert_eq!(y[0], 5.0);
+//! println!("{} passes, {} pages faulted", stats.passes, stats.pages_resolved);
+//!
+//! // Any kernel by CPU pointers: the caller vouches for what it touches.
 //! let d = Dispatch::new(
 //!     Kernel::Stream,
 //!     x.len() as u32,
-//!     &[x.as_ptr() as u64, y.as_mut_ptr() as u64, 3.0f32.to_bits() as u64],
+//!     &[x.as_ptr() as u64, y.as_mut_ptr() as u64, 1.0f32.to_bits() as u64],
 //! )?;
 //! // SAFETY: `x` and `y` hold `items` floats and nothing else touches them meanwhile.
-//! let stats = unsafe { mirror.dispatch(&d) }?;
-//! assert_eq!(y[0], 5.0);
-//! println!("{} passes, {} pages faulted", stats.passes, stats.pages_resolved);
+//! unsafe { mirror.dispatch(&d) }?;
+//! assert_eq!(y[0], 6.0);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![cfg(target_os = "linux")]
 
 mod conv;
+pub mod cuda;
 pub mod device;
 pub mod dispatch;
 mod error;

@@ -240,6 +240,28 @@ impl Submission {
         // SAFETY: a fresh command buffer; only this thread records it.
         unsafe { gpu.device.begin_command_buffer(cb, &bi) }
             .map_err(vk_err("vkBeginCommandBuffer"))?;
+        // Writes of earlier submissions (a shader's, a copy's) become visible to this one's
+        // shaders and copies: submission order alone orders execution, not memory.
+        let barrier = vk::MemoryBarrier::default()
+            .src_access_mask(vk::AccessFlags::SHADER_WRITE | vk::AccessFlags::TRANSFER_WRITE)
+            .dst_access_mask(
+                vk::AccessFlags::SHADER_READ
+                    | vk::AccessFlags::SHADER_WRITE
+                    | vk::AccessFlags::TRANSFER_READ
+                    | vk::AccessFlags::TRANSFER_WRITE,
+            );
+        // SAFETY: `cb` is recording on this thread.
+        unsafe {
+            gpu.device.cmd_pipeline_barrier(
+                cb,
+                vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::TRANSFER,
+                vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::TRANSFER,
+                vk::DependencyFlags::empty(),
+                &[barrier],
+                &[],
+                &[],
+            )
+        };
         Ok(me)
     }
 
@@ -312,5 +334,34 @@ impl Drop for Submission {
         }
         // SAFETY: the fence is not in use by a pending submission.
         unsafe { self.gpu.device.destroy_fence(self.fence, None) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::GpuConfig;
+
+    #[test]
+    fn synchronization_validation_reports_a_missing_barrier() {
+        let gpu = Arc::new(Gpu::new(&GpuConfig::validated()).expect("a usable Vulkan device"));
+        let v = gpu.validation();
+        let a = GpuBuffer::new(&gpu, 4096, MemoryLocation::CpuToGpu, "a").unwrap();
+        let b = GpuBuffer::new(&gpu, 4096, MemoryLocation::GpuOnly, "b").unwrap();
+        let mut sub = Submission::begin(&gpu).unwrap();
+        let region = [vk::BufferCopy::default().size(4096)];
+        for _ in 0..2 {
+            // SAFETY: recording on this thread; both buffers are live and a page long. The
+            // second copy writes `b` again with no barrier between: a write-after-write hazard.
+            unsafe {
+                gpu.device
+                    .cmd_copy_buffer(sub.cb, a.buffer, b.buffer, &region)
+            };
+        }
+        sub.submit().unwrap();
+        sub.wait().unwrap();
+        drop(sub);
+        assert!(v.errors() >= 1, "the hazard is reported");
+        drop((a, b));
     }
 }

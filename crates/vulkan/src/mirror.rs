@@ -60,16 +60,21 @@ pub struct MirrorConfig {
     pub max_passes: u32,
     /// How long one fault may keep racing invalidations.
     pub fault_timeout: Duration,
+    /// Most chunks this mirror keeps imported at once (the driver's
+    /// `maxMemoryAllocationCount` applies as well); a fault past it is
+    /// [`VulkanError::TooManyAllocations`].
+    pub max_imports: u32,
 }
 
 impl Default for MirrorConfig {
     fn default() -> Self {
         MirrorConfig {
             chunk_sizes: DEFAULT_CHUNK_SIZES.to_vec(),
-            fault_capacity: 1024,
+            fault_capacity: 4096,
             page_table_leaves: 1024,
             max_passes: 10_000,
             fault_timeout: DEFAULT_FAULT_TIMEOUT,
+            max_imports: u32::MAX,
         }
     }
 }
@@ -336,6 +341,15 @@ impl VulkanMirror {
         })
     }
 
+    /// Mirrors the whole user address space of `mm` (64 KiB up to 128 TiB) on the device
+    /// [`Gpu::new`] picks with the default configuration: what an application that hands the
+    /// GPU pointers into any of its memory wants.
+    pub fn open(mm: Arc<ProcessMm>) -> Result<Self> {
+        let gpu = Arc::new(Gpu::new(&crate::GpuConfig::default())?);
+        let range = Range::new(1 << 16, 1 << 47).expect("the user address space");
+        Self::new(gpu, mm, range, MirrorConfig::default())
+    }
+
     /// The device.
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.inner.gpu
@@ -489,6 +503,13 @@ impl VulkanMirror {
                 Some(c) => c,
                 None => {
                     let g = inner.state.lock();
+                    let count = g.chunks.len() as u32;
+                    if count >= inner.config.max_imports {
+                        return Err(VulkanError::TooManyAllocations {
+                            count,
+                            limit: inner.config.max_imports,
+                        });
+                    }
                     choose_chunk(
                         page,
                         allowed,

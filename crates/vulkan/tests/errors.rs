@@ -192,6 +192,8 @@ fn device_loss_is_a_typed_error_and_leaves_nothing_behind() {
     let r = unsafe { m.dispatch(&saxpy(x.start(), y.start(), 4096)) };
     assert!(matches!(r, Err(VulkanError::DeviceLost)), "{r:?}");
     assert!(rig.gpu.is_lost());
+    assert_eq!(m.resources().imports, 0, "imports go at once");
+    assert_eq!(rig.gpu.live_allocations().0, 0);
     // SAFETY: as above.
     let r = unsafe { m.dispatch(&saxpy(x.start(), y.start(), 4096)) };
     assert!(
@@ -200,5 +202,30 @@ fn device_loss_is_a_typed_error_and_leaves_nothing_behind() {
     );
     assert_eq!(m.resources().in_flight, 0);
     unmap(&rig.mm, &[x, y]);
+    rig.finish();
+}
+
+#[test]
+fn the_import_budget_is_a_typed_error() {
+    let _s = serial();
+    let rig = Rig::with(MirrorConfig {
+        chunk_sizes: vec![PAGE],
+        max_imports: 2,
+        ..MirrorConfig::default()
+    });
+    let m = rig.mirror();
+    let buf = anon(&rig.mm, 4);
+    let r = m.prefetch(buf.start(), buf.len(), true);
+    assert!(
+        matches!(
+            r,
+            Err(VulkanError::TooManyAllocations { count: 2, limit: 2 })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(m.resources().imports, 2, "what fitted stays mapped");
+    assert_eq!(rig.gpu.live_allocations().0, 2);
+    unmap(&rig.mm, &[buf]);
+    assert_eq!(rig.gpu.live_allocations().0, 0);
     rig.finish();
 }

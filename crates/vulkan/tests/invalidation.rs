@@ -260,3 +260,42 @@ fn unmap_while_in_flight(rig: &Rig) {
     }
     assert_eq!(m.resources().in_flight, 0);
 }
+
+#[test]
+fn a_fault_racing_an_unmap_never_leaves_a_stale_entry() {
+    let _s = serial();
+    let rig = Rig::with(svmirror_vulkan::MirrorConfig {
+        chunk_sizes: vec![PAGE],
+        ..svmirror_vulkan::MirrorConfig::default()
+    });
+    let m = rig.mirror();
+    // A thread faults pages in while the buffer is unmapped through the SVM API: whatever the
+    // interleaving, once munmap has returned no entry and no import of the buffer may remain
+    // (an entry installed from a snapshot the unmap overtook would be exactly that).
+    for round in 0..40 {
+        let buf = anon(&rig.mm, 16);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                // Bounded, in case another thread's mmap reuses the hole at once.
+                for at in 0..100_000u64 {
+                    let page = buf.start() + (at % 16) * PAGE;
+                    if m.prefetch(page, PAGE, true).is_err() {
+                        break;
+                    }
+                }
+            });
+            std::thread::sleep(std::time::Duration::from_micros(200 * (round % 5)));
+            unmap(&rig.mm, &[buf]);
+            t.join().unwrap();
+        });
+        for i in 0..16 {
+            assert_eq!(
+                m.entry(buf.start() + i * PAGE),
+                None,
+                "round {round} page {i}"
+            );
+        }
+        assert_eq!(m.resources().imports, 0, "round {round}");
+    }
+    rig.finish();
+}

@@ -318,3 +318,23 @@ fn the_staging_copy_stream_baseline_computes_the_same() {
     drop(s);
     rig.finish();
 }
+
+#[test]
+fn saxpy_on_borrowed_slices_needs_no_unsafe() {
+    let _s = serial();
+    let rig = Rig::new();
+    let x: Vec<f32> = (0..3000).map(|i| i as f32).collect();
+    let mut y = vec![0.25f32; 3000];
+    let stats = rig.mirror().saxpy(-2.0, &x, &mut y).unwrap();
+    assert!(stats.passes >= 1);
+    assert!(
+        y.iter()
+            .enumerate()
+            .all(|(i, v)| *v == -2.0 * i as f32 + 0.25)
+    );
+    // Only the shorter length is touched.
+    let mut short = vec![1.0f32; 10];
+    rig.mirror().saxpy(1.0, &x, &mut short).unwrap();
+    assert_eq!(short[9], 10.0);
+    rig.finish();
+}

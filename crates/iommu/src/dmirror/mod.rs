@@ -409,7 +409,8 @@ impl Dmirror {
             range,
             source,
         };
-        let huge_window = range.start() % (PMD_PAGES * PAGE_SIZE) == 0 && range.pages() >= PMD_PAGES;
+        let huge_window =
+            range.start() % (PMD_PAGES * PAGE_SIZE) == 0 && range.pages() >= PMD_PAGES;
         if huge_window {
             let first = Range::with_len(range.start(), PAGE_SIZE).map_err(core)?;
             self.mm.fault(first, false).map_err(core)?;
@@ -469,7 +470,9 @@ impl Dmirror {
             source,
         };
         // Pages on a device (this one's included) come back first, from this thread.
-        self.mm.migrate_to_ram(range).map_err(|e| mm_err(range, e))?;
+        self.mm
+            .migrate_to_ram(range)
+            .map_err(|e| mm_err(range, e))?;
         for piece in pieces {
             let device: Arc<dyn DevicePages> = self.exclusive.clone();
             self.mm

@@ -96,7 +96,12 @@ pub fn shared_buffer(npages: u64) -> Range {
             0,
         )
     };
-    assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
     Range::with_len(p as u64, npages * PAGE).unwrap()
 }
 

@@ -1,0 +1,811 @@
+//! The VFIO backend for the app: QEMU's `edu` PCI device behind a real IOMMU (an emulated
+//! Intel VT-d in the guest that `cargo xtask vfio-vm` boots), through `svmirror-vfio`.
+//!
+//! # What the device does, and what it does not
+//!
+//! edu is a **DMA engine, not a compute device**: a 4 KiB buffer and a DMA engine that copies
+//! up to 4095 bytes at a time between that buffer and a bus address. So the apps run here as a
+//! DMA device with a CPU beside it:
+//!
+//! - **every byte the apps compute on is fetched by the device**, by DMA at the process's own
+//!   virtual addresses (IOVA = virtual address where the IOMMU's IOVA ranges allow it), through
+//!   the real IOMMU, after the [`VfioMapper`] faulted the chunk in through the core; the CPU
+//!   never reads the apps' data directly;
+//! - the device's buffer cannot be read by the CPU (edu exposes only registers), so the device
+//!   writes what it fetched into a one-page **staging** area of this process, and the "compute"
+//!   part (the BFS step, `a·x + y`, the slot sum) runs on the CPU over that copy;
+//! - **every result goes back by device DMA** to its CPU address (staging → the device's
+//!   buffer → the destination), never by a CPU store: a stale or wrong translation writes
+//!   somewhere else, and the app's CPU check sees the old value.
+//!
+//! Each edu transfer takes about 100 ms of virtual time in QEMU, so this backend is for
+//! showing that the mirror is right, with small sizes (`--nodes 200 --size 4K --slots 2`), not
+//! for throughput. The BFS reads through a per-call cache of aligned 2 KiB lines (a line lies
+//! in one page, so it is readable whenever the bytes asked for are); stores are batched: one
+//! transfer moves up to 4095 bytes of results into the device's buffer, then one transfer per
+//! result writes it to its own address (results are never merged into wider writes, which
+//! would overwrite bytes the CPU may be changing).
+//!
+//! # Mirrors
+//!
+//! One [`VfioMapper`] per usable IOVA range of the IOMMU (intersected with the user address
+//! space and cut to 2 MiB), each with IOVA = virtual address, all on the [`ProcessMm`]'s
+//! notifier: every SVM API call and every userfaultfd event reaches them. Where no identity
+//! mapping is possible, one mapper over the whole user address space with allocated IOVAs.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{Ordering, fence};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use svmirror_core::{CounterSnapshot, Event, NotifierRange, PAGE_SIZE, Range};
+use svmirror_mm::{ProcessMm, Protection};
+use svmirror_vfio::{
+    EduDevice, IovaMode, MapperConfig, VfioContainer, VfioError, VfioMapper,
+};
+
+use super::report::Figure;
+use super::{
+    AppError, Backend, BackendKind, DeviceWork, Node, Progress, Result, SlotRef, SlotResult,
+};
+
+/// The lowest address mirrored (page 0 is never mapped).
+const USER_START: u64 = PAGE_SIZE;
+/// The end of the user address space on x86-64 with 4-level tables.
+const USER_END: u64 = 1 << 47;
+/// Identity mirrors are cut to this alignment (the largest chunk).
+const MIRROR_ALIGN: u64 = 2 << 20;
+/// The BFS's read cache line: aligned, so a line never leaves the page of the bytes asked for.
+const LINE: u64 = 2048;
+/// Most bytes one edu transfer moves.
+const MAX_TRANSFER: u64 = EduDevice::MAX_TRANSFER;
+
+/// The fix printed when no edu device is usable here.
+const FIX: &str = "the VFIO backend drives QEMU's edu DMA device bound to vfio-pci behind an IOMMU: run it in the guest that `cargo xtask vfio-vm` boots (it runs `svmirror run --backend vfio` there; `cargo xtask vfio-vm --also BINARY ARGS` runs another static build), or use --backend sim";
+
+/// The VFIO backend. See the [module documentation](self).
+pub struct VfioBackend {
+    // Field order is drop order: the mappers unmap while the device's group still holds the
+    // container's IOMMU; the staging page goes in `Drop` before any of them.
+    mappers: Vec<VfioMapper>,
+    device: Mutex<Device>,
+    path: PathBuf,
+    identity: bool,
+    _container: Arc<VfioContainer>,
+    mm: Arc<ProcessMm>,
+}
+
+/// The device and its staging page, used by one call at a time.
+struct Device {
+    edu: EduDevice,
+    /// One page of this process's memory the device writes what it fetched into and reads
+    /// results from. Touched by the CPU through raw pointers only.
+    staging: Range,
+}
+
+impl std::fmt::Debug for VfioBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioBackend")
+            .field("path", &self.path)
+            .field("mappers", &self.mappers)
+            .finish()
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut why = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        why.push_str(": ");
+        why.push_str(&s.to_string());
+        src = s.source();
+    }
+    why
+}
+
+fn unavailable(missing: String) -> AppError {
+    AppError::BackendUnavailable {
+        backend: BackendKind::Vfio,
+        missing,
+        fix: FIX.into(),
+    }
+}
+
+/// Whether a VFIO error means the device may not use that memory (nothing mapped there, a
+/// write to read-only memory, outside every mirror), rather than a failure of the device.
+fn is_refusal(e: &VfioError) -> bool {
+    match e {
+        VfioError::NotMapped { .. }
+        | VfioError::OutsideMirror { .. }
+        | VfioError::BadAddress { .. } => true,
+        VfioError::Core { source, .. } => matches!(
+            source,
+            svmirror_core::Error::WriteToReadOnly { .. } | svmirror_core::Error::BadAddress { .. }
+        ),
+        _ => false,
+    }
+}
+
+/// The identity mirrors for the IOMMU's usable IOVA ranges (inclusive bounds): each range
+/// intersected with the user address space and cut to [`MIRROR_ALIGN`].
+fn identity_ranges(iova_ranges: &[(u64, u64)]) -> Vec<Range> {
+    iova_ranges
+        .iter()
+        .filter_map(|&(first, last)| {
+            let start = first.checked_next_multiple_of(MIRROR_ALIGN)?.max(USER_START);
+            let end = last.saturating_add(1).min(USER_END) & !(MIRROR_ALIGN - 1);
+            Range::new(start, end).ok()
+        })
+        .collect()
+}
+
+/// Adds two mirrors' counters.
+fn add_counters(a: &mut CounterSnapshot, b: &CounterSnapshot) {
+    let add = |x: &mut [u64], y: &[u64]| {
+        for (x, y) in x.iter_mut().zip(y) {
+            *x += y;
+        }
+    };
+    add(&mut a.faults, &b.faults);
+    add(&mut a.invalidations, &b.invalidations);
+    add(&mut a.skipped, &b.skipped);
+    add(&mut a.fault_latency.buckets, &b.fault_latency.buckets);
+    a.fault_bytes += b.fault_bytes;
+    a.retries += b.retries;
+    a.invalidated_bytes += b.invalidated_bytes;
+    a.bytes_mapped += b.bytes_mapped;
+    a.bytes_unmapped += b.bytes_unmapped;
+}
+
+impl VfioBackend {
+    /// Opens the first edu device bound to vfio-pci and mirrors all of `mm`'s user address
+    /// space into its IOMMU; says what is missing when there is none.
+    pub fn open(mm: Arc<ProcessMm>) -> Result<VfioBackend> {
+        let path = EduDevice::find().map_err(|e| {
+            unavailable(format!(
+                "no QEMU edu device (1234:11e8) on the PCI bus ({})",
+                chain(&e)
+            ))
+        })?;
+        let container = VfioContainer::new(None).map(Arc::new).map_err(|e| {
+            unavailable(format!(
+                "/dev/vfio/vfio cannot be opened ({}; is vfio-pci loaded?)",
+                chain(&e)
+            ))
+        })?;
+        let edu = EduDevice::open(&path, container.clone()).map_err(|e| {
+            unavailable(format!(
+                "the edu device {} cannot be opened through VFIO ({}; is it bound to vfio-pci, and is /dev/vfio/N writable?)",
+                path.display(),
+                chain(&e)
+            ))
+        })?;
+        // Type1 charges pinned pages to locked memory: take what the hard limit allows.
+        let _ = svmirror_iommu::raise_memlock_limit(u64::MAX);
+        let mirror_err = |e: VfioError| {
+            unavailable(format!(
+                "the address space cannot be mirrored into the IOMMU ({})",
+                chain(&e)
+            ))
+        };
+        let user = Range::new(USER_START, USER_END).expect("user space is a range");
+        let new_mapper = |range: Range, iova: IovaMode| {
+            let config = MapperConfig {
+                iova,
+                ..MapperConfig::default()
+            };
+            // SAFETY: the apps touch memory the device writes through raw pointers only, and
+            // only when no backend call on it runs (the `Backend` methods' contracts); the
+            // staging page is touched through raw pointers only.
+            unsafe { VfioMapper::new(mm.notifier(), mm.clone(), container.clone(), range, config) }
+        };
+        let whole = new_mapper(user, IovaMode::Auto).map_err(mirror_err)?;
+        let (mappers, identity) = if whole.is_identity() {
+            (vec![whole], true)
+        } else {
+            let ranges = identity_ranges(&whole.iommu_info().iova_ranges);
+            let mut mappers = Vec::new();
+            for r in &ranges {
+                match new_mapper(*r, IovaMode::Identity) {
+                    Ok(m) => mappers.push(m),
+                    Err(e) => {
+                        tracing::debug!(%r, error = %e, "no identity mirror; allocated IOVAs");
+                        mappers.clear();
+                        break;
+                    }
+                }
+            }
+            if mappers.is_empty() {
+                (vec![whole], false)
+            } else {
+                drop(whole);
+                (mappers, true)
+            }
+        };
+        let staging = mm
+            .mmap_anonymous(PAGE_SIZE, Protection::READ_WRITE)
+            .map_err(|e| unavailable(format!("no staging page ({})", chain(&e))))?;
+        tracing::debug!(path = %path.display(), mirrors = mappers.len(), identity, "vfio backend ready");
+        Ok(VfioBackend {
+            mappers,
+            device: Mutex::new(Device { edu, staging }),
+            path,
+            identity,
+            _container: container,
+            mm,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Device> {
+        self.device.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn engine<'a>(&'a self, dev: &'a Device) -> Engine<'a> {
+        Engine {
+            mappers: &self.mappers,
+            dev,
+            work: DeviceWork::default(),
+            started: Instant::now(),
+            faults_before: self.counters().total_faults(),
+        }
+    }
+
+    fn finish(&self, e: Engine<'_>) -> DeviceWork {
+        let mut work = e.work;
+        work.elapsed = e.started.elapsed();
+        work.page_requests = self
+            .counters()
+            .total_faults()
+            .saturating_sub(e.faults_before);
+        work
+    }
+}
+
+impl Drop for VfioBackend {
+    fn drop(&mut self) {
+        let staging = self.lock().staging;
+        tracing::debug!("DBG drop: munmap staging");
+        // SAFETY: the staging page is the backend's own; no call runs (we hold `&mut self`)
+        // and nothing refers into it.
+        if let Err(e) = unsafe { self.mm.munmap(staging) } {
+            tracing::warn!(error = %e, "unmapping the staging page failed");
+        }
+        tracing::debug!("DBG drop: mappers");
+        self.mappers.clear();
+        tracing::debug!("DBG drop: mappers done");
+    }
+}
+
+/// One result for the device to write back: `bytes` at `addr`.
+struct Store {
+    addr: u64,
+    bytes: Vec<u8>,
+}
+
+/// One backend call's use of the device: transfers split at mirror and chunk boundaries, the
+/// staging page, and the work done.
+struct Engine<'a> {
+    mappers: &'a [VfioMapper],
+    dev: &'a Device,
+    work: DeviceWork,
+    started: Instant,
+    faults_before: u64,
+}
+
+impl Engine<'_> {
+    /// The mapper holding `addr`, and how many of `len` bytes from it one transfer may move
+    /// (to the end of the mirror or of the chunk, whichever comes first).
+    fn locate(&self, addr: u64, len: u64) -> std::result::Result<(&VfioMapper, u64), VfioError> {
+        let m = self
+            .mappers
+            .iter()
+            .find(|m| m.range().start() <= addr && addr < m.range().end())
+            .ok_or(VfioError::NotMapped { addr })?;
+        let g = m.granule();
+        let chunk_end = (addr | (g - 1)).saturating_add(1);
+        Ok((m, len.min(chunk_end.min(m.range().end()) - addr)))
+    }
+
+    /// The device reads `len` bytes at `addr` into its buffer at `offset`.
+    fn to_device(&mut self, addr: u64, len: u64, offset: u64) -> std::result::Result<(), VfioError> {
+        let mut done = 0;
+        while done < len {
+            let (m, n) = self.locate(addr + done, len - done)?;
+            self.dev
+                .edu
+                .copy_to_device(m, addr + done, n, offset + done)?;
+            self.work.commands += 1;
+            self.work.bytes_read += n;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The device writes `len` bytes of its buffer at `offset` to `addr`.
+    fn from_device(&mut self, offset: u64, addr: u64, len: u64) -> std::result::Result<(), VfioError> {
+        let mut done = 0;
+        while done < len {
+            let (m, n) = self.locate(addr + done, len - done)?;
+            self.dev
+                .edu
+                .copy_from_device(m, offset + done, addr + done, n)?;
+            self.work.commands += 1;
+            self.work.bytes_written += n;
+            done += n;
+        }
+        // The CPU reads what the device wrote only after the transfer completed.
+        fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The device fetches `out.len()` bytes at `addr` (through its buffer into the staging
+    /// page, from which the CPU copies them).
+    fn fetch(&mut self, addr: u64, out: &mut [u8]) -> std::result::Result<(), VfioError> {
+        let staging = self.dev.staging.start();
+        let mut done = 0usize;
+        while done < out.len() {
+            let n = (out.len() - done).min(MAX_TRANSFER as usize);
+            self.to_device(addr + done as u64, n as u64, 0)?;
+            self.from_device(0, staging, n as u64)?;
+            // SAFETY: the staging page holds `n` <= 4095 bytes the device just wrote; no
+            // transfer runs (the device is ours while `dev` is borrowed) and no Rust reference
+            // covers the page.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    staging as usize as *const u8,
+                    out[done..].as_mut_ptr(),
+                    n,
+                );
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `stores` back by device DMA: up to 4095 bytes of results at a time go from the
+    /// staging page into the device's buffer (one transfer), then each to its own address.
+    /// The outer error is the device failing; the inner ones say which stores were refused.
+    fn write_back(
+        &mut self,
+        stores: &[Store],
+    ) -> std::result::Result<Vec<std::result::Result<(), VfioError>>, VfioError> {
+        let staging = self.dev.staging.start();
+        let mut out = Vec::with_capacity(stores.len());
+        let mut i = 0;
+        while i < stores.len() {
+            let mut batch_end = i;
+            let mut bytes = 0u64;
+            while batch_end < stores.len()
+                && bytes + stores[batch_end].bytes.len() as u64 <= MAX_TRANSFER
+            {
+                bytes += stores[batch_end].bytes.len() as u64;
+                batch_end += 1;
+            }
+            if batch_end == i {
+                return Err(VfioError::DmaOutOfBounds {
+                    offset: 0,
+                    len: stores[i].bytes.len() as u64,
+                    limit: MAX_TRANSFER,
+                });
+            }
+            let mut at = 0u64;
+            for s in &stores[i..batch_end] {
+                // SAFETY: `at + len <= 4095`, inside the staging page, which no transfer uses
+                // now and no Rust reference covers.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        s.bytes.as_ptr(),
+                        (staging + at) as usize as *mut u8,
+                        s.bytes.len(),
+                    );
+                }
+                at += s.bytes.len() as u64;
+            }
+            fence(Ordering::SeqCst);
+            self.to_device(staging, bytes, 0)?;
+            let mut off = 0u64;
+            for s in &stores[i..batch_end] {
+                let len = s.bytes.len() as u64;
+                out.push(self.from_device(off, s.addr, len));
+                off += len;
+            }
+            i = batch_end;
+        }
+        Ok(out)
+    }
+}
+
+/// Results to write back, split so that each fits one transfer.
+#[derive(Default)]
+struct Stores(Vec<Store>);
+
+impl Stores {
+    fn push(&mut self, addr: u64, bytes: &[u8]) {
+        for (k, part) in bytes.chunks(MAX_TRANSFER as usize).enumerate() {
+            self.0.push(Store {
+                addr: addr + (k as u64) * MAX_TRANSFER,
+                bytes: part.to_vec(),
+            });
+        }
+    }
+}
+
+/// The BFS's per-call read cache of aligned [`LINE`]-byte lines the device fetched.
+#[derive(Default)]
+struct Lines(HashMap<u64, Box<[u8]>>);
+
+impl Lines {
+    fn read(
+        &mut self,
+        e: &mut Engine<'_>,
+        addr: u64,
+        out: &mut [u8],
+    ) -> std::result::Result<(), VfioError> {
+        let mut done = 0usize;
+        while done < out.len() {
+            let at = addr + done as u64;
+            let line = at & !(LINE - 1);
+            let within = (at - line) as usize;
+            let n = (out.len() - done).min(LINE as usize - within);
+            if !self.0.contains_key(&line) {
+                let mut data = vec![0u8; LINE as usize].into_boxed_slice();
+                e.fetch(line, &mut data)?;
+                self.0.insert(line, data);
+            }
+            out[done..done + n].copy_from_slice(&self.0[&line][within..within + n]);
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn dev_err(app: &'static str, what: &'static str) -> impl FnOnce(VfioError) -> AppError {
+    move |e| AppError::device(app, BackendKind::Vfio, what, e)
+}
+
+impl Backend for VfioBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Vfio
+    }
+
+    fn device(&self) -> String {
+        let iova = if self.identity {
+            "IOVA = process address"
+        } else {
+            "allocated IOVAs"
+        };
+        format!(
+            "QEMU edu at {} through VFIO type1 and the IOMMU: a DMA engine with a 4 KiB buffer, not a compute device (the CPU computes on what the device fetched; results go back by device DMA); {} mirror(s) in {} KiB chunks, {iova}",
+            self.path
+                .file_name()
+                .map_or_else(|| self.path.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            self.mappers.len(),
+            self.mappers.first().map_or(0, |m| m.granule() >> 10),
+        )
+    }
+
+    unsafe fn bfs(&self, root: *const Node, progress: Progress<'_>) -> Result<(u64, DeviceWork)> {
+        const LEVEL: u64 = std::mem::offset_of!(Node, level) as u64;
+        const DEGREE: u64 = std::mem::offset_of!(Node, degree) as u64;
+        const EDGES: u64 = std::mem::offset_of!(Node, edges) as u64;
+        const _: () = assert!(EDGES == DEGREE + 8, "degree and edges load as one block");
+        let dev = self.lock();
+        let mut e = self.engine(&dev);
+        let root = root as u64;
+        let mut lines = Lines::default();
+        let mut stores = Stores::default();
+        let mut level: HashMap<u64, u64> = HashMap::new();
+        let mut queue = std::collections::VecDeque::new();
+        level.insert(root, 0);
+        stores.push(root + LEVEL, &0u64.to_ne_bytes());
+        queue.push_back(root);
+        let mut done = 0u64;
+        let mut header = [0u8; 16];
+        let mut adj = Vec::new();
+        while let Some(node) = queue.pop_front() {
+            let next = level[&node] + 1;
+            lines
+                .read(&mut e, node + DEGREE, &mut header)
+                .map_err(dev_err("bfs", "reading a node"))?;
+            let degree = u64_at(&header, 0);
+            let edges = u64_at(&header, 8);
+            adj.resize(degree as usize * 8, 0);
+            lines
+                .read(&mut e, edges, &mut adj)
+                .map_err(dev_err("bfs", "reading an adjacency list"))?;
+            for k in 0..degree as usize {
+                let to = u64_at(&adj, k * 8);
+                if let std::collections::hash_map::Entry::Vacant(v) = level.entry(to) {
+                    v.insert(next);
+                    stores.push(to + LEVEL, &next.to_ne_bytes());
+                    queue.push_back(to);
+                }
+            }
+            done += 1;
+            if done % 16 == 0 {
+                progress(done, level.len() as u64);
+            }
+        }
+        for r in e
+            .write_back(&stores.0)
+            .map_err(dev_err("bfs", "writing levels back"))?
+        {
+            r.map_err(dev_err("bfs", "writing a level"))?;
+        }
+        progress(done, level.len() as u64);
+        Ok((level.len() as u64, self.finish(e)))
+    }
+
+    unsafe fn saxpy(
+        &self,
+        a: f32,
+        x: *const f32,
+        y: *mut f32,
+        n: usize,
+        progress: Progress<'_>,
+    ) -> Result<DeviceWork> {
+        // One transfer's worth of f32s per block.
+        const BLOCK: usize = (MAX_TRANSFER / 4) as usize;
+        let dev = self.lock();
+        let mut e = self.engine(&dev);
+        let (x, y) = (x as u64, y as u64);
+        let mut xs = Vec::with_capacity(BLOCK * 4);
+        let mut ys = Vec::with_capacity(BLOCK * 4);
+        let mut i = 0;
+        while i < n {
+            let len = BLOCK.min(n - i);
+            let off = (i * 4) as u64;
+            xs.resize(len * 4, 0);
+            ys.resize(len * 4, 0);
+            e.fetch(x + off, &mut xs)
+                .map_err(dev_err("saxpy", "reading x"))?;
+            e.fetch(y + off, &mut ys)
+                .map_err(dev_err("saxpy", "reading y"))?;
+            for (yb, xb) in ys.chunks_exact_mut(4).zip(xs.chunks_exact(4)) {
+                let xv = f32::from_ne_bytes(xb.try_into().expect("4 bytes"));
+                let yv = f32::from_ne_bytes((&*yb).try_into().expect("4 bytes"));
+                yb.copy_from_slice(&(yv + a * xv).to_ne_bytes());
+            }
+            let mut stores = Stores::default();
+            stores.push(y + off, &ys);
+            for r in e
+                .write_back(&stores.0)
+                .map_err(dev_err("saxpy", "writing y back"))?
+            {
+                r.map_err(dev_err("saxpy", "writing y"))?;
+            }
+            i += len;
+            progress(i as u64, n as u64);
+        }
+        Ok(self.finish(e))
+    }
+
+    unsafe fn sum_slots(
+        &self,
+        table: *const SlotRef,
+        n: usize,
+    ) -> Result<(Vec<SlotResult>, DeviceWork)> {
+        let dev = self.lock();
+        let mut e = self.engine(&dev);
+        let mut entries = vec![0u8; n * std::mem::size_of::<SlotRef>()];
+        if n > 0 {
+            e.fetch(table as u64, &mut entries)
+                .map_err(dev_err("churn", "reading the slot table"))?;
+        }
+        // Per slot: the sum, or the address the device was refused at.
+        let mut sums: Vec<std::result::Result<u64, u64>> = Vec::with_capacity(n);
+        let mut stores = Stores::default();
+        let mut stored = Vec::new();
+        let mut data = Vec::new();
+        for i in 0..n {
+            let addr = u64_at(&entries, i * 16);
+            let words = u64_at(&entries, i * 16 + 8);
+            if addr == 0 || words == 0 {
+                sums.push(Err(addr));
+                continue;
+            }
+            data.resize((words - 1) as usize * 8, 0);
+            match e.fetch(addr, &mut data) {
+                Ok(()) => {}
+                Err(err) if is_refusal(&err) => {
+                    sums.push(Err(addr));
+                    continue;
+                }
+                Err(err) => return Err(dev_err("churn", "reading a slot")(err)),
+            }
+            let sum = data
+                .chunks_exact(8)
+                .fold(0u64, |s, w| s.wrapping_add(u64_at(w, 0)));
+            let last = addr + (words - 1) * 8;
+            stored.push((i, last));
+            stores.push(last, &sum.to_ne_bytes());
+            sums.push(Ok(sum));
+        }
+        let written = e
+            .write_back(&stores.0)
+            .map_err(dev_err("churn", "writing sums back"))?;
+        for ((i, last), r) in stored.into_iter().zip(written) {
+            match r {
+                Ok(()) => {}
+                Err(err) if is_refusal(&err) => sums[i] = Err(last),
+                Err(err) => return Err(dev_err("churn", "writing a sum")(err)),
+            }
+        }
+        let results = sums
+            .into_iter()
+            .map(|s| match s {
+                Ok(sum) => SlotResult::Stored(sum),
+                Err(addr) => SlotResult::Refused { addr },
+            })
+            .collect();
+        Ok((results, self.finish(e)))
+    }
+
+    fn counters(&self) -> CounterSnapshot {
+        let mut c = CounterSnapshot::default();
+        for m in &self.mappers {
+            add_counters(&mut c, &m.counters());
+        }
+        c
+    }
+
+    fn micro_benchmarks(&self, quick: bool) -> Result<Vec<Figure>> {
+        let dev = self.lock();
+        let len = 2 * MIRROR_ALIGN;
+        let buf = self
+            .mm
+            .mmap_anonymous(len, Protection::READ_WRITE)
+            .map_err(|e| AppError::device("bench", BackendKind::Vfio, "mmap", e))?;
+        let r = bench(self, &dev, buf, quick);
+        // SAFETY: the benchmark's own mapping; no transfer runs and nothing refers into it.
+        let u = unsafe { self.mm.munmap(buf) };
+        let figs = r?;
+        u.map_err(|e| AppError::device("bench", BackendKind::Vfio, "munmap", e))?;
+        Ok(figs)
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> f64 {
+    v.sort();
+    v.get(v.len() / 2).map_or(0.0, Duration::as_secs_f64)
+}
+
+/// Fault-to-mapped latency of one 2 MiB chunk (populated memory) against the same fault when
+/// it is already mapped, and the device's copy rate (4095 bytes, two transfers through its
+/// buffer) against memcpy of the same bytes.
+fn bench(b: &VfioBackend, dev: &Device, buf: Range, quick: bool) -> Result<Vec<Figure>> {
+    let err = |what: &'static str| move |e: VfioError| AppError::device("bench", BackendKind::Vfio, what, e);
+    let chunk = Range::with_len(
+        buf.start().next_multiple_of(MIRROR_ALIGN),
+        MIRROR_ALIGN,
+    )
+    .map_err(|e| AppError::device("bench", BackendKind::Vfio, "range", e))?;
+    // SAFETY: the benchmark's own fresh mapping, `chunk` inside it; no device uses it yet and
+    // no Rust reference covers it.
+    unsafe { std::ptr::write_bytes(chunk.start() as usize as *mut u8, 0x5a, chunk.len() as usize) };
+    let mut e = b.engine(dev);
+    let (m, _) = e.locate(chunk.start(), chunk.len()).map_err(err("locate"))?;
+    m.fault(chunk.start(), chunk.len(), true).map_err(err("fault"))?;
+    let iters = if quick { 8 } else { 40 };
+    let mut cold = Vec::with_capacity(iters);
+    let mut warm = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        b.mm
+            .notifier()
+            .invalidate_range_start(NotifierRange::new(chunk, Event::Clear))
+            .map_err(|e| AppError::device("bench", BackendKind::Vfio, "invalidate", e))?
+            .end();
+        let t = Instant::now();
+        m.fault(chunk.start(), chunk.len(), true).map_err(err("fault"))?;
+        cold.push(t.elapsed());
+        let t = Instant::now();
+        m.fault(chunk.start(), chunk.len(), true).map_err(err("fault"))?;
+        warm.push(t.elapsed());
+    }
+    let mut figs = vec![Figure::latency(
+        "vfio",
+        "fault → mapped, one 2 MiB chunk",
+        median(cold),
+        "the same fault, already mapped",
+        median(warm),
+    )];
+
+    let (src, dst) = (chunk.start(), chunk.start() + PAGE_SIZE);
+    let copies = if quick { 3 } else { 10 };
+    let mut dma = Vec::with_capacity(copies);
+    for _ in 0..copies {
+        let t = Instant::now();
+        e.to_device(src, MAX_TRANSFER, 0).map_err(err("DMA"))?;
+        e.from_device(0, dst, MAX_TRANSFER).map_err(err("DMA"))?;
+        dma.push(t.elapsed());
+    }
+    let reps = 1000;
+    let t = Instant::now();
+    for _ in 0..reps {
+        // SAFETY: two distinct pages of the benchmark's mapping, 4095 bytes each; no transfer
+        // runs.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src as usize as *const u8,
+                dst as usize as *mut u8,
+                MAX_TRANSFER as usize,
+            );
+        }
+        std::hint::black_box(dst);
+    }
+    let memcpy = t.elapsed().as_secs_f64() / f64::from(reps);
+    let bytes = MAX_TRANSFER as f64;
+    figs.push(Figure::rate(
+        "vfio",
+        "DMA copy, 4095 B through edu's buffer",
+        bytes / median(dma).max(1e-12),
+        "B/s",
+        "memcpy",
+        bytes / memcpy.max(1e-12),
+    ));
+    Ok(figs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_mirrors_skip_the_msi_window_and_stay_in_user_space() {
+        let r = identity_ranges(&[(0, 0xfedf_ffff), (0xfef0_0000, 0xffff_ffff_ffff)]);
+        assert_eq!(
+            r,
+            vec![
+                Range::new(PAGE_SIZE, 0xfee0_0000).unwrap(),
+                Range::new(0xff00_0000, USER_END).unwrap(),
+            ]
+        );
+        // A range smaller than one aligned chunk gives no mirror.
+        assert!(identity_ranges(&[(0x1000, 0x1f_ffff)]).is_empty());
+    }
+
+    #[test]
+    fn refusals_are_told_from_device_failures() {
+        assert!(is_refusal(&VfioError::NotMapped { addr: 0x1000 }));
+        assert!(!is_refusal(&VfioError::DmaTimeout {
+            iova: 0,
+            len: 8,
+            millis: 5
+        }));
+    }
+
+    #[test]
+    fn stores_are_split_to_fit_one_transfer() {
+        let mut s = Stores::default();
+        s.push(0x1000, &vec![7u8; 5000]);
+        assert_eq!(s.0.len(), 2);
+        assert_eq!(s.0[0].bytes.len(), 4095);
+        assert_eq!(s.0[1].addr, 0x1000 + 4095);
+        assert_eq!(s.0[1].bytes.len(), 905);
+    }
+
+    #[test]
+    fn without_an_edu_device_the_backend_says_how_to_get_one() {
+        // Where there is no edu device bound to vfio-pci (this machine), opening fails with
+        // what is missing and how to get it; the guest of `cargo xtask vfio-vm` runs it for real.
+        let mm = match ProcessMm::new() {
+            Ok(mm) => Arc::new(mm),
+            Err(e) => panic!("userfaultfd is needed for this test: {e}"),
+        };
+        match (EduDevice::find(), VfioBackend::open(mm)) {
+            (_, Err(e)) => {
+                assert!(e.is_bad_input(), "{e}");
+                let text = e.to_string();
+                assert!(text.contains("backend vfio is not available"), "{text}");
+                assert!(text.contains("cargo xtask vfio-vm"), "{text}");
+            }
+            (Ok(_), Ok(b)) => assert_eq!(b.kind(), BackendKind::Vfio),
+            (Err(e), Ok(_)) => panic!("opened a VFIO backend without an edu device: {e}"),
+        }
+    }
+}
