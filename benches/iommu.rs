@@ -9,10 +9,12 @@
 //!   (`Event::Clear`, which drops the mapping and its pin) before it, outside the timed part.
 //!   Baseline `warm`: the same read with the translation already in place. `resolve_only`
 //!   times what the driver does for the page request (`IommuMirror::fault`) on the bench
-//!   thread, without the submit / device-thread / fence hand-offs.
+//!   thread, without the submit / device-thread / fence hand-offs. `fault_parked`: `fault`
+//!   with `DmaConfig::spin` zero, so every hand-off parks and wakes a thread.
 //! - `iommu_dma_copy/{dma,memcpy}/{1m,16m}`: a device copy between two mirrored, pre-faulted
 //!   buffers (2 MiB leaves) with the IOTLB warm runs at no less than half the rate of
-//!   `ptr::copy_nonoverlapping` of the same size.
+//!   `ptr::copy_nonoverlapping` of the same size. `dma` copies through the pin pool's pipe,
+//!   `dma_memfd` (diagnostic) through its staging memfd: two kernel copies either way.
 //! - `dmirror_migrate/*/{512k,2m,16m,256m}`: dmirror MIGRATE_TO_DEV then MIGRATE_TO_SYS of a
 //!   2 MiB-aligned buffer of 4 KiB pages (`MADV_NOHUGEPAGE`), against one
 //!   `ptr::copy_nonoverlapping` of the same size; `thp_{2m,16m}`: the same with
@@ -21,7 +23,9 @@
 //!
 //! Every device command hands off between threads (submit → device thread → fence waiter), so
 //! `fault` and `warm` depend on how fast an idle CPU wakes: on a small VM whose other vCPUs are
-//! halted, each hand-off can cost tens of µs; `resolve_only` does not.
+//! halted, each hand-off can cost tens of µs; `resolve_only` does not. The device thread and the
+//! fence waiter spin for `DmaConfig::spin` (100 µs) before they park, which takes most hand-offs
+//! off that path.
 //!
 //! The root package has no `libc` dependency, so `madvise` is declared in [`sys`].
 
@@ -33,7 +37,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use svmirror::core::{Event, Notifier, NotifierRange, PAGE_SIZE, Range};
 use svmirror::mm::{Advice, ProcessMm, Protection};
 use svmirror_iommu::testing::AnonMap;
-use svmirror_iommu::{DmaCommand, Dmirror, IommuMirror, MirrorConfig};
+use svmirror_iommu::{DmaCommand, DmaConfig, Dmirror, IommuMirror, MirrorConfig, PinPoolConfig};
 
 /// The C library call and Linux constants the benchmark uses (x86-64 and arm64 values).
 mod sys {
@@ -65,8 +69,8 @@ struct FaultSetup {
 }
 
 impl FaultSetup {
-    /// A populated buffer of `len` bytes (2 MiB-aligned THP if `huge`), mirrored.
-    fn new(len: usize, huge: bool) -> FaultSetup {
+    /// A populated buffer of `len` bytes (2 MiB-aligned THP if `huge`), mirrored with `config`.
+    fn new(len: usize, huge: bool, config: MirrorConfig) -> FaultSetup {
         let notifier = Notifier::new();
         let buf = AnonMap::aligned(len, HUGE).unwrap();
         advise(
@@ -80,8 +84,7 @@ impl FaultSetup {
         buf.fill(0x5a);
         let range = Range::with_len(buf.addr(), len as u64).unwrap();
         // SAFETY: the device only reads `buf`, which the CPU touches through raw pointers only.
-        let mirror =
-            unsafe { IommuMirror::new(&notifier, range, MirrorConfig::default()) }.unwrap();
+        let mirror = unsafe { IommuMirror::new(&notifier, range, config) }.unwrap();
         FaultSetup {
             notifier,
             buf,
@@ -120,7 +123,21 @@ fn fault_replay(c: &mut Criterion) {
         ("iommu_fault_replay_4k", PAGE_SIZE as usize, false),
         ("iommu_fault_replay_2m", HUGE, true),
     ] {
-        let s = FaultSetup::new(len, huge);
+        let s = FaultSetup::new(len, huge, MirrorConfig::default());
+        // Diagnostic: the same with the device thread and the fence waiter parking at once
+        // (`DmaConfig::spin` zero), the wake-up cost of every hand-off included.
+        let parked = FaultSetup::new(
+            len,
+            huge,
+            MirrorConfig {
+                dma: DmaConfig {
+                    spin: Duration::ZERO,
+                    ..DmaConfig::default()
+                },
+                ..MirrorConfig::default()
+            },
+        );
+        assert_eq!(parked.read(), 1);
         assert_eq!(s.read(), 1, "the first read faults");
         let leaf = s.mirror.mmu().translate(s.buf.addr()).unwrap().size;
         eprintln!("{name}: device leaf {leaf:?}");
@@ -135,6 +152,19 @@ fn fault_replay(c: &mut Criterion) {
                     s.invalidate();
                     let t = Instant::now();
                     let requests = s.read();
+                    total += t.elapsed();
+                    assert_eq!(requests, 1, "every iteration faults");
+                }
+                total
+            })
+        });
+        g.bench_function("fault_parked", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    parked.invalidate();
+                    let t = Instant::now();
+                    let requests = parked.read();
                     total += t.elapsed();
                     assert_eq!(requests, 1, "every iteration faults");
                 }
@@ -182,6 +212,17 @@ fn dma_copy(c: &mut Criterion) {
     // pointers only, never while a command runs.
     let mirror = unsafe { IommuMirror::new(&notifier, range, MirrorConfig::default()) }.unwrap();
     mirror.fault(range.start(), range.len(), true).unwrap();
+    // Diagnostic: the same device copying through the staging memfd instead of the pipe.
+    let memfd_config = MirrorConfig {
+        pins: PinPoolConfig {
+            copy_pipe: false,
+            ..PinPoolConfig::default()
+        },
+        ..MirrorConfig::default()
+    };
+    // SAFETY: as for `mirror`.
+    let memfd = unsafe { IommuMirror::new(&notifier, range, memfd_config) }.unwrap();
+    memfd.fault(range.start(), range.len(), true).unwrap();
     let leaf = mirror.mmu().translate(buf.addr()).unwrap().size;
     eprintln!("iommu_dma_copy: device leaf {leaf:?}");
     let src = buf.addr();
@@ -195,6 +236,20 @@ fn dma_copy(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("dma", label), |b| {
             b.iter(|| {
                 let done = mirror
+                    .submit(DmaCommand::Copy {
+                        src,
+                        dst,
+                        len: len as u64,
+                    })
+                    .unwrap()
+                    .wait()
+                    .unwrap();
+                assert_eq!(done.page_requests, 0, "IOTLB warm, nothing faults");
+            })
+        });
+        g.bench_function(BenchmarkId::new("dma_memfd", label), |b| {
+            b.iter(|| {
+                let done = memfd
                     .submit(DmaCommand::Copy {
                         src,
                         dst,
@@ -221,6 +276,7 @@ fn dma_copy(c: &mut Criterion) {
         });
     }
     g.finish();
+    drop(memfd);
     drop(mirror);
 }
 

@@ -21,6 +21,22 @@
 //!
 //! The CPU computes the expected sums from its own model of what it wrote (generation numbers),
 //! not by reading the memory, and checks that the memory holds what the model says.
+//!
+//! # What the device must not be racing
+//!
+//! A plain `madvise(MADV_DONTNEED)` is reported (userfaultfd REMOVE) *before* the kernel zaps
+//! the pages, and the monitor invalidates as soon as it reads the event: a device fault on the
+//! same pages in between would map a page that is about to be dropped, and keep it (a window
+//! the SVM API's `madvise` does not have). So the churn never lets the device fault pages the
+//! CPU zaps with plain calls while it does so:
+//!
+//! - each mapped slot is a mapping of its own between guard pages, so that a device fault in a
+//!   neighbouring slot (whose fault window covers the whole 2 MiB around it, cut to the mapping)
+//!   never takes it in;
+//! - while it runs, glibc is told not to trim its heaps (`M_TRIM_THRESHOLD`, which it does
+//!   with `madvise(MADV_DONTNEED)`) and to serve every allocation of 128 KiB and more with its
+//!   own mmap (`M_MMAP_THRESHOLD`, fixed rather than raised as memory is freed), which `free`
+//!   returns with munmap: reported after the change, so no window.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -201,29 +217,75 @@ fn os_err(what: &'static str) -> AppError {
     )
 }
 
-/// Maps `len` bytes read-write at `addr` if it is free, else anywhere.
-fn mmap_near(addr: u64, len: u64) -> Result<Range> {
-    for (hint, flags) in [
-        (addr, libc::MAP_FIXED_NOREPLACE),
-        (0, 0),
-    ] {
-        // SAFETY: a new private anonymous mapping; MAP_FIXED_NOREPLACE never replaces one.
-        let p = unsafe {
-            libc::mmap(
-                hint as usize as *mut libc::c_void,
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
-                -1,
-                0,
-            )
-        };
-        if p != libc::MAP_FAILED {
-            return Range::with_len(p as u64, len)
-                .map_err(|e| AppError::device("churn", BackendKind::Sim, "mmap", e));
-        }
+/// Maps `len` bytes read-write between two PROT_NONE guard pages, so that the slot is a
+/// mapping (VMA) of its own: the kernel never merges it with a neighbour, and a device fault
+/// next door never takes it in (see [`run`] on why that matters).
+fn map_guarded(len: u64) -> Result<Range> {
+    let total = len + 2 * PAGE_SIZE;
+    // SAFETY: a new private anonymous reservation at an address the kernel picks.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total as usize,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(os_err("mmap"));
     }
-    Err(os_err("mmap"))
+    let slot = p as u64 + PAGE_SIZE;
+    // SAFETY: the middle of the reservation just made, which nothing else uses.
+    let rc = unsafe {
+        libc::mprotect(
+            slot as usize as *mut libc::c_void,
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    };
+    if rc != 0 {
+        let e = os_err("mprotect");
+        // SAFETY: the reservation made above, unmapped once.
+        unsafe { libc::munmap(p, total as usize) };
+        return Err(e);
+    }
+    Range::with_len(slot, len).map_err(|e| AppError::device("churn", BackendKind::Sim, "mmap", e))
+}
+
+/// Unmaps the guard pages around `slot` (which must be unmapped already, or unmapped by the
+/// caller through the SVM API).
+fn unmap_guards(slot: Range) {
+    for g in [slot.start() - PAGE_SIZE, slot.end()] {
+        // SAFETY: a PROT_NONE guard page of ours, never touched and never faulted by a device.
+        unsafe { libc::munmap(g as usize as *mut libc::c_void, PAGE_SIZE as usize) };
+    }
+}
+
+/// Maps a new slot where `old` (just unmapped, its guard pages still there) was, or, if
+/// something else took the hole, a guarded slot elsewhere.
+fn remap(old: Range) -> Result<Range> {
+    // SAFETY: a new private anonymous mapping; MAP_FIXED_NOREPLACE never replaces one.
+    let p = unsafe {
+        libc::mmap(
+            old.start() as usize as *mut libc::c_void,
+            old.len() as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p as u64 == old.start() {
+        return Ok(old);
+    }
+    if p != libc::MAP_FAILED {
+        // SAFETY: the mapping just made at an address we did not ask for: ours to undo.
+        unsafe { libc::munmap(p, old.len() as usize) };
+    }
+    unmap_guards(old);
+    map_guarded(old.len())
 }
 
 /// The CPU thread's side of one round: changes every slot of `half` at least once, and keeps
@@ -303,7 +365,7 @@ fn change_slot(mm: &ProcessMm, slot: &mut Slot, rng: &mut Rng, generation: u64) 
                         // SAFETY: no Rust reference into the slot exists; the device is not
                         // working on it this round.
                         unsafe { mm.munmap(range) }.map_err(mm_err("munmap"))?;
-                        slot.mem = Memory::Mapped(mmap_near(range.start(), range.len())?);
+                        slot.mem = Memory::Mapped(remap(range)?);
                         Change::SvmMunmap
                     }
                     1 => {
@@ -314,7 +376,7 @@ fn change_slot(mm: &ProcessMm, slot: &mut Slot, rng: &mut Rng, generation: u64) 
                         if rc != 0 {
                             return Err(os_err("munmap"));
                         }
-                        slot.mem = Memory::Mapped(mmap_near(range.start(), range.len())?);
+                        slot.mem = Memory::Mapped(remap(range)?);
                         Change::LibcMunmap
                     }
                     2 => {
@@ -358,6 +420,24 @@ pub fn run(
     config: &AppConfig,
     progress: &dyn ProgressFactory,
 ) -> Result<AppOutcome> {
+    // See the module documentation. The values are always accepted.
+    // SAFETY: allocator tuning: no memory changes hands.
+    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) };
+    // SAFETY: as above.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10) };
+    let result = run_rounds(backend, mm, config, progress);
+    // glibc's default trim threshold.
+    // SAFETY: as above.
+    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 10) };
+    result
+}
+
+fn run_rounds(
+    backend: &dyn Backend,
+    mm: &Arc<ProcessMm>,
+    config: &AppConfig,
+    progress: &dyn ProgressFactory,
+) -> Result<AppOutcome> {
     let scratch = mm
         .mmap_anonymous(PAGE_SIZE, Protection::READ_WRITE)
         .map_err(mm_err("mmap"))?;
@@ -369,17 +449,11 @@ pub fn run(
             0 => (Memory::Heap(HeapBuf::new(256)), 256),
             1 => (Memory::Heap(HeapBuf::new(24_576)), 24_576),
             2 => (
-                Memory::Mapped(
-                    mm.mmap_anonymous(64 << 10, Protection::READ_WRITE)
-                        .map_err(mm_err("mmap"))?,
-                ),
+                Memory::Mapped(map_guarded(64 << 10)?),
                 8192,
             ),
             _ => (
-                Memory::Mapped(
-                    mm.mmap_anonymous(MAX_SLOT_BYTES, Protection::READ_WRITE)
-                        .map_err(mm_err("mmap"))?,
-                ),
+                Memory::Mapped(map_guarded(MAX_SLOT_BYTES)?),
                 MAX_SLOT_BYTES / 8,
             ),
         };
@@ -463,6 +537,7 @@ pub fn run(
         if let Memory::Mapped(r) = slot.mem {
             // SAFETY: the device is done; nothing refers into the slot.
             unsafe { mm.munmap(r) }.map_err(mm_err("munmap"))?;
+            unmap_guards(r);
         }
     }
     // SAFETY: nothing refers into the scratch page.

@@ -135,44 +135,45 @@ impl Backend for SimBackend {
         const DEGREE: u64 = std::mem::offset_of!(Node, degree) as u64;
         const EDGES: u64 = std::mem::offset_of!(Node, edges) as u64;
         const _: () = assert!(EDGES == DEGREE + 8, "degree and edges load as one block");
+        let started = Instant::now();
+        let mut pipe = Pipeline::new(&self.mirror);
         let root = root as u64;
-        let run = DeviceKernel::new(&self.mirror)
-            .run(|k| {
-                // The device's own memory: the queue and the levels it has assigned.
-                let mut level: HashMap<u64, u64> = HashMap::new();
-                let mut queue = std::collections::VecDeque::new();
-                level.insert(root, 0);
-                k.store_u64(root + LEVEL, 0)?;
-                queue.push_back(root);
-                let mut done = 0u64;
-                let mut header = [0u8; 16];
-                let mut adj = Vec::new();
-                while let Some(node) = queue.pop_front() {
-                    let next = level[&node] + 1;
-                    k.load_bytes(node + DEGREE, &mut header)?;
-                    let degree = u64::from_ne_bytes(header[..8].try_into().expect("8 bytes"));
-                    let edges = u64::from_ne_bytes(header[8..].try_into().expect("8 bytes"));
-                    adj.resize(degree as usize * 8, 0);
-                    k.load_bytes(edges, &mut adj)?;
-                    for e in adj.chunks_exact(8) {
-                        let to = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
-                        if let std::collections::hash_map::Entry::Vacant(v) = level.entry(to) {
-                            v.insert(next);
-                            k.store_u64(to + LEVEL, next)?;
-                            queue.push_back(to);
-                        }
-                    }
-                    done += 1;
-                    if done % 256 == 0 {
-                        progress(done, level.len() as u64);
+        // The device's own memory: the levels it has assigned, and the frontier.
+        let mut level: HashMap<u64, u64> = HashMap::new();
+        level.insert(root, 0);
+        pipe.store(root + LEVEL, 0)?;
+        let mut frontier = vec![root];
+        let mut depth = 0;
+        let mut done = 0u64;
+        while !frontier.is_empty() {
+            // Level-synchronous: every load of a level is queued before the first is waited
+            // for, so the device works through them without a round trip each.
+            let headers = pipe.loads(frontier.iter().map(|&n| (n + DEGREE, 16)))?;
+            let lists = pipe.loads(headers.iter().map(|h| {
+                let degree = u64::from_ne_bytes(h[..8].try_into().expect("8 bytes"));
+                let edges = u64::from_ne_bytes(h[8..16].try_into().expect("8 bytes"));
+                (edges, degree * 8)
+            }))?;
+            depth += 1;
+            let mut next = Vec::new();
+            for list in &lists {
+                for e in list.chunks_exact(8) {
+                    let to = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
+                    if let std::collections::hash_map::Entry::Vacant(v) = level.entry(to) {
+                        v.insert(depth);
+                        next.push(to);
                     }
                 }
-                progress(done, level.len() as u64);
-                Ok(level.len() as u64)
-            })
-            .map_err(Self::kernel_err("bfs"))?;
+            }
+            pipe.stores(next.iter().map(|&n| (n + LEVEL, depth)))?;
+            done += frontier.len() as u64;
+            progress(done, level.len() as u64);
+            frontier = next;
+        }
         self.check_violations("bfs")?;
-        Ok((run.value, work(&run.stats)))
+        let mut w = pipe.work;
+        w.elapsed = started.elapsed();
+        Ok((level.len() as u64, w))
     }
 
     unsafe fn saxpy(
@@ -267,6 +268,77 @@ impl Backend for SimBackend {
                 .with_target("≥ 0.5× memcpy", dma >= 0.5 * memcpy),
         );
         Ok(figs)
+    }
+}
+
+/// Device commands queued in batches, each batch waited for in order: what a device does
+/// with a command queue, without a round trip per access.
+struct Pipeline<'m> {
+    mirror: &'m IommuMirror,
+    work: DeviceWork,
+}
+
+/// Commands in flight at most.
+const PIPELINE_DEPTH: usize = 512;
+
+impl<'m> Pipeline<'m> {
+    fn new(mirror: &'m IommuMirror) -> Self {
+        Pipeline {
+            mirror,
+            work: DeviceWork::default(),
+        }
+    }
+
+    fn err(e: IommuError) -> AppError {
+        AppError::device("bfs", BackendKind::Sim, "device command failed", e)
+    }
+
+    /// Runs `cmds`, at most [`PIPELINE_DEPTH`] in flight, and returns their completions in
+    /// order.
+    fn run(&mut self, cmds: impl Iterator<Item = DmaCommand>) -> Result<Vec<svmirror_iommu::Completion>> {
+        let mut out = Vec::new();
+        let mut fences = std::collections::VecDeque::new();
+        for cmd in cmds {
+            if fences.len() == PIPELINE_DEPTH {
+                let f: svmirror_iommu::Fence = fences.pop_front().expect("full");
+                out.push(f.wait().map_err(Self::err)?);
+            }
+            fences.push_back(self.mirror.submit(cmd).map_err(Self::err)?);
+            self.work.commands += 1;
+        }
+        for f in fences {
+            out.push(f.wait().map_err(Self::err)?);
+        }
+        for c in &out {
+            self.work.page_requests += u64::from(c.page_requests);
+            self.work.bytes_read += c.data.len() as u64;
+        }
+        Ok(out)
+    }
+
+    /// Loads `(addr, len)` blocks.
+    fn loads(&mut self, blocks: impl Iterator<Item = (u64, u64)>) -> Result<Vec<Vec<u8>>> {
+        let done = self.run(blocks.map(|(src, len)| DmaCommand::Read { src, len }))?;
+        Ok(done.into_iter().map(|c| c.data).collect())
+    }
+
+    /// Stores `(addr, value)` u64s.
+    fn stores(&mut self, words: impl Iterator<Item = (u64, u64)>) -> Result<()> {
+        let mut n = 0;
+        self.run(words.map(|(dst, v)| {
+            n += 8;
+            DmaCommand::Write {
+                dst,
+                data: v.to_ne_bytes().to_vec(),
+            }
+        }))?;
+        self.work.bytes_written += n;
+        Ok(())
+    }
+
+    /// Stores one u64.
+    fn store(&mut self, addr: u64, v: u64) -> Result<()> {
+        self.stores(std::iter::once((addr, v)))
     }
 }
 

@@ -41,9 +41,7 @@ use std::time::{Duration, Instant};
 
 use svmirror_core::{CounterSnapshot, Event, NotifierRange, PAGE_SIZE, Range};
 use svmirror_mm::{ProcessMm, Protection};
-use svmirror_vfio::{
-    EduDevice, IovaMode, MapperConfig, VfioContainer, VfioError, VfioMapper,
-};
+use svmirror_vfio::{EduDevice, IovaMode, MapperConfig, VfioContainer, VfioError, VfioMapper};
 
 use super::report::Figure;
 use super::{
@@ -79,8 +77,9 @@ pub struct VfioBackend {
 /// The device and its staging page, used by one call at a time.
 struct Device {
     edu: EduDevice,
-    /// One page of this process's memory the device writes what it fetched into and reads
-    /// results from. Touched by the CPU through raw pointers only.
+    /// A region of this process's memory whose first page the device writes what it fetched
+    /// into and reads results from ([`staging_region`]). Touched by the CPU through raw
+    /// pointers only.
     staging: Range,
 }
 
@@ -133,11 +132,34 @@ fn identity_ranges(iova_ranges: &[(u64, u64)]) -> Vec<Range> {
     iova_ranges
         .iter()
         .filter_map(|&(first, last)| {
-            let start = first.checked_next_multiple_of(MIRROR_ALIGN)?.max(USER_START);
+            let start = first
+                .checked_next_multiple_of(MIRROR_ALIGN)?
+                .max(USER_START);
             let end = last.saturating_add(1).min(USER_END) & !(MIRROR_ALIGN - 1);
             Range::new(start, end).ok()
         })
         .collect()
+}
+
+/// A 2 MiB-aligned region of its own for the staging page (its first page). The mapper maps a
+/// chunk's every mapping the walk meets, and ProcessMm registers them with the userfaultfd: a
+/// staging page next to other mappings (the monitor thread's stack, say) would make them
+/// mirrored and registered too. Alone in its chunk, it takes nothing else along.
+fn staging_region(mm: &ProcessMm) -> std::result::Result<Range, svmirror_mm::MmError> {
+    let r = mm.mmap_anonymous(2 * MIRROR_ALIGN, Protection::READ_WRITE)?;
+    let start = r.start().next_multiple_of(MIRROR_ALIGN);
+    let keep = Range::with_len(start, MIRROR_ALIGN).expect("inside the mapping");
+    for slack in [
+        Range::new(r.start(), start),
+        Range::new(keep.end(), r.end()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        // SAFETY: the slack around the aligned region is ours, fresh, and never used.
+        unsafe { mm.munmap(slack) }?;
+    }
+    Ok(keep)
 }
 
 /// Adds two mirrors' counters.
@@ -163,10 +185,12 @@ impl VfioBackend {
     /// space into its IOMMU; says what is missing when there is none.
     pub fn open(mm: Arc<ProcessMm>) -> Result<VfioBackend> {
         let path = EduDevice::find().map_err(|e| {
-            unavailable(format!(
-                "no QEMU edu device (1234:11e8) on the PCI bus ({})",
-                chain(&e)
-            ))
+            unavailable(match e {
+                VfioError::WrongDevice { .. } => {
+                    "no QEMU edu device (1234:11e8) in /sys/bus/pci/devices".into()
+                }
+                e => format!("the PCI devices cannot be listed ({})", chain(&e)),
+            })
         })?;
         let container = VfioContainer::new(None).map(Arc::new).map_err(|e| {
             unavailable(format!(
@@ -223,8 +247,7 @@ impl VfioBackend {
                 (mappers, true)
             }
         };
-        let staging = mm
-            .mmap_anonymous(PAGE_SIZE, Protection::READ_WRITE)
+        let staging = staging_region(&mm)
             .map_err(|e| unavailable(format!("no staging page ({})", chain(&e))))?;
         tracing::debug!(path = %path.display(), mirrors = mappers.len(), identity, "vfio backend ready");
         Ok(VfioBackend {
@@ -265,15 +288,11 @@ impl VfioBackend {
 impl Drop for VfioBackend {
     fn drop(&mut self) {
         let staging = self.lock().staging;
-        tracing::debug!("DBG drop: munmap staging");
-        // SAFETY: the staging page is the backend's own; no call runs (we hold `&mut self`)
+        // SAFETY: the staging region is the backend's own; no call runs (we hold `&mut self`)
         // and nothing refers into it.
         if let Err(e) = unsafe { self.mm.munmap(staging) } {
-            tracing::warn!(error = %e, "unmapping the staging page failed");
+            tracing::warn!(error = %e, "unmapping the staging region failed");
         }
-        tracing::debug!("DBG drop: mappers");
-        self.mappers.clear();
-        tracing::debug!("DBG drop: mappers done");
     }
 }
 
@@ -308,7 +327,7 @@ impl Engine<'_> {
     }
 
     /// The device reads `len` bytes at `addr` into its buffer at `offset`.
-    fn to_device(&mut self, addr: u64, len: u64, offset: u64) -> std::result::Result<(), VfioError> {
+    fn dma_in(&mut self, addr: u64, len: u64, offset: u64) -> std::result::Result<(), VfioError> {
         let mut done = 0;
         while done < len {
             let (m, n) = self.locate(addr + done, len - done)?;
@@ -323,7 +342,7 @@ impl Engine<'_> {
     }
 
     /// The device writes `len` bytes of its buffer at `offset` to `addr`.
-    fn from_device(&mut self, offset: u64, addr: u64, len: u64) -> std::result::Result<(), VfioError> {
+    fn dma_out(&mut self, offset: u64, addr: u64, len: u64) -> std::result::Result<(), VfioError> {
         let mut done = 0;
         while done < len {
             let (m, n) = self.locate(addr + done, len - done)?;
@@ -346,8 +365,8 @@ impl Engine<'_> {
         let mut done = 0usize;
         while done < out.len() {
             let n = (out.len() - done).min(MAX_TRANSFER as usize);
-            self.to_device(addr + done as u64, n as u64, 0)?;
-            self.from_device(0, staging, n as u64)?;
+            self.dma_in(addr + done as u64, n as u64, 0)?;
+            self.dma_out(0, staging, n as u64)?;
             // SAFETY: the staging page holds `n` <= 4095 bytes the device just wrote; no
             // transfer runs (the device is ours while `dev` is borrowed) and no Rust reference
             // covers the page.
@@ -403,11 +422,11 @@ impl Engine<'_> {
                 at += s.bytes.len() as u64;
             }
             fence(Ordering::SeqCst);
-            self.to_device(staging, bytes, 0)?;
+            self.dma_in(staging, bytes, 0)?;
             let mut off = 0u64;
             for s in &stores[i..batch_end] {
                 let len = s.bytes.len() as u64;
-                out.push(self.from_device(off, s.addr, len));
+                out.push(self.dma_out(off, s.addr, len));
                 off += len;
             }
             i = batch_end;
@@ -448,12 +467,15 @@ impl Lines {
             let line = at & !(LINE - 1);
             let within = (at - line) as usize;
             let n = (out.len() - done).min(LINE as usize - within);
-            if !self.0.contains_key(&line) {
-                let mut data = vec![0u8; LINE as usize].into_boxed_slice();
-                e.fetch(line, &mut data)?;
-                self.0.insert(line, data);
-            }
-            out[done..done + n].copy_from_slice(&self.0[&line][within..within + n]);
+            let data = match self.0.entry(line) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let mut data = vec![0u8; LINE as usize].into_boxed_slice();
+                    e.fetch(line, &mut data)?;
+                    v.insert(data)
+                }
+            };
+            out[done..done + n].copy_from_slice(&data[within..within + n]);
             done += n;
         }
         Ok(())
@@ -481,9 +503,10 @@ impl Backend for VfioBackend {
         };
         format!(
             "QEMU edu at {} through VFIO type1 and the IOMMU: a DMA engine with a 4 KiB buffer, not a compute device (the CPU computes on what the device fetched; results go back by device DMA); {} mirror(s) in {} KiB chunks, {iova}",
-            self.path
-                .file_name()
-                .map_or_else(|| self.path.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            self.path.file_name().map_or_else(
+                || self.path.display().to_string(),
+                |n| n.to_string_lossy().into_owned()
+            ),
             self.mappers.len(),
             self.mappers.first().map_or(0, |m| m.granule() >> 10),
         )
@@ -679,32 +702,41 @@ fn median(mut v: Vec<Duration>) -> f64 {
 /// it is already mapped, and the device's copy rate (4095 bytes, two transfers through its
 /// buffer) against memcpy of the same bytes.
 fn bench(b: &VfioBackend, dev: &Device, buf: Range, quick: bool) -> Result<Vec<Figure>> {
-    let err = |what: &'static str| move |e: VfioError| AppError::device("bench", BackendKind::Vfio, what, e);
-    let chunk = Range::with_len(
-        buf.start().next_multiple_of(MIRROR_ALIGN),
-        MIRROR_ALIGN,
-    )
-    .map_err(|e| AppError::device("bench", BackendKind::Vfio, "range", e))?;
+    let err = |what: &'static str| {
+        move |e: VfioError| AppError::device("bench", BackendKind::Vfio, what, e)
+    };
+    let chunk = Range::with_len(buf.start().next_multiple_of(MIRROR_ALIGN), MIRROR_ALIGN)
+        .map_err(|e| AppError::device("bench", BackendKind::Vfio, "range", e))?;
     // SAFETY: the benchmark's own fresh mapping, `chunk` inside it; no device uses it yet and
     // no Rust reference covers it.
-    unsafe { std::ptr::write_bytes(chunk.start() as usize as *mut u8, 0x5a, chunk.len() as usize) };
+    unsafe {
+        std::ptr::write_bytes(
+            chunk.start() as usize as *mut u8,
+            0x5a,
+            chunk.len() as usize,
+        )
+    };
     let mut e = b.engine(dev);
-    let (m, _) = e.locate(chunk.start(), chunk.len()).map_err(err("locate"))?;
-    m.fault(chunk.start(), chunk.len(), true).map_err(err("fault"))?;
+    let (m, _) = e
+        .locate(chunk.start(), chunk.len())
+        .map_err(err("locate"))?;
+    m.fault(chunk.start(), chunk.len(), true)
+        .map_err(err("fault"))?;
     let iters = if quick { 8 } else { 40 };
     let mut cold = Vec::with_capacity(iters);
     let mut warm = Vec::with_capacity(iters);
     for _ in 0..iters {
-        b.mm
-            .notifier()
+        b.mm.notifier()
             .invalidate_range_start(NotifierRange::new(chunk, Event::Clear))
             .map_err(|e| AppError::device("bench", BackendKind::Vfio, "invalidate", e))?
             .end();
         let t = Instant::now();
-        m.fault(chunk.start(), chunk.len(), true).map_err(err("fault"))?;
+        m.fault(chunk.start(), chunk.len(), true)
+            .map_err(err("fault"))?;
         cold.push(t.elapsed());
         let t = Instant::now();
-        m.fault(chunk.start(), chunk.len(), true).map_err(err("fault"))?;
+        m.fault(chunk.start(), chunk.len(), true)
+            .map_err(err("fault"))?;
         warm.push(t.elapsed());
     }
     let mut figs = vec![Figure::latency(
@@ -720,8 +752,8 @@ fn bench(b: &VfioBackend, dev: &Device, buf: Range, quick: bool) -> Result<Vec<F
     let mut dma = Vec::with_capacity(copies);
     for _ in 0..copies {
         let t = Instant::now();
-        e.to_device(src, MAX_TRANSFER, 0).map_err(err("DMA"))?;
-        e.from_device(0, dst, MAX_TRANSFER).map_err(err("DMA"))?;
+        e.dma_in(src, MAX_TRANSFER, 0).map_err(err("DMA"))?;
+        e.dma_out(0, dst, MAX_TRANSFER).map_err(err("DMA"))?;
         dma.push(t.elapsed());
     }
     let reps = 1000;

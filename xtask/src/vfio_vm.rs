@@ -60,14 +60,14 @@ const TEST_BIN: &str = "vfio-guest-tests";
 const APP_PACKAGE: &str = "svmirror";
 const APP_BIN: &str = "svmirror";
 /// `svmirror run --backend vfio` sized for edu: each of its DMA transfers takes 100 ms of
-/// virtual time and moves at most 4095 bytes, so a few hundred transfers in all (about 30 s).
+/// virtual time and moves at most 4095 bytes: about 300 transfers in all, some 30 s in the guest.
 const APP_ARGS: &[&str] = &[
     "run",
     "--backend",
     "vfio",
     "--quiet",
     "--nodes",
-    "20",
+    "200",
     "--degree",
     "4",
     "--size",
@@ -558,7 +558,7 @@ fn init_script(modules: &[String], also: Option<&[String]>) -> String {
     let app = format!(
         "echo \"vfio-vm: running /bin/{APP_BIN} {}\"\n\
          t0=$(cut -d' ' -f1 /proc/uptime)\n\
-         RUST_LOG=svmirror=debug,svmirror_vfio=debug,svmirror_mm=debug /bin/{APP_BIN} {}\n\
+         /bin/{APP_BIN} {}\n\
          src=$?\n\
          echo \"vfio-vm: {APP_BIN} exited with $src (started at ${{t0}}s of uptime, ended at $(cut -d' ' -f1 /proc/uptime)s)\"\n\
          [ $src = 0 ] || rc=1\n",

@@ -16,7 +16,10 @@
 //!   memfd, then a copy out of the memfd's mapping (device-local memory);
 //! - device write: a copy into the memfd's mapping, then `IORING_OP_READ_FIXED` from the memfd
 //!   into the registered buffer;
-//! - pin-to-pin copy: both, linked (`IOSQE_IO_LINK`) in one submission.
+//! - pin-to-pin copy: `IORING_OP_WRITE_FIXED` from the source's registered buffer into a pipe
+//!   linked (`IOSQE_IO_LINK`) to `IORING_OP_READ_FIXED` from the pipe into the destination's, in
+//!   one submission per pipe-full (the pipe's pages cost less than the memfd's page cache); the
+//!   memfd when no pipe could be made.
 //!
 //! One `io_uring_enter` per chunk of at most the staging size; no Rust pointer ever touches a
 //! pinned page.
@@ -96,6 +99,9 @@ pub struct PinPoolConfig {
     pub slots: u32,
     /// Bytes of staging memory: the largest chunk moved per submission (a multiple of pages).
     pub staging_bytes: u64,
+    /// Pin-to-pin copies go through a pipe of about `staging_bytes` rather than the staging
+    /// memfd (both keep every access on the pins; see the module documentation).
+    pub copy_pipe: bool,
 }
 
 impl Default for PinPoolConfig {
@@ -103,6 +109,7 @@ impl Default for PinPoolConfig {
         PinPoolConfig {
             slots: 4096,
             staging_bytes: 1 << 20,
+            copy_pipe: true,
         }
     }
 }
@@ -177,6 +184,42 @@ impl Staging {
     }
 }
 
+/// A pipe that pin-to-pin copies go through, emptied by every copy that completes. After a
+/// failed transfer it may hold bytes, so it is replaced.
+struct CopyPipe {
+    rd: OwnedFd,
+    wr: OwnedFd,
+    /// The pipe's capacity: the most one linked pair moves.
+    cap: usize,
+}
+
+impl CopyPipe {
+    /// A pipe of about `want` bytes (as large as the kernel allows, at least a page).
+    fn new(want: usize) -> io::Result<CopyPipe> {
+        let mut fds = [0i32; 2];
+        // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `pipe2` just created both descriptors; nothing else owns them.
+        let rd = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+        // SAFETY: as above.
+        let wr = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+        // SAFETY: plain fcntl on a descriptor we own; a failure leaves the default size.
+        unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, want as libc::c_int) };
+        // SAFETY: plain fcntl on a descriptor we own.
+        let cap = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        if cap < PAGE_SIZE as i32 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(CopyPipe {
+            rd,
+            wr,
+            cap: cap as usize,
+        })
+    }
+}
+
 impl Drop for Staging {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping `new` made; nothing refers to it any more.
@@ -194,6 +237,8 @@ struct Slot {
 struct PoolInner {
     ring: IoUring,
     staging: Staging,
+    /// `None` when no pipe could be made: copies then go through `staging`.
+    pipe: Option<CopyPipe>,
     slots: Vec<Slot>,
     free: Vec<u32>,
     stats: PinStats,
@@ -246,11 +291,19 @@ impl PinPool {
             .map_err(|source| IommuError::RingSetup { source })?;
         let staging = Staging::new(config.staging_bytes as usize)
             .map_err(|source| IommuError::Staging { source })?;
+        let pipe = if config.copy_pipe {
+            CopyPipe::new(config.staging_bytes as usize)
+                .inspect_err(|e| tracing::debug!(%e, "no copy pipe; copies use the staging memfd"))
+                .ok()
+        } else {
+            None
+        };
         tracing::debug!(slots = config.slots, accounted, "pin pool ready");
         Ok(Arc::new(PinPool {
             inner: Mutex::new(PoolInner {
                 ring,
                 staging,
+                pipe,
                 slots: vec![Slot::default(); config.slots as usize],
                 free: (0..config.slots).rev().collect(),
                 stats: PinStats::default(),
@@ -458,6 +511,13 @@ impl PinPool {
         let mut g = self.lock();
         let from = g.resolve(src, len)?;
         let to = g.resolve(dst, len)?;
+        if g.pipe.is_some() {
+            let r = g.copy_through_pipe(src, dst, from, to, len);
+            if r.is_err() {
+                g.replace_pipe();
+            }
+            return r;
+        }
         let chunk = g.staging.len as u64;
         let fd = types::Fd(g.staging.fd.as_raw_fd());
         let mut done = 0;
@@ -513,6 +573,55 @@ fn check(op: &'static str, pin: PinId, res: i32, want: usize) -> Result<()> {
 }
 
 impl PoolInner {
+    /// [`PinPool::copy`] through the pipe: per pipe-full, a fixed-buffer write into the pipe
+    /// linked to a fixed-buffer read out of it. `from` and `to` are the resolved addresses.
+    fn copy_through_pipe(
+        &mut self,
+        src: Target,
+        dst: Target,
+        from: u64,
+        to: u64,
+        len: u64,
+    ) -> Result<()> {
+        let Some(pipe) = &self.pipe else {
+            return Ok(());
+        };
+        let chunk = pipe.cap as u64;
+        let (rd, wr) = (
+            types::Fd(pipe.rd.as_raw_fd()),
+            types::Fd(pipe.wr.as_raw_fd()),
+        );
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk);
+            let into = opcode::WriteFixed::new(
+                wr,
+                (from + done) as *const u8,
+                n as u32,
+                src.pin.slot as u16,
+            )
+            .offset(0)
+            .build()
+            .flags(squeue::Flags::IO_LINK);
+            let out =
+                opcode::ReadFixed::new(rd, (to + done) as *mut u8, n as u32, dst.pin.slot as u16)
+                    .offset(0)
+                    .build();
+            let [r1, r2] = self.submit(&[into, out])?;
+            check("copy", src.pin, r1, n as usize)?;
+            check("copy", dst.pin, r2, n as usize)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Replaces the copy pipe after a failed transfer (it may hold bytes); without a new one,
+    /// copies fall back to the staging memfd.
+    fn replace_pipe(&mut self) {
+        let want = self.pipe.as_ref().map_or(0, |p| p.cap);
+        self.pipe = CopyPipe::new(want).ok();
+    }
+
     /// The process address of `at`, after checking its pin is live and `len` bytes fit in it.
     fn resolve(&self, at: Target, len: u64) -> Result<u64> {
         let s = self

@@ -64,12 +64,56 @@ fn copy_moves_bytes_between_pins() {
     assert_eq!(pool.stats().live, 2);
 }
 
+/// Both copy paths (pipe and staging memfd), in chunks smaller than the copy, move the same
+/// bytes, and a copy lands on the pinned pages even after the CPU remapped the destination.
+#[test]
+fn copies_through_pipe_and_memfd_are_chunked_and_stay_on_the_pins() {
+    let _serial = crate::testing::pin_test_lock();
+    for copy_pipe in [true, false] {
+        let pool = PinPool::new(PinPoolConfig {
+            slots: 4,
+            staging_bytes: PAGE_SIZE,
+            copy_pipe,
+        })
+        .unwrap();
+        let a = AnonMap::new(8 * PAGE_SIZE as usize).unwrap();
+        a.fill_with(|i| (i / 3) as u8);
+        let b = AnonMap::new(8 * PAGE_SIZE as usize).unwrap();
+        let addr = b.addr();
+        // SAFETY: test memory accessed only through raw pointers.
+        let pa = unsafe { pool.pin(a.addr(), a.len() as u64) }.unwrap();
+        // SAFETY: as above.
+        let pb = unsafe { pool.pin(addr, b.len() as u64) }.unwrap();
+        drop(b); // munmap: only the pin keeps the old pages now
+        let new = AnonMap::at(addr, 8 * PAGE_SIZE as usize).unwrap();
+        new.fill(0x55);
+        let before = pool.stats().submissions;
+        let len = 5 * PAGE_SIZE + 100;
+        pool.copy(
+            pa.target_of(a.addr() + 3).unwrap(),
+            pb.target_of(addr).unwrap(),
+            len,
+        )
+        .unwrap();
+        assert!(pool.stats().submissions - before >= 6, "pipe {copy_pipe}");
+        assert!(
+            new.to_vec().iter().all(|&x| x == 0x55),
+            "pipe {copy_pipe}: the copy reached the new mapping"
+        );
+        let mut got = vec![0u8; len as usize];
+        pool.read(pb.target_of(addr).unwrap(), &mut got).unwrap();
+        let want: Vec<u8> = (3..3 + len as usize).map(|i| (i / 3) as u8).collect();
+        assert_eq!(got, want, "pipe {copy_pipe}");
+    }
+}
+
 #[test]
 fn transfers_larger_than_staging_are_chunked() {
     let _serial = crate::testing::pin_test_lock();
     let pool = PinPool::new(PinPoolConfig {
         slots: 4,
         staging_bytes: PAGE_SIZE,
+        ..PinPoolConfig::default()
     })
     .unwrap();
     let a = AnonMap::new(4 * PAGE_SIZE as usize).unwrap();
@@ -132,6 +176,7 @@ fn slot_exhaustion_is_typed_error_and_slots_are_reused() {
     let pool = PinPool::new(PinPoolConfig {
         slots: 1,
         staging_bytes: PAGE_SIZE,
+        ..PinPoolConfig::default()
     })
     .unwrap();
     let a = AnonMap::new(2 * PAGE_SIZE as usize).unwrap();
@@ -155,6 +200,7 @@ fn stale_pin_id_is_refused_after_slot_reuse() {
     let pool = PinPool::new(PinPoolConfig {
         slots: 1,
         staging_bytes: PAGE_SIZE,
+        ..PinPoolConfig::default()
     })
     .unwrap();
     let a = AnonMap::new(PAGE_SIZE as usize).unwrap();
@@ -276,14 +322,17 @@ fn zero_or_oversized_pool_configuration_is_refused() {
         PinPoolConfig {
             slots: 0,
             staging_bytes: PAGE_SIZE,
+            ..PinPoolConfig::default()
         },
         PinPoolConfig {
             slots: MAX_SLOTS + 1,
             staging_bytes: PAGE_SIZE,
+            ..PinPoolConfig::default()
         },
         PinPoolConfig {
             slots: 1,
             staging_bytes: 100,
+            ..PinPoolConfig::default()
         },
     ] {
         let err = PinPool::new(config).unwrap_err();

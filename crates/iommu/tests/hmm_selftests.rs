@@ -4,6 +4,10 @@
 //! Deviations from the kernel tests are said where they happen. The main one: this backend pins
 //! for writing, so a device READ of a read-only mapping is not possible; scenarios that need it
 //! read a read-write mapping instead, or are left out.
+//!
+//! The rest of the ported scenarios are in sibling files: exclusive access and FLAGS in
+//! `hmm_exclusive.rs`, the fork scenarios in `hmm_fork.rs`, hugetlb and THP in `hmm_huge.rs`;
+//! helpers in `hmm_common/`.
 
 mod hmm_common;
 

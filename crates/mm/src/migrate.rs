@@ -124,3 +124,144 @@ impl ProcessMm {
         self.shared.discard_migrated(range.start(), range.end());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use svmirror_core::testing::TestMirror;
+    use svmirror_core::{Error, Event, Owner, PAGE_SIZE, Range};
+
+    use crate::process::{DevicePages, ProcessMm};
+    use crate::svm::Protection;
+
+    /// Test double for a backend's device memory: pages by the address they left from, and
+    /// the kind of event it asks for.
+    struct Pages {
+        exclusive: bool,
+        pages: Mutex<BTreeMap<u64, Vec<u8>>>,
+        /// Addresses `copy_back` was called with.
+        backs: Mutex<Vec<u64>>,
+    }
+
+    impl Pages {
+        fn new(exclusive: bool) -> Arc<Pages> {
+            Arc::new(Pages {
+                exclusive,
+                pages: Mutex::default(),
+                backs: Mutex::default(),
+            })
+        }
+    }
+
+    impl DevicePages for Pages {
+        fn owner(&self) -> Owner {
+            Owner(0x5eed)
+        }
+        fn copy_out(&self, addr: u64, src: *const u8) -> Result<(), Error> {
+            let mut v = vec![0u8; PAGE_SIZE as usize];
+            // SAFETY: `src` is readable for a page while this runs (trait contract).
+            unsafe { std::ptr::copy_nonoverlapping(src, v.as_mut_ptr(), v.len()) };
+            self.pages.lock().unwrap().insert(addr, v);
+            Ok(())
+        }
+        fn copy_back(&self, addr: u64, dst: *mut u8) -> Result<(), Error> {
+            self.backs.lock().unwrap().push(addr);
+            let v = self
+                .pages
+                .lock()
+                .unwrap()
+                .remove(&addr)
+                .ok_or(Error::BadAddress { addr })?;
+            // SAFETY: `dst` is writable for a page (trait contract).
+            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst, v.len()) };
+            Ok(())
+        }
+        fn device_pfn(&self, addr: u64) -> u64 {
+            addr >> 12
+        }
+        fn discard(&self, addr: u64) {
+            self.pages.lock().unwrap().remove(&addr);
+        }
+        fn event(&self) -> Event {
+            let owner = self.owner();
+            if self.exclusive {
+                Event::Exclusive { owner }
+            } else {
+                Event::Migrate { owner }
+            }
+        }
+    }
+
+    fn poke(addr: u64, v: u8) {
+        // SAFETY: `addr` is a byte of a test mapping that Rust code touches only through raw
+        // pointers.
+        unsafe { std::ptr::write_volatile(addr as *mut u8, v) }
+    }
+
+    fn peek(addr: u64) -> u8 {
+        // SAFETY: as for `poke`.
+        unsafe { std::ptr::read_volatile(addr as *const u8) }
+    }
+
+    /// The device's own event kind is what other subscribers see, both when the pages leave
+    /// and when a CPU touch brings one back.
+    #[test]
+    fn migrations_carry_the_device_event() {
+        let mm = ProcessMm::new().expect("userfaultfd available");
+        let r = mm
+            .mmap_anonymous(2 * PAGE_SIZE, Protection::READ_WRITE)
+            .unwrap();
+        poke(r.start(), 7);
+        poke(r.start() + PAGE_SIZE, 8);
+        let watcher = Arc::new(TestMirror::new(Owner(1)));
+        let sub = mm.notifier().insert(r, watcher.clone()).unwrap();
+        let dev = Pages::new(true);
+        assert_eq!(mm.migrate_to_device(r, dev.clone()).unwrap(), 2);
+        assert_eq!(peek(r.start()), 7, "a CPU read brings the page back");
+        let events: Vec<Event> = watcher
+            .table
+            .lock()
+            .invalidations
+            .iter()
+            .map(|(_, e)| *e)
+            .collect();
+        let exclusive = Event::Exclusive {
+            owner: Owner(0x5eed),
+        };
+        assert_eq!(
+            events.iter().filter(|e| **e == exclusive).count(),
+            2,
+            "{events:?}"
+        );
+        assert!(!events.iter().any(|e| matches!(e, Event::Migrate { .. })));
+        // prepare_fork brings back what is left.
+        assert_eq!(mm.prepare_fork().unwrap(), 1);
+        assert_eq!(peek(r.start() + PAGE_SIZE), 8);
+        sub.remove().unwrap();
+        // SAFETY: nothing refers into the mapping.
+        unsafe { mm.munmap(r) }.unwrap();
+    }
+
+    /// A page moved by mremap while on the device comes back at its new address, the device
+    /// asked for it by the address it left from.
+    #[test]
+    fn a_moved_page_comes_back_by_its_old_key() {
+        let mm = ProcessMm::new().expect("userfaultfd available");
+        let r = mm
+            .mmap_anonymous(PAGE_SIZE, Protection::READ_WRITE)
+            .unwrap();
+        poke(r.start(), 42);
+        let dev = Pages::new(false);
+        assert_eq!(mm.migrate_to_device(r, dev.clone()).unwrap(), 1);
+        // SAFETY: moves a test mapping nothing in Rust refers to.
+        let moved = unsafe { mm.mremap(r, 2 * PAGE_SIZE, true) }.unwrap();
+        let moved = Range::with_len(moved.start(), PAGE_SIZE).unwrap();
+        assert_ne!(moved.start(), r.start(), "the mapping moved");
+        assert_eq!(peek(moved.start()), 42);
+        assert_eq!(*dev.backs.lock().unwrap(), vec![r.start()]);
+        // SAFETY: nothing refers into the mapping.
+        unsafe { mm.munmap(Range::with_len(moved.start(), 2 * PAGE_SIZE).unwrap()) }.unwrap();
+    }
+}

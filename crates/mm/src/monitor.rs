@@ -10,8 +10,9 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use svmirror_core::PAGE_SIZE;
 
@@ -40,6 +41,9 @@ impl Bounce {
 pub(crate) struct Monitor {
     thread: Option<JoinHandle<()>>,
     stop: OwnedFd,
+    shared: Arc<Shared>,
+    /// Set by the thread once it has left its event loop for good.
+    left_loop: Arc<AtomicBool>,
 }
 
 /// The monitor's private buffers, in a mapping of their own.
@@ -118,13 +122,20 @@ impl Monitor {
         let stop = unsafe { OwnedFd::from_raw_fd(efd) };
         let stop_raw = stop.as_raw_fd();
         let bufs = Buffers::new().map_err(|source| MmError::Monitor { source })?;
+        let left_loop = Arc::new(AtomicBool::new(false));
+        let (thread_shared, thread_left) = (shared.clone(), left_loop.clone());
         let thread = std::thread::Builder::new()
             .name("svmirror-uffd".into())
-            .spawn(move || run(shared, stop_raw, bufs))
+            .spawn(move || {
+                run(thread_shared, stop_raw, bufs);
+                thread_left.store(true, Ordering::Release);
+            })
             .map_err(|source| MmError::Monitor { source })?;
         Ok(Monitor {
             thread: Some(thread),
             stop,
+            shared,
+            left_loop,
         })
     }
 
@@ -141,7 +152,47 @@ impl Monitor {
         // SAFETY: writes 8 bytes from a local u64 to our eventfd.
         unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
         if let Some(t) = self.thread.take() {
+            // The thread's own exit may unmap memory that a device fault registered (Rust's
+            // signal stack for the thread, or glibc's madvise of its stack, when the kernel
+            // merged them into a neighbouring mapping a device faulted), and that call waits
+            // until someone reads its event. Once the thread has left its loop, a helper reads
+            // and completes events until the thread is gone.
+            let done = Arc::new(AtomicBool::new(false));
+            let (shared, left, stop_draining) =
+                (self.shared.clone(), self.left_loop.clone(), done.clone());
+            let drainer = std::thread::Builder::new()
+                .name("svmirror-uffd-exit".into())
+                .spawn(move || drain_until(&shared, &left, &stop_draining));
             let _ = t.join();
+            done.store(true, Ordering::Release);
+            if let Ok(d) = drainer {
+                let _ = d.join();
+            }
+        }
+    }
+}
+
+/// Completes events (see [`drain`]) once `left` is set, until `done` is.
+fn drain_until(shared: &Shared, left: &AtomicBool, done: &AtomicBool) {
+    let bounce = Bounce::new().ok();
+    let mut msgs = [UffdMsg::default(); 8];
+    while !done.load(Ordering::Acquire) {
+        let n = if left.load(Ordering::Acquire) {
+            shared.uffd.read_msgs(&mut msgs).unwrap_or(0)
+        } else {
+            0
+        };
+        for m in &msgs[..n] {
+            match &bounce {
+                Some(b) => drain(shared, m, b.ptr()),
+                None if m.event == uffd::EVENT_PAGEFAULT => {
+                    let _ = shared.uffd.zero_page(m.arg[1] & !(PAGE_SIZE - 1));
+                }
+                None => {}
+            }
+        }
+        if n == 0 {
+            std::thread::sleep(Duration::from_micros(50));
         }
     }
 }

@@ -25,15 +25,15 @@
 //!   when the userfaultfd monitor reads their event. With lavapipe, which reads host memory
 //!   without pinning it, do not unmap memory behind svmirror's back while a dispatch runs.
 //!
-//! ```no_run
+//! ```
 //! use std::sync::Arc;
-//! use svmirror_core::Range;
 //! use svmirror_mm::ProcessMm;
-//! use svmirror_vulkan::{Dispatch, Gpu, GpuConfig, Kernel, MirrorConfig, VulkanMirror};
+//! use svmirror_vulkan::{Dispatch, Kernel, VulkanMirror};
 //!
+//! // One per process: the userfaultfd monitor and the notifier every backend subscribes to.
 //! let mm = Arc::new(ProcessMm::new()?);
-//! let gpu = Arc::new(Gpu::new(&GpuConfig::default())?);
-//! let mirror = VulkanMirror::new(gpu, mm, Range::new(1 << 16, 1 << 47)?, MirrorConfig::default())?;
+//! // The best device, mirroring the whole user address space.
+//! let mirror = VulkanMirror::open(mm)?;
 //!
 //! let x = vec![1.0f32; 1 << 20];
 //! let mut y = vec![2.0f32; 1 << 20];

@@ -15,7 +15,7 @@
 use std::sync::{Arc, Weak};
 
 use gpu_allocator::MemoryLocation;
-use svmirror_core::{Owner, PAGE_SIZE, Range};
+use svmirror_core::{Owner, PAGE_SIZE, PageSource, Range};
 use svmirror_mm::DevicePages;
 
 use crate::error::{Result, VulkanError};
@@ -54,8 +54,9 @@ impl DeviceMemory {
             .ok_or(svmirror_core::Error::BadAddress { addr })
     }
 
-    /// Uploads every page copied out and not yet in device memory, and maps it.
-    pub(crate) fn upload_pending(&self) -> Result<()> {
+    /// Uploads every page copied out and not yet in device memory, and maps it (writable if
+    /// `writable`: its mapping allows writes).
+    pub(crate) fn upload_pending(&self, writable: bool) -> Result<()> {
         let Some(inner) = self.inner.upgrade() else {
             return Ok(());
         };
@@ -113,8 +114,9 @@ impl DeviceMemory {
         sub.submit()?;
         sub.wait()?;
         drop(sub);
+        let flags = if writable { VALID | WRITE } else { VALID };
         for (a, t) in pending.iter().zip(targets) {
-            g.table.set(*a, t.addr | VALID | WRITE)?;
+            g.table.set(*a, t.addr | flags)?;
             g.device_pages.insert(*a, DevicePage::Resident(t));
         }
         drop(g);
@@ -122,8 +124,9 @@ impl DeviceMemory {
         Ok(())
     }
 
-    /// Maps `page` if it lives in device memory; false if it does not.
-    pub(crate) fn resolve(&self, page: u64, _write: bool) -> Result<bool> {
+    /// Maps `page` if it lives in device memory (writable if `writable`: its mapping allows
+    /// writes); false if it does not.
+    pub(crate) fn resolve(&self, page: u64, writable: bool) -> Result<bool> {
         let Some(inner) = self.inner.upgrade() else {
             return Ok(false);
         };
@@ -131,13 +134,14 @@ impl DeviceMemory {
         match g.device_pages.get(&page) {
             None => Ok(false),
             Some(DevicePage::Resident(b)) => {
+                let flags = if writable { VALID | WRITE } else { VALID };
                 let addr = b.addr;
-                g.table.set(page, addr | VALID | WRITE)?;
+                g.table.set(page, addr | flags)?;
                 Ok(true)
             }
             Some(DevicePage::Pending(_)) => {
                 drop(g);
-                self.upload_pending()?;
+                self.upload_pending(writable)?;
                 Ok(true)
             }
         }
@@ -269,8 +273,29 @@ impl VulkanMirror {
                 range,
                 source,
             })?;
-        self.device_memory.upload_pending()?;
+        let writable = self.writable(range)?;
+        self.device_memory.upload_pending(writable)?;
         Ok(moved)
+    }
+
+    /// Whether every mapping covering `range` is writable.
+    fn writable(&self, range: Range) -> Result<bool> {
+        let mut at = range.start();
+        while at < range.end() {
+            let a = self
+                .mm
+                .area(at, range.end())
+                .map_err(|source| VulkanError::Core {
+                    op: "look up the mapping",
+                    range,
+                    source,
+                })?;
+            if !matches!(a.kind, svmirror_core::AreaKind::Mapped { write: true, .. }) {
+                return Ok(false);
+            }
+            at = a.end;
+        }
+        Ok(true)
     }
 
     /// Brings every page of `range` that lives in device memory back into RAM; returns how

@@ -495,10 +495,10 @@ impl VulkanMirror {
                 }
                 g.chunk_at(page)
             };
-            if self.device_memory.resolve(page, write)? {
+            let (allowed, vma_write) = self.mapping_around(page, write)?;
+            if self.device_memory.resolve(page, vma_write)? {
                 return Ok(());
             }
-            let (allowed, vma_write) = self.mapping_around(page, write)?;
             let chunk = match existing {
                 Some(c) => c,
                 None => {
@@ -589,14 +589,17 @@ impl VulkanMirror {
                 }
             }
             if let Err(e) = result {
-                // Fail closed: nothing of this chunk stays mapped, and its import goes.
+                // Fail closed: nothing of this chunk stays mapped, and its import goes once
+                // work in flight, which may have seen the entries just written, is done.
                 g.table.clear(chunk, true);
-                if import.is_none() {
-                    let (old, _) = g.take_chunks(chunk, true);
-                    inner.drain(&g);
-                    drop(g);
-                    drop(old);
-                }
+                let old = match import {
+                    Some(_) => Vec::new(),
+                    None => g.take_chunks(chunk, true).0,
+                };
+                inner.drain(&g);
+                drop(g);
+                drop(old);
+                drop(import);
                 return Err(e);
             }
             if let Some(i) = import {

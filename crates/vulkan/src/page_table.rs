@@ -13,7 +13,9 @@
 //! Both live in host-visible memory and are written by the host only under the mirror's update
 //! lock; the shader reads them at every translation (there is no device TLB to flush). A leaf
 //! whose last entry goes is freed only on `Unmap` and `Release`, as the kernel frees page-table
-//! pages only when the address range goes away.
+//! pages only when the address range goes away. A freed leaf is reused only after the
+//! invalidation that freed it has waited for the work in flight: a shader that read the old
+//! directory entry must not then find another block's entries in the leaf.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -229,3 +229,31 @@ fn the_import_budget_is_a_typed_error() {
     assert_eq!(rig.gpu.live_allocations().0, 0);
     rig.finish();
 }
+
+#[test]
+fn a_full_page_table_fails_closed() {
+    let _s = serial();
+    let rig = Rig::with(MirrorConfig {
+        page_table_leaves: 1,
+        ..MirrorConfig::default()
+    });
+    let m = rig.mirror();
+    // 4 MiB: at least two 2 MiB blocks, one leaf.
+    let buf = anon(&rig.mm, 1024);
+    let r = m.prefetch(buf.start(), buf.len(), true);
+    assert!(
+        matches!(r, Err(VulkanError::PageTableFull { leaves: 1 })),
+        "{r:?}"
+    );
+    let res = m.resources();
+    assert_eq!(res.leaves, 1);
+    assert_eq!(
+        res.imported_bytes,
+        res.mapped_pages * PAGE,
+        "every import is fully mapped: the refused one went"
+    );
+    unmap(&rig.mm, &[buf]);
+    assert_eq!(m.resources().imports, 0);
+    assert_eq!(m.resources().leaves, 0);
+    rig.finish();
+}

@@ -299,3 +299,42 @@ fn a_fault_racing_an_unmap_never_leaves_a_stale_entry() {
     }
     rig.finish();
 }
+
+#[test]
+fn evictions_racing_dispatches_never_lose_or_repeat_an_update() {
+    let _s = serial();
+    let rig = Rig::new();
+    let m = rig.mirror();
+    // Each dispatch adds x = 1 to every y exactly once, while another thread keeps tearing the
+    // page table down: items that miss stop before writing and are replayed; items that ran
+    // are not. After k dispatches every y is exactly k.
+    let n = 1 << 16;
+    let x = vec![1.0f32; n];
+    let mut y = vec![0.0f32; n];
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let rounds = 12;
+    let mut refaulted = 0;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                m.evict_all();
+                std::thread::sleep(std::time::Duration::from_micros(300));
+            }
+        });
+        for round in 0..rounds {
+            let stats = m.saxpy(1.0, &x, &mut y).unwrap();
+            if round > 0 && stats.passes > 1 {
+                refaulted += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    for (i, v) in y.iter().enumerate() {
+        assert_eq!(*v, rounds as f32, "y[{i}]");
+    }
+    assert!(
+        refaulted > 0,
+        "evictions made later dispatches fault and replay"
+    );
+    rig.finish();
+}

@@ -338,3 +338,59 @@ fn saxpy_on_borrowed_slices_needs_no_unsafe() {
     assert_eq!(short[9], 10.0);
     rig.finish();
 }
+
+#[test]
+fn a_migrated_range_made_read_only_refuses_device_writes() {
+    let _s = serial();
+    let rig = Rig::new();
+    let m = rig.mirror();
+    let y = anon(&rig.mm, 4);
+    let z = anon(&rig.mm, 4);
+    let n = (4 * PAGE / 4) as usize;
+    write_f32s(y.start(), (0..n).map(|i| i as f32));
+    assert_eq!(m.migrate_to_device(y.start(), y.len()).unwrap(), 4);
+    assert_eq!(m.entry(y.start()), Some(true));
+    rig.mm.mprotect(y, svmirror_mm::Protection::READ).unwrap();
+    assert_eq!(
+        m.entry(y.start()),
+        Some(false),
+        "device pages downgraded too"
+    );
+    // Writing y is refused, typed; reading it (from device memory) still works.
+    let err = m
+        .saxpy(1.0, &[1.0; 16], unsafe_slice(y.start(), 16))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            svmirror_vulkan::VulkanError::Fault {
+                write: true,
+                source: svmirror_core::Error::WriteToReadOnly { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let d = Dispatch::new(
+        Kernel::Stream,
+        n as u32,
+        &[y.start(), z.start(), u64::from(1.0f32.to_bits())],
+    )
+    .unwrap();
+    // SAFETY: both ranges hold `n` floats, touched only by raw pointers.
+    unsafe { m.dispatch(&d) }.unwrap();
+    assert_eq!(read_f32(z.start(), 77), 77.0);
+    assert_eq!(m.resources().device_pages, 4, "y stayed in device memory");
+    assert_eq!(m.migrate_to_ram(y.start(), y.len()).unwrap(), 4);
+    assert_eq!(read_f32(y.start(), 99), 99.0);
+    unmap(&rig.mm, &[y, z]);
+    rig.finish();
+}
+
+/// `len` floats at `addr` as a slice, for an API that takes one. The tests hand the slice
+/// straight to the device and never read it through Rust.
+fn unsafe_slice(addr: u64, len: usize) -> &'static mut [f32] {
+    // SAFETY: the callers pass mapped, aligned memory holding `len` floats that no other
+    // reference covers while the slice is in use.
+    unsafe { std::slice::from_raw_parts_mut(addr as *mut f32, len) }
+}

@@ -12,7 +12,11 @@
 //! - **Device memory**: a map of page address → boxed page, the [`DevicePages`] that
 //!   [`ProcessMm::migrate_to_device`] moves pages into. Its owner is not the mirror's, so the
 //!   mirror drops its mappings of pages that migrate here; READ and WRITE use device-resident
-//!   pages directly.
+//!   pages directly, found by the frame number the address space reports for each address (so
+//!   a page that a mremap moved is still found).
+//! - **Exclusive memory**: the same for pages the device holds for exclusive (atomic) access,
+//!   with its own owner and `Exclusive` events, and an ATOMIC tag per page that any
+//!   invalidation of the page clears (the device subscription's callback).
 //!
 //! # Commands
 //!
@@ -26,6 +30,11 @@
 //!   is counted, then the copy goes on. The buffer is written only when a read succeeds.
 //! - [`snapshot`](Dmirror::snapshot): one `HMM_DMIRROR_PROT_*` byte per page ([`prot`]),
 //!   without faulting.
+//! - [`exclusive`](Dmirror::exclusive) / [`check_exclusive`](Dmirror::check_exclusive): the
+//!   kernel's `make_device_exclusive` in userspace (see [`Dmirror::exclusive`]); CHECK is EPERM
+//!   while a page of the range is still exclusive.
+//! - [`flags`](Dmirror::flags) with [`FLAG_FAIL_ALLOC`]: the next device-memory allocation
+//!   fails once (ENOMEM for a 4 KiB page; a huge page falls back to 4 KiB pages).
 //! - [`migrate_to_dev`](Dmirror::migrate_to_dev) / [`migrate_to_sys`](Dmirror::migrate_to_sys);
 //!   [`release`](Dmirror::release) evicts all device memory. As in the kernel, migrating a
 //!   range that is not all readable memory is EINVAL, and shared memory or a page in another
@@ -41,6 +50,10 @@
 //!   that window back to RAM (the IOMMU pins every page it maps). Commands over a range that is
 //!   wholly on the device or wholly in RAM behave as the kernel's.
 //! - As with [`ProcessMm`], the caller must not write a range while it migrates.
+//! - Device memory holds 4 KiB pages: a THP migrates as 512 of them, and a snapshot of it shows
+//!   no PMD bit.
+//! - [`release`](Dmirror::release) finds pages by the address they left from: a page that a
+//!   mremap moved stays on the device until the CPU touches it.
 //!
 //! Dropping the device brings its pages back to RAM, then tears the mirror down (every pin
 //! released).
