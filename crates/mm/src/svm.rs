@@ -158,11 +158,21 @@ impl ProcessMm {
         res
     }
 
-    /// Changes the protection of `range` after every device has been told (event
-    /// `ProtectionVma`: devices downgrade or drop their entries).
+    /// Changes the protection of `range` after every device has been told.
+    ///
+    /// A protection that keeps the range readable is event `ProtectionVma`: devices may
+    /// downgrade their entries to read-only rather than drop them. A protection that makes it
+    /// unreadable (`Protection::NONE`, or write without read, which x86 cannot express anyway)
+    /// is event `Clear`: every device must lose all access, which a downgrade would not give,
+    /// and the next device fault sees the new protection and is refused.
     pub fn mprotect(&self, range: Range, prot: Protection) -> Result<(), MmError> {
         self.check_mapped(range)?;
-        let inv = self.invalidate(range, Event::ProtectionVma)?;
+        let event = if prot.read {
+            Event::ProtectionVma
+        } else {
+            Event::Clear
+        };
+        let inv = self.invalidate(range, event)?;
         // SAFETY: changing protection does not free memory; Rust code that then touches the
         // range against its new protection faults, as with any mprotect.
         let rc = unsafe { libc::mprotect(ptr(range.start()), range.len() as usize, prot.bits()) };

@@ -305,6 +305,34 @@ fn svm_api_invalidates_once_before_the_change() {
     assert!(matches!(e, Error::WriteToReadOnly { .. }), "{e}");
 }
 
+/// mprotect to PROT_NONE must take all access away, not downgrade to read-only: the API sends
+/// `Clear` for it (and `ProtectionVma` while the range stays readable), and the next device
+/// fault, read or write, is refused.
+#[test]
+fn mprotect_to_none_clears_and_later_faults_are_refused() {
+    let _s = serial();
+    let f = fixture(4);
+    f.mirror.fault(&f.sub, &f.mm, f.buf, false).unwrap();
+    f.mm.mprotect(page(f.buf, 0, 1), Protection::READ).unwrap();
+    f.mm.mprotect(page(f.buf, 1, 1), Protection::NONE).unwrap();
+    let got = f.mirror.table.lock().invalidations.clone();
+    assert_eq!(
+        got,
+        vec![
+            (page(f.buf, 0, 1), Event::ProtectionVma),
+            (page(f.buf, 1, 1), Event::Clear),
+        ]
+    );
+    for write in [false, true] {
+        let e = f
+            .mirror
+            .fault(&f.sub, &f.mm, page(f.buf, 1, 1), write)
+            .unwrap_err();
+        assert!(matches!(e, Error::BadAddress { .. }), "write {write}: {e}");
+    }
+    f.mm.mprotect(page(f.buf, 1, 1), Protection::READ_WRITE).unwrap();
+}
+
 #[test]
 fn svm_api_refuses_a_double_unmap_and_bad_ranges() {
     let _s = serial();
