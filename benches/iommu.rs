@@ -215,7 +215,7 @@ fn dma_copy(c: &mut Criterion) {
     // Diagnostic: the same device copying through the staging memfd instead of the pipe.
     let memfd_config = MirrorConfig {
         pins: PinPoolConfig {
-            copy_pipe: false,
+            copy_pipes: 0,
             ..PinPoolConfig::default()
         },
         ..MirrorConfig::default()

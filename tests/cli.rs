@@ -59,7 +59,9 @@ fn check_run_report(v: &Value) {
     assert!(c["total_faults"].as_u64().unwrap() > 0, "{c:#}");
     assert!(c["bytes_mapped"].as_u64().unwrap() > 0, "{c:#}");
     assert!(c["fault_latency_median"].as_f64().unwrap() > 0.0, "{c:#}");
-    assert!(c["fault_latency_p99"].as_f64().unwrap() >= c["fault_latency_median"].as_f64().unwrap());
+    assert!(
+        c["fault_latency_p99"].as_f64().unwrap() >= c["fault_latency_median"].as_f64().unwrap()
+    );
     let reasons: Vec<&str> = c["invalidations"]
         .as_array()
         .unwrap()
@@ -70,8 +72,14 @@ fn check_run_report(v: &Value) {
         assert!(reasons.contains(&r), "churn invalidates for {r}: {c:#}");
     }
     let e = &v["events"];
-    assert!(e["unmap"].as_u64().unwrap() > 0, "plain munmaps were seen: {e:#}");
-    assert!(e["remove"].as_u64().unwrap() > 0, "plain madvises were seen: {e:#}");
+    assert!(
+        e["unmap"].as_u64().unwrap() > 0,
+        "plain munmaps were seen: {e:#}"
+    );
+    assert!(
+        e["remove"].as_u64().unwrap() > 0,
+        "plain madvises were seen: {e:#}"
+    );
 }
 
 #[test]
@@ -85,7 +93,9 @@ fn run_json_completes_every_app_with_zero_mismatches() {
 
 #[test]
 fn no_command_runs_the_app_and_prints_the_results() {
-    let out = svmirror(&["--size", "1M", "--nodes", "300", "--rounds", "4", "--seed", "7"]);
+    let out = svmirror(&[
+        "--size", "1M", "--nodes", "300", "--rounds", "4", "--seed", "7",
+    ]);
     assert_ok(&out);
     let s = text(&out.stdout);
     for want in [
@@ -136,14 +146,23 @@ fn info_json_reports_every_piece_and_a_fix_for_each_missing_one() {
         let status = c["status"].as_str().unwrap();
         assert!(["ok", "limited", "missing"].contains(&status), "{c}");
         if status != "ok" {
-            assert!(c["fix"].as_str().is_some_and(|f| !f.is_empty()), "no fix: {c}");
+            assert!(
+                c["fix"].as_str().is_some_and(|f| !f.is_empty()),
+                "no fix: {c}"
+            );
         }
     }
     let uffd = checks.iter().find(|c| c["name"] == "userfaultfd").unwrap();
-    assert_ne!(uffd["status"], "missing", "this machine runs svmirror: {uffd}");
+    assert_ne!(
+        uffd["status"], "missing",
+        "this machine runs svmirror: {uffd}"
+    );
     let backends = v["backends"].as_array().unwrap();
     let sim = backends.iter().find(|b| b["name"] == "sim").unwrap();
-    assert_eq!(sim["available"], true, "the simulated IOMMU runs here: {sim}");
+    assert_eq!(
+        sim["available"], true,
+        "the simulated IOMMU runs here: {sim}"
+    );
     for name in ["vulkan", "vfio"] {
         let b = backends.iter().find(|b| b["name"] == name);
         assert!(b.is_some(), "{name} missing from {backends:#?}");
@@ -175,15 +194,27 @@ fn bench_quick_json_has_figures_with_baselines_and_writes_files() {
     ]);
     assert_ok(&out);
     let table = text(&out.stdout);
-    assert!(table.contains("fault → replay") && table.contains("ratio"), "{table}");
+    assert!(
+        table.contains("fault → replay") && table.contains("ratio"),
+        "{table}"
+    );
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
     let svg = std::fs::read_to_string(&svg_path).unwrap();
     let _ = std::fs::remove_file(&json_path);
     let _ = std::fs::remove_file(&svg_path);
-    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+        "{svg}"
+    );
     assert_eq!(v["quick"], true);
     let figs = v["figures"].as_array().unwrap();
-    for want in ["fault → replay, 4 KiB", "fault → replay, 2 MiB", "DMA copy", "saxpy", "BFS"] {
+    for want in [
+        "fault → replay, 4 KiB",
+        "fault → replay, 2 MiB",
+        "DMA copy",
+        "saxpy",
+        "BFS",
+    ] {
         let f = figs
             .iter()
             .find(|f| f["backend"] == "sim" && f["name"].as_str().unwrap().contains(want))
@@ -202,7 +233,10 @@ fn bench_quick_json_has_figures_with_baselines_and_writes_files() {
             .iter()
             .find(|s| s["backend"] == b)
             .map(|s| s["reason"].as_str().unwrap().to_string());
-        assert!(measured || why.is_some(), "{b} neither measured nor skipped");
+        assert!(
+            measured || why.is_some(),
+            "{b} neither measured nor skipped"
+        );
     }
 }
 
@@ -226,7 +260,10 @@ fn bad_input(args: &[&str], wants: &[&str]) {
     );
     assert_eq!(err.lines().count(), 1, "{args:?}: one line, got:\n{err}");
     assert!(err.starts_with("svmirror: "), "{err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
     for w in wants {
         assert!(err.contains(w), "{args:?}: {w:?} missing from {err}");
     }
@@ -256,7 +293,10 @@ fn unavailable_backend_says_what_it_needs() {
 
 #[test]
 fn size_past_memory_is_bad_input() {
-    bad_input(&["run", "--size", "64T"], &["does not fit in memory", "--size"]);
+    bad_input(
+        &["run", "--size", "64T"],
+        &["does not fit in memory", "--size"],
+    );
 }
 
 #[test]
@@ -280,7 +320,14 @@ fn help_teaches_the_commands() {
     let out = svmirror(&["--help"]);
     assert_ok(&out);
     let s = text(&out.stdout);
-    for want in ["run", "info", "bench", "Examples", "Exit status", "RUST_LOG"] {
+    for want in [
+        "run",
+        "info",
+        "bench",
+        "Examples",
+        "Exit status",
+        "RUST_LOG",
+    ] {
         assert!(s.contains(want), "{want:?} missing from --help:\n{s}");
     }
     let out = svmirror(&["run", "--help"]);

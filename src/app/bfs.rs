@@ -87,9 +87,8 @@ impl Graph {
 
     /// The level of node `i` as the device left it.
     pub fn level(&self, i: usize) -> u64 {
-        let p = self.nodes[i];
-        // SAFETY: a live node of this graph, read without making a reference.
-        unsafe { std::ptr::addr_of!((*p).level).read_volatile() }
+        // SAFETY: the level of a live node of this graph, read without making a reference.
+        unsafe { level_of(self.nodes[i]).read_volatile() }
     }
 
     /// The levels of a CPU breadth-first search over the same edges, from node 0.
@@ -116,29 +115,25 @@ impl Graph {
     /// `svmirror bench` compares the device with. Resets every level first and returns the
     /// number of nodes reached.
     pub fn cpu_pointer_bfs(&self) -> u64 {
-        for &p in &self.nodes {
-            // SAFETY: live nodes of this graph, written without making a reference.
-            unsafe { std::ptr::addr_of_mut!((*p).level).write_volatile(UNVISITED) };
-        }
+        self.reset();
         let root = self.nodes[0];
         let mut queue = VecDeque::new();
-        // SAFETY: as above.
-        unsafe { std::ptr::addr_of_mut!((*root).level).write_volatile(0) };
+        // SAFETY: the level of a live node of this graph, written without a reference.
+        unsafe { level_of(root).write_volatile(0) };
         queue.push_back(root.cast_const());
         let mut reached = 1;
         while let Some(p) = queue.pop_front() {
-            // SAFETY: every pointer queued is a live node of this graph, and `edges` points at
-            // `degree` node pointers (the node's adjacency `Vec`, owned by the graph).
-            let (level, degree, edges) = unsafe { ((*p).level, (*p).degree, (*p).edges) };
-            for k in 0..degree as usize {
-                // SAFETY: `k < degree`, in the adjacency list.
-                let q = unsafe { edges.add(k).read() }.cast_mut();
-                // SAFETY: a live node of this graph.
-                let ql = unsafe { std::ptr::addr_of_mut!((*q).level) };
-                // SAFETY: as above.
+            // SAFETY: every pointer queued is a live node of this graph (a bitwise copy of a
+            // node, which owns nothing).
+            let node = unsafe { p.read_volatile() };
+            for k in 0..node.degree as usize {
+                // SAFETY: `k < degree`: in the node's adjacency `Vec`, owned by the graph.
+                let q = unsafe { node.edges.wrapping_add(k).read() }.cast_mut();
+                let ql = level_of(q);
+                // SAFETY: the level of a live node of this graph.
                 if unsafe { ql.read_volatile() } == UNVISITED {
                     // SAFETY: as above.
-                    unsafe { ql.write_volatile(level + 1) };
+                    unsafe { ql.write_volatile(node.level + 1) };
                     queue.push_back(q.cast_const());
                     reached += 1;
                 }
@@ -150,10 +145,16 @@ impl Graph {
     /// Sets every node's level back to [`UNVISITED`].
     pub fn reset(&self) {
         for &p in &self.nodes {
-            // SAFETY: live nodes of this graph, written without making a reference.
-            unsafe { std::ptr::addr_of_mut!((*p).level).write_volatile(UNVISITED) };
+            // SAFETY: the level of a live node of this graph, written without a reference.
+            unsafe { level_of(p).write_volatile(UNVISITED) };
         }
     }
+}
+
+/// The address of `node`'s level (no dereference).
+fn level_of(node: *mut Node) -> *mut u64 {
+    node.wrapping_byte_add(std::mem::offset_of!(Node, level))
+        .cast()
 }
 
 impl Drop for Graph {

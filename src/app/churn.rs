@@ -47,7 +47,9 @@ use svmirror_core::{PAGE_SIZE, Range};
 use svmirror_mm::{Advice, MmError, ProcessMm, Protection};
 
 use super::report::{AppOutcome, Check, ProgressFactory};
-use super::{AppConfig, AppError, Backend, BackendKind, DeviceWork, Result, Rng, SlotRef, SlotResult};
+use super::{
+    AppConfig, AppError, Backend, BackendKind, DeviceWork, Result, Rng, SlotRef, SlotResult,
+};
 
 /// The largest slot, in bytes.
 pub const MAX_SLOT_BYTES: u64 = 256 << 10;
@@ -159,10 +161,16 @@ impl Slot {
         for k in 0..self.words - 1 {
             // SAFETY: `k < words`, inside the slot's memory, which is mapped read-write and
             // not in the device's half this round.
-            unsafe { p.add(k as usize).write_volatile(word(self.id, generation, k)) };
+            unsafe {
+                p.wrapping_add(k as usize)
+                    .write_volatile(word(self.id, generation, k))
+            };
         }
         // SAFETY: as above, the last word.
-        unsafe { p.add(self.words as usize - 1).write_volatile(SENTINEL) };
+        unsafe {
+            p.wrapping_add(self.words as usize - 1)
+                .write_volatile(SENTINEL)
+        };
         self.generation = generation;
         self.last = SENTINEL;
     }
@@ -170,7 +178,7 @@ impl Slot {
     /// Reads word `k`.
     fn read(&self, k: u64) -> u64 {
         // SAFETY: `k < words`, inside the slot's memory, which is mapped readable.
-        unsafe { self.ptr().add(k as usize).read_volatile() }
+        unsafe { self.ptr().wrapping_add(k as usize).read_volatile() }
     }
 }
 
@@ -371,7 +379,10 @@ fn change_slot(mm: &ProcessMm, slot: &mut Slot, rng: &mut Rng, generation: u64) 
                     1 => {
                         // SAFETY: as above; the userfaultfd monitor sees the unmap.
                         let rc = unsafe {
-                            libc::munmap(range.start() as usize as *mut libc::c_void, range.len() as usize)
+                            libc::munmap(
+                                range.start() as usize as *mut libc::c_void,
+                                range.len() as usize,
+                            )
                         };
                         if rc != 0 {
                             return Err(os_err("munmap"));
@@ -381,7 +392,8 @@ fn change_slot(mm: &ProcessMm, slot: &mut Slot, rng: &mut Rng, generation: u64) 
                     }
                     2 => {
                         // SAFETY: as above; the contents are rewritten below.
-                        unsafe { mm.madvise(range, Advice::DontNeed) }.map_err(mm_err("madvise"))?;
+                        unsafe { mm.madvise(range, Advice::DontNeed) }
+                            .map_err(mm_err("madvise"))?;
                         Change::SvmDontNeed
                     }
                     3 => {
@@ -448,10 +460,7 @@ fn run_rounds(
         let (mem, words) = match kind {
             0 => (Memory::Heap(HeapBuf::new(256)), 256),
             1 => (Memory::Heap(HeapBuf::new(24_576)), 24_576),
-            2 => (
-                Memory::Mapped(map_guarded(64 << 10)?),
-                8192,
-            ),
+            2 => (Memory::Mapped(map_guarded(64 << 10)?), 8192),
             _ => (
                 Memory::Mapped(map_guarded(MAX_SLOT_BYTES)?),
                 MAX_SLOT_BYTES / 8,
@@ -525,7 +534,11 @@ fn run_rounds(
                 verify(slot, *got, round, &mut check, &mut refused);
             }
             check.compare(results.len() == dev_half.len(), || {
-                format!("round {round}: {} results for {} slots", results.len(), dev_half.len())
+                format!(
+                    "round {round}: {} results for {} slots",
+                    results.len(),
+                    dev_half.len()
+                )
             });
             bar.set(round + 1, config.rounds);
         }

@@ -26,6 +26,7 @@ pub mod report;
 pub mod saxpy;
 pub mod sim;
 pub mod vfio;
+pub mod vulkan;
 
 use std::fmt;
 use std::sync::Arc;
@@ -246,10 +247,7 @@ impl AppConfig {
             ));
         }
         if self.degree == 0 || self.degree > 64 {
-            return bad(format!(
-                "--degree {} is out of range: 1 to 64",
-                self.degree
-            ));
+            return bad(format!("--degree {} is out of range: 1 to 64", self.degree));
         }
         if self.slots < 2 || self.slots > 4096 || self.slots % 2 != 0 {
             return bad(format!(
@@ -402,8 +400,11 @@ pub trait Backend: Send + Sync {
     ///
     /// `table` points at `n` [`SlotRef`]s, and nothing writes them or the slots they point at
     /// during the call (other memory may change).
-    unsafe fn sum_slots(&self, table: *const SlotRef, n: usize)
-    -> Result<(Vec<SlotResult>, DeviceWork)>;
+    unsafe fn sum_slots(
+        &self,
+        table: *const SlotRef,
+        n: usize,
+    ) -> Result<(Vec<SlotResult>, DeviceWork)>;
 
     /// The mirror's counters (faults by size, retries, invalidations by reason, bytes mapped,
     /// fault latency).
@@ -418,11 +419,7 @@ pub trait Backend: Send + Sync {
 pub fn open_backend(kind: BackendKind, mm: &Arc<ProcessMm>) -> Result<Box<dyn Backend>> {
     match kind {
         BackendKind::Sim => Ok(Box::new(sim::SimBackend::open(mm.clone())?)),
-        BackendKind::Vulkan => Err(AppError::BackendUnavailable {
-            backend: kind,
-            missing: "this build of svmirror has no Vulkan backend yet".into(),
-            fix: "use --backend sim; the Vulkan backend (svmirror-vulkan) needs a Vulkan 1.1 driver with VK_EXT_external_memory_host (apt install mesa-vulkan-drivers for lavapipe)".into(),
-        }),
+        BackendKind::Vulkan => Ok(Box::new(vulkan::VulkanBackend::open(mm.clone())?)),
         BackendKind::Vfio => Ok(Box::new(vfio::VfioBackend::open(mm.clone())?)),
     }
 }

@@ -377,7 +377,14 @@ pub struct Figure {
 
 impl Figure {
     /// A rate (higher is better) against its baseline rate.
-    pub fn rate(backend: &str, name: &str, value: f64, unit: &str, baseline_name: &str, baseline: f64) -> Figure {
+    pub fn rate(
+        backend: &str,
+        name: &str,
+        value: f64,
+        unit: &str,
+        baseline_name: &str,
+        baseline: f64,
+    ) -> Figure {
         Figure {
             backend: backend.into(),
             name: name.into(),
@@ -385,14 +392,24 @@ impl Figure {
             unit: unit.into(),
             baseline_name: baseline_name.into(),
             baseline,
-            ratio: if baseline > 0.0 { value / baseline } else { 0.0 },
+            ratio: if baseline > 0.0 {
+                value / baseline
+            } else {
+                0.0
+            },
             target: None,
             met: None,
         }
     }
 
     /// A latency in seconds (lower is better) against its baseline latency.
-    pub fn latency(backend: &str, name: &str, value: f64, baseline_name: &str, baseline: f64) -> Figure {
+    pub fn latency(
+        backend: &str,
+        name: &str,
+        value: f64,
+        baseline_name: &str,
+        baseline: f64,
+    ) -> Figure {
         Figure {
             backend: backend.into(),
             name: name.into(),

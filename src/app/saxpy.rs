@@ -47,7 +47,7 @@ pub fn run(
     let mut check = Check::default();
     for (i, w) in want.iter().enumerate() {
         // SAFETY: `i < n`, in `y`, read through the pointer the device wrote through.
-        let got = unsafe { yp.add(i).read_volatile() };
+        let got = unsafe { yp.wrapping_add(i).read_volatile() };
         check.compare(got.to_bits() == w.to_bits(), || {
             format!("y[{i}]: device {got}, CPU {w}")
         });

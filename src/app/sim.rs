@@ -254,7 +254,11 @@ impl Backend for SimBackend {
             ("fault → replay, 2 MiB", 2 << 20, true, 100e-6),
         ] {
             let (fault, warm) = fault_replay(len, huge, iters)?;
-            let t = if target < 1e-4 { "≤ 10 µs" } else { "≤ 100 µs" };
+            let t = if target < 1e-4 {
+                "≤ 10 µs"
+            } else {
+                "≤ 100 µs"
+            };
             figs.push(
                 Figure::latency("sim", name, fault, "the same read, already mapped", warm)
                     .with_target(t, fault <= target),
@@ -295,7 +299,10 @@ impl<'m> Pipeline<'m> {
 
     /// Runs `cmds`, at most [`PIPELINE_DEPTH`] in flight, and returns their completions in
     /// order.
-    fn run(&mut self, cmds: impl Iterator<Item = DmaCommand>) -> Result<Vec<svmirror_iommu::Completion>> {
+    fn run(
+        &mut self,
+        cmds: impl Iterator<Item = DmaCommand>,
+    ) -> Result<Vec<svmirror_iommu::Completion>> {
         let mut out = Vec::new();
         let mut fences = std::collections::VecDeque::new();
         for cmd in cmds {
@@ -360,7 +367,8 @@ fn bench_mirror(notifier: &Notifier, buf: &AnonMap) -> Result<IommuMirror> {
     let range = Range::with_len(buf.addr(), buf.len() as u64)
         .map_err(|e| AppError::device("bench", BackendKind::Sim, "range", e))?;
     // SAFETY: the benchmark touches `buf` through raw pointers only (AnonMap's methods).
-    unsafe { IommuMirror::new(notifier, range, MirrorConfig::default()) }.map_err(bench_err("mirror"))
+    unsafe { IommuMirror::new(notifier, range, MirrorConfig::default()) }
+        .map_err(bench_err("mirror"))
 }
 
 fn advise(buf: &AnonMap, advice: libc::c_int) {

@@ -141,10 +141,10 @@ fn identity_ranges(iova_ranges: &[(u64, u64)]) -> Vec<Range> {
         .collect()
 }
 
-/// A 2 MiB-aligned region of its own for the staging page (its first page). The mapper maps a
-/// chunk's every mapping the walk meets, and ProcessMm registers them with the userfaultfd: a
-/// staging page next to other mappings (the monitor thread's stack, say) would make them
-/// mirrored and registered too. Alone in its chunk, it takes nothing else along.
+/// A 2 MiB-aligned region of its own for the staging page (its first page). A fault walks
+/// every mapping in the chunk (ProcessMm registers each with the userfaultfd as it goes): a
+/// staging page placed among other mappings (thread stacks, the BAR mapping) would drag them
+/// in. Alone in its chunk, it takes nothing else along.
 fn staging_region(mm: &ProcessMm) -> std::result::Result<Range, svmirror_mm::MmError> {
     let r = mm.mmap_anonymous(2 * MIRROR_ALIGN, Protection::READ_WRITE)?;
     let start = r.start().next_multiple_of(MIRROR_ALIGN);

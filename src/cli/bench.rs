@@ -47,13 +47,7 @@ fn app_figures(
         ..AppConfig::default()
     };
     config.validate()?;
-    let report = app::run_apps(
-        backend,
-        mm,
-        &[AppKind::Saxpy, AppKind::Bfs],
-        &config,
-        bars,
-    )?;
+    let report = app::run_apps(backend, mm, &[AppKind::Saxpy, AppKind::Bfs], &config, bars)?;
     report.result()?;
     let name = backend.kind().name();
     let mut figs = Vec::new();
@@ -63,11 +57,21 @@ fn app_figures(
             continue;
         };
         let what = match a.app {
-            "saxpy" => format!("saxpy through device kernels, {}", app::human_bytes(config.saxpy_bytes)),
+            "saxpy" => format!(
+                "saxpy through device kernels, {}",
+                app::human_bytes(config.saxpy_bytes)
+            ),
             "bfs" => format!("BFS pointer chasing, {} nodes", config.nodes),
             other => other.to_string(),
         };
-        figs.push(Figure::rate(name, &what, dev, unit, "the same on the CPU", cpu));
+        figs.push(Figure::rate(
+            name,
+            &what,
+            dev,
+            unit,
+            "the same on the CPU",
+            cpu,
+        ));
     }
     Ok(figs)
 }
@@ -98,7 +102,10 @@ pub(crate) fn run(
             Err(e) => return Err(e.into()),
         };
         if !json_stdout {
-            eprintln!("svmirror bench: measuring the {kind} backend{}", if quick { " (quick)" } else { "" });
+            eprintln!(
+                "svmirror bench: measuring the {kind} backend{}",
+                if quick { " (quick)" } else { "" }
+            );
         }
         figures.extend(backend.micro_benchmarks(quick)?);
         figures.extend(app_figures(&*backend, &mm, quick, &bars)?);
@@ -112,9 +119,8 @@ pub(crate) fn run(
         skipped,
     };
     if let Some(path) = svg_path {
-        std::fs::write(path, svg::chart(&report.figures)).map_err(|e| {
-            Failure::bad_input(format!("cannot write {}: {e}", path.display()))
-        })?;
+        std::fs::write(path, svg::chart(&report.figures))
+            .map_err(|e| Failure::bad_input(format!("cannot write {}: {e}", path.display())))?;
     }
     let text = serde_json::to_string_pretty(&report)
         .map_err(|e| Failure::failed(format!("cannot write JSON: {e}")))?;
@@ -123,9 +129,8 @@ pub(crate) fn run(
             println!("{text}");
             return Ok(());
         }
-        Some(Some(path)) => std::fs::write(path, text + "\n").map_err(|e| {
-            Failure::bad_input(format!("cannot write {}: {e}", path.display()))
-        })?,
+        Some(Some(path)) => std::fs::write(path, text + "\n")
+            .map_err(|e| Failure::bad_input(format!("cannot write {}: {e}", path.display())))?,
         None => {}
     }
     print!("{}", render(&report));
@@ -161,7 +166,11 @@ fn render(r: &BenchReport) -> String {
         "svmirror bench on Linux {}, {} CPUs{} ({:.1} s)\n\n",
         r.kernel,
         r.cpus,
-        if r.quick { ", quick mode: indicative only" } else { "" },
+        if r.quick {
+            ", quick mode: indicative only"
+        } else {
+            ""
+        },
         r.seconds
     );
     o.push_str(&table(&rows));

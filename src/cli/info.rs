@@ -55,7 +55,9 @@ struct Info {
 }
 
 fn read(path: &str) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 fn meminfo(field: &str) -> u64 {
@@ -138,7 +140,11 @@ fn userfaultfd(root: bool, checks: &mut Vec<Check>) -> bool {
             let ps = f.page_source;
             checks.push(check(
                 "PROCMAP_QUERY",
-                if ps.procmap_query { Status::Ok } else { Status::Limited },
+                if ps.procmap_query {
+                    Status::Ok
+                } else {
+                    Status::Limited
+                },
                 if ps.procmap_query {
                     "VMAs looked up with the ioctl".into()
                 } else {
@@ -148,7 +154,11 @@ fn userfaultfd(root: bool, checks: &mut Vec<Check>) -> bool {
             ));
             checks.push(check(
                 "PAGEMAP_SCAN",
-                if ps.pagemap_scan { Status::Ok } else { Status::Limited },
+                if ps.pagemap_scan {
+                    Status::Ok
+                } else {
+                    Status::Limited
+                },
                 if ps.pagemap_scan {
                     "zero and huge pages recognised in snapshots".into()
                 } else {
@@ -158,7 +168,11 @@ fn userfaultfd(root: bool, checks: &mut Vec<Check>) -> bool {
             ));
             checks.push(check(
                 "pagemap frame numbers",
-                if ps.pfn_visible { Status::Ok } else { Status::Limited },
+                if ps.pfn_visible {
+                    Status::Ok
+                } else {
+                    Status::Limited
+                },
                 if ps.pfn_visible {
                     "visible (CAP_SYS_ADMIN)".into()
                 } else {
@@ -183,14 +197,32 @@ fn userfaultfd(root: bool, checks: &mut Vec<Check>) -> bool {
                 let f = ps.features();
                 checks.push(check(
                     "PROCMAP_QUERY",
-                    if f.procmap_query { Status::Ok } else { Status::Limited },
-                    if f.procmap_query { "available" } else { "missing" }.into(),
+                    if f.procmap_query {
+                        Status::Ok
+                    } else {
+                        Status::Limited
+                    },
+                    if f.procmap_query {
+                        "available"
+                    } else {
+                        "missing"
+                    }
+                    .into(),
                     Some("needs Linux 6.11 or later"),
                 ));
                 checks.push(check(
                     "PAGEMAP_SCAN",
-                    if f.pagemap_scan { Status::Ok } else { Status::Limited },
-                    if f.pagemap_scan { "available" } else { "missing" }.into(),
+                    if f.pagemap_scan {
+                        Status::Ok
+                    } else {
+                        Status::Limited
+                    },
+                    if f.pagemap_scan {
+                        "available"
+                    } else {
+                        "missing"
+                    }
+                    .into(),
                     Some("needs Linux 6.7 or later"),
                 ));
             }
@@ -210,7 +242,10 @@ fn thp(checks: &mut Vec<Check>) {
     let enabled = mode("/sys/kernel/mm/transparent_hugepage/enabled");
     let defrag = mode("/sys/kernel/mm/transparent_hugepage/defrag");
     let (status, detail) = match enabled.as_deref() {
-        Some("never") => (Status::Limited, "never: every fault maps 4 KiB pages".to_string()),
+        Some("never") => (
+            Status::Limited,
+            "never: every fault maps 4 KiB pages".to_string(),
+        ),
         Some(m) => (
             Status::Ok,
             format!(
@@ -218,7 +253,10 @@ fn thp(checks: &mut Vec<Check>) {
                 defrag.as_deref().unwrap_or("?")
             ),
         ),
-        None => (Status::Missing, "no /sys/kernel/mm/transparent_hugepage".into()),
+        None => (
+            Status::Missing,
+            "no /sys/kernel/mm/transparent_hugepage".into(),
+        ),
     };
     checks.push(check(
         "transparent huge pages",
@@ -474,7 +512,11 @@ pub(crate) fn run(json: bool) -> Result<(), Failure> {
         println!(
             "  {:<7} {}  {}",
             b.name,
-            if b.available { "available  " } else { "unavailable" },
+            if b.available {
+                "available  "
+            } else {
+                "unavailable"
+            },
             b.detail
         );
     }

@@ -558,7 +558,7 @@ fn init_script(modules: &[String], also: Option<&[String]>) -> String {
     let app = format!(
         "echo \"vfio-vm: running /bin/{APP_BIN} {}\"\n\
          t0=$(cut -d' ' -f1 /proc/uptime)\n\
-         RUST_LOG=svmirror_mm=trace,svmirror=debug /bin/{APP_BIN} {}\n\
+         /bin/{APP_BIN} {}\n\
          src=$?\n\
          echo \"vfio-vm: {APP_BIN} exited with $src (started at ${{t0}}s of uptime, ended at $(cut -d' ' -f1 /proc/uptime)s)\"\n\
          [ $src = 0 ] || rc=1\n",

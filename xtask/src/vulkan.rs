@@ -67,6 +67,16 @@ const SHADERS: &[Shader] = &[
         defines: &[],
         output: "bfs.spv",
     },
+    Shader {
+        source: "bfs_frontier.comp",
+        defines: &[],
+        output: "bfs_frontier.spv",
+    },
+    Shader {
+        source: "slots.comp",
+        defines: &[],
+        output: "slots.spv",
+    },
 ];
 
 /// The Vulkan version the modules target (buffer device addresses are core in 1.2).

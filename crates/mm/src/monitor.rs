@@ -8,6 +8,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::thread::JoinHandleExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -152,47 +153,40 @@ impl Monitor {
         // SAFETY: writes 8 bytes from a local u64 to our eventfd.
         unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
         if let Some(t) = self.thread.take() {
-            // The thread's own exit may unmap memory that a device fault registered (Rust's
-            // signal stack for the thread, or glibc's madvise of its stack, when the kernel
-            // merged them into a neighbouring mapping a device faulted), and that call waits
-            // until someone reads its event. Once the thread has left its loop, a helper reads
-            // and completes events until the thread is gone.
-            let done = Arc::new(AtomicBool::new(false));
-            let (shared, left, stop_draining) =
-                (self.shared.clone(), self.left_loop.clone(), done.clone());
-            let drainer = std::thread::Builder::new()
-                .name("svmirror-uffd-exit".into())
-                .spawn(move || drain_until(&shared, &left, &stop_draining));
-            let _ = t.join();
-            done.store(true, Ordering::Release);
-            if let Ok(d) = drainer {
-                let _ = d.join();
-            }
-        }
-    }
-}
-
-/// Completes events (see [`drain`]) once `left` is set, until `done` is.
-fn drain_until(shared: &Shared, left: &AtomicBool, done: &AtomicBool) {
-    let bounce = Bounce::new().ok();
-    let mut msgs = [UffdMsg::default(); 8];
-    while !done.load(Ordering::Acquire) {
-        let n = if left.load(Ordering::Acquire) {
-            shared.uffd.read_msgs(&mut msgs).unwrap_or(0)
-        } else {
-            0
-        };
-        for m in &msgs[..n] {
-            match &bounce {
-                Some(b) => drain(shared, m, b.ptr()),
-                None if m.event == uffd::EVENT_PAGEFAULT => {
-                    let _ = shared.uffd.zero_page(m.arg[1] & !(PAGE_SIZE - 1));
+            // The thread's own exit may unmap or zap memory that a device fault registered
+            // (Rust's signal stack for the thread, glibc trimming its arena or its stack, when
+            // the kernel merged them into a neighbouring mapping a device faulted), and that
+            // call waits until someone reads its event. Once the thread has left its loop, read
+            // and complete events here until it is gone. No allocation in this loop: the exiting
+            // thread may hold an allocator lock while it waits.
+            let thread = t.into_pthread_t();
+            let bounce = Bounce::new().ok();
+            let mut msgs = [UffdMsg::default(); 8];
+            loop {
+                // SAFETY: `thread` is the monitor's handle, owned here since `into_pthread_t`;
+                // a successful try-join ends the loop, so it is joined at most once.
+                let rc = unsafe { libc::pthread_tryjoin_np(thread, std::ptr::null_mut()) };
+                if rc != libc::EBUSY {
+                    break;
                 }
-                None => {}
+                let n = if self.left_loop.load(Ordering::Acquire) {
+                    self.shared.uffd.read_msgs(&mut msgs).unwrap_or(0)
+                } else {
+                    0
+                };
+                for m in &msgs[..n] {
+                    match &bounce {
+                        Some(b) => drain(&self.shared, m, b.ptr()),
+                        None if m.event == uffd::EVENT_PAGEFAULT => {
+                            let _ = self.shared.uffd.zero_page(m.arg[1] & !(PAGE_SIZE - 1));
+                        }
+                        None => {}
+                    }
+                }
+                if n == 0 {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
             }
-        }
-        if n == 0 {
-            std::thread::sleep(Duration::from_micros(50));
         }
     }
 }

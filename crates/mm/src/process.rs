@@ -239,9 +239,12 @@ fn carve_gen(map: &mut BTreeMap<u64, (u64, u64)>, start: u64, end: u64) {
 }
 
 pub(crate) struct Shared {
+    /// First, so it is closed first on drop: once the monitor has stopped, nobody reads its
+    /// events, and freeing the other fields can shrink the heap (brk) over a registered range,
+    /// whose UNMAP event would wait forever for a reader while the fd is open.
+    pub(crate) uffd: Uffd,
     pub(crate) notifier: Notifier,
     pub(crate) source: ProcessPageSource,
-    pub(crate) uffd: Uffd,
     book: Mutex<Book>,
     failed: AtomicBool,
     counters: Counters,

@@ -147,6 +147,19 @@ pub enum VulkanError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// A host access to a [`ScratchBuffer`](crate::ScratchBuffer) is out of bounds or
+    /// misaligned.
+    #[error(
+        "scratch buffer access of {len} bytes at offset {offset:#x} is out of bounds or misaligned (buffer of {size:#x} bytes)"
+    )]
+    ScratchBounds {
+        /// Byte offset asked for.
+        offset: u64,
+        /// Bytes asked for.
+        len: u64,
+        /// The buffer's size.
+        size: u64,
+    },
     /// Fault and replay passes did not converge.
     #[error("dispatch still faulting after {passes} passes")]
     TooManyPasses {

@@ -28,6 +28,83 @@ pub enum Kernel {
     /// neighbour at level `cur` takes `cur + 1` and adds one to `*changed`. Arguments:
     /// `[nodes (*const u64 node pointers), cur, changed (*mut u32)]`; items: the node count.
     BfsStep,
+    /// One level of a push-style BFS over [`GraphNode`]s (the layout a CPU program builds:
+    /// level, degree, pointer to the adjacency list): item `i` takes the node at
+    /// `frontier[i]` and claims every neighbour whose level is still all ones, giving it
+    /// `level`; a claimed node is appended to `next` and its degree added to the counters
+    /// ([`FrontierCounters`]), which bounds the next level's appends. With `claim_self` set, an
+    /// item claims its own node instead (how a search starts from its root). Arguments:
+    /// `[frontier, next, counters, level, next capacity, claim_self]`, the first three device
+    /// addresses ([`ScratchBuffer`](crate::ScratchBuffer)s); items: the frontier's length.
+    BfsFrontier,
+    /// Slot sums: item `i` loads entry `i` of a table of `{ addr: u64, words: u64 }` in
+    /// process memory, sums the slot's words `0..words - 1` (wrapping) and stores the sum in
+    /// its last word, reporting in the [`SlotStatus`] record `i` of a device buffer. Items
+    /// whose record says stored or skipped do nothing, so a table runs again after the host
+    /// marks a slot it found refused. Arguments: `[table, status (device address)]`; items:
+    /// the entries.
+    SumSlots,
+}
+
+/// A graph node of [`Kernel::BfsFrontier`], as the shader reads and writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GraphNode {
+    /// BFS level, all ones while unreached (the kernel writes it).
+    pub level: u64,
+    /// Number of neighbours.
+    pub degree: u64,
+    /// Address of `degree` node addresses (`u64`), the neighbours.
+    pub edges: u64,
+}
+
+impl GraphNode {
+    /// The level of a node no search has reached.
+    pub const UNVISITED: u64 = u64::MAX;
+}
+
+/// The counters [`Kernel::BfsFrontier`] keeps in device memory, by byte offset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrontierCounters {
+    /// Nodes claimed (appended to `next`, as far as it has room).
+    pub count: u32,
+    /// Sum of the claimed nodes' degrees.
+    pub degree: u32,
+    /// Non-zero when `next` was too small.
+    pub overflow: u32,
+}
+
+impl FrontierCounters {
+    /// Size of the counters in device memory.
+    pub const BYTES: u64 = 12;
+}
+
+/// The per-item record of [`Kernel::SumSlots`] in device memory (32 bytes, four `u64`s).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotStatus {
+    /// [`SlotStatus::PENDING`], [`STORED`](SlotStatus::STORED),
+    /// [`SKIPPED`](SlotStatus::SKIPPED) or [`EMPTY`](SlotStatus::EMPTY).
+    pub state: u64,
+    /// The sum stored, once stored.
+    pub sum: u64,
+    /// The slot's address as the kernel read it from the table.
+    pub addr: u64,
+    /// The slot's word count as the kernel read it.
+    pub words: u64,
+}
+
+impl SlotStatus {
+    /// Bytes per record.
+    pub const BYTES: u64 = 32;
+    /// Not done yet.
+    pub const PENDING: u64 = 0;
+    /// Summed and stored.
+    pub const STORED: u64 = 1;
+    /// Set by the host: the slot is not to be touched (its memory was refused).
+    pub const SKIPPED: u64 = 2;
+    /// The entry's address or word count is zero.
+    pub const EMPTY: u64 = 3;
 }
 
 /// A list node of [`Kernel::Chase`], as the shader reads it.
@@ -91,15 +168,19 @@ pub(crate) enum Module {
     Chase,
     ChaseDirect,
     Bfs,
+    BfsFrontier,
+    Slots,
 }
 
 impl Module {
-    pub(crate) const ALL: [Module; 5] = [
+    pub(crate) const ALL: [Module; 7] = [
         Module::Stream,
         Module::StreamDirect,
         Module::Chase,
         Module::ChaseDirect,
         Module::Bfs,
+        Module::BfsFrontier,
+        Module::Slots,
     ];
 
     fn spirv(self) -> &'static [u8] {
@@ -109,6 +190,8 @@ impl Module {
             Module::Chase => include_bytes!("../../../shaders/spv/chase.spv"),
             Module::ChaseDirect => include_bytes!("../../../shaders/spv/chase_direct.spv"),
             Module::Bfs => include_bytes!("../../../shaders/spv/bfs.spv"),
+            Module::BfsFrontier => include_bytes!("../../../shaders/spv/bfs_frontier.spv"),
+            Module::Slots => include_bytes!("../../../shaders/spv/slots.spv"),
         }
     }
 
@@ -125,6 +208,8 @@ impl Module {
             Kernel::Stream => Module::Stream,
             Kernel::Chase => Module::Chase,
             Kernel::BfsStep => Module::Bfs,
+            Kernel::BfsFrontier => Module::BfsFrontier,
+            Kernel::SumSlots => Module::Slots,
         }
     }
 
@@ -132,7 +217,7 @@ impl Module {
         match kernel {
             Kernel::Stream => Some(Module::StreamDirect),
             Kernel::Chase => Some(Module::ChaseDirect),
-            Kernel::BfsStep => None,
+            Kernel::BfsStep | Kernel::BfsFrontier | Kernel::SumSlots => None,
         }
     }
 }
@@ -224,7 +309,9 @@ impl Dispatch {
                 args[3] = u64::from(self.items);
                 (self.items.div_ceil(STREAM_TILE) * 256, args)
             }
-            Kernel::Chase | Kernel::BfsStep => (self.items, self.args),
+            Kernel::Chase | Kernel::BfsStep | Kernel::BfsFrontier | Kernel::SumSlots => {
+                (self.items, self.args)
+            }
         }
     }
 }
@@ -256,5 +343,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<ChaseNode>(), 16);
         assert_eq!(std::mem::size_of::<BfsNode>(), 16);
         assert_eq!(std::mem::offset_of!(BfsNode, level), 12);
+        assert_eq!(std::mem::size_of::<GraphNode>(), 24);
+        assert_eq!(std::mem::offset_of!(GraphNode, edges), 16);
+        assert_eq!(std::mem::size_of::<SlotStatus>() as u64, SlotStatus::BYTES);
     }
 }

@@ -66,6 +66,7 @@ mod memory;
 pub mod migrate;
 pub mod mirror;
 pub mod page_table;
+pub mod scratch;
 
 pub use device::{
     DEVICE_ENV, DeviceInfo, Gpu, GpuConfig, InjectedFailure, VALIDATION_ENV, ValidationCounts,
@@ -73,7 +74,8 @@ pub use device::{
 pub use dispatch::{DeviceArray, DispatchStats, StagedChase, StagedStream};
 pub use error::{Result, VulkanError};
 pub use import::DEFAULT_CHUNK_SIZES;
-pub use kernels::{BfsNode, ChaseNode, Dispatch, Kernel};
+pub use kernels::{BfsNode, ChaseNode, Dispatch, FrontierCounters, GraphNode, Kernel, SlotStatus};
 pub use mirror::{MirrorConfig, Resources, VulkanMirror};
+pub use scratch::ScratchBuffer;
 #[doc(no_inline)]
 pub use svmirror_mm::ProcessMm;
