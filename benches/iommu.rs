@@ -13,8 +13,8 @@
 //!   with `DmaConfig::spin` zero, so every hand-off parks and wakes a thread.
 //! - `iommu_dma_copy/{dma,memcpy}/{1m,16m}`: a device copy between two mirrored, pre-faulted
 //!   buffers (2 MiB leaves) with the IOTLB warm runs at no less than half the rate of
-//!   `ptr::copy_nonoverlapping` of the same size. `dma` copies through the pin pool's pipe,
-//!   `dma_memfd` (diagnostic) through its staging memfd: two kernel copies either way.
+//!   `ptr::copy_nonoverlapping` of the same size. `dma` copies through the pin pool's staging
+//!   memfd, `dma_pipe` (diagnostic) through a pipe: two kernel copies either way.
 //! - `dmirror_migrate/*/{512k,2m,16m,256m}`: dmirror MIGRATE_TO_DEV then MIGRATE_TO_SYS of a
 //!   2 MiB-aligned buffer of 4 KiB pages (`MADV_NOHUGEPAGE`), against one
 //!   `ptr::copy_nonoverlapping` of the same size; `thp_{2m,16m}`: the same with
@@ -24,7 +24,7 @@
 //! Every device command hands off between threads (submit → device thread → fence waiter), so
 //! `fault` and `warm` depend on how fast an idle CPU wakes: on a small VM whose other vCPUs are
 //! halted, each hand-off can cost tens of µs; `resolve_only` does not. The device thread and the
-//! fence waiter spin for `DmaConfig::spin` (100 µs) before they park, which takes most hand-offs
+//! fence waiter spin for `DmaConfig::spin` (50 µs, yielding) before they park, which takes most hand-offs
 //! off that path.
 //!
 //! The root package has no `libc` dependency, so `madvise` is declared in [`sys`].
@@ -212,17 +212,17 @@ fn dma_copy(c: &mut Criterion) {
     // pointers only, never while a command runs.
     let mirror = unsafe { IommuMirror::new(&notifier, range, MirrorConfig::default()) }.unwrap();
     mirror.fault(range.start(), range.len(), true).unwrap();
-    // Diagnostic: the same device copying through the staging memfd instead of the pipe.
-    let memfd_config = MirrorConfig {
+    // Diagnostic: the same device copying through a pipe instead of the staging memfd.
+    let pipe_config = MirrorConfig {
         pins: PinPoolConfig {
-            copy_pipes: 0,
+            copy_pipes: 1,
             ..PinPoolConfig::default()
         },
         ..MirrorConfig::default()
     };
     // SAFETY: as for `mirror`.
-    let memfd = unsafe { IommuMirror::new(&notifier, range, memfd_config) }.unwrap();
-    memfd.fault(range.start(), range.len(), true).unwrap();
+    let pipe = unsafe { IommuMirror::new(&notifier, range, pipe_config) }.unwrap();
+    pipe.fault(range.start(), range.len(), true).unwrap();
     let leaf = mirror.mmu().translate(buf.addr()).unwrap().size;
     eprintln!("iommu_dma_copy: device leaf {leaf:?}");
     let src = buf.addr();
@@ -247,9 +247,9 @@ fn dma_copy(c: &mut Criterion) {
                 assert_eq!(done.page_requests, 0, "IOTLB warm, nothing faults");
             })
         });
-        g.bench_function(BenchmarkId::new("dma_memfd", label), |b| {
+        g.bench_function(BenchmarkId::new("dma_pipe", label), |b| {
             b.iter(|| {
-                let done = memfd
+                let done = pipe
                     .submit(DmaCommand::Copy {
                         src,
                         dst,
@@ -276,7 +276,7 @@ fn dma_copy(c: &mut Criterion) {
         });
     }
     g.finish();
-    drop(memfd);
+    drop(pipe);
     drop(mirror);
 }
 

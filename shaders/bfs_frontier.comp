@@ -79,9 +79,11 @@ void main() {
         svm_end(i);
         return;
     }
-    uint64_t degree = U64(dp).v;
+    // A 32-bit count (no node has 2^32 edges), as in slots.comp, where a long loop with a
+    // 64-bit induction variable gave wrong results on lavapipe.
+    uint degree = uint(min(U64(dp).v, 0xfffffffful));
     uint64_t edges = U64(ep).v;
-    for (uint64_t e = 0ul; e < degree; e++) {
+    for (uint e = 0u; e < degree; e++) {
         uint64_t a = svm_translate(edges + 8ul * e, false);
         if (a == 0ul) {
             continue;

@@ -50,8 +50,11 @@ void main() {
         return;
     }
     uint64_t last = addr + 8ul * (words - 1ul);
-    for (uint64_t p = addr & ~4095ul; p < last; p += 4096ul) {
-        svm_translate(p, false);
+    // Loops count in 32 bits: on lavapipe (Mesa 22.3, LLVM 15) a word loop with a 64-bit
+    // induction variable gave wrong sums over slots of 192 KiB and more (cause not found).
+    uint pages = last > addr ? uint(((last - 1ul) >> 12) - (addr >> 12)) + 1u : 0u;
+    for (uint k = 0u; k < pages; k++) {
+        svm_translate((addr & ~4095ul) + 4096ul * k, false);
     }
     uint64_t lw = svm_translate(last, true);
     if (svm_faulted) {
@@ -59,7 +62,8 @@ void main() {
         return;
     }
     uint64_t sum = 0ul;
-    for (uint64_t p = addr & ~4095ul; p < last; p += 4096ul) {
+    for (uint k = 0u; k < pages; k++) {
+        uint64_t p = (addr & ~4095ul) + 4096ul * k;
         uint64_t base = svm_translate(p, false);
         if (base == 0ul) {
             // Invalidated since the first loop: replay from the start.
@@ -70,8 +74,8 @@ void main() {
         uint64_t hi = min(last, p + 4096ul);
         uint64_t from = base + (lo & 4095ul);
         uint count = uint((hi - lo) >> 3);
-        for (uint k = 0u; k < count; k++) {
-            sum += U64(from + 8ul * k).v;
+        for (uint w = 0u; w < count; w++) {
+            sum += U64(from + 8ul * w).v;
         }
     }
     U64(lw).v = sum;

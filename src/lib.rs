@@ -17,6 +17,32 @@
 //! while another thread frees, reallocates, unmaps and protects its data, every result checked
 //! against a CPU reference.
 //!
+//! A device kernel on an ordinary `Vec`, by pointer, on the simulated IOMMU:
+//!
+//! ```no_run
+//! use svmirror::app::{self, sim::SimBackend};
+//! use svmirror::iommu::DeviceKernel;
+//!
+//! let mm = app::open_mm()?;                 // the userfaultfd monitor and the SVM API
+//! let sim = SimBackend::open(mm.clone())?;  // a device mirroring the whole address space
+//! let x: Vec<f32> = (0..4096).map(|i| i as f32).collect();
+//! let mut y = vec![1.0f32; 4096];
+//! let (xp, yp) = (x.as_ptr() as u64, y.as_mut_ptr() as u64);
+//! DeviceKernel::new(sim.mirror()).run(|k| {
+//!     let xs = k.load_f32s(xp, 4096)?;      // every load and store goes through the IOMMU
+//!     let ys: Vec<f32> = k.load_f32s(yp, 4096)?.iter().zip(&xs).map(|(y, x)| 2.0 * x + y).collect();
+//!     k.store_f32s(yp, &ys)
+//! })
+//! .expect("the device ran");
+//! // SAFETY: in bounds; `y` was written by the device, so it is read through its pointer.
+//! assert_eq!(unsafe { y.as_ptr().wrapping_add(10).read_volatile() }, 21.0);
+//! let c = sim.mirror().counters();
+//! println!("{} faults, median {:?}", c.total_faults(), c.fault_latency.median());
+//! # Ok::<(), svmirror::app::AppError>(())
+//! ```
+//!
+//! The whole app, as `svmirror run` runs it:
+//!
 //! ```no_run
 //! use svmirror::app::{self, AppConfig, AppKind, BackendKind, report::NoProgress};
 //!

@@ -337,3 +337,19 @@ fn help_teaches_the_commands() {
         assert!(s.contains(want), "{want:?} missing from run --help:\n{s}");
     }
 }
+
+#[test]
+fn verbose_flag_prints_tracing_on_stderr_before_or_after_the_command() {
+    for args in [
+        &["-v", "run", "saxpy", "--size", "1M"][..],
+        &["run", "-v", "saxpy", "--size", "1M"][..],
+    ] {
+        let out = svmirror(args);
+        assert_ok(&out);
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("DEBUG"),
+            "{args:?}: no tracing on stderr:\n{err}"
+        );
+    }
+}

@@ -630,6 +630,87 @@ mod tests {
         assert_eq!(expected_sum(3, 4, 2), word(3, 4, 0));
     }
 
+    /// A heap slot holding generation 2, as the CPU left it.
+    fn slot() -> Slot {
+        let mut s = Slot {
+            id: 5,
+            mem: Memory::Heap(HeapBuf::new(64)),
+            words: 64,
+            generation: 0,
+            read_only: false,
+            last: SENTINEL,
+        };
+        s.fill(2);
+        s
+    }
+
+    /// What a device does on the slot: stores `sum` in the last word.
+    fn store(s: &Slot, sum: u64) -> SlotResult {
+        // SAFETY: the slot's last word; no device is working on it.
+        unsafe { s.ptr().wrapping_add(63).write_volatile(sum) };
+        SlotResult::Stored(sum)
+    }
+
+    #[test]
+    fn a_right_result_passes() {
+        let mut s = slot();
+        let (mut c, mut refused) = (Check::default(), 0);
+        let got = store(&s, expected_sum(5, 2, 64));
+        verify(&mut s, got, 0, &mut c, &mut refused);
+        assert_eq!((c.count, c.mismatches), (3, 0), "{:?}", c.first);
+    }
+
+    #[test]
+    fn a_stale_read_is_a_mismatch() {
+        // The device summed the previous generation (an old page behind a stale translation).
+        let mut s = slot();
+        let (mut c, mut refused) = (Check::default(), 0);
+        let got = store(&s, expected_sum(5, 1, 64));
+        verify(&mut s, got, 0, &mut c, &mut refused);
+        assert_eq!(c.mismatches, 2, "the sum, and the word it stored");
+        assert!(c.first.unwrap().contains("device summed"));
+    }
+
+    #[test]
+    fn a_store_that_went_elsewhere_is_a_mismatch() {
+        // The right sum, stored into an old page: the CPU's slot keeps its sentinel.
+        let mut s = slot();
+        let (mut c, mut refused) = (Check::default(), 0);
+        let got = SlotResult::Stored(expected_sum(5, 2, 64));
+        verify(&mut s, got, 0, &mut c, &mut refused);
+        assert_eq!(c.mismatches, 1);
+        assert!(c.first.unwrap().contains("went elsewhere"));
+    }
+
+    #[test]
+    fn read_only_slots_must_refuse_and_read_write_ones_must_not() {
+        let mut s = slot();
+        s.read_only = true;
+        let (mut c, mut refused) = (Check::default(), 0);
+        verify(
+            &mut s,
+            SlotResult::Refused { addr: 1 },
+            0,
+            &mut c,
+            &mut refused,
+        );
+        assert_eq!((c.mismatches, refused), (0, 1));
+        let got = store(&s, expected_sum(5, 2, 64));
+        verify(&mut s, got, 1, &mut c, &mut refused);
+        assert!(c.mismatches >= 1, "a store into a read-only slot");
+
+        let mut s = slot();
+        let mut c = Check::default();
+        verify(
+            &mut s,
+            SlotResult::Refused { addr: 1 },
+            0,
+            &mut c,
+            &mut refused,
+        );
+        assert_eq!(c.mismatches, 1, "a refusal on a read-write slot");
+    }
+
     #[test]
     fn heap_buffers_round_trip_through_their_parts() {
         let b = HeapBuf::new(100);

@@ -449,6 +449,17 @@ fn fmt_value(v: f64, unit: &str) -> String {
     }
 }
 
+/// A ratio with enough digits to tell small ones apart: `1.25×`, `0.0123×`, `4.5e-4×`.
+pub fn fmt_ratio(r: f64) -> String {
+    if r >= 0.1 {
+        format!("{r:.3}×")
+    } else if r >= 0.001 {
+        format!("{r:.4}×")
+    } else {
+        format!("{r:.1e}×")
+    }
+}
+
 /// A duration with a readable unit: `812 ns`, `45.3 µs`, `12.4 ms`, `1.32 s`.
 pub fn fmt_duration(d: Duration) -> String {
     let ns = d.as_nanos() as f64;

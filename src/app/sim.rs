@@ -103,6 +103,12 @@ impl SimBackend {
         Ok(SimBackend { mirror, _mm: mm })
     }
 
+    /// The mirror underneath: for device kernels ([`DeviceKernel::new`]), DMA commands
+    /// ([`IommuMirror::submit`]) and the counters.
+    pub fn mirror(&self) -> &IommuMirror {
+        &self.mirror
+    }
+
     fn kernel_err(app: &'static str) -> impl FnOnce(KernelError) -> AppError {
         move |e| AppError::device(app, BackendKind::Sim, "device kernel failed", e)
     }

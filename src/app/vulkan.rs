@@ -497,3 +497,44 @@ fn stream_times(m: &VulkanMirror, n: usize, iters: usize) -> Result<StreamTimes>
         staging: median(staging),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refused_accesses_count_as_refused_slots() {
+        let refused = VulkanError::Fault {
+            addr: 0x7000,
+            write: true,
+            source: svmirror_core::Error::WriteToReadOnly { addr: 0x7000 },
+        };
+        assert_eq!(refused_page(&refused), Some((0x7000, true)));
+        let unmapped = VulkanError::Fault {
+            addr: 0x9000,
+            write: false,
+            source: svmirror_core::Error::BadAddress { addr: 0x9000 },
+        };
+        assert_eq!(refused_page(&unmapped), Some((0x9000, false)));
+        assert_eq!(refused_page(&VulkanError::DeviceLost), None);
+        assert_eq!(
+            refused_page(&VulkanError::TooManyPasses { passes: 3 }),
+            None
+        );
+    }
+
+    #[test]
+    fn a_missing_device_says_which_package_to_install() {
+        let e = unavailable(&VulkanError::NoDevice);
+        assert!(e.is_bad_input());
+        let msg = e.to_string();
+        assert!(msg.contains("no usable Vulkan device"), "{msg}");
+        assert!(msg.contains("apt install mesa-vulkan-drivers"), "{msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+        let e = unavailable(&VulkanError::NoValidationLayer).to_string();
+        assert!(
+            e.contains("vulkan-validationlayers") && e.contains(VALIDATION_ENV),
+            "{e}"
+        );
+    }
+}

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
-use svmirror::app::report::{Figure, ProgressFactory, table};
+use svmirror::app::report::{Figure, ProgressFactory, fmt_ratio, table};
 use svmirror::app::{self, AppConfig, AppError, AppKind, BackendKind};
 
 use super::{Failure, progress::Bars, svg};
@@ -154,7 +154,7 @@ fn render(r: &BenchReport) -> String {
             f.value_text(),
             f.baseline_name.clone(),
             f.baseline_text(),
-            format!("{:.3}×", f.ratio),
+            fmt_ratio(f.ratio),
             match (&f.target, f.met) {
                 (Some(t), Some(true)) => format!("{t}: met"),
                 (Some(t), _) => format!("{t}: not met"),

@@ -376,7 +376,7 @@ fn vulkan(checks: &mut Vec<Check>) {
             "no ICD files in /usr/share/vulkan/icd.d or /etc/vulkan/icd.d".into()
         } else {
             format!(
-                "{} (lavapipe {}); devices and VK_EXT_external_memory_host are checked by the Vulkan backend, not in this build",
+                "{} (lavapipe {}); the devices and their VK_EXT_external_memory_host are under backends below",
                 icds.join(", "),
                 if lavapipe { "present" } else { "missing" }
             )

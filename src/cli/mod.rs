@@ -47,7 +47,8 @@ Logging: -v (debug), -vv (trace), or RUST_LOG=svmirror_iommu=trace and the like.
     about = ABOUT,
     long_about = LONG_ABOUT,
     after_help = AFTER_HELP,
-    args_conflicts_with_subcommands = true
+    subcommand_negates_reqs = true,
+    override_usage = "svmirror [OPTIONS] [APP]\n       svmirror <COMMAND> [OPTIONS]"
 )]
 struct Cli {
     #[command(subcommand)]

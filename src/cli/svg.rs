@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use svmirror::app::report::Figure;
+use svmirror::app::report::{Figure, fmt_ratio};
 
 const LEFT: f64 = 330.0;
 const WIDTH: f64 = 460.0;
@@ -66,7 +66,7 @@ pub(crate) fn chart(figures: &[Figure]) -> String {
         let label = escape(&format!("{} · {}", f.backend, f.name));
         let _ = writeln!(
             s,
-            r##"<text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text><rect x="{x0:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"/><text x="{:.1}" y="{:.1}" fill="#333">{:.3}×</text>"##,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text><rect x="{x0:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"/><text x="{:.1}" y="{:.1}" fill="#333">{}</text>"##,
             LEFT - 8.0,
             y + 16.0,
             y + 5.0,
@@ -74,7 +74,7 @@ pub(crate) fn chart(figures: &[Figure]) -> String {
             ROW - 10.0,
             x1 + 5.0,
             y + 16.0,
-            f.ratio
+            fmt_ratio(f.ratio)
         );
     }
     s.push_str("</svg>\n");

@@ -196,7 +196,7 @@ impl Default for DmaConfig {
             fault_mode: FaultMode::Recoverable,
             watchdog: Duration::from_secs(10),
             max_page_requests: 8,
-            spin: Duration::from_micros(100),
+            spin: Duration::from_micros(50),
         }
     }
 }

@@ -354,8 +354,11 @@ fn validate(cmd: &DmaCommand) -> Result<()> {
     }
 }
 
-/// Spins for up to `limit` until `done` holds; returns whether it did. Checks the clock every
-/// few dozen spins only.
+/// Spins for up to `limit` until `done` holds; returns whether it did. Every few dozen spins it
+/// checks the clock and yields the CPU: on an idle machine the yield returns at once and the
+/// CPU stays awake, on a busy one the thread this one waits for (or any other) runs instead of
+/// waiting for the spin to end. (Spinning without yielding made a 4 KiB fault 20 times slower
+/// than parking on a 2-core machine under a load of 6.)
 fn spin_until(limit: Duration, done: impl Fn() -> bool) -> bool {
     if limit.is_zero() {
         return done();
@@ -371,6 +374,7 @@ fn spin_until(limit: Duration, done: impl Fn() -> bool) -> bool {
         if start.elapsed() >= limit {
             return done();
         }
+        std::thread::yield_now();
     }
 }
 

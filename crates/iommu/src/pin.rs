@@ -16,12 +16,12 @@
 //!   memfd, then a copy out of the memfd's mapping (device-local memory);
 //! - device write: a copy into the memfd's mapping, then `IORING_OP_READ_FIXED` from the memfd
 //!   into the registered buffer;
-//! - pin-to-pin copy: `IORING_OP_WRITE_FIXED` from the source's registered buffer into a pipe
-//!   linked (`IOSQE_IO_LINK`) to `IORING_OP_READ_FIXED` from the pipe into the destination's
-//!   (the pipe's pages cost less than the memfd's page cache). With several pipes
-//!   ([`PinPoolConfig::copy_pipes`]), a copy of several pipe-fulls runs one chain per pipe at
-//!   once, handed to io_uring's workers (`IOSQE_ASYNC`). The memfd, linked the same way, with
-//!   no pipes or when they could not be made.
+//! - pin-to-pin copy: both, linked (`IOSQE_IO_LINK`) in one submission. Optionally
+//!   ([`PinPoolConfig::copy_pipes`]) through pipes instead of the memfd:
+//!   `IORING_OP_WRITE_FIXED` from the source's registered buffer into a pipe linked to
+//!   `IORING_OP_READ_FIXED` from the pipe into the destination's; with several pipes a copy
+//!   of several pipe-fulls runs one chain per pipe at once, on io_uring's workers
+//!   (`IOSQE_ASYNC`).
 //!
 //! One `io_uring_enter` per chunk of at most the staging size; no Rust pointer ever touches a
 //! pinned page.
@@ -105,10 +105,10 @@ pub struct PinPoolConfig {
     /// Bytes of staging memory: the largest chunk moved per submission (a multiple of pages).
     pub staging_bytes: u64,
     /// Pipes of about `staging_bytes` that pin-to-pin copies go through, one chain per pipe at
-    /// once (at most [`MAX_COPY_PIPES`]); 0: through the staging memfd instead. Both keep
-    /// every access on the pins (see the module documentation). Default 1: two measured no
-    /// faster on a 2-core machine, where the second chain competes with the first for the
-    /// CPUs.
+    /// once (at most [`MAX_COPY_PIPES`]); 0 (the default): through the staging memfd. Both
+    /// keep every access on the pins (see the module documentation). On the 2-core development
+    /// machine one pipe beat the memfd when it was lightly loaded and lost to it under load,
+    /// and two pipes were no faster than one.
     pub copy_pipes: usize,
 }
 
@@ -117,7 +117,7 @@ impl Default for PinPoolConfig {
         PinPoolConfig {
             slots: 4096,
             staging_bytes: 1 << 20,
-            copy_pipes: 1,
+            copy_pipes: 0,
         }
     }
 }

@@ -203,3 +203,60 @@ fn dropping_the_mirror_counts_everything_torn_down() {
     assert_eq!(d.invalidations[Event::Release.index()], 1, "{d:?}");
     assert_eq!(d.bytes_unmapped, 3 * PAGE);
 }
+
+/// The process's page table, with the last page of `victim` unmapped (behind the notifier's
+/// back, as a plain munmap whose event is still on its way) right after the first snapshot.
+struct ShrinkingSource {
+    inner: ProcessPageSource,
+    victim: u64,
+    fired: AtomicBool,
+}
+
+impl PageSource for ShrinkingSource {
+    fn area(&self, addr: u64, limit: u64) -> svmirror_core::Result<svmirror_core::Area> {
+        self.inner.area(addr, limit)
+    }
+
+    fn snapshot(&self, addr: u64, out: &mut [svmirror_core::CpuPte]) -> svmirror_core::Result<()> {
+        self.inner.snapshot(addr, out)?;
+        if !self.fired.swap(true, Ordering::Relaxed) {
+            // SAFETY: the test's own page, never referenced; the device has not mapped it.
+            let rc = unsafe { libc::munmap(self.victim as *mut libc::c_void, PAGE as usize) };
+            assert_eq!(rc, 0);
+        }
+        Ok(())
+    }
+
+    fn fault(&self, range: Range, write: bool) -> svmirror_core::Result<()> {
+        self.inner.fault(range, write)
+    }
+}
+
+#[test]
+fn a_fault_whose_mapping_shrinks_under_it_retries_and_maps_what_is_left() {
+    let notifier = Notifier::new();
+    let b = AnonMap::new(4 * PAGE as usize).unwrap();
+    b.fill(9);
+    let range = Range::with_len(b.addr(), b.len() as u64).unwrap();
+    let source = ShrinkingSource {
+        inner: ProcessPageSource::new().unwrap(),
+        victim: b.addr() + 3 * PAGE,
+        fired: AtomicBool::new(false),
+    };
+    // SAFETY: test memory is touched only through raw pointers.
+    let m = unsafe {
+        IommuMirror::with_page_source(&notifier, range, MirrorConfig::checked(), Box::new(source))
+    }
+    .unwrap();
+    // The fault's run is the whole 4-page mapping; its last page goes before the pin.
+    assert_eq!(read(&m, b.addr(), 8), vec![9; 8]);
+    let c = m.counters();
+    assert!(c.retries >= 1, "{c:?}");
+    assert_eq!(c.total_faults(), 1);
+    assert_eq!(
+        c.bytes_mapped,
+        3 * PAGE,
+        "the pages still mapped, not the hole"
+    );
+    assert!(m.mmu().translate(b.addr() + 3 * PAGE).is_none());
+}
