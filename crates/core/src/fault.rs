@@ -136,6 +136,22 @@ pub trait PageSource {
     fn fault(&self, range: Range, write: bool) -> Result<()>;
 }
 
+/// A shared page source is a page source: a backend can take `Box::new(Arc::clone(&mm))` where
+/// the same `ProcessMm` also feeds its notifier.
+impl<T: PageSource + ?Sized> PageSource for std::sync::Arc<T> {
+    fn area(&self, addr: u64, limit: u64) -> Result<Area> {
+        (**self).area(addr, limit)
+    }
+
+    fn snapshot(&self, addr: u64, out: &mut [CpuPte]) -> Result<()> {
+        (**self).snapshot(addr, out)
+    }
+
+    fn fault(&self, range: Range, write: bool) -> Result<()> {
+        (**self).fault(range, write)
+    }
+}
+
 /// The input and output of one [`range_fault`] (the kernel's `struct hmm_range`).
 #[derive(Debug)]
 pub struct FaultRequest<'a> {
