@@ -42,7 +42,11 @@ fn readme_quick_tour() -> Result<(), Box<dyn Error>> {
         Ok(sum)
     })?;
     assert_eq!(run.value, 500_500);
-    println!("{} page requests, {:?}", run.stats.page_requests, dev.counters());
+    println!(
+        "{} page requests, {:?}",
+        run.stats.page_requests,
+        dev.counters()
+    );
     // --- README: quick tour, end ---
     assert!(run.stats.page_requests >= 1);
     assert!(dev.counters().total_faults() >= 1);

@@ -330,7 +330,8 @@ fn mprotect_to_none_clears_and_later_faults_are_refused() {
             .unwrap_err();
         assert!(matches!(e, Error::BadAddress { .. }), "write {write}: {e}");
     }
-    f.mm.mprotect(page(f.buf, 1, 1), Protection::READ_WRITE).unwrap();
+    f.mm.mprotect(page(f.buf, 1, 1), Protection::READ_WRITE)
+        .unwrap();
 }
 
 #[test]
