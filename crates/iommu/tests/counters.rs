@@ -22,6 +22,21 @@ fn read(m: &IommuMirror, src: u64, len: u64) -> Vec<u8> {
         .data
 }
 
+/// Maps `pages` read-write pages through the SVM API between two PROT_NONE guard pages, so the
+/// kernel cannot merge them with a neighbouring mapping (other tests map memory concurrently,
+/// and a fault maps as much of its mapping as its window allows). Returns the whole reservation
+/// and the read-write middle.
+fn isolated(mm: &ProcessMm, pages: u64) -> (Range, Range) {
+    let all = mm
+        .mmap_anonymous((pages + 2) * PAGE, Protection::READ_WRITE)
+        .unwrap();
+    let head = Range::with_len(all.start(), PAGE).unwrap();
+    let tail = Range::with_len(all.end() - PAGE, PAGE).unwrap();
+    mm.mprotect(head, Protection::NONE).unwrap();
+    mm.mprotect(tail, Protection::NONE).unwrap();
+    (all, Range::new(head.end(), tail.start()).unwrap())
+}
+
 #[test]
 fn a_4k_fault_counts_one_4k_fault_with_its_latency_and_bytes() {
     let notifier = Notifier::new();
@@ -67,7 +82,7 @@ fn a_2m_window_fault_counts_in_the_2m_class() {
 fn munmap_through_the_svm_api_counts_an_unmap_invalidation() {
     let mm = ProcessMm::new().expect("userfaultfd available (run as root)");
     let m = mirror_with(mm.notifier(), MirrorConfig::checked());
-    let range = mm.mmap_anonymous(4 * PAGE, Protection::READ_WRITE).unwrap();
+    let (all, range) = isolated(&mm, 4);
     m.fault(range.start(), range.len(), true).unwrap();
     let before = m.counters();
     assert_eq!(before.bytes_mapped, range.len());
@@ -80,22 +95,28 @@ fn munmap_through_the_svm_api_counts_an_unmap_invalidation() {
     assert_eq!(d.invalidated_bytes, range.len());
     assert_eq!(d.bytes_unmapped, range.len());
     assert_eq!(EVENT_NAMES[Event::Unmap.index()], "unmap");
+    for guard in [
+        Range::with_len(all.start(), PAGE).unwrap(),
+        Range::with_len(range.end(), PAGE).unwrap(),
+    ] {
+        // SAFETY: the guard pages are never referenced.
+        unsafe { mm.munmap(guard) }.unwrap();
+    }
 }
 
 #[test]
 fn mprotect_through_the_svm_api_counts_a_protection_invalidation_and_keeps_the_mapping() {
     let mm = ProcessMm::new().expect("userfaultfd available (run as root)");
     let m = mirror_with(mm.notifier(), MirrorConfig::checked());
-    let range = mm.mmap_anonymous(2 * PAGE, Protection::READ_WRITE).unwrap();
+    let (all, range) = isolated(&mm, 2);
     m.fault(range.start(), range.len(), true).unwrap();
     let before = m.counters();
     mm.mprotect(range, Protection::READ).unwrap();
     let d = m.counters().since(&before);
     assert_eq!(d.invalidations[Event::ProtectionVma.index()], 1, "{d:?}");
     assert_eq!(d.bytes_unmapped, 0, "a downgrade tears nothing down");
-    mm.mprotect(range, Protection::READ_WRITE).unwrap();
     // SAFETY: nothing in Rust refers into the mapping.
-    unsafe { mm.munmap(range) }.unwrap();
+    unsafe { mm.munmap(all) }.unwrap();
 }
 
 #[test]
