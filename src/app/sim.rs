@@ -8,9 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use svmirror_core::{
-    Area, CounterSnapshot, CpuPte, Event, Notifier, NotifierRange, PAGE_SIZE, PageSource, Range,
-};
+use svmirror_core::{CounterSnapshot, Event, Notifier, NotifierRange, PAGE_SIZE, Range};
 use svmirror_iommu::testing::AnonMap;
 use svmirror_iommu::{
     DeviceKernel, DmaCommand, IommuError, IommuMirror, KernelError, KernelStats, MirrorConfig,
@@ -29,23 +27,6 @@ const SAXPY_BLOCK: usize = 1 << 18;
 const USER_START: u64 = PAGE_SIZE;
 /// The end of the user address space on x86-64 and arm64 with 4-level tables.
 const USER_END: u64 = 1 << 47;
-
-/// The address space as the mirror's page source.
-struct MmSource(Arc<ProcessMm>);
-
-impl PageSource for MmSource {
-    fn area(&self, addr: u64, limit: u64) -> svmirror_core::Result<Area> {
-        self.0.area(addr, limit)
-    }
-
-    fn snapshot(&self, addr: u64, out: &mut [CpuPte]) -> svmirror_core::Result<()> {
-        self.0.snapshot(addr, out)
-    }
-
-    fn fault(&self, range: Range, write: bool) -> svmirror_core::Result<()> {
-        self.0.fault(range, write)
-    }
-}
 
 /// The simulated-IOMMU backend. See the [module documentation](self).
 pub struct SimBackend {
@@ -93,7 +74,7 @@ impl SimBackend {
         // Unprivileged pins count against RLIMIT_MEMLOCK: take what the hard limit allows.
         let _ = svmirror_iommu::raise_memlock_limit(u64::MAX);
         let range = Range::new(USER_START, USER_END).expect("user space is a range");
-        let source = Box::new(MmSource(mm.clone()));
+        let source = Box::new(mm.clone());
         // SAFETY: the apps touch memory the device writes through raw pointers only, and only
         // when no device call on it is running (the `Backend` methods' contracts).
         let mirror = unsafe {

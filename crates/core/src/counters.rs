@@ -62,17 +62,8 @@ impl FaultSize {
     }
 }
 
-/// Event kind names, indexed like [`Event::index`].
-pub const EVENT_NAMES: [&str; Event::KINDS] = [
-    "unmap",
-    "clear",
-    "protection-vma",
-    "protection-page",
-    "soft-dirty",
-    "release",
-    "migrate",
-    "exclusive",
-];
+/// Event kind names, indexed like [`Event::index`] (the same as [`Event::NAMES`]).
+pub const EVENT_NAMES: [&str; Event::KINDS] = Event::NAMES;
 
 /// Buckets of the latency histogram: bucket `i` counts latencies in `[2^i, 2^(i+1))` ns
 /// (bucket 0 also counts 0 ns); the last bucket counts everything from about 9 s up.

@@ -66,9 +66,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use svmirror_core::{
-    Area, AreaKind, CpuPte, DEFAULT_FAULT_TIMEOUT, FaultRequest, IntervalNotifierOps,
-    InvalidateCtx, NotifierRange, PAGE_SIZE, PageSource, Pass, Range, Subscription, UpdateLock,
-    WouldBlock, entry, range_fault,
+    AreaKind, CpuPte, DEFAULT_FAULT_TIMEOUT, FaultRequest, IntervalNotifierOps, InvalidateCtx,
+    NotifierRange, PAGE_SIZE, PageSource, Pass, Range, Subscription, UpdateLock, WouldBlock, entry,
+    range_fault,
 };
 use svmirror_mm::{DevicePages, ProcessMm, ProcessPageSource};
 
@@ -144,23 +144,6 @@ pub fn prot_of(e: u64) -> u8 {
         9 => p | prot::PMD,
         18 => p | prot::PUD,
         _ => p,
-    }
-}
-
-/// The address space as the mirror's page source.
-struct MmSource(Arc<ProcessMm>);
-
-impl PageSource for MmSource {
-    fn area(&self, addr: u64, limit: u64) -> svmirror_core::Result<Area> {
-        self.0.area(addr, limit)
-    }
-
-    fn snapshot(&self, addr: u64, out: &mut [CpuPte]) -> svmirror_core::Result<()> {
-        self.0.snapshot(addr, out)
-    }
-
-    fn fault(&self, range: Range, write: bool) -> svmirror_core::Result<()> {
-        self.0.fault(range, write)
     }
 }
 
@@ -245,7 +228,7 @@ impl Dmirror {
             fault_window: FAULT_CHUNK_PAGES * PAGE_SIZE,
             ..MirrorConfig::checked()
         };
-        let source = Box::new(MmSource(mm.clone()));
+        let source = Box::new(mm.clone());
         // SAFETY: this function's contract is the same as `with_page_source`'s.
         let mirror = unsafe { IommuMirror::with_page_source(mm.notifier(), range, config, source) }
             .map_err(|source| DmirrorError::Iommu {
