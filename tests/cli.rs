@@ -292,6 +292,14 @@ fn unavailable_backend_says_what_it_needs() {
 }
 
 #[test]
+fn bench_of_an_unavailable_backend_named_explicitly_is_bad_input_not_a_skip() {
+    bad_input(
+        &["bench", "--backend", "vfio", "--micro", "--quick"],
+        &["vfio", "not available"],
+    );
+}
+
+#[test]
 fn size_past_memory_is_bad_input() {
     bad_input(
         &["run", "--size", "64T"],

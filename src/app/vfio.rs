@@ -821,30 +821,8 @@ mod tests {
         assert_eq!(s.0[1].bytes.len(), 905);
     }
 
-    /// Runs where an edu device is bound to vfio-pci: in the guest of `cargo xtask vfio-vm`,
-    /// with a static build of this test binary passed as `--also BINARY --ignored --exact
-    /// app::vfio::tests::micro_benchmarks_measure_the_real_device`.
-    #[test]
-    #[ignore = "needs QEMU's edu device bound to vfio-pci (the guest of cargo xtask vfio-vm)"]
-    fn micro_benchmarks_measure_the_real_device() {
-        let mm = Arc::new(ProcessMm::new().expect("userfaultfd"));
-        let b = VfioBackend::open(mm).unwrap_or_else(|e| panic!("{e}"));
-        let before = b.counters().total_faults();
-        let figs = b.micro_benchmarks(true).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(figs.len(), 2);
-        for f in &figs {
-            println!(
-                "{}: {} (baseline {}: {})",
-                f.name,
-                f.value_text(),
-                f.baseline_name,
-                f.baseline_text()
-            );
-            assert!(f.value > 0.0 && f.baseline > 0.0, "{}", f.name);
-        }
-        // One fault per iteration and the first: the chunk really was unmapped each time.
-        assert!(b.counters().total_faults() >= before + 9);
-    }
+    // The micro-benchmarks run against the real edu device in the guest of `cargo xtask
+    // vfio-vm` (`svmirror bench --backend vfio --micro --quick`, which fails the run if they fail).
 
     #[test]
     fn without_an_edu_device_the_backend_says_how_to_get_one() {

@@ -79,6 +79,8 @@ fn app_figures(
 /// `svmirror bench`.
 pub(crate) fn run(
     quick: bool,
+    micro: bool,
+    only: &[BackendKind],
     json: Option<&Option<PathBuf>>,
     svg_path: Option<&Path>,
     show_bars: bool,
@@ -89,10 +91,15 @@ pub(crate) fn run(
     let mm = app::open_mm()?;
     let mut figures = Vec::new();
     let mut skipped = Vec::new();
-    for kind in BackendKind::ALL {
+    let kinds = if only.is_empty() {
+        BackendKind::ALL.to_vec()
+    } else {
+        only.to_vec()
+    };
+    for kind in kinds {
         let backend = match app::open_backend(kind, &mm) {
             Ok(b) => b,
-            Err(e) if e.is_bad_input() => {
+            Err(e) if e.is_bad_input() && only.is_empty() => {
                 skipped.push(Skipped {
                     backend: kind.name(),
                     reason: e.to_string(),
@@ -108,7 +115,9 @@ pub(crate) fn run(
             );
         }
         figures.extend(backend.micro_benchmarks(quick)?);
-        figures.extend(app_figures(&*backend, &mm, quick, &bars)?);
+        if !micro {
+            figures.extend(app_figures(&*backend, &mm, quick, &bars)?);
+        }
     }
     let report = BenchReport {
         kernel: kernel(),

@@ -157,6 +157,13 @@ struct BenchArgs {
     /// A short run (seconds, smaller sizes and fewer iterations): for smoke tests, not figures.
     #[arg(long)]
     quick: bool,
+    /// Measure only this backend (repeat for more); one that is not available here is an
+    /// error. Default: every backend available here, the others listed as skipped.
+    #[arg(short, long, value_enum)]
+    backend: Vec<BackendKind>,
+    /// Only the backends' own micro-benchmarks (fault latency, copy rate), not the apps.
+    #[arg(long)]
+    micro: bool,
     /// Write the figures as JSON to FILE, or to stdout with no FILE.
     #[arg(long, value_name = "FILE", num_args = 0..=1)]
     json: Option<Option<PathBuf>>,
@@ -264,6 +271,8 @@ pub(crate) fn main() -> ExitCode {
         Some(Command::Info(args)) => info::run(args.json),
         Some(Command::Bench(args)) => bench::run(
             args.quick,
+            args.micro,
+            &args.backend,
             args.json.as_ref(),
             args.svg.as_deref(),
             show_bars,

@@ -77,6 +77,16 @@ const APP_ARGS: &[&str] = &[
     "--slots",
     "2",
 ];
+/// Then the VFIO backend's own micro-benchmarks through `svmirror bench` (fault to mapped for a
+/// chunk, DMA copy against memcpy), so they run for real on every `cargo xtask vfio-vm`.
+const BENCH_ARGS: &[&str] = &[
+    "bench",
+    "--backend",
+    "vfio",
+    "--micro",
+    "--quick",
+    "--quiet",
+];
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// Builds and boots the guest and runs the VFIO tests inside it.
@@ -555,16 +565,21 @@ fn shell_quote<S: AsRef<str>>(args: &[S]) -> String {
 /// app on the VFIO backend, then the `--also` binary, print the DMAR fault lines, and report
 /// through isa-debug-exit.
 fn init_script(modules: &[String], also: Option<&[String]>) -> String {
-    let app = format!(
-        "echo \"vfio-vm: running /bin/{APP_BIN} {}\"\n\
-         t0=$(cut -d' ' -f1 /proc/uptime)\n\
-         /bin/{APP_BIN} {}\n\
-         src=$?\n\
-         echo \"vfio-vm: {APP_BIN} exited with $src (started at ${{t0}}s of uptime, ended at $(cut -d' ' -f1 /proc/uptime)s)\"\n\
-         [ $src = 0 ] || rc=1\n",
-        APP_ARGS.join(" "),
-        shell_quote(APP_ARGS)
-    );
+    let app: String = [APP_ARGS, BENCH_ARGS]
+        .iter()
+        .map(|args| {
+            format!(
+                "echo \"vfio-vm: running /bin/{APP_BIN} {}\"\n\
+                 t0=$(cut -d' ' -f1 /proc/uptime)\n\
+                 /bin/{APP_BIN} {}\n\
+                 src=$?\n\
+                 echo \"vfio-vm: {APP_BIN} exited with $src (started at ${{t0}}s of uptime, ended at $(cut -d' ' -f1 /proc/uptime)s)\"\n\
+                 [ $src = 0 ] || rc=1\n",
+                args.join(" "),
+                shell_quote(args)
+            )
+        })
+        .collect();
     let also = match also {
         None => String::new(),
         Some(args) => format!(
