@@ -33,7 +33,7 @@ use std::sync::Arc as StdArc;
 use smallvec::SmallVec;
 
 use crate::context::{
-    AtomicSection, CallbackScope, UpdateGuard, can_wait_for_invalidations,
+    AtomicSection, CallbackScope, UpdateGuard, UpdateLock, can_wait_for_invalidations,
     check_may_wait_for_invalidations, might_sleep,
 };
 use crate::error::{Error, Result};
@@ -798,6 +798,24 @@ impl<'a> InvalidateCtx<'a> {
     /// The range of the subscription being called.
     pub fn subscription_range(&self) -> Range {
         self.sub.range
+    }
+
+    /// Takes the backend's update lock as this callback may, and records the invalidation's
+    /// sequence under it ([`set_seq`](Self::set_seq)): what every backend's `invalidate` starts
+    /// with. Waits for the lock when the callback may block; otherwise tries once and returns
+    /// `Err(WouldBlock)`, which the callback returns as it is (the invalidation then ends
+    /// itself, as the kernel's non-blocking notifiers do).
+    pub fn lock_update<'l, T>(
+        &self,
+        lock: &'l UpdateLock<T>,
+    ) -> std::result::Result<UpdateGuard<'l, T>, WouldBlock> {
+        let guard = if self.blockable {
+            lock.lock()
+        } else {
+            lock.try_lock().ok_or(WouldBlock)?
+        };
+        self.set_seq(&guard);
+        Ok(guard)
     }
 
     /// Records this invalidation's sequence in the subscription (the kernel's

@@ -381,12 +381,7 @@ impl IntervalNotifierOps for TestMirror {
         if range.is_own(self.owner) {
             return Ok(Pass::Done);
         }
-        let mut t = if ctx.may_block() {
-            self.table.lock()
-        } else {
-            self.table.try_lock().ok_or(WouldBlock)?
-        };
-        ctx.set_seq(&t);
+        let mut t = ctx.lock_update(&self.table)?;
         if self.two_pass {
             return Ok(Pass::Finish);
         }

@@ -225,16 +225,9 @@ impl IntervalNotifierOps for MirrorInner {
         )
         .entered();
         let blockable = ctx.may_block();
-        let mut g = if blockable {
-            self.state.lock()
-        } else {
-            let Some(g) = self.state.try_lock() else {
-                self.stat(|s| s.would_block += 1);
-                return Err(WouldBlock);
-            };
-            g
-        };
-        ctx.set_seq(&g);
+        let mut g = ctx
+            .lock_update(&self.state)
+            .inspect_err(|_| self.stat(|s| s.would_block += 1))?;
         let Some(r) = nr
             .range
             .intersect(&ctx.subscription_range())

@@ -280,12 +280,7 @@ impl IntervalNotifierOps for Inner {
         )
         .entered();
         let blockable = ctx.may_block();
-        let mut g = if blockable {
-            self.state.lock()
-        } else {
-            self.state.try_lock().ok_or(WouldBlock)?
-        };
-        ctx.set_seq(&g);
+        let mut g = ctx.lock_update(&self.state)?;
         let Some(r) = nr.range.intersect(&ctx.subscription_range()) else {
             return Ok(Pass::Done);
         };
