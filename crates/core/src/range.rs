@@ -248,11 +248,39 @@ impl NotifierRange {
     pub fn is_own(&self, owner: Owner) -> bool {
         self.event.owner() == Some(owner)
     }
+
+    /// Whether a mirror owned by `owner` may skip this invalidation altogether: its own
+    /// migration or exclusive access ([`is_own`](Self::is_own)), or a soft-dirty reset, which
+    /// changes no page and no permission a device sees.
+    pub fn skippable_by(&self, owner: Owner) -> bool {
+        self.is_own(owner) || self.event == Event::SoftDirty
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_migration_and_soft_dirty_are_skippable_anything_else_is_not() {
+        let r = Range::new(0x1000, 0x2000).unwrap();
+        let (me, other) = (Owner(1), Owner(2));
+        let skip = |e| NotifierRange::new(r, e).skippable_by(me);
+        assert!(skip(Event::Migrate { owner: me }));
+        assert!(skip(Event::Exclusive { owner: me }));
+        assert!(skip(Event::SoftDirty));
+        assert!(!skip(Event::Migrate { owner: other }));
+        assert!(!skip(Event::Exclusive { owner: other }));
+        for e in [
+            Event::Unmap,
+            Event::Clear,
+            Event::ProtectionVma,
+            Event::ProtectionPage,
+            Event::Release,
+        ] {
+            assert!(!skip(e), "{e:?}");
+        }
+    }
 
     #[test]
     fn zero_length_range_is_rejected() {

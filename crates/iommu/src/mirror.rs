@@ -211,7 +211,7 @@ impl IntervalNotifierOps for MirrorInner {
         ctx: &InvalidateCtx<'_>,
         nr: &NotifierRange,
     ) -> std::result::Result<Pass, WouldBlock> {
-        if nr.is_own(self.owner) || nr.event == Event::SoftDirty {
+        if nr.skippable_by(self.owner) {
             self.stat(|s| s.skipped += 1);
             self.counters
                 .record_invalidation(&nr.event, nr.range.len(), false);

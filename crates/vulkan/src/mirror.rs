@@ -193,7 +193,7 @@ impl IntervalNotifierOps for Inner {
         ctx: &InvalidateCtx<'_>,
         nr: &NotifierRange,
     ) -> std::result::Result<Pass, WouldBlock> {
-        if nr.is_own(self.owner) || nr.event == Event::SoftDirty {
+        if nr.skippable_by(self.owner) {
             self.counters.record_invalidation(&nr.event, 0, false);
             return Ok(Pass::Done);
         }
