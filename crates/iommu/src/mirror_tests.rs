@@ -6,7 +6,7 @@ use super::*;
 use crate::dma::{FaultMode, FaultReason, Injection};
 use crate::page_table::LeafSize;
 use crate::pin::vm_pinned_bytes;
-use crate::testing::AnonMap;
+use crate::testing::{AnonMap, RaceAfterSnapshot, clear_through};
 
 const PAGE: u64 = PAGE_SIZE;
 
@@ -484,34 +484,6 @@ fn notifier_release_tears_everything_down() {
     );
 }
 
-/// The process's page table, with an invalidation of `range` injected into the first snapshot:
-/// as if the CPU changed the range while a page request was being resolved.
-struct RacingSource {
-    inner: ProcessPageSource,
-    notifier: Notifier,
-    range: Range,
-    fired: AtomicBool,
-}
-
-impl PageSource for RacingSource {
-    fn area(&self, addr: u64, limit: u64) -> svmirror_core::Result<svmirror_core::Area> {
-        self.inner.area(addr, limit)
-    }
-
-    fn snapshot(&self, addr: u64, out: &mut [svmirror_core::CpuPte]) -> svmirror_core::Result<()> {
-        self.inner.snapshot(addr, out)?;
-        if !self.fired.swap(true, Ordering::Relaxed) {
-            let nr = NotifierRange::new(self.range, Event::Clear);
-            self.notifier.invalidate_range_start(nr)?.end();
-        }
-        Ok(())
-    }
-
-    fn fault(&self, range: Range, write: bool) -> svmirror_core::Result<()> {
-        self.inner.fault(range, write)
-    }
-}
-
 #[test]
 fn invalidation_racing_a_page_request_makes_it_retry() {
     let _serial = crate::testing::pin_test_lock();
@@ -519,12 +491,7 @@ fn invalidation_racing_a_page_request_makes_it_retry() {
     let b = AnonMap::new(2 * PAGE as usize).unwrap();
     b.fill(4);
     let range = Range::with_len(b.addr(), b.len() as u64).unwrap();
-    let source = RacingSource {
-        inner: ProcessPageSource::new().unwrap(),
-        notifier: notifier.clone(),
-        range,
-        fired: AtomicBool::new(false),
-    };
+    let source = RaceAfterSnapshot::new(clear_through(&notifier, range)).unwrap();
     // SAFETY: test memory is touched only through raw pointers.
     let m = unsafe {
         IommuMirror::with_page_source(&notifier, range, MirrorConfig::checked(), Box::new(source))

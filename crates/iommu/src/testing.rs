@@ -180,3 +180,67 @@ pub(crate) fn pin_test_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Test double: this process's real page table ([`ProcessPageSource`]), with `hook` run once,
+/// right after the first snapshot of a fault: the moment where a CPU change races a page request
+/// (an invalidation through the notifier, a munmap behind its back). Everything else is passed
+/// through unchanged.
+///
+/// [`ProcessPageSource`]: svmirror_mm::ProcessPageSource
+pub struct RaceAfterSnapshot<F: Fn() + Send + Sync> {
+    inner: svmirror_mm::ProcessPageSource,
+    hook: F,
+    fired: std::sync::atomic::AtomicBool,
+}
+
+impl<F: Fn() + Send + Sync> RaceAfterSnapshot<F> {
+    /// Wraps this process's page table with `hook`.
+    pub fn new(hook: F) -> io::Result<Self> {
+        let inner = svmirror_mm::ProcessPageSource::new()
+            .map_err(|e| io::Error::other(format!("page source: {e}")))?;
+        Ok(RaceAfterSnapshot {
+            inner,
+            hook,
+            fired: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the hook has run.
+    pub fn fired(&self) -> bool {
+        self.fired.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl<F: Fn() + Send + Sync> svmirror_core::PageSource for RaceAfterSnapshot<F> {
+    fn area(&self, addr: u64, limit: u64) -> svmirror_core::Result<svmirror_core::Area> {
+        self.inner.area(addr, limit)
+    }
+
+    fn snapshot(&self, addr: u64, out: &mut [svmirror_core::CpuPte]) -> svmirror_core::Result<()> {
+        self.inner.snapshot(addr, out)?;
+        if !self.fired.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            (self.hook)();
+        }
+        Ok(())
+    }
+
+    fn fault(&self, range: svmirror_core::Range, write: bool) -> svmirror_core::Result<()> {
+        self.inner.fault(range, write)
+    }
+}
+
+/// A hook for [`RaceAfterSnapshot`]: a `Clear` invalidation of `range` through `notifier`, as if
+/// the CPU dropped the pages while a page request was being resolved.
+pub fn clear_through(
+    notifier: &svmirror_core::Notifier,
+    range: svmirror_core::Range,
+) -> impl Fn() + Send + Sync + use<> {
+    let notifier = notifier.clone();
+    move || {
+        let nr = svmirror_core::NotifierRange::new(range, svmirror_core::Event::Clear);
+        notifier
+            .invalidate_range_start(nr)
+            .expect("test invalidation starts")
+            .end();
+    }
+}

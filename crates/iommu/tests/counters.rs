@@ -4,15 +4,11 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use common::{PAGE, mirror_with};
-use svmirror_core::{
-    Event, FaultSize, Notifier, NotifierRange, PageSource, Range, counters::EVENT_NAMES,
-};
-use svmirror_iommu::testing::AnonMap;
+use svmirror_core::{Event, FaultSize, Notifier, NotifierRange, Range, counters::EVENT_NAMES};
+use svmirror_iommu::testing::{AnonMap, RaceAfterSnapshot, clear_through};
 use svmirror_iommu::{DmaCommand, IommuMirror, MirrorConfig};
-use svmirror_mm::{ProcessMm, ProcessPageSource, Protection};
+use svmirror_mm::{ProcessMm, Protection};
 
 fn read(m: &IommuMirror, src: u64, len: u64) -> Vec<u8> {
     m.submit(DmaCommand::Read { src, len })
@@ -157,45 +153,13 @@ fn own_migration_is_counted_as_skipped() {
     assert_eq!(d.bytes_unmapped, 2 * PAGE);
 }
 
-/// The process's page table, with an invalidation of `range` injected into the first snapshot.
-struct RacingSource {
-    inner: ProcessPageSource,
-    notifier: Notifier,
-    range: Range,
-    fired: AtomicBool,
-}
-
-impl PageSource for RacingSource {
-    fn area(&self, addr: u64, limit: u64) -> svmirror_core::Result<svmirror_core::Area> {
-        self.inner.area(addr, limit)
-    }
-
-    fn snapshot(&self, addr: u64, out: &mut [svmirror_core::CpuPte]) -> svmirror_core::Result<()> {
-        self.inner.snapshot(addr, out)?;
-        if !self.fired.swap(true, Ordering::Relaxed) {
-            let nr = NotifierRange::new(self.range, Event::Clear);
-            self.notifier.invalidate_range_start(nr)?.end();
-        }
-        Ok(())
-    }
-
-    fn fault(&self, range: Range, write: bool) -> svmirror_core::Result<()> {
-        self.inner.fault(range, write)
-    }
-}
-
 #[test]
 fn a_fault_raced_by_an_invalidation_counts_one_retry_and_one_fault() {
     let notifier = Notifier::new();
     let b = AnonMap::new(2 * PAGE as usize).unwrap();
     b.fill(4);
     let range = Range::with_len(b.addr(), b.len() as u64).unwrap();
-    let source = RacingSource {
-        inner: ProcessPageSource::new().unwrap(),
-        notifier: notifier.clone(),
-        range,
-        fired: AtomicBool::new(false),
-    };
+    let source = RaceAfterSnapshot::new(clear_through(&notifier, range)).unwrap();
     // SAFETY: test memory is touched only through raw pointers.
     let m = unsafe {
         IommuMirror::with_page_source(&notifier, range, MirrorConfig::checked(), Box::new(source))
@@ -225,45 +189,21 @@ fn dropping_the_mirror_counts_everything_torn_down() {
     assert_eq!(d.bytes_unmapped, 3 * PAGE);
 }
 
-/// The process's page table, with the last page of `victim` unmapped (behind the notifier's
-/// back, as a plain munmap whose event is still on its way) right after the first snapshot.
-struct ShrinkingSource {
-    inner: ProcessPageSource,
-    victim: u64,
-    fired: AtomicBool,
-}
-
-impl PageSource for ShrinkingSource {
-    fn area(&self, addr: u64, limit: u64) -> svmirror_core::Result<svmirror_core::Area> {
-        self.inner.area(addr, limit)
-    }
-
-    fn snapshot(&self, addr: u64, out: &mut [svmirror_core::CpuPte]) -> svmirror_core::Result<()> {
-        self.inner.snapshot(addr, out)?;
-        if !self.fired.swap(true, Ordering::Relaxed) {
-            // SAFETY: the test's own page, never referenced; the device has not mapped it.
-            let rc = unsafe { libc::munmap(self.victim as *mut libc::c_void, PAGE as usize) };
-            assert_eq!(rc, 0);
-        }
-        Ok(())
-    }
-
-    fn fault(&self, range: Range, write: bool) -> svmirror_core::Result<()> {
-        self.inner.fault(range, write)
-    }
-}
-
 #[test]
 fn a_fault_whose_mapping_shrinks_under_it_retries_and_maps_what_is_left() {
     let notifier = Notifier::new();
     let b = AnonMap::new(4 * PAGE as usize).unwrap();
     b.fill(9);
     let range = Range::with_len(b.addr(), b.len() as u64).unwrap();
-    let source = ShrinkingSource {
-        inner: ProcessPageSource::new().unwrap(),
-        victim: b.addr() + 3 * PAGE,
-        fired: AtomicBool::new(false),
-    };
+    // The last page goes behind the notifier's back (a plain munmap whose event is still on
+    // its way) right after the first snapshot.
+    let victim = b.addr() + 3 * PAGE;
+    let source = RaceAfterSnapshot::new(move || {
+        // SAFETY: the test's own page, never referenced; the device has not mapped it.
+        let rc = unsafe { libc::munmap(victim as *mut libc::c_void, PAGE as usize) };
+        assert_eq!(rc, 0);
+    })
+    .unwrap();
     // SAFETY: test memory is touched only through raw pointers.
     let m = unsafe {
         IommuMirror::with_page_source(&notifier, range, MirrorConfig::checked(), Box::new(source))
