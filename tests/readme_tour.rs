@@ -3,9 +3,12 @@
 
 use std::error::Error;
 use std::sync::Arc;
+use std::time::Duration;
 
 use svmirror::core::Range;
-use svmirror::iommu::{DeviceKernel, IommuMirror, MirrorConfig, vm_pinned_bytes};
+use svmirror::iommu::{
+    DeviceKernel, IommuMirror, MirrorConfig, settled_vm_pinned_bytes, vm_pinned_bytes,
+};
 use svmirror::mm::ProcessMm;
 
 #[test]
@@ -51,6 +54,10 @@ fn readme_quick_tour() -> Result<(), Box<dyn Error>> {
     assert!(run.stats.page_requests >= 1);
     assert!(dev.counters().total_faults() >= 1);
     drop(dev);
-    assert_eq!(vm_pinned_bytes()?, pinned, "no pin outlives the mirror");
+    assert_eq!(
+        settled_vm_pinned_bytes(pinned, Duration::from_secs(2))?,
+        pinned,
+        "no pin outlives the mirror"
+    );
     Ok(())
 }

@@ -98,5 +98,5 @@ pub use page_table::{
 };
 pub use pin::{
     MAX_PIN_LEN, MAX_SLOTS, MemlockLimit, Pin, PinId, PinPool, PinPoolConfig, PinStats,
-    memlock_limit, raise_memlock_limit, vm_pinned_bytes,
+    VM_PIN_SETTLE, memlock_limit, raise_memlock_limit, settled_vm_pinned_bytes, vm_pinned_bytes,
 };

@@ -796,6 +796,25 @@ impl Drop for Pin {
     }
 }
 
+/// How long tests give `VmPin` to settle (see [`settled_vm_pinned_bytes`]).
+pub const VM_PIN_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// [`vm_pinned_bytes`] once it equals `expected`, or what it is after `timeout` if it never
+/// does: for checks that pins went back to where they were. io_uring can drop the last
+/// reference to a released buffer from an io-wq worker just after the completion it waited for
+/// was posted, so `VmPin` may fall a moment after [`Pin::release`] returned; a pin that really
+/// leaked never falls, and the caller sees the wrong value.
+pub fn settled_vm_pinned_bytes(expected: u64, timeout: std::time::Duration) -> Result<u64> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let now = vm_pinned_bytes()?;
+        if now == expected || std::time::Instant::now() >= deadline {
+            return Ok(now);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// Bytes this process has pinned (`VmPin` of /proc/self/status): io_uring registered buffers,
 /// RDMA and VFIO pins of every part of the process.
 pub fn vm_pinned_bytes() -> Result<u64> {

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use svmirror_core::{PAGE_SIZE, Range};
-use svmirror_iommu::{Dmirror, vm_pinned_bytes};
+use svmirror_iommu::{Dmirror, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
 use svmirror_mm::{Advice, MmStats, ProcessMm, Protection};
 
 const PAGE: u64 = PAGE_SIZE;
@@ -560,5 +560,9 @@ fn coherence_random_ops() {
     // SAFETY: nothing refers into the scratch page.
     unsafe { mm.munmap(scratch) }.unwrap();
     drop(mm);
-    assert_eq!(vm_pinned_bytes().unwrap(), pinned, "pins leaked");
+    assert_eq!(
+        settled_vm_pinned_bytes(pinned, VM_PIN_SETTLE).unwrap(),
+        pinned,
+        "pins leaked"
+    );
 }

@@ -7,7 +7,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use common::{PAGE, mirror};
 use svmirror_core::{Notifier, Range};
-use svmirror_iommu::{Access, DeviceKernel, KernelError, vm_pinned_bytes};
+use svmirror_iommu::{
+    Access, DeviceKernel, KernelError, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes,
+};
 use svmirror_mm::{ProcessMm, Protection};
 
 /// The tests compare the process-wide `VmPin`: they run one at a time.
@@ -77,7 +79,10 @@ fn pointer_chasing_kernel_sums_a_heap_linked_list() {
         head = node.next;
     }
     drop(spacers);
-    assert_eq!(vm_pinned_bytes().unwrap(), pinned);
+    assert_eq!(
+        settled_vm_pinned_bytes(pinned, VM_PIN_SETTLE).unwrap(),
+        pinned
+    );
 }
 
 #[test]
@@ -137,7 +142,10 @@ fn saxpy_kernel_updates_a_vec_the_cpu_then_checks() {
     assert_eq!(m.violations().1, 0);
     drop(m);
     drop(y);
-    assert_eq!(vm_pinned_bytes().unwrap(), pinned);
+    assert_eq!(
+        settled_vm_pinned_bytes(pinned, VM_PIN_SETTLE).unwrap(),
+        pinned
+    );
 }
 
 #[test]
@@ -212,7 +220,10 @@ fn kernel_touching_an_unmapped_address_aborts_naming_it() {
         let rc = unsafe { libc::munmap(page as *mut libc::c_void, PAGE as usize) };
         assert_eq!(rc, 0);
     }
-    assert_eq!(vm_pinned_bytes().unwrap(), pinned);
+    assert_eq!(
+        settled_vm_pinned_bytes(pinned, VM_PIN_SETTLE).unwrap(),
+        pinned
+    );
 }
 
 #[test]
@@ -280,5 +291,8 @@ fn after_munmap_a_second_kernel_faults_again_and_sees_the_new_page() {
     // SAFETY: nothing refers into the page; the mirror is gone.
     unsafe { mm.munmap(range) }.unwrap();
     drop(mm);
-    assert_eq!(vm_pinned_bytes().unwrap(), pinned);
+    assert_eq!(
+        settled_vm_pinned_bytes(pinned, VM_PIN_SETTLE).unwrap(),
+        pinned
+    );
 }

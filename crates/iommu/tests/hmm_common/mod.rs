@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use svmirror_core::{PAGE_SIZE, Range};
-use svmirror_iommu::{Dmirror, vm_pinned_bytes};
+use svmirror_iommu::{Dmirror, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
 use svmirror_mm::{Advice, ProcessMm, Protection};
 
 /// The kernel tests' HMM_BUFFER_SIZE in pages.
@@ -73,7 +73,11 @@ impl Env {
 
     /// Checks that every pin is gone: call after dropping the devices.
     pub fn check_unpinned(&self) {
-        assert_eq!(vm_pinned_bytes().unwrap(), self.pinned, "pins leaked");
+        assert_eq!(
+            settled_vm_pinned_bytes(self.pinned, VM_PIN_SETTLE).unwrap(),
+            self.pinned,
+            "pins leaked"
+        );
     }
 }
 
