@@ -62,6 +62,7 @@
 #![cfg(target_os = "linux")]
 
 mod error;
+mod fill;
 mod maps;
 mod migrate;
 mod monitor;
@@ -78,7 +79,7 @@ use svmirror_core::{Area, AreaKind, CpuPte, Error, PAGE_SHIFT, PAGE_SIZE, PageSo
 pub use crate::error::MmError;
 use crate::maps::Maps;
 use crate::pagemap::Pagemap;
-pub use crate::process::{DevicePages, MmFeatures, MmStats, ProcessMm};
+pub use crate::process::{DevicePages, MmFeatures, MmStats, ProcessMm, Unregistrable};
 pub use crate::svm::{Advice, Protection};
 pub use crate::uffd::{UffdAccess, feature as uffd_feature};
 

@@ -74,7 +74,7 @@ impl ProcessMm {
                 moved += 1;
             }
         }
-        let _expected = self.expect(uffd::EVENT_REMOVE, range.start(), range.end());
+        let expected = self.expect(uffd::EVENT_REMOVE, range.start(), range.end());
         // SAFETY: the pages' contents now live on the device and come back on the next touch
         // through the missing-fault handler; dropping them changes nothing a reader can see.
         let rc = unsafe {
@@ -84,6 +84,7 @@ impl ProcessMm {
                 libc::MADV_DONTNEED,
             )
         };
+        drop(expected);
         drop(inv);
         if rc != 0 {
             return Err(MmError::Syscall {
@@ -168,13 +169,9 @@ mod tests {
         }
         fn copy_back(&self, addr: u64, dst: *mut u8) -> Result<(), Error> {
             self.backs.lock().unwrap().push(addr);
-            let v = self
-                .pages
-                .lock()
-                .unwrap()
-                .remove(&addr)
-                .ok_or(Error::BadAddress { addr })?;
-            // SAFETY: `dst` is writable for a page (trait contract).
+            let pages = self.pages.lock().unwrap();
+            let v = pages.get(&addr).ok_or(Error::BadAddress { addr })?;
+            // SAFETY: `dst` is writable for a page (trait contract); kept until discard.
             unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst, v.len()) };
             Ok(())
         }

@@ -18,11 +18,14 @@ use std::time::Duration;
 use svmirror_core::PAGE_SIZE;
 
 use crate::error::MmError;
+use crate::fill::Caller;
 use crate::process::Shared;
 use crate::uffd::{self, UffdMsg};
 
 /// Messages read per `read(2)`.
 const BATCH: usize = 64;
+/// Messages read per nested `read(2)` while a fill waits for queued events (`fill.rs`).
+const NESTED: usize = 16;
 
 /// A page-sized bounce buffer in a mapping of its own, for bringing a page back from a device
 /// outside the monitor thread.
@@ -59,7 +62,7 @@ unsafe impl Send for Buffers {}
 
 impl Buffers {
     fn new() -> io::Result<Self> {
-        let len = PAGE_SIZE as usize + BATCH * std::mem::size_of::<UffdMsg>();
+        let len = PAGE_SIZE as usize + (BATCH + NESTED) * std::mem::size_of::<UffdMsg>();
         // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
         let p = unsafe {
             libc::mmap(
@@ -95,11 +98,14 @@ impl Buffers {
         self.base
     }
 
-    fn msgs(&mut self) -> &mut [UffdMsg] {
+    /// The batch buffer and the scratch buffer for nested reads, disjoint.
+    fn msgs(&mut self) -> (&mut [UffdMsg], &mut [UffdMsg]) {
         let msgs = self.base.wrapping_add(PAGE_SIZE as usize).cast::<UffdMsg>();
-        // SAFETY: the bytes after the first page hold BATCH messages, are part of our own
-        // mapping, suitably aligned (page aligned + 4096), and only this thread uses them.
-        unsafe { std::slice::from_raw_parts_mut(msgs, BATCH) }
+        // SAFETY: the bytes after the first page hold BATCH + NESTED messages, are part of our
+        // own mapping, suitably aligned (page aligned + 4096), and only this thread uses them;
+        // `&mut self` makes the two slices the only views of them.
+        let all = unsafe { std::slice::from_raw_parts_mut(msgs, BATCH + NESTED) };
+        all.split_at_mut(BATCH)
     }
 }
 
@@ -162,6 +168,7 @@ impl Monitor {
             let thread = t.into_pthread_t();
             let bounce = Bounce::new().ok();
             let mut msgs = [UffdMsg::default(); 8];
+            let mut scratch = [UffdMsg::default(); 8];
             loop {
                 // SAFETY: `thread` is the monitor's handle, owned here since `into_pthread_t`;
                 // a successful try-join ends the loop, so it is joined at most once.
@@ -176,9 +183,14 @@ impl Monitor {
                 };
                 for m in &msgs[..n] {
                     match &bounce {
-                        Some(b) => drain(&self.shared, m, b.ptr()),
+                        Some(b) => drain(&self.shared, m, b.ptr(), &mut scratch),
                         None if m.event == uffd::EVENT_PAGEFAULT => {
-                            let _ = self.shared.uffd.zero_page(m.arg[1] & !(PAGE_SIZE - 1));
+                            let at = m.arg[1] & !(PAGE_SIZE - 1);
+                            if self.shared.uffd.zero_page(at).is_err() {
+                                if let Ok(r) = svmirror_core::Range::with_len(at, PAGE_SIZE) {
+                                    let _ = self.shared.uffd.wake(r);
+                                }
+                            }
                         }
                         None => {}
                     }
@@ -252,7 +264,7 @@ fn event_loop(
         }
         loop {
             let page = bufs.page();
-            let msgs = bufs.msgs();
+            let (msgs, scratch) = bufs.msgs();
             // Counted as read before the read: the thread whose event this read takes off the
             // queue wakes as the read completes, and must find the batch not yet handled.
             shared.batch_read();
@@ -270,44 +282,67 @@ fn event_loop(
                 shared.batch_handled();
                 break;
             }
+            // Every message of the batch is handled or answered, whatever happens to one of
+            // them: each was read, so each has a thread waiting on it (a faulting thread until
+            // its page is resolved or woken; an event's thread only until the read, but the
+            // devices must still lose what it changed). The first failure fails closed at once
+            // (every mirror released, every blocked faulter woken) and the rest of the batch is
+            // drained, not dropped.
+            let mut failure = None;
             for m in &msgs[..n] {
-                if draining {
-                    drain(shared, m, page);
-                } else {
-                    handle(shared, m, page)?;
+                if draining || failure.is_some() {
+                    drain(shared, m, page, scratch);
+                    continue;
+                }
+                if let Err(e) = handle(shared, m, page, scratch) {
+                    shared.fail(&e.to_string());
+                    if m.event == uffd::EVENT_PAGEFAULT {
+                        // Its thread still waits: answer it as a failed monitor does.
+                        drain(shared, m, page, scratch);
+                    }
+                    failure = Some(e);
                 }
             }
             shared.batch_handled();
+            if let Some(e) = failure {
+                return Err(e.into());
+            }
         }
     }
 }
 
 /// After a failure: complete events without invalidating (everything is already released),
 /// and still resolve missing faults so no CPU thread hangs: bring the page back if its device
-/// can, else give it a zero page.
-fn drain(shared: &Shared, m: &UffdMsg, page: *mut u8) {
+/// can, else give it a zero page, else wake it.
+fn drain(shared: &Shared, m: &UffdMsg, page: *mut u8, scratch: &mut [UffdMsg]) {
     match m.event {
         uffd::EVENT_FORK => shared.handle_fork(m.arg[0] as u32),
-        uffd::EVENT_PAGEFAULT if shared.handle_missing(m.arg[1], page).is_err() => {
-            let _ = shared.uffd.zero_page(m.arg[1] & !(PAGE_SIZE - 1));
+        uffd::EVENT_PAGEFAULT => {
+            if shared
+                .handle_missing(m.arg[1], page, &mut Caller::Reader(scratch))
+                .is_err()
+            {
+                let at = m.arg[1] & !(PAGE_SIZE - 1);
+                let _ = shared.fill(at, None, &mut Caller::Reader(scratch));
+                if let Ok(r) = svmirror_core::Range::with_len(at, PAGE_SIZE) {
+                    let _ = shared.uffd.wake(r);
+                }
+            }
         }
         _ => {}
     }
 }
 
-fn handle(shared: &Shared, m: &UffdMsg, page: *mut u8) -> Result<(), svmirror_core::Error> {
+fn handle(
+    shared: &Shared,
+    m: &UffdMsg,
+    page: *mut u8,
+    scratch: &mut [UffdMsg],
+) -> Result<(), svmirror_core::Error> {
     match m.event {
-        uffd::EVENT_UNMAP => shared.handle_unmap(m.arg[0], m.arg[1]),
-        uffd::EVENT_REMOVE => shared.handle_remove(m.arg[0], m.arg[1]),
-        uffd::EVENT_REMAP => shared.handle_remap(m.arg[0], m.arg[1], m.arg[2]),
-        uffd::EVENT_FORK => {
-            shared.handle_fork(m.arg[0] as u32);
-            Ok(())
+        uffd::EVENT_PAGEFAULT => {
+            shared.handle_missing(m.arg[1], page, &mut Caller::Reader(scratch))
         }
-        uffd::EVENT_PAGEFAULT => shared.handle_missing(m.arg[1], page),
-        other => {
-            tracing::warn!(event = other, "unknown userfaultfd event ignored");
-            Ok(())
-        }
+        _ => shared.handle_event(m),
     }
 }

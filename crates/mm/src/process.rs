@@ -40,10 +40,10 @@
 //! userfaultfd so no thread stays blocked on an unread event, and every later fault is refused
 //! with [`Error::Released`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use svmirror_core::{
@@ -68,7 +68,10 @@ pub trait DevicePages: Send + Sync {
     fn copy_out(&self, addr: u64, src: *const u8) -> Result<(), Error>;
 
     /// The CPU touched the page copied out from `addr`: write the page's contents to `dst`
-    /// (`PAGE_SIZE` writable bytes) and free the device copy. `addr` here, in
+    /// (`PAGE_SIZE` writable bytes) and keep the device copy. svmirror frees it with
+    /// [`discard`](Self::discard) once the contents are in place in the CPU page (the copy into
+    /// place can be refused for a while, and must never lose the only copy). It may be called
+    /// again for the same page if that copy failed. `addr` here, in
     /// [`device_pfn`](Self::device_pfn) and in [`discard`](Self::discard) is always the address
     /// the page was copied out from, even after a mremap moved it.
     fn copy_back(&self, addr: u64, dst: *mut u8) -> Result<(), Error>;
@@ -129,61 +132,107 @@ pub struct MmStats {
     pub events_covered_by_api: u64,
     /// VMAs registered with the userfaultfd.
     pub registrations: u64,
-    /// VMAs that userfaultfd refused (mirrored without events).
+    /// Mappings userfaultfd cannot register (a private file mapping, a VMA another userfaultfd
+    /// owns): refused to devices, or mirrored without events where the caller chose
+    /// [`Unregistrable::MirrorWithoutEvents`].
     pub unregistrable: u64,
+    /// Of those, how many were mirrored without events (by the caller's choice).
+    pub mirrored_without_events: u64,
+    /// Registrations that raced a mapping change and were looked up and tried again.
+    pub registration_races: u64,
+    /// Registrations made without write-protect mode because the mapping (or the kernel) does
+    /// not support it: events still flow, write tracking does not.
+    pub registered_without_wp: u64,
+    /// UFFDIO_COPY / UFFDIO_ZEROPAGE answered EAGAIN (an event queued unread) and retried.
+    pub fill_eagain: u64,
+}
+
+/// What svmirror does with a mapping userfaultfd cannot register (a private file mapping, a VMA
+/// another userfaultfd already owns): such a mapping would be mirrored with no events at all, so
+/// a munmap or madvise of it would never reach the devices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Unregistrable {
+    /// Refuse it to devices: the fault fails with a [`MmError::Register`] inside
+    /// [`Error::Source`]. The default.
+    #[default]
+    Refuse,
+    /// Mirror it anyway, without events: safe through pins, coherent only through the SVM API.
+    /// Counted in [`MmStats::mirrored_without_events`].
+    MirrorWithoutEvents,
 }
 
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
     unmap: AtomicU64,
     remove: AtomicU64,
     remap: AtomicU64,
     fork: AtomicU64,
-    missing: AtomicU64,
+    pub(crate) missing: AtomicU64,
     covered: AtomicU64,
     registrations: AtomicU64,
     unregistrable: AtomicU64,
+    without_events: AtomicU64,
+    races: AtomicU64,
+    without_wp: AtomicU64,
+    pub(crate) fill_eagain: AtomicU64,
 }
 
-fn bump(c: &AtomicU64) {
+pub(crate) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// How long an expected event may stay unclaimed.
-const EXPECTATION_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How many times a registration that raced a mapping change is looked up and tried again.
+const REGISTER_TRIES: u32 = 4;
 
-/// An event an SVM API call is about to cause and has already invalidated for.
+/// An event an SVM API call is causing, inside an invalidation of its range that it started
+/// before the syscall. It is consumed by exactly the event it predicts (or the part of it that
+/// event covers), and whatever is left is dropped when the call returns: the syscall has
+/// returned, so its events have been read, and the call waits until the monitor has handled
+/// them (`ExpectGuard`). No time decides it. Because it lives only while the call's own
+/// invalidation is open, an event it swallows by mistake (another thread's change of the same
+/// range) is covered by that invalidation: no device can map the range until it ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Expected {
     event: u8,
     start: u64,
     end: u64,
+    /// The call that expects it.
+    id: u64,
 }
 
 /// Bookkeeping under one lock. Lock order: this lock is never held while the notifier runs
 /// callbacks or while a system call that may wait for the monitor (munmap, madvise, mremap)
 /// runs.
 #[derive(Default)]
-struct Book {
+pub(crate) struct Book {
     /// Spans registered with the userfaultfd: start → (end, read generation when registered).
     registered: BTreeMap<u64, (u64, u64)>,
     /// Spans userfaultfd refused: start → (end, read generation).
     refused: BTreeMap<u64, (u64, u64)>,
     /// Windows where a huge page was seen: aligned start → size.
     huge: BTreeMap<u64, u64>,
-    /// Events SVM API calls are causing right now, and when each was announced.
+    /// Events SVM API calls are causing right now.
     expected: Vec<Expected>,
-    expected_at: Vec<std::time::Instant>,
+    next_expect_id: u64,
     /// Pages living in device memory: page address → owner and key.
-    migrated: BTreeMap<u64, OnDevice>,
+    pub(crate) migrated: BTreeMap<u64, OnDevice>,
+    /// Pages some thread is bringing back right now (`Shared::bring_back`).
+    pub(crate) returning: BTreeSet<u64>,
 }
 
 /// A page living in device memory: its owner, and the address the page had when it migrated,
 /// by which the owner knows it (a mremap moves the page's address, not the device's copy).
 #[derive(Clone)]
-struct OnDevice {
-    owner: Arc<dyn DevicePages>,
-    key: u64,
+pub(crate) struct OnDevice {
+    pub(crate) owner: Arc<dyn DevicePages>,
+    pub(crate) key: u64,
+}
+
+impl OnDevice {
+    /// The same device page (a page moved by mremap keeps its key, its address changes).
+    pub(crate) fn same(&self, other: &OnDevice) -> bool {
+        Arc::ptr_eq(&self.owner, &other.owner) && self.key == other.key
+    }
 }
 
 impl Book {
@@ -247,7 +296,7 @@ pub(crate) struct Shared {
     pub(crate) source: ProcessPageSource,
     book: Mutex<Book>,
     failed: AtomicBool,
-    counters: Counters,
+    pub(crate) counters: Counters,
     /// Batches of events read / fully handled by the monitor: `(read, handled)`. An SVM API
     /// call whose syscall has returned knows its event (if any) has been read, and waits until
     /// `handled` catches up with `read` before it forgets what it expected.
@@ -255,12 +304,17 @@ pub(crate) struct Shared {
     progress_cv: Condvar,
     /// Bumped by the monitor right before and right after every read of the userfaultfd.
     pub(crate) read_gen: AtomicU64,
-    /// Serialises bringing pages back from devices.
-    returning: Mutex<()>,
+    /// Signalled when a page leaves `Book::returning`.
+    pub(crate) returned: Condvar,
+    /// [`Unregistrable`], as a `u8`.
+    unregistrable: AtomicU8,
+    /// MODE_WP is offered by the kernel (`PAGEFAULT_FLAG_WP`); cleared when a registration
+    /// shows the mapping kind cannot take it.
+    wp: AtomicBool,
 }
 
 impl Shared {
-    fn book(&self) -> MutexGuard<'_, Book> {
+    pub(crate) fn book(&self) -> MutexGuard<'_, Book> {
         self.book.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -315,18 +369,6 @@ impl Shared {
     /// any expectation of its kind that contains it, and only its part of it is consumed.
     fn take_expected(&self, event: u8, start: u64, end: u64) -> bool {
         let mut book = self.book();
-        // An expectation whose event never came (our registration record was stale) must not
-        // linger and swallow a later, real event: they expire after a second.
-        let now = std::time::Instant::now();
-        let mut i = 0;
-        while i < book.expected.len() {
-            if now.duration_since(book.expected_at[i]) > EXPECTATION_TTL {
-                book.expected.swap_remove(i);
-                book.expected_at.swap_remove(i);
-            } else {
-                i += 1;
-            }
-        }
         let Some(i) = book
             .expected
             .iter()
@@ -335,15 +377,13 @@ impl Shared {
             return false;
         };
         let e = book.expected.swap_remove(i);
-        let at = book.expected_at.swap_remove(i);
         for (s, t) in [(e.start, start), (end, e.end)] {
             if s < t {
                 book.expected.push(Expected {
-                    event,
                     start: s,
                     end: t,
+                    ..e
                 });
-                book.expected_at.push(at);
             }
         }
         bump(&self.counters.covered);
@@ -364,7 +404,17 @@ impl Shared {
     /// in, and any read since (the monitor bumps the generation before and after each read)
     /// makes the next fault register again; registering twice with the same userfaultfd is
     /// harmless.
-    fn ensure_registered(&self, want: Range) {
+    ///
+    /// A registration error is looked into, never taken as "cannot be registered" at once
+    /// (fs/userfaultfd.c `userfaultfd_register`): EINVAL in write-protect mode on a mapping or
+    /// kernel without uffd-wp is tried again without it (events still flow; MISSING takes WP's
+    /// place as the mode); an error after which the mapping no longer covers `want` raced a
+    /// mapping change, and the fault is told to look again ([`Error::Busy`]); only an error
+    /// that repeats on the same mapping (EINVAL: a kind userfaultfd refuses; EBUSY: another
+    /// userfaultfd owns it) makes the mapping unregistrable, handled by the caller's
+    /// [`Unregistrable`] policy. No mapping is ever mirrored without events unless the caller
+    /// chose that.
+    fn ensure_registered(&self, want: Range) -> Result<(), Error> {
         let addr = want.start();
         let generation = self.read_gen.load(Ordering::Acquire);
         {
@@ -374,45 +424,128 @@ impl Shared {
                     .next_back()
                     .is_some_and(|(_, &(end, g))| end >= want.end() && g == generation)
             };
-            if fresh(&book.registered) || fresh(&book.refused) {
-                return;
+            if fresh(&book.registered) {
+                return Ok(());
+            }
+            if fresh(&book.refused) {
+                drop(book);
+                return self.unregistrable_outcome(
+                    want,
+                    io::Error::from_raw_os_error(libc::EINVAL),
+                    false,
+                );
             }
         }
-        match self.uffd.register(want, self.mode_for(want)) {
-            Ok(()) => {
-                let mut book = self.book();
-                carve_gen(&mut book.registered, want.start(), want.end());
-                book.registered
-                    .insert(want.start(), (want.end(), generation));
-                bump(&self.counters.registrations);
+        let mut mode = self.mode_for(want);
+        let mut without_wp = false;
+        let mut tries = 0;
+        loop {
+            let err = match self.uffd.register(want, mode) {
+                Ok(()) => {
+                    let mut book = self.book();
+                    carve_gen(&mut book.registered, want.start(), want.end());
+                    carve_gen(&mut book.refused, want.start(), want.end());
+                    book.registered
+                        .insert(want.start(), (want.end(), generation));
+                    drop(book);
+                    bump(&self.counters.registrations);
+                    if without_wp {
+                        bump(&self.counters.without_wp);
+                    }
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            if err.raw_os_error() == Some(libc::EINVAL) && mode & MODE_WP != 0 {
+                // A mapping kind (or kernel) without uffd-wp: register for events anyway.
+                mode = (mode & !MODE_WP) | uffd::MODE_MISSING;
+                without_wp = true;
+                continue;
             }
-            // Not a kind userfaultfd supports (a private file mapping): mirrored without events.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::debug!(range = %want, %e, "userfaultfd cannot register this mapping; mirrored without events");
-                let mut book = self.book();
-                carve_gen(&mut book.refused, want.start(), want.end());
-                book.refused.insert(want.start(), (want.end(), generation));
-                bump(&self.counters.unregistrable);
+            let still = self.source.mapping(addr).ok().flatten().is_some_and(|m| {
+                m.read && m.range.start() <= addr && want.end() <= m.range.end()
+            });
+            if !still {
+                // The mapping changed between the caller's lookup and the registration.
+                bump(&self.counters.races);
+                tracing::debug!(range = %want, %err, "registration raced a mapping change; looking again");
+                return Err(Error::Busy { range: want });
             }
-            // The mapping changed under us (unmapped meanwhile): the next lookup tries again.
-            Err(e) => tracing::debug!(range = %want, %e, "registration raced a mapping change"),
+            match err.raw_os_error() {
+                Some(libc::EINVAL | libc::EBUSY) if tries > 0 => {
+                    return self.unregistrable_outcome(want, err, true);
+                }
+                _ if tries < REGISTER_TRIES => {
+                    // Possibly replaced by a mapping of the same extent meanwhile: once more.
+                    tries += 1;
+                    mode = self.mode_for(want);
+                    without_wp = false;
+                }
+                _ => {
+                    return Err(Error::Source {
+                        range: want,
+                        source: Box::new(MmError::Register {
+                            range: want,
+                            source: err,
+                        }),
+                    });
+                }
+            }
+        }
+    }
+
+    /// A mapping userfaultfd cannot register: refused, or mirrored without events, as the
+    /// caller chose. `new` says whether this is news (to record and count) or a fresh record.
+    fn unregistrable_outcome(&self, want: Range, err: io::Error, new: bool) -> Result<(), Error> {
+        let policy = self.unregistrable_policy();
+        if new {
+            tracing::debug!(range = %want, %err, ?policy, "userfaultfd cannot register this mapping");
+            let generation = self.read_gen.load(Ordering::Acquire);
+            let mut book = self.book();
+            carve_gen(&mut book.refused, want.start(), want.end());
+            book.refused.insert(want.start(), (want.end(), generation));
+            drop(book);
+            bump(&self.counters.unregistrable);
+            if policy == Unregistrable::MirrorWithoutEvents {
+                bump(&self.counters.without_events);
+            }
+        }
+        match policy {
+            Unregistrable::MirrorWithoutEvents => Ok(()),
+            Unregistrable::Refuse => Err(Error::Source {
+                range: want,
+                source: Box::new(MmError::Register {
+                    range: want,
+                    source: err,
+                }),
+            }),
+        }
+    }
+
+    fn unregistrable_policy(&self) -> Unregistrable {
+        match self.unregistrable.load(Ordering::Relaxed) {
+            1 => Unregistrable::MirrorWithoutEvents,
+            _ => Unregistrable::Refuse,
         }
     }
 
     /// The registration mode for `r`: MISSING as well as WP where pages live on a device, so a
     /// CPU touch still brings them back (registering again replaces the mode).
     pub(crate) fn mode_for(&self, r: Range) -> u64 {
-        if self
+        let migrated = self
             .book()
             .migrated
             .range(r.start()..r.end())
             .next()
-            .is_some()
-        {
-            uffd::MODE_MISSING | MODE_WP
-        } else {
+            .is_some();
+        // Without uffd-wp, MISSING is the mode: a registration needs one, and events flow
+        // whatever it is.
+        let wp = if self.wp.load(Ordering::Relaxed) {
             MODE_WP
-        }
+        } else {
+            uffd::MODE_MISSING
+        };
+        if migrated { uffd::MODE_MISSING | wp } else { wp }
     }
 
     /// The monitor read a batch of events.
@@ -453,16 +586,54 @@ impl Shared {
         }
     }
 
-    /// Fails closed: invalidates everything, refuses further faults.
+    /// Fails closed: invalidates everything, refuses further faults, and wakes every thread
+    /// blocked in a userfaultfd fault on a registered range (each faults again and the monitor,
+    /// now draining, answers it), so no CPU thread hangs on a fault nobody will resolve.
     pub(crate) fn fail(&self, why: &str) {
+        if self.failed.load(Ordering::Acquire) {
+            return;
+        }
         tracing::error!(why, "userfaultfd monitor failed; releasing every mirror");
         // Released first: from here on no fault can be programmed, whatever `failed` says.
         let _ = self.notifier.release();
         self.failed.store(true, Ordering::Release);
+        self.wake_all();
+    }
+
+    /// UFFDIO_WAKE over every registered span.
+    pub(crate) fn wake_all(&self) {
+        let spans: Vec<(u64, u64)> = self
+            .book()
+            .registered
+            .iter()
+            .map(|(s, (e, _))| (*s, *e))
+            .collect();
+        for (s, e) in spans {
+            if let Ok(r) = Range::new(s, e) {
+                let _ = self.uffd.wake(r);
+            }
+        }
     }
 }
 
 impl Shared {
+    /// Handles one event that is not a page fault.
+    pub(crate) fn handle_event(&self, m: &uffd::UffdMsg) -> Result<(), Error> {
+        match m.event {
+            uffd::EVENT_UNMAP => self.handle_unmap(m.arg[0], m.arg[1]),
+            uffd::EVENT_REMOVE => self.handle_remove(m.arg[0], m.arg[1]),
+            uffd::EVENT_REMAP => self.handle_remap(m.arg[0], m.arg[1], m.arg[2]),
+            uffd::EVENT_FORK => {
+                self.handle_fork(m.arg[0] as u32);
+                Ok(())
+            }
+            other => {
+                tracing::warn!(event = other, "unknown userfaultfd event ignored");
+                Ok(())
+            }
+        }
+    }
+
     pub(crate) fn handle_unmap(&self, start: u64, end: u64) -> Result<(), Error> {
         bump(&self.counters.unmap);
         if !self.take_expected(uffd::EVENT_UNMAP, start, end) {
@@ -484,20 +655,15 @@ impl Shared {
         Ok(())
     }
 
+    /// A mremap moved `[from, from + len)` to `to`. The old range is invalidated as `Unmap`
+    /// (devices must lose the old addresses) unless an SVM API call already did. The kernel
+    /// follows with an UNMAP of the old range unless the call was MREMAP_DONTUNMAP
+    /// (mm/mremap.c): nothing is expected of it here, and if it comes it finds nothing left.
     pub(crate) fn handle_remap(&self, from: u64, to: u64, len: u64) -> Result<(), Error> {
         bump(&self.counters.remap);
         let old = Range::with_len(from, len)?;
         if !self.take_expected(uffd::EVENT_REMAP, from, from + len) {
             self.invalidate(old, Event::Unmap)?;
-            // The same mremap sends an UNMAP of the old range next (the kernel completes both
-            // events from the mremap before it returns): it is already invalidated.
-            let mut book = self.book();
-            book.expected.push(Expected {
-                event: uffd::EVENT_UNMAP,
-                start: from,
-                end: from + len,
-            });
-            book.expected_at.push(std::time::Instant::now());
         }
         // The registration and any device pages move with the mapping.
         let mut book = self.book();
@@ -523,70 +689,9 @@ impl Shared {
         // else knows it. Closing it unregisters the child's VMAs: the child is not mirrored.
         drop(unsafe { OwnedFd::from_raw_fd(child_uffd as i32) });
     }
-
-    /// A missing fault: bring the page back from its device, or zero-fill a page never migrated.
-    pub(crate) fn handle_missing(&self, addr: u64, buf: *mut u8) -> Result<(), Error> {
-        bump(&self.counters.missing);
-        let page = addr & !(PAGE_SIZE - 1);
-        if self.bring_back(page, buf)? {
-            return Ok(());
-        }
-        // Never migrated (or already back): a zero page; EEXIST if someone mapped it meanwhile.
-        self.uffd.zero_page(page).map_err(|e| source_err(page, e))
-    }
-
-    /// Brings the migrated page at `page` back from its device, if it is still there: a
-    /// `Migrate` invalidation by its owner, the owner's copy into `buf`, UFFDIO_COPY (which
-    /// needs no pending fault, so it works for the monitor and for callers alike, privileged or
-    /// not). One bring-back at a time, so the monitor never zero-fills a page that another
-    /// thread is bringing back. Returns whether this call brought it back.
-    pub(crate) fn bring_back(&self, page: u64, buf: *mut u8) -> Result<bool, Error> {
-        let _one = self
-            .returning
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let Some(d) = self.book().migrated.get(&page).cloned() else {
-            return Ok(false);
-        };
-        let r = Range::with_len(page, PAGE_SIZE)?;
-        let inv = self
-            .notifier
-            .invalidate_range_start(NotifierRange::new(r, d.owner.event()))?;
-        d.owner.copy_back(d.key, buf)?;
-        // Unbooked before it is mapped: a thread woken by the copy must not find it "on the
-        // device" any more.
-        self.book().migrated.remove(&page);
-        // SAFETY: `buf` is a page-sized buffer of our own (the monitor's, or a bounce page),
-        // never monitored memory.
-        unsafe { self.uffd.copy_page(page, buf) }.map_err(|e| source_err(page, e))?;
-        inv.end();
-        Ok(true)
-    }
-
-    /// Brings back every migrated page of `range` from the calling thread, through a bounce
-    /// page of its own; returns how many came back.
-    pub(crate) fn bring_back_range(&self, range: Range) -> Result<u64, Error> {
-        let pages: Vec<u64> = self
-            .book()
-            .migrated
-            .range(range.start()..range.end())
-            .map(|(a, _)| *a)
-            .collect();
-        if pages.is_empty() {
-            return Ok(0);
-        }
-        let bounce = crate::monitor::Bounce::new().map_err(|e| source_err(range.start(), e))?;
-        let mut back = 0;
-        for page in pages {
-            if self.bring_back(page, bounce.ptr())? {
-                back += 1;
-            }
-        }
-        Ok(back)
-    }
 }
 
-fn source_err(addr: u64, e: io::Error) -> Error {
+pub(crate) fn source_err(addr: u64, e: io::Error) -> Error {
     Error::Source {
         range: Range::with_len(addr & !(PAGE_SIZE - 1), PAGE_SIZE).unwrap_or(Range::FULL),
         source: Box::new(e),
@@ -622,6 +727,7 @@ impl ProcessMm {
                 missing: uffd::feature_names(missing),
             });
         }
+        let wp = uffd.offered & feature::PAGEFAULT_FLAG_WP != 0;
         let shared = Arc::new(Shared {
             notifier: Notifier::new(),
             source,
@@ -632,7 +738,9 @@ impl ProcessMm {
             progress: Mutex::new((0, 0)),
             progress_cv: Condvar::new(),
             read_gen: AtomicU64::new(0),
-            returning: Mutex::new(()),
+            returned: Condvar::new(),
+            unregistrable: AtomicU8::new(0),
+            wp: AtomicBool::new(wp),
         });
         let monitor = crate::monitor::Monitor::start(shared.clone())?;
         tracing::debug!(features = ?uffd::feature_names(shared.uffd.features), "process mm ready");
@@ -688,7 +796,26 @@ impl ProcessMm {
             events_covered_by_api: l(&c.covered),
             registrations: l(&c.registrations),
             unregistrable: l(&c.unregistrable),
+            mirrored_without_events: l(&c.without_events),
+            registration_races: l(&c.races),
+            registered_without_wp: l(&c.without_wp),
+            fill_eagain: l(&c.fill_eagain),
         }
+    }
+
+    /// Sets what happens to mappings userfaultfd cannot register (see [`Unregistrable`]);
+    /// applies to faults from now on.
+    pub fn set_unregistrable(&self, policy: Unregistrable) {
+        let v = match policy {
+            Unregistrable::Refuse => 0,
+            Unregistrable::MirrorWithoutEvents => 1,
+        };
+        self.shared.unregistrable.store(v, Ordering::Relaxed);
+    }
+
+    /// What happens to mappings userfaultfd cannot register.
+    pub fn unregistrable(&self) -> Unregistrable {
+        self.shared.unregistrable_policy()
     }
 
     /// Registers the mappings covering `range` for events now, rather than at the first device
@@ -739,21 +866,20 @@ impl ProcessMm {
         Ok(())
     }
 
+    /// Records that the calling SVM API call is about to cause `event` over `[start, end)`.
+    /// Call it only once the call's own invalidation of that range has started (see
+    /// [`Expected`]), and drop the guard before that invalidation ends.
     pub(crate) fn expect(&self, event: u8, start: u64, end: u64) -> ExpectGuard<'_> {
-        let e = Expected { event, start, end };
         let mut book = self.shared.book();
-        // The kernel sends the event only if part of the range is registered. Then the
-        // expectation stays until the monitor consumes it (the syscall returns as soon as the
-        // event is read, possibly before the monitor looks at it); otherwise it goes with the
-        // guard.
-        let registered = book.registered.range(..end).any(|(_, (e, _))| *e > start);
-        book.expected.push(e);
-        book.expected_at.push(std::time::Instant::now());
-        ExpectGuard {
-            mm: self,
-            e,
-            keep: registered,
-        }
+        let id = book.next_expect_id;
+        book.next_expect_id += 1;
+        book.expected.push(Expected {
+            event,
+            start,
+            end,
+            id,
+        });
+        ExpectGuard { mm: self, id }
     }
 
     pub(crate) fn invalidate(
@@ -801,33 +927,25 @@ impl ProcessMm {
     }
 }
 
-/// Removes an expected event the kernel will not send (the range was not registered).
+/// Drops what is left of an SVM API call's expectations when the call returns.
 pub(crate) struct ExpectGuard<'a> {
     mm: &'a ProcessMm,
-    e: Expected,
-    keep: bool,
+    id: u64,
 }
 
 impl Drop for ExpectGuard<'_> {
     fn drop(&mut self) {
-        // The syscall has returned, so its event, if the kernel sent one, has been read; give
-        // the monitor the chance to finish handling it before returning to the caller.
+        // The syscall has returned, so every event it caused has been read (munmap and madvise
+        // wait for the read in `userfaultfd_event_wait_completion`, mremap in
+        // `mremap_userfaultfd_complete` / `userfaultfd_unmap_complete`). Once the monitor has
+        // handled what it read, anything still expected was never sent: drop it, so it cannot
+        // swallow a later, real event.
         self.mm.shared.wait_handled();
-        if self.keep {
-            return;
-        }
-        let mut book = self.mm.shared.book();
-        let e = self.e;
-        let mut i = 0;
-        while i < book.expected.len() {
-            let x = book.expected[i];
-            if x.event == e.event && e.start <= x.start && x.end <= e.end {
-                book.expected.swap_remove(i);
-                book.expected_at.swap_remove(i);
-            } else {
-                i += 1;
-            }
-        }
+        self.mm
+            .shared
+            .book()
+            .expected
+            .retain(|x| x.id != self.id);
     }
 }
 
@@ -846,7 +964,7 @@ impl PageSource for ProcessMm {
         if let (AreaKind::Mapped { read: true, .. }, Ok(want)) =
             (area.kind, Range::new(addr, area.end))
         {
-            self.shared.ensure_registered(want);
+            self.shared.ensure_registered(want)?;
         }
         Ok(area)
     }

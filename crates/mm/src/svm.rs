@@ -147,12 +147,13 @@ impl ProcessMm {
     /// No Rust reference into `range` may outlive this call, exactly as for `libc::munmap`.
     pub unsafe fn munmap(&self, range: Range) -> Result<(), MmError> {
         self.check_mapped(range)?;
-        let _expected = self.expect(uffd::EVENT_UNMAP, range.start(), range.end());
         let inv = self.invalidate(range, Event::Unmap)?;
+        let expected = self.expect(uffd::EVENT_UNMAP, range.start(), range.end());
         // SAFETY: the caller guarantees nothing in Rust refers into `range`; devices lost it
         // above, and their pins keep any in-flight access off the freed pages.
         let rc = unsafe { libc::munmap(ptr(range.start()), range.len() as usize) };
         let res = syscall("munmap", range, rc);
+        drop(expected);
         inv.end();
         self.forget(range.start(), range.end());
         res
@@ -189,27 +190,34 @@ impl ProcessMm {
     /// Rust code holding references into the range must be prepared for.
     pub unsafe fn madvise(&self, range: Range, advice: Advice) -> Result<(), MmError> {
         self.check_mapped(range)?;
-        let _expected = advice
-            .has_remove_event()
-            .then(|| self.expect(uffd::EVENT_REMOVE, range.start(), range.end()));
         let inv = if advice.drops_pages() {
             Some(self.invalidate(range, Event::Clear)?)
         } else {
             None
         };
+        let expected = advice
+            .has_remove_event()
+            .then(|| self.expect(uffd::EVENT_REMOVE, range.start(), range.end()));
         // SAFETY: per this function's contract.
         let rc = unsafe { libc::madvise(ptr(range.start()), range.len() as usize, advice.raw()) };
         let res = syscall("madvise", range, rc);
         if advice.has_remove_event() {
             self.discard_migrated(range);
         }
+        drop(expected);
         drop(inv);
         res
     }
 
     /// Resizes `old` to `new_len` bytes (rounded up to pages), moving it if `may_move` and it
-    /// cannot grow in place; returns the new range. Shrinking invalidates the cut tail, and a
-    /// call that may move invalidates the whole old range first (event `Unmap`).
+    /// cannot grow in place; returns the new range.
+    ///
+    /// Devices are told what happens, and only that: shrinking invalidates the cut tail
+    /// (`Unmap`); growing in place invalidates nothing (nothing that exists changes); a move
+    /// first takes the old range from every device (`Clear`, before the move, since the old
+    /// addresses stop working when it happens) and then releases it (`Unmap`, after the move,
+    /// which is when it is known to be gone). Growing is tried in place first, so a call that
+    /// may move but does not never costs a device its mappings.
     ///
     /// # Safety
     /// As for `libc::mremap`: the memory may move, so no Rust reference into `old` may outlive
@@ -228,54 +236,75 @@ impl ProcessMm {
                 start: old.start(),
                 end: old.start(),
             }))?;
-        let (gone, _e1, _e2) = if new_len < old.len() {
+        let fail = || MmError::Syscall {
+            op: "mremap",
+            range: old,
+            source: io::Error::last_os_error(),
+        };
+        if new_len < old.len() {
             let tail = Range::new(old.start() + new_len, old.end()).map_err(MmError::Core)?;
-            (
-                Some(tail),
-                Some(self.expect(uffd::EVENT_UNMAP, tail.start(), tail.end())),
-                None,
-            )
-        } else if may_move {
-            (
-                Some(old),
-                Some(self.expect(uffd::EVENT_REMAP, old.start(), old.end())),
-                Some(self.expect(uffd::EVENT_UNMAP, old.start(), old.end())),
-            )
-        } else {
-            (None, None, None)
-        };
-        let inv = match gone {
-            Some(r) => Some(self.invalidate(r, Event::Unmap)?),
-            None => None,
-        };
-        let flags = if may_move { libc::MREMAP_MAYMOVE } else { 0 };
-        // SAFETY: per this function's contract; devices lost whatever moves or goes.
-        let p = unsafe {
-            libc::mremap(
-                ptr(old.start()),
-                old.len() as usize,
-                new_len as usize,
-                flags,
-            )
-        };
-        drop(inv);
-        if p == libc::MAP_FAILED {
-            return Err(MmError::Syscall {
-                op: "mremap",
-                range: old,
-                source: io::Error::last_os_error(),
-            });
-        }
-        let new = Range::with_len(p as u64, new_len).map_err(MmError::Core)?;
-        if let Some(r) = gone {
-            if new.start() != old.start() {
-                self.forget(old.start(), old.end());
-            } else {
-                self.forget(r.start(), r.end());
+            let inv = self.invalidate(tail, Event::Unmap)?;
+            let expected = self.expect(uffd::EVENT_UNMAP, tail.start(), tail.end());
+            // SAFETY: per this function's contract; devices lost the tail above.
+            let p = unsafe { raw_mremap(old, new_len, 0) };
+            drop(expected);
+            inv.end();
+            if p.is_none() {
+                return Err(fail());
             }
+            self.forget(tail.start(), tail.end());
+            return Range::with_len(old.start(), new_len).map_err(MmError::Core);
         }
+        // SAFETY: growing in place (or keeping the size) moves and frees nothing.
+        if unsafe { raw_mremap(old, new_len, 0) }.is_some() {
+            return Range::with_len(old.start(), new_len).map_err(MmError::Core);
+        }
+        let err = fail();
+        let no_room = matches!(&err, MmError::Syscall { source, .. } if source.raw_os_error() == Some(libc::ENOMEM));
+        if !may_move || !no_room {
+            return Err(err);
+        }
+        let inv = self.invalidate(old, Event::Clear)?;
+        let expected = (
+            self.expect(uffd::EVENT_REMAP, old.start(), old.end()),
+            self.expect(uffd::EVENT_UNMAP, old.start(), old.end()),
+        );
+        // SAFETY: per this function's contract; devices lost the old range above.
+        let p = unsafe { raw_mremap(old, new_len, libc::MREMAP_MAYMOVE) };
+        let err = p.is_none().then(fail);
+        drop(expected);
+        let new = match p {
+            Some(p) => Range::with_len(p, new_len).map_err(MmError::Core)?,
+            None => {
+                inv.end();
+                return Err(err.unwrap_or_else(fail));
+            }
+        };
+        if new.start() != old.start() {
+            // It moved: the old range is gone, and devices may free what they kept for it.
+            self.invalidate(old, Event::Unmap)?.end();
+            self.forget(old.start(), old.end());
+        }
+        inv.end();
         Ok(new)
     }
+}
+
+/// `mremap(old, new_len, flags)`; the new address, or `None` with errno set.
+///
+/// # Safety
+/// As for `libc::mremap`.
+unsafe fn raw_mremap(old: Range, new_len: u64, flags: libc::c_int) -> Option<u64> {
+    // SAFETY: per this function's contract.
+    let p = unsafe {
+        libc::mremap(
+            ptr(old.start()),
+            old.len() as usize,
+            new_len as usize,
+            flags,
+        )
+    };
+    (p != libc::MAP_FAILED).then_some(p as u64)
 }
 
 #[cfg(test)]

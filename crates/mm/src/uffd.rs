@@ -28,6 +28,7 @@ const UFFDIO_API: libc::c_ulong = ioc(IOC_READ | IOC_WRITE, 0x3F, size_of::<Uffd
 const UFFDIO_REGISTER: libc::c_ulong = ioc(IOC_READ | IOC_WRITE, 0x00, size_of::<UffdioRegister>());
 const UFFDIO_COPY: libc::c_ulong = ioc(IOC_READ | IOC_WRITE, 0x03, size_of::<UffdioCopy>());
 const UFFDIO_ZEROPAGE: libc::c_ulong = ioc(IOC_READ | IOC_WRITE, 0x04, size_of::<UffdioZeropage>());
+const UFFDIO_WAKE: libc::c_ulong = ioc(IOC_READ, 0x02, size_of::<UffdioRange>());
 const UFFDIO_WRITEPROTECT: libc::c_ulong =
     ioc(IOC_READ | IOC_WRITE, 0x06, size_of::<UffdioWriteprotect>());
 /// `USERFAULTFD_IOC_NEW` on /dev/userfaultfd: `_IO(0xAA, 0x00)`.
@@ -39,6 +40,7 @@ const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 pub(crate) const MODE_MISSING: u64 = 1 << 0;
 pub(crate) const MODE_WP: u64 = 1 << 1;
 const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+const COPY_MODE_DONTWAKE: u64 = 1 << 0;
 
 /// Event codes of `struct uffd_msg`.
 pub(crate) const EVENT_PAGEFAULT: u8 = 0x12;
@@ -111,9 +113,13 @@ const _: () = assert!(size_of::<UffdMsg>() == 32);
 const _: () = assert!(UFFDIO_API == 0xc018_aa3f);
 const _: () = assert!(UFFDIO_REGISTER == 0xc020_aa00);
 const _: () = assert!(UFFDIO_COPY == 0xc028_aa03);
+const _: () = assert!(UFFDIO_WAKE == 0x8010_aa02);
 
 /// userfaultfd features svmirror asks for, as the kernel numbers them.
 pub mod feature {
+    /// Write-protect faults are reported (the kernel offers it only where the architecture has
+    /// a uffd-wp PTE bit; without it, MODE_WP registration is refused).
+    pub const PAGEFAULT_FLAG_WP: u64 = 1 << 0;
     /// Fork events (needs `CAP_SYS_PTRACE`).
     pub const EVENT_FORK: u64 = 1 << 1;
     /// mremap events.
@@ -305,17 +311,34 @@ impl Uffd {
     }
 
     /// Resolves a missing fault at `dst` (one page) with the contents at `src` and wakes the
-    /// faulting thread. `EEXIST` (someone else resolved it) counts as success.
+    /// faulting thread. `EEXIST` (someone else resolved it) counts as success. `EAGAIN` means an
+    /// event is queued unread (`mmap_changing`, fs/userfaultfd.c `mfill_atomic`): nothing was
+    /// copied, and the caller retries once the event has been read (see `fill`).
     ///
     /// # Safety
     /// `src` must be readable for `PAGE_SIZE` bytes and must not be memory this userfaultfd
     /// monitors.
     pub(crate) unsafe fn copy_page(&self, dst: u64, src: *const u8) -> io::Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { self.copy_page_mode(dst, src, 0) }
+    }
+
+    /// As [`copy_page`](Self::copy_page), but wakes nobody (`UFFDIO_COPY_MODE_DONTWAKE`): the
+    /// caller finishes its bookkeeping first and then calls [`wake`](Self::wake).
+    ///
+    /// # Safety
+    /// As for `copy_page`.
+    pub(crate) unsafe fn copy_page_dontwake(&self, dst: u64, src: *const u8) -> io::Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { self.copy_page_mode(dst, src, COPY_MODE_DONTWAKE) }
+    }
+
+    unsafe fn copy_page_mode(&self, dst: u64, src: *const u8, mode: u64) -> io::Result<()> {
         let mut c = UffdioCopy {
             dst,
             src: src as u64,
             len: PAGE_SIZE,
-            mode: 0,
+            mode,
             copy: 0,
         };
         // SAFETY: UFFDIO_COPY reads one `struct uffdio_copy`; the kernel copies from `src`,
@@ -346,6 +369,20 @@ impl Uffd {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Wakes every thread waiting in a userfaultfd fault on `range` without resolving it: each
+    /// retries its access (and faults again if the page is still missing). Used where a read
+    /// fault cannot be resolved, so that no thread stays blocked on it.
+    pub(crate) fn wake(&self, range: Range) -> io::Result<()> {
+        let mut r = UffdioRange {
+            start: range.start(),
+            len: range.len(),
+        };
+        // SAFETY: UFFDIO_WAKE reads one `struct uffdio_range`; it wakes waiters, touching no
+        // memory.
+        cvt(unsafe { libc::ioctl(self.raw(), UFFDIO_WAKE, &mut r as *mut UffdioRange) })?;
+        Ok(())
     }
 
     /// Write-protects `range` (with `WP_ASYNC`, the CPU's writes then clear the protection

@@ -210,7 +210,7 @@ fn madvise_dontneed_free_remove_give_one_clear_each() {
 }
 
 #[test]
-fn mremap_moving_gives_one_unmap_of_the_old_range() {
+fn mremap_moving_gives_an_unmap_of_the_old_range_only() {
     let _s = serial();
     let f = fixture(4);
     // A destination we own, so the move is forced (MREMAP_FIXED replaces it).
@@ -227,13 +227,17 @@ fn mremap_moving_gives_one_unmap_of_the_old_range() {
     };
     assert_eq!(p as u64, dst.start());
     let got = invalidations(&f.mirror, 1);
-    assert_eq!(
-        got,
-        vec![(f.buf, Event::Unmap)],
-        "exactly one Unmap of the old range"
-    );
+    assert_eq!(got[0], (f.buf, Event::Unmap), "an Unmap of the old range");
     assert!(f.mirror.table.lock().entries.is_empty());
     assert_eq!(f.mm.stats().remap_events, 1);
+    // The kernel follows the REMAP with an UNMAP of the old range (no MREMAP_DONTUNMAP here);
+    // the monitor expects nothing of it, so it may invalidate the old range once more, and
+    // only that.
+    let got = f.mirror.table.lock().invalidations.clone();
+    assert!(
+        got.len() <= 2 && got.iter().all(|g| *g == (f.buf, Event::Unmap)),
+        "{got:?}"
+    );
 }
 
 #[test]

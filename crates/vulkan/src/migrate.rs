@@ -210,28 +210,24 @@ impl DevicePages for DeviceMemory {
     fn copy_back(&self, addr: u64, dst: *mut u8) -> std::result::Result<(), svmirror_core::Error> {
         let inner = self.inner(addr)?;
         let mut g = inner.state.lock();
-        let page = g
-            .device_pages
-            .remove(&addr)
-            .ok_or(svmirror_core::Error::BadAddress { addr })?;
-        match page {
-            DevicePage::Pending(data) => {
-                // SAFETY: `DevicePages::copy_back`'s contract: `dst` is a writable page.
+        match g.device_pages.get(&addr) {
+            None => return Err(svmirror_core::Error::BadAddress { addr }),
+            Some(DevicePage::Pending(data)) => {
+                // SAFETY: `DevicePages::copy_back`'s contract: `dst` is a writable page. The
+                // copy stays until svmirror discards it.
                 unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+                return Ok(());
             }
-            DevicePage::Resident(buf) => {
-                g.table.clear(page_range(addr), false);
-                inner.drain(&g);
-                let r = Self::download(&inner, &buf, dst);
-                if r.is_err() {
-                    // Keep the page where it is rather than lose it.
-                    g.device_pages.insert(addr, DevicePage::Resident(buf));
-                    return r.map_err(to_core(addr));
-                }
-                inner.counters.record_unmap(PAGE_SIZE);
-            }
+            Some(DevicePage::Resident(_)) => {}
         }
-        Ok(())
+        // The GPU stops using its copy now; the copy itself is freed by `discard` once the CPU
+        // page holds the contents.
+        g.table.clear(page_range(addr), false);
+        inner.drain(&g);
+        let Some(DevicePage::Resident(buf)) = g.device_pages.get(&addr) else {
+            return Err(svmirror_core::Error::BadAddress { addr });
+        };
+        Self::download(&inner, buf, dst).map_err(to_core(addr))
     }
 
     fn device_pfn(&self, addr: u64) -> u64 {
@@ -248,6 +244,9 @@ impl DevicePages for DeviceMemory {
             g.table.clear(page_range(addr), false);
             inner.drain(&g);
             drop(g);
+            if matches!(p, DevicePage::Resident(_)) {
+                inner.counters.record_unmap(PAGE_SIZE);
+            }
             drop(p);
         }
     }

@@ -218,13 +218,10 @@ impl DevicePages for DeviceMemory {
     }
 
     fn copy_back(&self, addr: u64, dst: *mut u8) -> Result<(), Error> {
-        let page = {
-            let mut g = self.lock();
-            let page = g.by_addr.remove(&addr).ok_or(Error::BadAddress { addr })?;
-            g.by_pfn.remove(&page.pfn);
-            page
-        };
-        // SAFETY: `DevicePages::copy_back`'s contract: `dst` is writable for a page.
+        let g = self.lock();
+        let page = g.by_addr.get(&addr).ok_or(Error::BadAddress { addr })?;
+        // SAFETY: `DevicePages::copy_back`'s contract: `dst` is writable for a page. The copy
+        // stays until svmirror discards it.
         unsafe { std::ptr::copy_nonoverlapping(page.data.as_ptr(), dst, page.data.len()) };
         Ok(())
     }

@@ -24,13 +24,9 @@ impl DevicePages for FakeVram {
         Ok(())
     }
     fn copy_back(&self, addr: u64, dst: *mut u8) -> Result<(), Error> {
-        let v = self
-            .pages
-            .lock()
-            .unwrap()
-            .remove(&addr)
-            .ok_or(Error::BadAddress { addr })?;
-        // SAFETY: `dst` is writable for a page (trait contract).
+        let pages = self.pages.lock().unwrap();
+        let v = pages.get(&addr).ok_or(Error::BadAddress { addr })?;
+        // SAFETY: `dst` is writable for a page (trait contract); the copy stays until discard.
         unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst, v.len()) };
         Ok(())
     }
