@@ -117,6 +117,9 @@ pub struct Mapping {
     pub shared: bool,
     /// An I/O or PFN-map area (judged by name).
     pub io: bool,
+    /// The kernel's page size for it: larger than 4 KiB for hugetlb (whose ranges userfaultfd
+    /// registers only in whole huge pages).
+    pub page_size: u64,
 }
 
 /// The calling process's own page table as a [`PageSource`].
@@ -149,14 +152,17 @@ impl ProcessPageSource {
 
     /// The mapping (VMA) containing `addr`, or the next one above it, or `None` above the last.
     pub fn mapping(&self, addr: u64) -> Result<Option<Mapping>, MmError> {
-        Ok(self.maps.find(addr)?.and_then(|v| {
-            Some(Mapping {
-                range: Range::new(v.start, v.end).ok()?,
-                read: v.read,
-                write: v.write,
-                shared: v.shared,
-                io: v.io,
-            })
+        let Some(v) = self.maps.find(addr)? else {
+            return Ok(None);
+        };
+        let page_size = self.maps.page_size(&v)?;
+        Ok(Range::new(v.start, v.end).ok().map(|range| Mapping {
+            range,
+            read: v.read,
+            write: v.write,
+            shared: v.shared,
+            io: v.io,
+            page_size,
         }))
     }
 

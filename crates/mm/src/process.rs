@@ -436,6 +436,7 @@ impl Shared {
                 );
             }
         }
+        let mut want = want;
         let mut mode = self.mode_for(want);
         let mut without_wp = false;
         let mut tries = 0;
@@ -462,9 +463,23 @@ impl Shared {
                 without_wp = true;
                 continue;
             }
-            let still = self.source.mapping(addr).ok().flatten().is_some_and(|m| {
+            let now = self.source.mapping(addr).ok().flatten();
+            let still = now.is_some_and(|m| {
                 m.read && m.range.start() <= addr && want.end() <= m.range.end()
             });
+            if let Some(m) = now.filter(|m| still && m.page_size > PAGE_SIZE) {
+                // hugetlb: userfaultfd registers whole huge pages only
+                // (`userfaultfd_register`: the range must be aligned to the VMA's page size).
+                let size = m.page_size;
+                let wide = Range::new(
+                    (want.start() & !(size - 1)).max(m.range.start()),
+                    want.end().next_multiple_of(size).min(m.range.end()),
+                );
+                if let Some(wide) = wide.ok().filter(|w| *w != want) {
+                    want = wide;
+                    continue;
+                }
+            }
             if !still {
                 // The mapping changed between the caller's lookup and the registration.
                 bump(&self.counters.races);
