@@ -159,7 +159,8 @@ fn own_migration_is_counted_as_skipped() {
 #[test]
 fn a_fault_raced_by_an_invalidation_counts_one_retry_and_one_fault() {
     let notifier = Notifier::new();
-    let b = AnonMap::new(2 * PAGE as usize).unwrap();
+    // Inside one 2 MiB fault window: one fault wherever the kernel maps it.
+    let b = AnonMap::aligned(2 * PAGE as usize, 2 << 20).unwrap();
     b.fill(4);
     let range = Range::with_len(b.addr(), b.len() as u64).unwrap();
     let source = RaceAfterSnapshot::new(clear_through(&notifier, range)).unwrap();
@@ -195,7 +196,8 @@ fn dropping_the_mirror_counts_everything_torn_down() {
 #[test]
 fn a_fault_whose_mapping_shrinks_under_it_retries_and_maps_what_is_left() {
     let notifier = Notifier::new();
-    let b = AnonMap::new(4 * PAGE as usize).unwrap();
+    // Inside one 2 MiB fault window: one fault wherever the kernel maps it.
+    let b = AnonMap::aligned(4 * PAGE as usize, 2 << 20).unwrap();
     b.fill(9);
     let range = Range::with_len(b.addr(), b.len() as u64).unwrap();
     // The mirror is this buffer only: the caller may opt in to prefetching all of it.
