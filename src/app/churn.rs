@@ -31,8 +31,9 @@
 //! CPU zaps with plain calls while it does so:
 //!
 //! - each mapped slot is a mapping of its own between guard pages, so that a device fault in a
-//!   neighbouring slot (whose fault window covers the whole 2 MiB around it, cut to the mapping)
-//!   never takes it in;
+//!   neighbouring slot never takes it in (the mirror maps what the device asked for, widened at
+//!   most to the CPU's huge page around it, which never crosses a mapping; the guards also
+//!   hold with a prefetch window);
 //! - while it runs, glibc is told not to trim its heaps (`M_TRIM_THRESHOLD`, which it does
 //!   with `madvise(MADV_DONTNEED)`) and to serve every allocation of 128 KiB and more with its
 //!   own mmap (`M_MMAP_THRESHOLD`, fixed rather than raised as memory is freed), which `free`

@@ -67,11 +67,15 @@ pub enum FaultMode {
     Unrecoverable,
 }
 
-/// A page request: the device asks the driver to map `iova` for `access`.
+/// A page request: the device asks the driver to map `iova` for `access`, and says how much of
+/// the memory from there the access wants (a PCIe page request group, in one message).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageRequest {
     /// The faulting address.
     pub iova: u64,
+    /// Bytes from `iova` the access wants, at least 1: the rest of the command's transfer.
+    /// The driver maps the pages of `[iova, iova + len)` it can, at least the first.
+    pub len: u64,
     /// The access that faulted.
     pub access: Access,
     /// Why it faulted.

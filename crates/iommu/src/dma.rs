@@ -251,6 +251,7 @@ impl Shared {
             self.in_page_request.store(true, Ordering::Relaxed);
             let r = handler.page_request(&PageRequest {
                 iova: miss.iova,
+                len: max_len,
                 access: miss.access,
                 reason: miss.reason,
             });

@@ -25,7 +25,8 @@
 //! microseconds per access whatever its size (the pointer-chasing test measures about 12 µs
 //! per 8-byte load on an idle machine, debug or release, and up to 100-250 µs when the machine is
 //! busy: the cost is thread hand-offs and system calls, not the copy), plus a page request the
-//! first time a 2 MiB window is touched. Batch: [`KernelCtx::load_bytes`] /
+//! first time the access's pages are touched (one per 2 MiB fault window the access spans: the
+//! mirror maps what the access asks for, see [`Prefetch`](crate::Prefetch)). Batch: [`KernelCtx::load_bytes`] /
 //! [`KernelCtx::store_bytes`] (and the slice helpers) move a whole buffer in one command, so a
 //! kernel that streams should load its inputs in blocks, compute, and store blocks; pointer
 //! chasing pays one round trip per hop. [`KernelStats`] counts the commands a run issued.

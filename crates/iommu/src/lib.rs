@@ -91,7 +91,7 @@ pub use dmirror::{Dmirror, DmirrorCmd, DmirrorError};
 pub use error::{IommuError, Result};
 pub use iotlb::{DEFAULT_IOTLB_ENTRIES, Iotlb, IotlbStats, Violation};
 pub use kernel::{DeviceKernel, KernelCtx, KernelError, KernelResult, KernelRun, KernelStats};
-pub use mirror::{IommuMirror, MirrorConfig, MirrorStats};
+pub use mirror::{IommuMirror, MirrorConfig, MirrorStats, Prefetch};
 pub use mmu::{Mmu, MmuConfig, MmuState};
 pub use page_table::{
     IOVA_BITS, IOVA_END, LeafSize, PageTable, PageTableStats, Perms, Target, Translation, Unmapped,

@@ -3,10 +3,11 @@
 //!
 //! # Fault path
 //!
-//! A device access that misses raises a page request; the mirror resolves it on the device
-//! thread: it picks the run of pages to map (the 2 MiB-aligned window around the address,
-//! clamped to the subscription, to the VMA, and to the pages not yet mapped as needed), then
-//! loops `read_begin` → [`range_fault`] (snapshot and fault in through
+//! A device access that misses raises a page request for the bytes it wants; the mirror
+//! resolves it on the device thread: it picks the run of pages to map (see [`Prefetch`]: the
+//! pages the access asked for, within its fault window, widened to the CPU's huge page around
+//! the address or, where the caller opted in, to the whole window; clamped to the subscription,
+//! to the VMA, and to the pages not yet mapped as needed), then loops `read_begin` → [`range_fault`] (snapshot and fault in through
 //! [`ProcessPageSource`]) → pin the run → take the update lock → `read_retry` → map the IO page
 //! table → unlock, and the device retries. That is `fault_and_program` with one step added
 //! between the snapshot and the lock: **the pin is taken outside the update lock**, because
@@ -37,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use svmirror_core::{
-    AreaKind, CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest,
+    AreaKind, CounterSnapshot, Counters, CpuPte, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest,
     IntervalNotifierOps, InvalidateCtx, Notifier, NotifierRange, Owner, PAGE_SIZE, PageSource,
     Pass, Range, Subscription, UpdateGuard, UpdateLock, WouldBlock, entry, range_fault,
 };
@@ -61,10 +62,53 @@ pub struct MirrorConfig {
     pub mmu: MmuConfig,
     /// The pin table.
     pub pins: PinPoolConfig,
-    /// Alignment and most bytes one page request maps (a power of two, at least a page).
+    /// The fault window: a power of two from 4 KiB to 1 GiB. One page request maps at most
+    /// the window-aligned block of this size around the faulting address (a request for more
+    /// is answered in several, one per block, so a large run is mapped in aligned pieces that
+    /// the IO page table can map with large leaves); the CPU's huge page around the address
+    /// is the one exception. With [`Prefetch::Window`] it is also the prefetch window.
     pub fault_window: u64,
+    /// What a page request maps besides the pages the device asked for: see [`Prefetch`].
+    pub prefetch: Prefetch,
     /// How long one page request may keep racing invalidations.
     pub fault_timeout: Duration,
+}
+
+/// What a page request maps (and so pins, and has its page source register for events: a
+/// [`ProcessMm`](svmirror_mm::ProcessMm) registers with its userfaultfd whatever range the
+/// mirror looks up) besides the pages the device asked for.
+///
+/// The **demand part** is always mapped: the pages of `[iova, iova + len)` of the
+/// [`PageRequest`] (the access the device attempted), or of [`IommuMirror::fault`]'s range,
+/// cut to the fault window around the faulting page, to the mirrored range and to the VMA of
+/// the faulting page.
+///
+/// The **huge-page extension** is always taken too: where the CPU maps the faulting page
+/// with a huge page (a THP mapped by a PMD, or a hugetlb page: the page source reports an
+/// order above 0, after faulting the page in if it was not present), the run widens to that
+/// whole huge page (cut to the mirrored range). That registers and pins nothing the kernel
+/// has not already tied to the demand page: a pin of any part of a huge page holds all of it
+/// (and io_uring charges all of it to `VmPin`), a CPU change to any part of it invalidates all
+/// of it (DESIGN.md invariant 4), and registering less than all of it would split the VMA
+/// inside it, which makes the kernel split the CPU's huge mapping (and userfaultfd refuses a
+/// hugetlb range that is not huge-page aligned). It is why a THP-backed 2 MiB region is mapped
+/// as one 2 MiB leaf on its first fault.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Prefetch {
+    /// Only the demand part and the huge-page extension: the mirror never maps, pins or has
+    /// registered memory the device did not ask for. The default, and the only safe choice
+    /// for a mirror over memory the caller does not own in whole mappings (the malloc heap,
+    /// thread stacks, other libraries' buffers, device BARs): a registered neighbour makes an
+    /// unrelated munmap or madvise wait for the userfaultfd monitor, which deadlocks when the
+    /// monitor (or what it waits for) is the thread making it.
+    #[default]
+    Demand,
+    /// Also the rest of the fault window around the faulting page, clamped to its VMA (and the
+    /// mappings before it in the window are looked up, so registered, on the way): fewer page
+    /// requests for a device that walks a buffer in small accesses. The caller opts in: only
+    /// for a mirrored range that holds nothing but mappings the caller owns and lets the
+    /// device have, whole, e.g. a mirror over one buffer of its own.
+    Window,
 }
 
 impl Default for MirrorConfig {
@@ -74,6 +118,7 @@ impl Default for MirrorConfig {
             mmu: MmuConfig::default(),
             pins: PinPoolConfig::default(),
             fault_window: 2 << 20,
+            prefetch: Prefetch::Demand,
             fault_timeout: DEFAULT_FAULT_TIMEOUT,
         }
     }
@@ -290,13 +335,14 @@ fn core_err(op: &'static str, range: Range) -> impl FnOnce(svmirror_core::Error)
 
 impl PageRequestHandler for Resolver {
     fn page_request(&self, req: &PageRequest) -> Result<()> {
-        self.resolve(req.iova, req.access == Access::Write)
+        self.resolve(req.iova, req.len, req.access == Access::Write)
     }
 }
 
 impl Resolver {
-    /// Maps the run of pages around `iova` that is not mapped (or not writable, for a write).
-    fn resolve(&self, iova: u64, write: bool) -> Result<()> {
+    /// Maps the run of pages at `iova` that is not mapped (or not writable, for a write): the
+    /// pages of `[iova, iova + len)` in the fault window, widened as [`Prefetch`] says.
+    fn resolve(&self, iova: u64, len: u64, write: bool) -> Result<()> {
         let inner = &*self.inner;
         let _span = tracing::trace_span!("iommu.fault", iova, write).entered();
         let page = iova & !(PAGE_SIZE - 1);
@@ -310,11 +356,22 @@ impl Resolver {
         let win = inner.config.fault_window;
         let window = Range::with_len(page & !(win - 1), win)
             .ok()
-            .and_then(|w| w.intersect(&inner.range))
-            .and_then(|w| w.intersect(&Range::new(0, IOVA_END).ok()?))
+            .and_then(|w| self.mirrored(w))
             .ok_or_else(outside)?;
         let requested = Instant::now();
-        let mut vma = self.vma_run(window, page, write)?;
+        let bounds = match inner.config.prefetch {
+            Prefetch::Window => window,
+            Prefetch::Demand => {
+                let end = iova.saturating_add(len.max(1)).min(window.end());
+                Range::new(page, end.next_multiple_of(PAGE_SIZE)).map_err(|_| outside())?
+            }
+        };
+        let bounds = match self.huge_page_at(page, bounds, write) {
+            Some(h) => Range::new(h.start().min(bounds.start()), h.end().max(bounds.end()))
+                .map_err(|_| outside())?,
+            None => bounds,
+        };
+        let mut vma = self.vma_run(bounds, page, write)?;
         let started = Instant::now();
         let mut retries = 0;
         loop {
@@ -357,7 +414,7 @@ impl Resolver {
                 // The run was cut to the mapping as it was before `read_begin`; a neighbour
                 // munmapped or protected since (its event may still be on its way) makes the
                 // run fail where the faulting page would not: cut it again and retry.
-                Err(e) if self.vma_moved(window, page, write, &mut vma) => {
+                Err(e) if self.vma_moved(bounds, page, write, &mut vma) => {
                     tracing::debug!(%run, error = %e, "mapping changed under a fault: retrying");
                     retries += 1;
                     inner.counters.record_retry();
@@ -370,7 +427,7 @@ impl Resolver {
             // mirrored range, which `run` lies in.
             let pin = match unsafe { inner.pins.pin(run.start(), run.len()) } {
                 Ok(pin) => pin,
-                Err(e) if self.vma_moved(window, page, write, &mut vma) => {
+                Err(e) if self.vma_moved(bounds, page, write, &mut vma) => {
                     tracing::debug!(%run, error = %e, "mapping changed under a pin: retrying");
                     retries += 1;
                     inner.counters.record_retry();
@@ -402,6 +459,41 @@ impl Resolver {
         }
     }
 
+    /// `r` cut to the mirrored range and the IOVA space.
+    fn mirrored(&self, r: Range) -> Option<Range> {
+        r.intersect(&self.inner.range)?
+            .intersect(&Range::new(0, IOVA_END).ok()?)
+    }
+
+    /// The CPU's huge page around `page`, cut to the mirrored range, when the CPU maps `page`
+    /// huge and `bounds` does not already cover the 2 MiB around it ([`Prefetch`]'s huge-page
+    /// extension). Looks before the run is looked up (so registered): registering part of a
+    /// huge mapping would split it. A page not present is faulted in first (the fault loop
+    /// would fault it anyway), so that a THP or hugetlb area gets its huge page now. A hint
+    /// only: the fault loop checks what it maps.
+    fn huge_page_at(&self, page: u64, bounds: Range, write: bool) -> Option<Range> {
+        const PMD: u64 = 2 << 20;
+        let pmd = Range::with_len(page & !(PMD - 1), PMD).ok()?;
+        if bounds.start() <= pmd.start() && pmd.end() <= bounds.end() {
+            return None;
+        }
+        let mut pte = [CpuPte::None];
+        self.source.snapshot(page, &mut pte).ok()?;
+        if pte[0] == CpuPte::None {
+            let one = Range::with_len(page, PAGE_SIZE).ok()?;
+            // An error (a hole, a protection) is the fault loop's to report.
+            self.source.fault(one, write).ok()?;
+            self.source.snapshot(page, &mut pte).ok()?;
+        }
+        match pte[0] {
+            CpuPte::Present { order, .. } if order > 0 => {
+                let size = PAGE_SIZE.checked_shl(u32::from(order))?;
+                self.mirrored(Range::with_len(page & !(size - 1), size).ok()?)
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the mapping at `page` no longer covers exactly `vma` (and, if so, makes `vma`
     /// what it covers now). False when it cannot be looked up: the caller's error stands.
     fn vma_moved(&self, window: Range, page: u64, write: bool, vma: &mut Range) -> bool {
@@ -415,7 +507,8 @@ impl Resolver {
     }
 
     /// The part of `window` covered by the mapping at `page`, which must be one the device may
-    /// use for `write`.
+    /// use for `write`. Looks up (so has the page source register) the mappings from the start
+    /// of `window` to the end of that one.
     fn vma_run(&self, window: Range, page: u64, write: bool) -> Result<Range> {
         let mut at = window.start();
         loop {
@@ -638,7 +731,8 @@ impl IommuMirror {
     }
 
     /// Faults `[iova, iova + len)` in and maps it for the device, writable if `write`, as page
-    /// requests would (a prefetch). Errors as page requests fail.
+    /// requests for that range would (a prefetch the caller asks for: the range is the demand
+    /// part, see [`Prefetch`]). Errors as page requests fail.
     pub fn fault(&self, iova: u64, len: u64, write: bool) -> Result<()> {
         let r = iova_range(iova, len)?;
         if r.start() < self.inner.range.start() || r.end() > self.inner.range.end() {
@@ -649,7 +743,7 @@ impl IommuMirror {
         }
         let mut at = r.start();
         while at < r.end() {
-            self.resolver.resolve(at, write)?;
+            self.resolver.resolve(at, r.end() - at, write)?;
             at = self
                 .inner
                 .mmu

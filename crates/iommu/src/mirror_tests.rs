@@ -56,10 +56,17 @@ impl Rig {
     }
 }
 
+/// A buffer of `len` bytes that starts a 2 MiB fault window, so that a count of page requests
+/// on it does not depend on where the kernel put it: one placed across a window boundary takes
+/// a request per window (`tests/prefetch.rs` does that on purpose).
+fn placed(len: usize) -> AnonMap {
+    AnonMap::aligned(len, 2 << 20).unwrap()
+}
+
 #[test]
 fn device_read_faults_once_and_maps_at_the_process_address() {
     let r = rig();
-    let b = AnonMap::new(4 * PAGE as usize).unwrap();
+    let b = placed(4 * PAGE as usize);
     b.fill_with(|i| (i % 253) as u8);
     let c = r
         .run(DmaCommand::Read {
@@ -412,9 +419,16 @@ fn unrecoverable_mode_aborts_without_mapping() {
     .unwrap();
 }
 
+fn window_rig() -> Rig {
+    rig_with(MirrorConfig {
+        prefetch: Prefetch::Window,
+        ..MirrorConfig::checked()
+    })
+}
+
 #[test]
-fn fault_maps_the_window_clamped_to_the_mapping() {
-    let r = rig();
+fn window_prefetch_maps_the_window_clamped_to_the_mapping() {
+    let r = window_rig();
     let b = AnonMap::aligned(4 << 20, 2 << 20).unwrap();
     let inner = Range::with_len(b.addr() + (2 << 20) + PAGE, 3 * PAGE).unwrap();
     // Shrink the VMA around the fault: [inner] gets its own protection, so its own VMA.
@@ -439,12 +453,32 @@ fn fault_maps_the_window_clamped_to_the_mapping() {
 }
 
 #[test]
-fn aligned_2m_window_maps_one_2m_leaf() {
-    let r = rig();
+fn window_prefetch_of_an_aligned_2m_window_maps_one_2m_leaf() {
+    let r = window_rig();
     let b = AnonMap::aligned(2 << 20, 2 << 20).unwrap();
     r.read(b.addr() + 12345, 1);
     let t = r.mirror.mmu().translate(b.addr()).unwrap();
     assert_eq!(t.size, LeafSize::Size2M);
+}
+
+#[test]
+fn demand_fault_maps_the_pages_asked_for_and_no_neighbour() {
+    let r = rig();
+    let b = AnonMap::aligned(2 << 20, 2 << 20).unwrap();
+    // SAFETY: advice on our own mapping: 4 KiB pages, so no huge-page extension.
+    unsafe {
+        libc::madvise(
+            b.addr() as *mut libc::c_void,
+            b.len(),
+            libc::MADV_NOHUGEPAGE,
+        )
+    };
+    r.read(b.addr() + 12345, 2 * PAGE);
+    assert_eq!(r.mirror.pins().stats().bytes, 3 * PAGE);
+    assert!(r.mirror.mmu().translate(b.addr() + 2 * PAGE).is_none());
+    assert!(r.mirror.mmu().translate(b.addr() + 6 * PAGE).is_none());
+    let t = r.mirror.mmu().translate(b.addr() + 3 * PAGE).unwrap();
+    assert_eq!(t.size, LeafSize::Size4K);
 }
 
 #[test]
@@ -491,7 +525,7 @@ fn notifier_release_tears_everything_down() {
 fn invalidation_racing_a_page_request_makes_it_retry() {
     let _serial = crate::testing::pin_test_lock();
     let notifier = Notifier::new();
-    let b = AnonMap::new(2 * PAGE as usize).unwrap();
+    let b = placed(2 * PAGE as usize);
     b.fill(4);
     let range = Range::with_len(b.addr(), b.len() as u64).unwrap();
     let source = RaceAfterSnapshot::new(clear_through(&notifier, range)).unwrap();

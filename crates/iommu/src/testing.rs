@@ -182,14 +182,17 @@ pub(crate) fn pin_test_lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// Test double: this process's real page table ([`ProcessPageSource`]), with `hook` run once,
-/// right after the first snapshot of a fault: the moment where a CPU change races a page request
-/// (an invalidation through the notifier, a munmap behind its back). Everything else is passed
-/// through unchanged.
+/// right after the first snapshot of a fault loop: the moment where a CPU change races a page
+/// request (an invalidation through the notifier, a munmap behind its back). A fault loop
+/// always looks the mapping up (`area`) before its snapshot; a snapshot with no lookup before
+/// it (the mirror's look at the faulting page for a huge page) does not fire the hook.
+/// Everything else is passed through unchanged.
 ///
 /// [`ProcessPageSource`]: svmirror_mm::ProcessPageSource
 pub struct RaceAfterSnapshot<F: Fn() + Send + Sync> {
     inner: svmirror_mm::ProcessPageSource,
     hook: F,
+    armed: std::sync::atomic::AtomicBool,
     fired: std::sync::atomic::AtomicBool,
 }
 
@@ -201,6 +204,7 @@ impl<F: Fn() + Send + Sync> RaceAfterSnapshot<F> {
         Ok(RaceAfterSnapshot {
             inner,
             hook,
+            armed: std::sync::atomic::AtomicBool::new(false),
             fired: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -213,12 +217,15 @@ impl<F: Fn() + Send + Sync> RaceAfterSnapshot<F> {
 
 impl<F: Fn() + Send + Sync> svmirror_core::PageSource for RaceAfterSnapshot<F> {
     fn area(&self, addr: u64, limit: u64) -> svmirror_core::Result<svmirror_core::Area> {
+        self.armed.store(true, std::sync::atomic::Ordering::Relaxed);
         self.inner.area(addr, limit)
     }
 
     fn snapshot(&self, addr: u64, out: &mut [svmirror_core::CpuPte]) -> svmirror_core::Result<()> {
         self.inner.snapshot(addr, out)?;
-        if !self.fired.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        if self.armed.load(std::sync::atomic::Ordering::Relaxed)
+            && !self.fired.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
             (self.hook)();
         }
         Ok(())

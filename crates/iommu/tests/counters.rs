@@ -7,7 +7,7 @@ mod common;
 use common::{PAGE, mirror_with};
 use svmirror_core::{Event, FaultSize, Notifier, NotifierRange, Range, counters::EVENT_NAMES};
 use svmirror_iommu::testing::{AnonMap, RaceAfterSnapshot, clear_through};
-use svmirror_iommu::{DmaCommand, IommuMirror, MirrorConfig};
+use svmirror_iommu::{DmaCommand, IommuMirror, MirrorConfig, Prefetch};
 use svmirror_mm::{ProcessMm, Protection};
 
 fn read(m: &IommuMirror, src: u64, len: u64) -> Vec<u8> {
@@ -19,9 +19,8 @@ fn read(m: &IommuMirror, src: u64, len: u64) -> Vec<u8> {
 }
 
 /// Maps `pages` read-write pages through the SVM API between two PROT_NONE guard pages, so the
-/// kernel cannot merge them with a neighbouring mapping (other tests map memory concurrently,
-/// and a fault maps as much of its mapping as its window allows). Returns the whole reservation
-/// and the read-write middle.
+/// kernel cannot merge them with a neighbouring mapping (other tests map memory concurrently).
+/// Returns the whole reservation and the read-write middle.
 fn isolated(mm: &ProcessMm, pages: u64) -> (Range, Range) {
     let all = mm
         .mmap_anonymous((pages + 2) * PAGE, Protection::READ_WRITE)
@@ -63,7 +62,11 @@ fn a_4k_fault_counts_one_4k_fault_with_its_latency_and_bytes() {
 #[test]
 fn a_2m_window_fault_counts_in_the_2m_class() {
     let notifier = Notifier::new();
-    let m = mirror_with(&notifier, MirrorConfig::checked());
+    let config = MirrorConfig {
+        prefetch: Prefetch::Window,
+        ..MirrorConfig::checked()
+    };
+    let m = mirror_with(&notifier, config);
     let len = 2usize << 20;
     let b = AnonMap::aligned(len, len).unwrap();
     b.fill(1);
@@ -156,7 +159,8 @@ fn own_migration_is_counted_as_skipped() {
 #[test]
 fn a_fault_raced_by_an_invalidation_counts_one_retry_and_one_fault() {
     let notifier = Notifier::new();
-    let b = AnonMap::new(2 * PAGE as usize).unwrap();
+    // Inside one 2 MiB fault window: one fault wherever the kernel maps it.
+    let b = AnonMap::aligned(2 * PAGE as usize, 2 << 20).unwrap();
     b.fill(4);
     let range = Range::with_len(b.addr(), b.len() as u64).unwrap();
     let source = RaceAfterSnapshot::new(clear_through(&notifier, range)).unwrap();
@@ -192,9 +196,15 @@ fn dropping_the_mirror_counts_everything_torn_down() {
 #[test]
 fn a_fault_whose_mapping_shrinks_under_it_retries_and_maps_what_is_left() {
     let notifier = Notifier::new();
-    let b = AnonMap::new(4 * PAGE as usize).unwrap();
+    // Inside one 2 MiB fault window: one fault wherever the kernel maps it.
+    let b = AnonMap::aligned(4 * PAGE as usize, 2 << 20).unwrap();
     b.fill(9);
     let range = Range::with_len(b.addr(), b.len() as u64).unwrap();
+    // The mirror is this buffer only: the caller may opt in to prefetching all of it.
+    let window = MirrorConfig {
+        prefetch: Prefetch::Window,
+        ..MirrorConfig::checked()
+    };
     // The last page goes behind the notifier's back (a plain munmap whose event is still on
     // its way) right after the first snapshot.
     let victim = b.addr() + 3 * PAGE;
@@ -205,11 +215,10 @@ fn a_fault_whose_mapping_shrinks_under_it_retries_and_maps_what_is_left() {
     })
     .unwrap();
     // SAFETY: test memory is touched only through raw pointers.
-    let m = unsafe {
-        IommuMirror::with_page_source(&notifier, range, MirrorConfig::checked(), Box::new(source))
-    }
-    .unwrap();
-    // The fault's run is the whole 4-page mapping; its last page goes before the pin.
+    let m = unsafe { IommuMirror::with_page_source(&notifier, range, window, Box::new(source)) }
+        .unwrap();
+    // The fault's run is the whole 4-page mapping (the window prefetch, clamped to the
+    // mirrored range); its last page goes before the pin.
     assert_eq!(read(&m, b.addr(), 8), vec![9; 8]);
     let c = m.counters();
     assert!(c.retries >= 1, "{c:?}");

@@ -20,7 +20,8 @@ fn read(m: &IommuMirror, addr: u64, len: u64) -> Vec<u8> {
 fn after_unmap_invalidation_the_device_faults_again_and_sees_the_new_page() {
     let notifier = Notifier::new();
     let m = mirror(&notifier);
-    let old = AnonMap::new(4 * PAGE as usize).unwrap();
+    // Inside one 2 MiB fault window, so each read is one fault wherever the kernel maps it.
+    let old = AnonMap::aligned(4 * PAGE as usize, 2 << 20).unwrap();
     old.fill(0xaa);
     let addr = old.addr();
     assert_eq!(read(&m, addr, 4 * PAGE), vec![0xaa; 4 * PAGE as usize]);

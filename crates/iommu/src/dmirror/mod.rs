@@ -5,8 +5,11 @@
 //!
 //! - **One IOMMU mirror over the whole user address space** (`[4 KiB, 128 TiB)`), as the kernel's
 //!   dmirror subscribes one range over everything. Its page source is the [`ProcessMm`], so
-//!   userfaultfd events and the SVM API invalidate the device. The mirror resolves faults in
-//!   windows of [`FAULT_CHUNK_PAGES`] pages, clamped to the mapping.
+//!   userfaultfd events and the SVM API invalidate the device. The mirror resolves faults on
+//!   demand ([`Prefetch::Demand`](crate::Prefetch)): the pages a fault pass asks for, at most
+//!   a [`FAULT_CHUNK_PAGES`]-page aligned window at a time (or the whole huge page where the
+//!   CPU maps one), clamped to the mapping; nothing the command did not ask for is registered
+//!   or pinned.
 //! - **A snapshot subscription** on the same notifier, used only to run `range_fault` in
 //!   snapshot mode for [`Dmirror::snapshot`].
 //! - **Device memory**: a map of page address → boxed page, the [`DevicePages`] that
@@ -46,9 +49,9 @@
 //! - Pins are taken for writing, so a READ of a read-only mapping fails with EOPNOTSUPP
 //!   ([`IommuError::ReadOnlyMemory`]) where the kernel device succeeds, and file mappings whose
 //!   filesystem tracks dirty pages cannot be read or written.
-//! - A fault window that mixes this device's pages with pages in RAM brings the device pages of
-//!   that window back to RAM (the IOMMU pins every page it maps). Commands over a range that is
-//!   wholly on the device or wholly in RAM behave as the kernel's.
+//! - A fault of a page in RAM brings back to RAM the device pages inside the CPU huge page
+//!   around it, if any (the IOMMU pins every page it maps, and maps a CPU huge page whole).
+//!   The fault passes skip this device's pages, so otherwise they stay where they are.
 //! - As with [`ProcessMm`], the caller must not write a range while it migrates.
 //! - Device memory holds 4 KiB pages: a THP migrates as 512 of them, and a snapshot of it shows
 //!   no PMD bit.
