@@ -17,7 +17,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::context::{UpdateGuard, UpdateLock, might_sleep};
+use crate::context::{UpdateGuard, UpdateLock, might_fault, might_sleep};
 use crate::error::{Error, Result};
 use crate::notifier::{ReadSeq, Subscription};
 use crate::range::{Owner, PAGE_SHIFT, PAGE_SIZE, Range};
@@ -419,6 +419,7 @@ fn walk<S: PageSource + ?Sized>(
                         return Err(Error::NoProgress { addr: page });
                     }
                     let fault_range = Range::with_len(page, (run as u64) << PAGE_SHIFT)?;
+                    might_fault("range_fault: populating the range (PageSource::fault)");
                     source.fault(fault_range, need == Need::Write)?;
                     stats.faults += 1;
                     addr = page;

@@ -62,7 +62,10 @@ mod range;
 mod sync;
 pub mod testing;
 
-pub use context::{AtomicSection, UpdateGuard, UpdateLock, may_sleep, might_sleep};
+pub use context::{
+    AtomicSection, InnerGuard, InnerLock, LockClass, UpdateGuard, UpdateLock, check_lock_order,
+    may_sleep, might_fault, might_sleep,
+};
 pub use counters::{CounterSnapshot, Counters, FaultSize, LatencyHistogram};
 pub use error::{Error, Result};
 pub use fault::{

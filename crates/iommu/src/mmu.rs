@@ -3,7 +3,7 @@
 //!
 //! # Locking
 //!
-//! `Mmu::state` is the page-level lock of the lock order in `svmirror_core::context`: it is taken
+//! `Mmu::state` is an inner lock (page level) of the lock order in `svmirror_core::context`: it is taken
 //! after a backend's update lock, held only inside an [`AtomicSection`], and nothing sleeps under
 //! it. Both sides use it:
 //!
@@ -21,10 +21,10 @@
 //! access started between a wait and a later flush could load the stale translation from the
 //! IOTLB and still be using it when its pin is released.
 
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::Condvar;
 use std::time::Instant;
 
-use svmirror_core::{AtomicSection, Range, might_sleep};
+use svmirror_core::{AtomicSection, InnerGuard, InnerLock, Range, might_sleep};
 
 use crate::command::{Access, FaultReason};
 use crate::iotlb::Iotlb;
@@ -104,7 +104,7 @@ impl MmuState {
 /// [module documentation](self).
 #[derive(Debug)]
 pub struct Mmu {
-    state: Mutex<MmuState>,
+    state: InnerLock<MmuState>,
     /// Signalled whenever an access ends.
     drained: Condvar,
 }
@@ -121,19 +121,22 @@ impl Mmu {
     /// An empty IOMMU.
     pub fn new(config: MmuConfig) -> Self {
         Mmu {
-            state: Mutex::new(MmuState {
-                pt: PageTable::new(),
-                iotlb: Iotlb::new(config.iotlb_entries, config.checking),
-                claims: Vec::new(),
-                next_claim: 0,
-            }),
+            state: InnerLock::new(
+                "iommu page table and IOTLB",
+                MmuState {
+                    pt: PageTable::new(),
+                    iotlb: Iotlb::new(config.iotlb_entries, config.checking),
+                    claims: Vec::new(),
+                    next_claim: 0,
+                },
+            ),
             drained: Condvar::new(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, MmuState> {
+    fn lock(&self) -> InnerGuard<'_, MmuState> {
         // Every update under this lock leaves the state consistent at each step.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock()
     }
 
     /// Runs `f` under the page-level lock, in an atomic section: `f` must not sleep (debug
@@ -213,11 +216,7 @@ impl Mmu {
             if now >= deadline {
                 return false;
             }
-            g = self
-                .drained
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            g.wait_timeout(&self.drained, deadline - now);
         }
     }
 

@@ -35,6 +35,31 @@
 //! past its pin's release is refused ([`IommuError::StalePin`]) instead of reaching whatever pin
 //! took the slot since.
 //!
+//! # Pinning without holding what an invalidation needs
+//!
+//! Pinning runs the kernel's GUP, which faults the pages in, and a page that lives on a device (or
+//! any range registered for MISSING faults) makes that fault wait for the userfaultfd monitor. The
+//! monitor may be inside an invalidation that releases a pin of this pool, which takes the pool's
+//! lock and the ring's kernel lock (`uring_lock`, held by `io_uring_register` for its whole run,
+//! GUP included). So [`PinPool::pin`] holds neither across GUP (the rule in
+//! `svmirror_core::context`, "Lock order"):
+//!
+//! 1. under the pool lock, *reserve* a free slot: it leaves the free list but has no span yet, so
+//!    nothing resolves it, releases it ([`IommuError::StalePin`]) or hands it out again;
+//! 2. without the pool lock, register the buffer in slot 0 of a private single-slot *pinning
+//!    ring* (one per concurrent pinner, reused): GUP runs under that ring's `uring_lock`, which
+//!    no invalidation ever takes;
+//! 3. under the pool lock, clone the pinning ring's slot into the reserved slot of the pool's ring
+//!    (`IORING_REGISTER_CLONE_BUFFERS` with `DST_REPLACE`: it takes a reference on the pinned
+//!    pages and never faults) and *publish* the slot; on any error the slot goes back to the
+//!    free list and nothing stays pinned;
+//! 4. drop the pinning ring's own reference (its slot 0) and put the ring back.
+//!
+//! The pages are charged once, when the pinning ring pins them, and uncharged when the last
+//! reference goes, whichever ring drops it, so `VmPin` stays exact. On a kernel without buffer
+//! cloning (before 6.13) the pool falls back to registering in its own ring under its lock, and
+//! says so once: a pin that faults into the monitor can then deadlock against an invalidation.
+//!
 //! # Limits and privileges
 //!
 //! - io_uring must be enabled (`kernel.io_uring_disabled` = 0, or 1 with the process in
@@ -53,10 +78,11 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, PoisonError};
 
+use io_uring::types::CloneBuffersFlags;
 use io_uring::{IoUring, opcode, squeue, types};
-use svmirror_core::{PAGE_SIZE, might_sleep};
+use svmirror_core::{InnerGuard, InnerLock, PAGE_SIZE, might_fault, might_sleep};
 
 use crate::error::{IommuError, Result};
 use crate::page_table::Target;
@@ -253,6 +279,12 @@ struct Slot {
     span: Option<(u64, u64)>,
 }
 
+/// The pool's state under its lock.
+///
+/// A slot is in one of three states: *free* (in `free`, no span), *reserved* (out of `free`, no
+/// span: a pin of it is being made outside the lock), or *live* (a span; its generation is what
+/// the [`PinId`] carries). Only the pinner that reserved a slot moves it on, to live or back to
+/// free; `release` and `resolve` see a reserved slot as stale.
 struct PoolInner {
     ring: IoUring,
     staging: Staging,
@@ -267,7 +299,13 @@ struct PoolInner {
 /// A table of pins and the means to move bytes through them. Shared as `Arc<PinPool>`; every
 /// operation may sleep (it makes system calls) and is serialized by the pool's lock.
 pub struct PinPool {
-    inner: Mutex<PoolInner>,
+    /// The pool's lock: an inner lock that invalidations take (they release pins), so nothing
+    /// that can fault on monitored memory runs under it.
+    inner: InnerLock<PoolInner>,
+    /// Single-slot rings that pins are made through (see the module documentation), or `None`
+    /// when the kernel cannot clone registered buffers. The mutex is held only to take or put a
+    /// ring back.
+    pinning: Option<Mutex<Vec<IoUring>>>,
     slots: u32,
     /// Whether pins count against RLIMIT_MEMLOCK (no `CAP_IPC_LOCK` when the ring was made).
     accounted: bool,
@@ -313,25 +351,40 @@ impl PinPool {
         let staging = Staging::new(config.staging_bytes as usize)
             .map_err(|source| IommuError::Staging { source })?;
         let pipes = copy_pipes(config.copy_pipes, config.staging_bytes as usize);
+        let pinning = match probe_cloning(&ring) {
+            Ok(first) => Some(Mutex::new(vec![first])),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "this kernel cannot clone registered buffers: pins are made under the pool \
+                     lock, and one faulting into the userfaultfd monitor can deadlock"
+                );
+                None
+            }
+        };
         tracing::debug!(slots = config.slots, accounted, "pin pool ready");
         Ok(Arc::new(PinPool {
-            inner: Mutex::new(PoolInner {
-                ring,
-                staging,
-                pipes,
-                slots: vec![Slot::default(); config.slots as usize],
-                free: (0..config.slots).rev().collect(),
-                stats: PinStats::default(),
-            }),
+            pinning,
+            inner: InnerLock::new(
+                "pin pool",
+                PoolInner {
+                    ring,
+                    staging,
+                    pipes,
+                    slots: vec![Slot::default(); config.slots as usize],
+                    free: (0..config.slots).rev().collect(),
+                    stats: PinStats::default(),
+                },
+            ),
             slots: config.slots,
             accounted,
             live: AtomicU64::new(0),
         }))
     }
 
-    fn lock(&self) -> MutexGuard<'_, PoolInner> {
+    fn lock(&self) -> InnerGuard<'_, PoolInner> {
         // A panic under the lock leaves the slot table consistent: every update is one store.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock()
     }
 
     /// The counters.
@@ -360,7 +413,7 @@ impl PinPool {
     /// targets memory that Rust code accesses through references (STYLE.md rule 6): DMA memory
     /// is read and written by the CPU through raw pointers only.
     pub unsafe fn pin(self: &Arc<Self>, addr: u64, len: u64) -> Result<Pin> {
-        might_sleep("PinPool::pin");
+        might_fault("PinPool::pin");
         if addr % PAGE_SIZE != 0
             || len == 0
             || len % PAGE_SIZE != 0
@@ -369,20 +422,110 @@ impl PinPool {
         {
             return Err(IommuError::PinSize { addr, len });
         }
-        let mut g = self.lock();
-        let Some(slot) = g.free.pop() else {
-            g.stats.failed += 1;
-            return Err(IommuError::PinSlotsExhausted { slots: self.slots });
-        };
         let iov = libc::iovec {
             iov_base: addr as *mut libc::c_void,
             iov_len: len as usize,
+        };
+        let Some(pinning) = &self.pinning else {
+            // SAFETY: this function's contract, passed on.
+            return unsafe { self.pin_in_place(iov) };
+        };
+        // 1. Reserve a slot.
+        let slot = {
+            let mut g = self.lock();
+            let Some(slot) = g.free.pop() else {
+                g.stats.failed += 1;
+                return Err(IommuError::PinSlotsExhausted { slots: self.slots });
+            };
+            slot
+        };
+        let give_back = |source: io::Error| {
+            let mut g = self.lock();
+            g.free.push(slot);
+            g.stats.failed += 1;
+            drop(g);
+            self.pin_error(addr, len, source)
+        };
+        // 2. Pin through a private ring, holding no lock.
+        let ring = match pinning.lock().unwrap_or_else(PoisonError::into_inner).pop() {
+            Some(ring) => ring,
+            None => match pinning_ring() {
+                Ok(ring) => ring,
+                Err(source) => return Err(give_back(source)),
+            },
         };
         // SAFETY: the kernel reads the iovec during the call and pins the pages it describes;
         // from then on fixed-buffer I/O uses the pinned pages, never the addresses, so nothing
         // of ours has to stay valid for memory safety of the kernel's accesses. The crate's
         // further requirement, that the memory is not otherwise in use while I/O writes it, is
         // this function's own contract, passed on to the caller.
+        if let Err(source) = unsafe { ring.submitter().register_buffers_update(0, &[iov], None) } {
+            pinning
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(ring);
+            return Err(give_back(source));
+        }
+        // 3. Clone into the reserved slot and publish, under the pool lock (nothing faults).
+        let mut g = self.lock();
+        let cloned = g.ring.submitter().register_buffers_clone_offset(
+            ring.as_raw_fd(),
+            0,
+            slot,
+            1,
+            CloneBuffersFlags::DST_REPLACE,
+        );
+        let id = match cloned {
+            Ok(()) => Some(g.publish(slot, addr, len)),
+            Err(_) => None,
+        };
+        if id.is_some() {
+            self.live.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(g);
+        // 4. Drop the pinning ring's reference (the last one if the clone failed: that unpins).
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        // SAFETY: an empty iovec registers nothing; it drops the pinning ring's slot, which no
+        // request uses (the ring never submits).
+        match unsafe { ring.submitter().register_buffers_update(0, &[empty], None) } {
+            Ok(_) => pinning
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(ring),
+            // Closing the ring drops its reference instead.
+            Err(e) => tracing::debug!(error = %e, "dropping a pinning ring"),
+        }
+        let Some(id) = id else {
+            let source = cloned.expect_err("no id only when the clone failed");
+            return Err(give_back(source));
+        };
+        tracing::trace!(addr, len, %id, "pinned");
+        Ok(Pin {
+            pool: self.clone(),
+            id,
+            addr,
+            len,
+        })
+    }
+
+    /// [`pin`](Self::pin) on a kernel that cannot clone registered buffers: registers in the
+    /// pool's own ring under the pool lock.
+    ///
+    /// # Safety
+    ///
+    /// As for [`pin`](Self::pin).
+    unsafe fn pin_in_place(self: &Arc<Self>, iov: libc::iovec) -> Result<Pin> {
+        let (addr, len) = (iov.iov_base as u64, iov.iov_len as u64);
+        let mut g = self.lock();
+        let Some(slot) = g.free.pop() else {
+            g.stats.failed += 1;
+            return Err(IommuError::PinSlotsExhausted { slots: self.slots });
+        };
+        // SAFETY: as in `pin`: the kernel pins the pages the iovec names during the call; the
+        // rest is the caller's contract.
         let r = unsafe {
             g.ring
                 .submitter()
@@ -394,18 +537,9 @@ impl PinPool {
             drop(g);
             return Err(self.pin_error(addr, len, source));
         }
-        let s = &mut g.slots[slot as usize];
-        s.span = Some((addr, len));
-        let id = PinId {
-            slot,
-            generation: s.generation,
-        };
-        g.stats.live += 1;
-        g.stats.bytes += len;
-        g.stats.taken += 1;
+        let id = g.publish(slot, addr, len);
         self.live.fetch_add(1, Ordering::Relaxed);
         drop(g);
-        tracing::trace!(addr, len, %id, "pinned");
         Ok(Pin {
             pool: self.clone(),
             id,
@@ -588,6 +722,21 @@ fn check(op: &'static str, pin: PinId, res: i32, want: usize) -> Result<()> {
 }
 
 impl PoolInner {
+    /// Makes reserved `slot` live with the buffer just registered there; returns its id.
+    fn publish(&mut self, slot: u32, addr: u64, len: u64) -> PinId {
+        let s = &mut self.slots[slot as usize];
+        debug_assert!(s.span.is_none(), "only a reserved slot is published");
+        s.span = Some((addr, len));
+        let id = PinId {
+            slot,
+            generation: s.generation,
+        };
+        self.stats.live += 1;
+        self.stats.bytes += len;
+        self.stats.taken += 1;
+        id
+    }
+
     /// [`PinPool::copy`] through the pipes: per pipe-full, a fixed-buffer write into a pipe
     /// linked to a fixed-buffer read out of it; up to one such chain per pipe at once, in
     /// parallel on io_uring's workers when there are several. `from` and `to` are the resolved
@@ -835,6 +984,27 @@ pub fn vm_pinned_bytes() -> Result<u64> {
         .parse()
         .map_err(|_| bad(io::Error::from(io::ErrorKind::InvalidData)))?;
     Ok(kib * 1024)
+}
+
+/// A private ring with a one-slot buffer table, that pins are made through.
+fn pinning_ring() -> io::Result<IoUring> {
+    let ring = IoUring::new(1)?;
+    ring.submitter().register_buffers_sparse(1)?;
+    Ok(ring)
+}
+
+/// Whether `ring` can take buffers cloned from a pinning ring (Linux 6.13 and later): clones the
+/// empty slot of a new pinning ring into slot 0, which is free. Returns that pinning ring.
+fn probe_cloning(ring: &IoUring) -> io::Result<IoUring> {
+    let pinning = pinning_ring()?;
+    ring.submitter().register_buffers_clone_offset(
+        pinning.as_raw_fd(),
+        0,
+        0,
+        1,
+        CloneBuffersFlags::DST_REPLACE,
+    )?;
+    Ok(pinning)
 }
 
 /// The RLIMIT_MEMLOCK limits in bytes (`u64::MAX` for unlimited).

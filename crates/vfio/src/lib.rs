@@ -24,10 +24,13 @@
 //!   [`EduDevice::copy_from_device`], which do) for the duration of a DMA: an invalidation
 //!   waits for it; without one, a DMA racing an invalidation is blocked by the IOMMU.
 //!
-//! # Lock order
+//! # Locks
 //!
-//! The notifier's lock, then the mapper's update lock, then its in-flight list. The update
-//! lock is held across VFIO_IOMMU_MAP_DMA / UNMAP_DMA; `read_begin` is never called under it.
+//! The order is the one in `svmirror_core::context` ("Lock order"): the mapper's update lock,
+//! then its in-flight list as an inner lock; `read_begin` is never called under either.
+//! **Known exception, still to fix:** VFIO_IOMMU_MAP_DMA runs under the update lock (see the
+//! mapper's fault path), which that order forbids because the map pins and may fault into the
+//! userfaultfd monitor; the map is therefore not yet checked with `might_fault`.
 
 #![cfg(target_os = "linux")]
 

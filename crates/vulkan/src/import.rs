@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use ash::vk;
-use svmirror_core::Range;
+use svmirror_core::{Range, might_fault};
 
 use crate::conv::vk_err;
 use crate::device::{Gpu, InjectedFailure};
@@ -100,6 +100,8 @@ impl Import {
         if gpu.take_injected(InjectedFailure::OutOfDeviceMemory) {
             return Err(VulkanError::OutOfDeviceMemory { bytes: range.len() });
         }
+        // The driver pins the pages (GUP) on import: never under a lock an invalidation takes.
+        might_fault("Import::new (VK_EXT_external_memory_host import)");
         let ptr = range.start() as usize as *mut std::ffi::c_void;
         let handle_type = vk::ExternalMemoryHandleTypeFlags::HOST_ALLOCATION_EXT;
         let mut host_props = vk::MemoryHostPointerPropertiesEXT::default();

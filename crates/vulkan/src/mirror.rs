@@ -22,11 +22,13 @@
 //! `Release` free page-table leaves left empty. The mirror's own `Migrate` and `SoftDirty` are
 //! skipped: the migration code updates the table itself.
 //!
-//! # Lock order
+//! # Locks
 //!
-//! Notifier lock (inside the core), then the update lock, then the gpu-allocator, pool and
-//! queue mutexes. A dispatch submits under the update lock, so an invalidation either runs
-//! before the submission (the shader then misses) or finds its fence in the in-flight list.
+//! The order is the one in `svmirror_core::context` ("Lock order"): the update lock, then the
+//! gpu-allocator, pool and queue mutexes as inner locks; imports (`Import::new` checks
+//! `might_fault`) run under none of them. A dispatch submits under the update lock, so an
+//! invalidation either runs before the submission (the shader then misses) or finds its fence
+//! in the in-flight list.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
