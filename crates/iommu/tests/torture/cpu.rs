@@ -128,11 +128,11 @@ fn slot_op(sh: &Shared, rng: &mut Rng, t: usize, op: Op) -> Result<(), String> {
             start
         ));
         let plan = [Plan::new(slot, &[0], &[r])];
-        let b = sh.region.begin(&plan);
+        let b = sh.region.begin("refill", &plan);
         map_at(start, len, false)?;
         write_tag(start, len, r);
         st.map = Map::ReadWrite;
-        sh.region.end(&plan, b, &mut [&mut st]);
+        sh.region.end("refill", &plan, b, &mut [&mut st]);
         sh.count_refill();
         true
     } else {
@@ -196,7 +196,13 @@ fn run(
             } else {
                 [Plan::new(slot, &[], &[])]
             };
-            let b = region.begin(&plan);
+            let name = match (op, remap) {
+                (Op::Munmap, true) => "munmap+mmap",
+                (Op::Munmap, false) => "munmap (hole)",
+                (_, true) => "api-munmap+mmap",
+                (_, false) => "api-munmap (hole)",
+            };
+            let b = region.begin(name, &plan);
             if op == Op::ApiMunmap {
                 // SAFETY: nothing in Rust refers into the region (raw pointers only).
                 unsafe { mm.munmap(range(start, len)) }.map_err(|e| format!("api munmap: {e}"))?;
@@ -212,15 +218,15 @@ fn run(
                 write_tag(start, len, r);
                 st.map = Map::ReadWrite;
             }
-            region.end(&plan, b, &mut [st]);
+            region.end(name, &plan, b, &mut [st]);
         }
         Op::MmapFixed => {
             let plan = [Plan::new(slot, &[0], &[r])];
-            let b = region.begin(&plan);
+            let b = region.begin(op.name(), &plan);
             map_at(start, len, true)?;
             write_tag(start, len, r);
             st.map = Map::ReadWrite;
-            region.end(&plan, b, &mut [st]);
+            region.end(op.name(), &plan, b, &mut [st]);
         }
         Op::MremapMove | Op::MremapDontunmap => {
             let Some((dst, mut dst_st)) = free_slot_like(sh, rng, slot) else {
@@ -233,7 +239,7 @@ fn run(
                 Plan::new(slot, &[], if dontunmap { &[0] } else { &[] }),
                 Plan::new(dst, &moved, &[r]),
             ];
-            let b = region.begin(&plan);
+            let b = region.begin(op.name(), &plan);
             let mut flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
             if dontunmap {
                 flags |= libc::MREMAP_DONTUNMAP;
@@ -259,13 +265,13 @@ fn run(
                 Map::Unmapped
             };
             dst_st.map = Map::ReadWrite;
-            region.end(&plan, b, &mut [&mut *st, &mut *dst_st]);
+            region.end(op.name(), &plan, b, &mut [&mut *st, &mut *dst_st]);
             drop(dst_st);
             sh.hot.push(dst.index);
         }
         Op::MremapGrow | Op::ApiMremap => {
             let plan = [Plan::new(slot, &[0], &[r])];
-            let b = region.begin(&plan);
+            let b = region.begin(op.name(), &plan);
             let half = len / 2;
             if op == Op::ApiMremap {
                 // SAFETY: nothing in Rust refers into the region.
@@ -288,7 +294,7 @@ fn run(
                 return Err(os_err("mremap grow in place", start));
             }
             write_tag(start, len, r);
-            region.end(&plan, b, &mut [st]);
+            region.end(op.name(), &plan, b, &mut [st]);
         }
         Op::MadvDontneed | Op::MadvFree | Op::ApiMadvise => {
             let free = match op {
@@ -304,7 +310,17 @@ fn run(
             };
             // MADV_FREE without a new tag: the page may keep its old contents.
             plan[0].keep_live = free && !rewrite;
-            let b = region.begin(&plan);
+            let name = match (op, free, rewrite) {
+                (Op::ApiMadvise, true, true) => "api-madvise-free+tag",
+                (Op::ApiMadvise, true, false) => "api-madvise-free",
+                (Op::ApiMadvise, false, true) => "api-madvise-dontneed+tag",
+                (Op::ApiMadvise, false, false) => "api-madvise-dontneed",
+                (_, true, true) => "madv-free+tag",
+                (_, true, false) => "madv-free",
+                (_, false, true) => "madv-dontneed+tag",
+                (_, false, false) => "madv-dontneed",
+            };
+            let b = region.begin(name, &plan);
             if op == Op::ApiMadvise {
                 let advice = if free { Advice::Free } else { Advice::DontNeed };
                 // SAFETY: the contents may go; nothing in Rust refers into the region.
@@ -324,7 +340,7 @@ fn run(
             if rewrite {
                 write_tag(start, len, r);
             }
-            region.end(&plan, b, &mut [st]);
+            region.end(name, &plan, b, &mut [st]);
         }
         Op::ApiMprotect => {
             // Contents do not change: no history entry. Write leases check the protection.

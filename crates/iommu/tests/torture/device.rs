@@ -115,8 +115,15 @@ fn read_batch(sh: &Shared, rng: &mut Rng, t: usize, mirror: &IommuMirror) {
                 for v in seen {
                     if !slot.was_live(v, s, e) {
                         sh.stats.stale.fetch_add(1, Ordering::Relaxed);
+                        let by = slot.ended_by(v);
+                        let by_name = by.unwrap_or("never live here (or pruned)");
+                        *lock(&sh.stats.stale_by).entry(by_name).or_default() += 1;
                         sh.fail(
-                            "stale-read",
+                            if by.is_some() {
+                                "stale-read"
+                            } else {
+                                "stale-read-pruned"
+                            },
                             format!(
                                 "stale read: device {t} read {len} bytes at {addr:#x} (slot {} \
                                  {}) in op window [{s}, {e}] and got {v:#x} ({}), live there: \

@@ -262,6 +262,8 @@ pub struct Stats {
     pub heap_reads: AtomicU64,
     pub heap_raced: AtomicU64,
     pub stale: AtomicU64,
+    /// Stale reads by the operation that ended the tag read.
+    pub stale_by: Mutex<BTreeMap<&'static str, u64>>,
     pub lost: AtomicU64,
     changes: [AtomicU64; OPS.len()],
     refills: AtomicU64,
@@ -297,8 +299,8 @@ pub struct Shared {
     failures: Mutex<(Vec<String>, BTreeMap<&'static str, u64>)>,
 }
 
-/// Failure messages kept for the report.
-const KEPT_FAILURES: usize = 12;
+/// Failure messages kept for the report, of each kind.
+const KEPT_FAILURES: u64 = 4;
 
 impl Shared {
     /// Records a failure. A device failure (not a refusal: the engine died or hung, a transfer
@@ -308,8 +310,9 @@ impl Shared {
             self.stop.store(true, Ordering::Relaxed);
         }
         let mut f = lock(&self.failures);
-        *f.1.entry(kind).or_default() += 1;
-        if f.0.len() < KEPT_FAILURES {
+        let n = f.1.entry(kind).or_default();
+        *n += 1;
+        if *n <= KEPT_FAILURES {
             f.0.push(format!("[{kind}] {msg}"));
         }
     }
@@ -471,7 +474,7 @@ pub fn run(cfg: Config) -> Report {
         let mut st = lock(&slot.owner);
         let tag = sh.region.tags.next(Tags::SLOT);
         let plan = [crate::model::Plan::new(slot, &[], &[tag])];
-        let b = sh.region.begin(&plan);
+        let b = sh.region.begin("setup", &plan);
         // SAFETY: maps over the test's own reservation; nothing refers into it.
         let q = unsafe {
             libc::mmap(
@@ -486,7 +489,7 @@ pub fn run(cfg: Config) -> Report {
         assert_eq!(q as u64, slot.start, "{}", os_err("mapping a slot"));
         crate::cpu::write_tag(slot.start, slot.len, tag);
         st.map = Map::ReadWrite;
-        sh.region.end(&plan, b, &mut [&mut st]);
+        sh.region.end("setup", &plan, b, &mut [&mut st]);
     }
     for rec in &sh.heap {
         let mut r = lock(rec);
@@ -676,7 +679,7 @@ pub fn run(cfg: Config) -> Report {
     let summary = format!(
         "torture: seed {:#x}, mix {}, {} cpu + {} device threads: {ops} device ops in {:.1}s \
          ({} reads, {} write leases, {} heap reads, {} of them raced a free); changes: \
-         {changes}; refusals: [{}]; stale reads {}, lost writes {}; failures {:?}; total \
+         {changes}; refusals: [{}]; stale reads {} (by the operation that ended the tag: {:?}), lost writes {}; failures {:?}; total \
          {:.1}s; mm {mm_stats:?}; mirrors {}",
         cfg.seed,
         cfg.mix.name,
@@ -689,6 +692,7 @@ pub fn run(cfg: Config) -> Report {
         st.heap_raced.load(Ordering::Relaxed),
         refusals.join("; "),
         st.stale.load(Ordering::Relaxed),
+        lock(&st.stale_by),
         st.lost.load(Ordering::Relaxed),
         counts,
         started.elapsed().as_secs_f64(),

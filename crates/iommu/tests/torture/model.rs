@@ -47,6 +47,9 @@ pub const TAG_BYTES: u64 = 64;
 /// Where in a page a device write puts its marker (past the tag words).
 pub const MARKER_OFFSET: u64 = 64;
 
+/// History entries a slot keeps past the pruning horizon, for failure messages.
+const KEEP_DEAD: usize = 6;
+
 /// A tag value that never is one: entries use it for "open".
 pub const OPEN: u64 = u64::MAX;
 
@@ -152,14 +155,21 @@ pub struct Entry {
     pub tag: u64,
     pub from: u64,
     pub until: u64,
+    /// The operation that made it live, and the one that ended it.
+    pub by: &'static str,
+    pub ended_by: &'static str,
 }
 
 impl std::fmt::Display for Entry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.until == OPEN {
-            write!(f, "{:#x} [{}, open)", self.tag, self.from)
+            write!(f, "{:#x} [{}, open) by {}", self.tag, self.from, self.by)
         } else {
-            write!(f, "{:#x} [{}, {}]", self.tag, self.from, self.until)
+            write!(
+                f,
+                "{:#x} [{}, {}] by {}, ended by {}",
+                self.tag, self.from, self.until, self.by, self.ended_by
+            )
         }
     }
 }
@@ -200,6 +210,12 @@ impl Slot {
             let _ = write!(out, "{}{x}", if i == 0 { "" } else { ", " });
         }
         out
+    }
+
+    /// The operation that ended the last window of `tag` here (`None`: never live here).
+    pub fn ended_by(&self, tag: u64) -> Option<&'static str> {
+        let h = lock(&self.hist);
+        h.iter().rev().find(|x| x.tag == tag).map(|x| x.ended_by)
     }
 
     /// The window(s) in which `tag` was live here, for failure messages.
@@ -302,7 +318,7 @@ impl Region {
 
     /// The begin tick of a change (see the module documentation). The caller owns every slot
     /// of `plans`.
-    pub fn begin(&self, plans: &[Plan<'_>]) -> Begun {
+    pub fn begin(&self, op: &'static str, plans: &[Plan<'_>]) -> Begun {
         let mut guards = self.lock_hists(plans);
         let tick = self.clock.tick();
         let mut ids = vec![(Vec::new(), Vec::new()); plans.len()];
@@ -315,6 +331,8 @@ impl Region {
                     tag,
                     from: tick + 1,
                     until: OPEN,
+                    by: op,
+                    ended_by: "",
                 });
                 if k < p.passing.len() {
                     ids[*i].0.push(id);
@@ -328,7 +346,13 @@ impl Region {
 
     /// The end tick: closes the entries that died and makes the plans' `after` tags the
     /// slots' live ones. `states` are the owned states of the plans' slots, in plan order.
-    pub fn end(&self, plans: &[Plan<'_>], begun: Begun, states: &mut [&mut SlotState]) -> u64 {
+    pub fn end(
+        &self,
+        op: &'static str,
+        plans: &[Plan<'_>],
+        begun: Begun,
+        states: &mut [&mut SlotState],
+    ) -> u64 {
         let horizon = self.inflight.horizon(&self.clock);
         let mut guards = self.lock_hists(plans);
         let tick = self.clock.tick();
@@ -346,9 +370,16 @@ impl Region {
             for x in h.iter_mut() {
                 if dying.contains(&x.id) {
                     x.until = tick;
+                    x.ended_by = op;
                 }
             }
-            h.retain(|x| x.until == OPEN || x.until >= horizon);
+            // The last few entries stay for failure messages, whatever their age.
+            let keep_from = h.len().saturating_sub(KEEP_DEAD);
+            let mut k = 0;
+            h.retain(|x| {
+                k += 1;
+                k > keep_from || x.until == OPEN || x.until >= horizon
+            });
         }
         tick
     }
