@@ -78,6 +78,15 @@ pub fn cpu_thread(sh: &Shared, t: usize) {
     let mut rng = Rng::new(sh.cfg.seed ^ (0x00c0_ffee_u64 << 8 | t as u64));
     let me = &sh.progress[t];
     while !sh.stop.load(Ordering::Relaxed) {
+        // Paced by the devices: one change per `ops_per_change` device operations (plus one
+        // per thread of slack), whatever the build profile makes fast or slow.
+        let allowed = sh.stats.ops() / sh.cfg.ops_per_change + sh.cfg.cpu_threads as u64;
+        if sh.stats.attempts.load(Ordering::Relaxed) >= allowed {
+            me.beat("waiting for the devices to catch up");
+            std::thread::sleep(Duration::from_micros(100));
+            continue;
+        }
+        sh.stats.attempts.fetch_add(1, Ordering::Relaxed);
         me.beat("picking an operation");
         let op = sh.cfg.mix.pick(&mut rng);
         let res = if op == Op::Heap {
@@ -87,9 +96,6 @@ pub fn cpu_thread(sh: &Shared, t: usize) {
         };
         if let Err(e) = res {
             sh.fail("cpu", format!("cpu thread {t}: {e}"));
-        }
-        if !sh.cfg.cpu_pause.is_zero() {
-            std::thread::sleep(sh.cfg.cpu_pause);
         }
     }
     me.beat("finished");
@@ -385,7 +391,3 @@ fn free_slot_like<'a>(
     }
     None
 }
-
-/// How long a CPU thread pauses between operations by default: enough for the device threads
-/// to get the CPU on a 2-core machine.
-pub const DEFAULT_PAUSE: Duration = Duration::from_micros(200);

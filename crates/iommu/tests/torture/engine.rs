@@ -162,8 +162,9 @@ pub struct Config {
     pub mix: Mix,
     /// No progress by one thread for this long fails the run, naming what it was doing.
     pub watchdog: Duration,
-    /// Pause of a CPU thread between two operations.
-    pub cpu_pause: Duration,
+    /// Device operations per CPU change: the CPU threads wait for the devices to keep this
+    /// ratio.
+    pub ops_per_change: u64,
 }
 
 /// A heap vector the device reads through its pointer.
@@ -261,6 +262,8 @@ pub struct Stats {
     pub writes: AtomicU64,
     pub heap_reads: AtomicU64,
     pub heap_raced: AtomicU64,
+    /// CPU operations started (changes, and picks of a busy slot).
+    pub attempts: AtomicU64,
     pub stale: AtomicU64,
     /// Stale reads by the operation that ended the tag read.
     pub stale_by: Mutex<BTreeMap<&'static str, u64>>,
@@ -388,6 +391,18 @@ impl Watchdog {
                         let _ = writeln!(msg, "  {}", p.line());
                     }
                     let _ = writeln!(msg, "mm: {:?}", sh.mm.stats());
+                    let (kinds, first) = {
+                        let f = lock(&sh.failures);
+                        (f.1.clone(), f.0.clone())
+                    };
+                    let _ = writeln!(msg, "failures so far: {kinds:?}");
+                    for f in first {
+                        let _ = writeln!(msg, "  {f}");
+                    }
+                    msg.push_str(&kernel_stacks());
+                    if std::env::var_os("SVMIRROR_TORTURE_GDB").is_some() {
+                        msg.push_str(&gdb_backtraces());
+                    }
                     let _ = std::io::stderr().write_all(msg.as_bytes());
                     *lock(&t2) = Some(msg);
                     sh.stop.store(true, Ordering::Relaxed);
@@ -417,6 +432,45 @@ impl Watchdog {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Every thread of this process with its kernel wait channel and, where readable (root), its
+/// kernel stack: where a hang is stuck in a system call (a munmap waiting for the userfaultfd
+/// monitor, a fault waiting on a page).
+fn kernel_stacks() -> String {
+    let mut out = String::from("threads (name, kernel wait channel, kernel stack):\n");
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in dir.flatten() {
+        let p = t.path();
+        let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {} {}: {}",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan").trim()
+        );
+        for line in read("stack").lines().take(12) {
+            let _ = writeln!(out, "      {line}");
+        }
+    }
+    out
+}
+
+/// User-space backtraces of every thread, from gdb (`SVMIRROR_TORTURE_GDB=1`).
+fn gdb_backtraces() -> String {
+    // SAFETY: PR_SET_PTRACER with an integer argument only changes who may attach to us.
+    unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
+    let pid = std::process::id().to_string();
+    match std::process::Command::new("gdb")
+        .args(["-p", &pid, "-batch", "-nx", "-ex", "thread apply all bt 30"])
+        .output()
+    {
+        Ok(o) => format!("gdb:\n{}", String::from_utf8_lossy(&o.stdout)),
+        Err(e) => format!("gdb: {e}\n"),
     }
 }
 

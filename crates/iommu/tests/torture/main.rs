@@ -102,7 +102,7 @@ fn config(stop: Stop, default_seed: u64) -> Config {
         device_threads: 2,
         mix,
         watchdog: Duration::from_secs(env_u64("SVMIRROR_TORTURE_WATCHDOG_SECS").unwrap_or(30)),
-        cpu_pause: cpu::DEFAULT_PAUSE,
+        ops_per_change: env_u64("SVMIRROR_TORTURE_OPS_PER_CHANGE").unwrap_or(4),
     }
 }
 

@@ -33,14 +33,14 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-/// The 64 MiB region: 16 slots of 2 MiB, then 256 of 64 KiB, then 4096 of 4 KiB, each class
+/// The 64 MiB region: 22 slots of 2 MiB, then 256 of 64 KiB, then 1024 of 4 KiB, each class
 /// in whole 2 MiB chunks, so no slot straddles a 2 MiB boundary (the mirror's fault window).
 pub const BASE: u64 = 0x1500_0000_0000;
 pub const REGION_LEN: u64 = 64 << 20;
 pub const PAGE: u64 = 4096;
 const CHUNK: u64 = 2 << 20;
 /// (slot size, chunks of the region).
-const CLASSES: [(u64, u64); 3] = [(2 << 20, 16), (64 << 10, 8), (4 << 10, 8)];
+const CLASSES: [(u64, u64); 3] = [(2 << 20, 22), (64 << 10, 8), (4 << 10, 2)];
 /// Bytes at each page start that hold the page's tag (eight copies of it); device reads stay
 /// inside them.
 pub const TAG_BYTES: u64 = 64;
