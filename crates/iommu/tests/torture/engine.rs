@@ -400,10 +400,10 @@ impl Watchdog {
                         let _ = writeln!(msg, "  {f}");
                     }
                     msg.push_str(&kernel_stacks());
-                    if std::env::var_os("SVMIRROR_TORTURE_GDB").is_some() {
-                        msg.push_str(&gdb_backtraces());
-                    }
                     let _ = std::io::stderr().write_all(msg.as_bytes());
+                    if std::env::var_os("SVMIRROR_TORTURE_GDB").is_some() {
+                        let _ = std::io::stderr().write_all(gdb_backtraces().as_bytes());
+                    }
                     *lock(&t2) = Some(msg);
                     sh.stop.store(true, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_secs(5));
@@ -453,6 +453,19 @@ fn kernel_stacks() -> String {
             read("comm").trim(),
             read("wchan").trim()
         );
+        // The system call and its arguments: for a futex wait, the lock's address and the
+        // mapping it lies in (a glibc arena, the heap, libc's data for main_arena).
+        let sc = read("syscall");
+        let f: Vec<&str> = sc.split_whitespace().collect();
+        if f.first() == Some(&"202") {
+            let addr = f
+                .get(1)
+                .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
+                .unwrap_or(0);
+            let _ = writeln!(out, "      futex {addr:#x} in {}", mapping_of(addr));
+        } else if !sc.trim().is_empty() {
+            let _ = writeln!(out, "      syscall {}", sc.trim());
+        }
         for line in read("stack").lines().take(12) {
             let _ = writeln!(out, "      {line}");
         }
@@ -460,13 +473,36 @@ fn kernel_stacks() -> String {
     out
 }
 
-/// User-space backtraces of every thread, from gdb (`SVMIRROR_TORTURE_GDB=1`).
+/// The /proc/self/maps line of the mapping holding `addr`.
+fn mapping_of(addr: u64) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    for line in maps.lines() {
+        let Some((range, _)) = line.split_once(' ') else {
+            continue;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        if (a..b).contains(&addr) {
+            return line.to_string();
+        }
+    }
+    "no mapping".into()
+}
+
+/// User-space backtraces of every thread, from gdb (`SVMIRROR_TORTURE_GDB=1`), killed after
+/// 20 s: gdb stops every thread, the userfaultfd monitor included, and cannot stop a thread
+/// that waits in munmap or madvise for that monitor, so it may never finish by itself.
 fn gdb_backtraces() -> String {
     // SAFETY: PR_SET_PTRACER with an integer argument only changes who may attach to us.
     unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
     let pid = std::process::id().to_string();
-    match std::process::Command::new("gdb")
-        .args(["-p", &pid, "-batch", "-nx", "-ex", "thread apply all bt 30"])
+    match std::process::Command::new("timeout")
+        .args(["-s", "KILL", "20", "gdb", "-p", &pid, "-batch", "-nx"])
+        .args(["-ex", "thread apply all bt 30"])
         .output()
     {
         Ok(o) => format!("gdb:\n{}", String::from_utf8_lossy(&o.stdout)),

@@ -52,7 +52,9 @@
 //! | `SVMIRROR_TORTURE_MIX` | a preset (`full`, `api`, `plain-munmap`, `mremap`, `madvise`, `heap`) or a comma list of operations (`munmap`, `mmap-fixed`, `mremap-move`, `mremap-grow`, `mremap-dontunmap`, `madv-dontneed`, `madv-free`, `api-munmap`, `api-madvise`, `api-mremap`, `api-mprotect`, `heap`) | `full` |
 //! | `SVMIRROR_TORTURE_OPS` | device operations of the CI test | 100000 |
 //! | `SVMIRROR_TORTURE_CPU_THREADS` | CPU threads | 2 |
+//! | `SVMIRROR_TORTURE_OPS_PER_CHANGE` | device operations per CPU change (the CPU threads wait for the devices) | 8 in CI, 4 in a soak |
 //! | `SVMIRROR_TORTURE_WATCHDOG_SECS` | stall that fails the run | 30 |
+//! | `SVMIRROR_TORTURE_GDB` | on a stall, also print gdb backtraces (killed after 20 s: gdb cannot stop a thread waiting for the userfaultfd monitor) | off |
 //! | `SVMIRROR_SOAK_SECS` | length of the soak | 60 |
 //!
 //! The `api` mix makes every change through the SVM API, which brackets it with an
@@ -74,6 +76,9 @@ use engine::{Config, Mix, Stop};
 const DEFAULT_SEED: u64 = 0x7047_7572_e000_2026;
 /// Device operations a CI run must reach.
 const CI_OPS: u64 = 100_000;
+/// Device operations per CPU change in the CI run: fewer changes than the soak's 4, so that a
+/// debug build reaches `CI_OPS` in about a minute on 2 cores (device faults dominate the cost).
+const CI_OPS_PER_CHANGE: u64 = 8;
 
 /// One run at a time: `VmPin` is per process.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -91,7 +96,7 @@ fn env_u64(name: &str) -> Option<u64> {
     Some(v.unwrap_or_else(|e| panic!("{name}={s}: not a decimal or 0x-hex u64: {e}")))
 }
 
-fn config(stop: Stop, default_seed: u64) -> Config {
+fn config(stop: Stop, default_seed: u64, ops_per_change: u64) -> Config {
     let mix = std::env::var("SVMIRROR_TORTURE_MIX")
         .map(|m| Mix::parse(&m).unwrap_or_else(|e| panic!("SVMIRROR_TORTURE_MIX: {e}")))
         .unwrap_or_else(|_| Mix::full());
@@ -102,7 +107,7 @@ fn config(stop: Stop, default_seed: u64) -> Config {
         device_threads: 2,
         mix,
         watchdog: Duration::from_secs(env_u64("SVMIRROR_TORTURE_WATCHDOG_SECS").unwrap_or(30)),
-        ops_per_change: env_u64("SVMIRROR_TORTURE_OPS_PER_CHANGE").unwrap_or(4),
+        ops_per_change: env_u64("SVMIRROR_TORTURE_OPS_PER_CHANGE").unwrap_or(ops_per_change),
     }
 }
 
@@ -132,6 +137,7 @@ fn torture_coherence() {
             limit: Duration::from_secs(300),
         },
         DEFAULT_SEED,
+        CI_OPS_PER_CHANGE,
     );
     println!(
         "torture_coherence: seed {:#x}, mix {} (SVMIRROR_TORTURE_SEED / _MIX to change)",
@@ -155,7 +161,7 @@ fn soak() {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(DEFAULT_SEED, |d| d.as_nanos() as u64);
-    let cfg = config(Stop::Time(Duration::from_secs(secs)), now);
+    let cfg = config(Stop::Time(Duration::from_secs(secs)), now, 4);
     println!(
         "soak: {secs}s, seed {:#x}, mix {} (SVMIRROR_TORTURE_SEED to replay)",
         cfg.seed, cfg.mix.name
