@@ -13,6 +13,9 @@
 //!   that it matches its source and passes `spirv-val` ([`vulkan`]).
 //! - `cargo xtask device-test`: on a GPU host, the Vulkan suite and benchmarks on the real GPU
 //!   ([`vulkan`]).
+//! - `cargo xtask soak --minutes N [--mix MIX] [--seed SEED]`: the coherence torture test
+//!   (`crates/iommu/tests/torture`) for N minutes in release mode, with a fresh seed unless one
+//!   is given; the CI runs the same test for 100 000 device operations.
 
 use std::env;
 use std::fs;
@@ -36,7 +39,8 @@ fn debian_packages() -> Vec<DebianPackage> {
 }
 
 const USAGE: &str =
-    "usage: cargo xtask <ci|loom|bench [FILTER]|vfio-vm|shaders [--check]|device-test>
+    "usage: cargo xtask <ci|loom|bench [FILTER]|vfio-vm|shaders [--check]|device-test|
+                    soak --minutes N [--mix MIX] [--seed SEED]>
 
   ci           fmt check, clippy -D warnings, all tests, SPIR-V check, VFIO guest, loom models,
                benches build
@@ -44,7 +48,9 @@ const USAGE: &str =
   bench        criterion benchmarks, then a table of the results
   vfio-vm      boot a QEMU guest (emulated Intel IOMMU + edu device) and run the VFIO tests in it
   shaders      recompile shaders/*.comp to the committed SPIR-V (--check: verify, change nothing)
-  device-test  on a GPU host: the Vulkan suite and benchmarks on the real GPU, with a table";
+  device-test  on a GPU host: the Vulkan suite and benchmarks on the real GPU, with a table
+  soak         the coherence torture test for N minutes (release); --mix: a preset (full, api,
+               plain-munmap, mremap, madvise, heap) or a comma list of operations";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -57,6 +63,7 @@ fn main() -> ExitCode {
             vulkan::shaders(args.get(1).is_some_and(|a| a == "--check")).map_err(|e| vec![e])
         }
         Some("device-test") => vulkan::device_test(&args[1..]).map_err(|e| vec![e]),
+        Some("soak") => soak(&args[1..]).map_err(|e| vec![e]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -176,6 +183,54 @@ fn ci() -> Result<(), Vec<String>> {
         );
         Err(failed)
     }
+}
+
+/// `cargo xtask soak --minutes N [--mix MIX] [--seed SEED]`: the torture test's `soak` entry
+/// point (ignored in normal runs) for N minutes, in release mode.
+fn soak(args: &[String]) -> Result<(), String> {
+    let mut minutes: Option<u64> = None;
+    let mut mix = None;
+    let mut seed = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("soak: {name} needs a value\n{USAGE}"))
+        };
+        match a.as_str() {
+            "--minutes" => {
+                let v = value("--minutes")?;
+                minutes = Some(v.parse().map_err(|e| format!("soak: --minutes {v}: {e}"))?);
+            }
+            "--mix" => mix = Some(value("--mix")?),
+            "--seed" => seed = Some(value("--seed")?),
+            other => return Err(format!("soak: unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    let minutes = minutes.ok_or_else(|| format!("soak: --minutes N is required\n{USAGE}"))?;
+    let mut c = cargo();
+    c.env("SVMIRROR_SOAK_SECS", (minutes * 60).to_string())
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "svmirror-iommu",
+            "--test",
+            "torture",
+            "--",
+            "--ignored",
+            "--exact",
+            "soak",
+            "--nocapture",
+        ]);
+    if let Some(m) = mix {
+        c.env("SVMIRROR_TORTURE_MIX", m);
+    }
+    if let Some(s) = seed {
+        c.env("SVMIRROR_TORTURE_SEED", s);
+    }
+    run(&format!("coherence soak, {minutes} min"), c)
 }
 
 fn loom() -> Result<(), String> {
