@@ -91,7 +91,9 @@ impl Shared {
         let mut wait = EventWait::new();
         loop {
             match self.fill_once(page, src) {
-                Err(e) if errno(&e) == Some(libc::EAGAIN) => self.await_events(caller, &mut wait)?,
+                Err(e) if errno(&e) == Some(libc::EAGAIN) => {
+                    self.await_events(caller, &mut wait)?
+                }
                 other => return other,
             }
         }
@@ -224,12 +226,7 @@ impl Shared {
             self.wake_page(page);
             return Err(e);
         }
-        let still_here = || {
-            self.book()
-                .migrated
-                .get(&page)
-                .is_some_and(|x| x.same(&d))
-        };
+        let still_here = || self.book().migrated.get(&page).is_some_and(|x| x.same(&d));
         let mut wait = EventWait::new();
         let landed = loop {
             // Checked before every try: on the reading thread an UNMAP, REMOVE or REMAP of the

@@ -464,9 +464,8 @@ impl Shared {
                 continue;
             }
             let now = self.source.mapping(addr).ok().flatten();
-            let still = now.is_some_and(|m| {
-                m.read && m.range.start() <= addr && want.end() <= m.range.end()
-            });
+            let still = now
+                .is_some_and(|m| m.read && m.range.start() <= addr && want.end() <= m.range.end());
             if let Some(m) = now.filter(|m| still && m.page_size > PAGE_SIZE) {
                 // hugetlb: userfaultfd registers whole huge pages only
                 // (`userfaultfd_register`: the range must be aligned to the VMA's page size).
@@ -560,7 +559,11 @@ impl Shared {
         } else {
             uffd::MODE_MISSING
         };
-        if migrated { uffd::MODE_MISSING | wp } else { wp }
+        if migrated {
+            uffd::MODE_MISSING | wp
+        } else {
+            wp
+        }
     }
 
     /// The monitor read a batch of events.
@@ -956,11 +959,7 @@ impl Drop for ExpectGuard<'_> {
         // handled what it read, anything still expected was never sent: drop it, so it cannot
         // swallow a later, real event.
         self.mm.shared.wait_handled();
-        self.mm
-            .shared
-            .book()
-            .expected
-            .retain(|x| x.id != self.id);
+        self.mm.shared.book().expected.retain(|x| x.id != self.id);
     }
 }
 
