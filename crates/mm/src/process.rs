@@ -457,12 +457,6 @@ impl Shared {
                 }
                 Err(e) => e,
             };
-            if err.raw_os_error() == Some(libc::EINVAL) && mode & MODE_WP != 0 {
-                // A mapping kind (or kernel) without uffd-wp: register for events anyway.
-                mode = (mode & !MODE_WP) | uffd::MODE_MISSING;
-                without_wp = true;
-                continue;
-            }
             let now = self.source.mapping(addr).ok().flatten();
             let still = now
                 .is_some_and(|m| m.read && m.range.start() <= addr && want.end() <= m.range.end());
@@ -478,6 +472,14 @@ impl Shared {
                     want = wide;
                     continue;
                 }
+            }
+            // Widened first: an unaligned hugetlb range is refused in every mode, and MISSING
+            // mode (the no-WP fallback) cannot be served on hugetlbfs (no UFFDIO_ZEROPAGE).
+            if still && err.raw_os_error() == Some(libc::EINVAL) && mode & MODE_WP != 0 {
+                // A mapping kind (or kernel) without uffd-wp: register for events anyway.
+                mode = (mode & !MODE_WP) | uffd::MODE_MISSING;
+                without_wp = true;
+                continue;
             }
             if !still {
                 // The mapping changed between the caller's lookup and the registration.

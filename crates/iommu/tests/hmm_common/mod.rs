@@ -229,8 +229,12 @@ fn read_u64(path: &str) -> Option<u64> {
 }
 
 /// The 2 MiB hugetlb pool's free pages.
+/// 2 MiB pages free and not reserved by a mapping (a reserved page counts as free in
+/// `free_hugepages`, but another MAP_HUGETLB cannot have it).
 fn free_2m() -> u64 {
-    read_u64(&format!("{POOL_2M}/free_hugepages")).unwrap_or(0)
+    let free = read_u64(&format!("{POOL_2M}/free_hugepages")).unwrap_or(0);
+    let resv = read_u64(&format!("{POOL_2M}/resv_hugepages")).unwrap_or(0);
+    free.saturating_sub(resv)
 }
 
 /// The file that sizes the 2 MiB pool: `vm.nr_hugepages` where 2 MiB is the default huge page
