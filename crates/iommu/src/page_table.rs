@@ -429,6 +429,15 @@ fn map_rec(
     for (i, entry_base) in entries_in(level, base, range.start(), range.end()) {
         let whole = range.start() <= entry_base && entry_base + s <= range.end();
         if whole && level < ROOT_LEVEL {
+            // A table that an invalidation emptied but kept (`Clear` keeps page-table memory)
+            // goes, with any empty tables below it, before the whole leaf takes its place.
+            if let Entry::Table(t) = &table.entries[i] {
+                if let Some(n) = leafless_tables(t) {
+                    table.entries[i] = Entry::Empty;
+                    table.used -= 1;
+                    stats.tables_freed += n;
+                }
+            }
             debug_assert!(matches!(table.entries[i], Entry::Empty));
             table.entries[i] = Entry::Leaf(Leaf {
                 target: leaf.target.add(entry_base - origin),
@@ -449,6 +458,19 @@ fn map_rec(
             _ => debug_assert!(false, "map over a leaf at {entry_base:#x}"),
         }
     }
+}
+
+/// How many tables `t` and the tables below it are, if none of them holds a leaf.
+fn leafless_tables(t: &Table) -> Option<u64> {
+    let mut n = 1;
+    for e in &t.entries {
+        match e {
+            Entry::Empty => {}
+            Entry::Leaf(_) => return None,
+            Entry::Table(c) => n += leafless_tables(c)?,
+        }
+    }
+    Some(n)
 }
 
 /// Replaces the leaf in `entry` (at `level`) with a table of 512 smaller leaves.
@@ -581,6 +603,23 @@ mod tests {
         assert_eq!(pt.translate(G1 + 5).unwrap().size, LeafSize::Size1G);
         assert_eq!(pt.translate(2 * G1).unwrap().size, LeafSize::Size4K);
         assert_eq!(pt.stats().mapped_bytes, K4 + M2 + G1 + K4);
+    }
+
+    /// A `Clear` invalidation unmaps with `free_tables: false`, keeping the emptied table; a
+    /// later 2 MiB leaf over the same block must replace it. Seen failing before the fix: the
+    /// debug assertion in `map_rec` fired ("assertion failed: matches!(table.entries[i],
+    /// Entry::Empty)"), killing the DMA thread in the torture test.
+    #[test]
+    fn a_whole_leaf_replaces_a_table_a_clear_kept() {
+        let mut pt = PageTable::new();
+        pt.map(M2 + K4, K4, t(0), Perms::ReadWrite).unwrap();
+        let before = pt.stats().live_tables();
+        pt.unmap_present(Range::with_len(M2, M2).unwrap(), false);
+        assert_eq!(pt.stats().live_tables(), before, "the table was kept");
+        pt.map(M2, M2, t(0), Perms::ReadWrite).unwrap();
+        assert_eq!(pt.translate(M2 + K4).unwrap().size, LeafSize::Size2M);
+        assert_eq!(pt.stats().live_tables(), before - 1, "the kept table was freed");
+        assert_eq!(pt.stats().mapped_bytes, M2);
     }
 
     #[test]
