@@ -618,7 +618,11 @@ mod tests {
         assert_eq!(pt.stats().live_tables(), before, "the table was kept");
         pt.map(M2, M2, t(0), Perms::ReadWrite).unwrap();
         assert_eq!(pt.translate(M2 + K4).unwrap().size, LeafSize::Size2M);
-        assert_eq!(pt.stats().live_tables(), before - 1, "the kept table was freed");
+        assert_eq!(
+            pt.stats().live_tables(),
+            before - 1,
+            "the kept table was freed"
+        );
         assert_eq!(pt.stats().mapped_bytes, M2);
     }
 

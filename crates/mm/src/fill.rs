@@ -60,7 +60,7 @@ pub(crate) enum Back {
     /// The page was not on a device (never migrated, or already back).
     NotOnDevice,
     /// This call brought it back.
-    Back,
+    Landed,
     /// Another thread is bringing it back; its UFFDIO_COPY (or its UFFDIO_WAKE if it fails)
     /// wakes every thread waiting on the page.
     InFlight,
@@ -163,7 +163,7 @@ impl Shared {
         bump(&self.counters.missing);
         let page = addr & !(PAGE_SIZE - 1);
         match self.bring_back(page, buf, caller)? {
-            Back::Back | Back::InFlight | Back::Gone => return Ok(()),
+            Back::Landed | Back::InFlight | Back::Gone => return Ok(()),
             Back::NotOnDevice => {}
         }
         // Never migrated (or already back): a zero page; EEXIST if someone mapped it meanwhile.
@@ -277,7 +277,7 @@ impl Shared {
                 }
                 inv.end();
                 self.wake_page(page);
-                Ok(Back::Back)
+                Ok(Back::Landed)
             }
             Err(e) => {
                 inv.end();
@@ -308,7 +308,7 @@ impl Shared {
         let bounce = crate::monitor::Bounce::new().map_err(|e| source_err(range.start(), e))?;
         let mut back = 0;
         for page in pages {
-            if self.bring_back(page, bounce.ptr(), &mut Caller::Other)? == Back::Back {
+            if self.bring_back(page, bounce.ptr(), &mut Caller::Other)? == Back::Landed {
                 back += 1;
             }
         }

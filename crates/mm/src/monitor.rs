@@ -317,16 +317,15 @@ fn event_loop(
 fn drain(shared: &Shared, m: &UffdMsg, page: *mut u8, scratch: &mut [UffdMsg]) {
     match m.event {
         uffd::EVENT_FORK => shared.handle_fork(m.arg[0] as u32),
-        uffd::EVENT_PAGEFAULT => {
+        uffd::EVENT_PAGEFAULT
             if shared
                 .handle_missing(m.arg[1], page, &mut Caller::Reader(scratch))
-                .is_err()
-            {
-                let at = m.arg[1] & !(PAGE_SIZE - 1);
-                let _ = shared.fill(at, None, &mut Caller::Reader(scratch));
-                if let Ok(r) = svmirror_core::Range::with_len(at, PAGE_SIZE) {
-                    let _ = shared.uffd.wake(r);
-                }
+                .is_err() =>
+        {
+            let at = m.arg[1] & !(PAGE_SIZE - 1);
+            let _ = shared.fill(at, None, &mut Caller::Reader(scratch));
+            if let Ok(r) = svmirror_core::Range::with_len(at, PAGE_SIZE) {
+                let _ = shared.uffd.wake(r);
             }
         }
         _ => {}
