@@ -343,6 +343,13 @@ impl Shared {
         Ok(())
     }
 
+    /// Forgets the registration records over `[start, end)` (its mappings are gone).
+    fn forget_registration(&self, start: u64, end: u64) {
+        let mut book = self.book();
+        carve_gen(&mut book.registered, start, end);
+        carve_gen(&mut book.refused, start, end);
+    }
+
     /// Forgets everything known about `[start, end)` (it was unmapped or moved away), telling
     /// device owners to free migrated pages there.
     fn forget(&self, start: u64, end: u64) {
@@ -390,20 +397,27 @@ impl Shared {
         true
     }
 
-    /// Registers `want` (part of one readable mapping, as `area` just reported it) for events,
-    /// unless a record says it is registered and nothing has been read from the userfaultfd
-    /// since. It reuses the caller's mapping lookup: no second PROCMAP_QUERY on the fault path.
+    /// Registers the whole VMA holding `want` (part of one readable mapping, as `area` just
+    /// reported it) for events, unless a record says it is registered.
     ///
-    /// Only what a device faults is registered, never the rest of its VMA: anonymous VMAs merge
-    /// with their neighbours, and registering a whole one could take in unrelated memory, even
-    /// the monitor's own allocations (whose munmap would then wait for the monitor itself).
+    /// The whole VMA, not just what the device faulted: `userfaultfd_register` splits a VMA at
+    /// the ends of the registered range (the halves differ in `vm_userfaultfd_ctx`), and
+    /// `mremap` refuses an old range that spans two VMAs with EFAULT (mm/mremap.c,
+    /// `vma_to_resize`). Registering part of a program's mapping would therefore make the
+    /// program's own `mremap` of it fail. Registering is not mapping: only what a device asks
+    /// for is pinned and mapped ([`crate::Prefetch`] is about that), the rest of the VMA only
+    /// sends events. Registering an already registered range again is harmless.
     ///
-    /// A record can go stale without our knowing at once: munmap returns as soon as the monitor
-    /// has read its event, before the bookkeeping is updated, so a new mapping can appear where a
-    /// recorded one was. Records therefore carry the userfaultfd read generation they were made
-    /// in, and any read since (the monitor bumps the generation before and after each read)
-    /// makes the next fault register again; registering twice with the same userfaultfd is
-    /// harmless.
+    /// Records are kept exact by the events themselves: every change that can end a
+    /// registration (munmap, mmap over, mremap, brk shrink) sends an UNMAP or REMAP event, and
+    /// the handler forgets the record *before* it invalidates (see `handle_unmap`). A fault
+    /// that trusted a record made stale by an event not yet handled therefore either retries
+    /// (the invalidation moves the notifier sequence under it) or is invalidated by it
+    /// afterwards. The one race left is a record written after the event that ended it was
+    /// handled: a registration that succeeded on the old mapping, with the event read while the
+    /// call ran. The read generation (bumped by the monitor before and after each read) is
+    /// taken before the syscall, and the record is written only if it has not moved; otherwise
+    /// the registration stands but the next fault makes it again.
     ///
     /// A registration error is looked into, never taken as "cannot be registered" at once
     /// (fs/userfaultfd.c `userfaultfd_register`): EINVAL in write-protect mode on a mapping or
@@ -416,18 +430,17 @@ impl Shared {
     /// chose that.
     fn ensure_registered(&self, want: Range) -> Result<(), Error> {
         let addr = want.start();
-        let generation = self.read_gen.load(Ordering::Acquire);
         {
             let book = self.book();
-            let fresh = |map: &BTreeMap<u64, (u64, u64)>| {
+            let known = |map: &BTreeMap<u64, (u64, u64)>| {
                 map.range(..=addr)
                     .next_back()
-                    .is_some_and(|(_, &(end, g))| end >= want.end() && g == generation)
+                    .is_some_and(|(_, &(end, _))| end >= want.end())
             };
-            if fresh(&book.registered) {
+            if known(&book.registered) {
                 return Ok(());
             }
-            if fresh(&book.refused) {
+            if known(&book.refused) {
                 drop(book);
                 return self.unregistrable_outcome(
                     want,
@@ -436,6 +449,21 @@ impl Shared {
                 );
             }
         }
+        let generation = self.read_gen.load(Ordering::Acquire);
+        // The whole VMA (see above). Gone or changed since the caller looked: look again.
+        let want = match self.source.mapping(addr) {
+            Ok(Some(m)) if m.range.start() <= addr && want.end() <= m.range.end() => m.range,
+            Ok(_) => {
+                bump(&self.counters.races);
+                return Err(Error::Busy { range: want });
+            }
+            Err(e) => {
+                return Err(Error::Source {
+                    range: want,
+                    source: Box::new(e),
+                });
+            }
+        };
         let mut want = want;
         let mut mode = self.mode_for(want);
         let mut without_wp = false;
@@ -444,10 +472,14 @@ impl Shared {
             let err = match self.uffd.register(want, mode) {
                 Ok(()) => {
                     let mut book = self.book();
-                    carve_gen(&mut book.registered, want.start(), want.end());
-                    carve_gen(&mut book.refused, want.start(), want.end());
-                    book.registered
-                        .insert(want.start(), (want.end(), generation));
+                    // Under the book lock, which the event handlers take to forget records: an
+                    // event read from here on is handled after this record is written.
+                    if self.read_gen.load(Ordering::Acquire) == generation {
+                        carve_gen(&mut book.registered, want.start(), want.end());
+                        carve_gen(&mut book.refused, want.start(), want.end());
+                        book.registered
+                            .insert(want.start(), (want.end(), generation));
+                    }
                     drop(book);
                     bump(&self.counters.registrations);
                     if without_wp {
@@ -656,6 +688,10 @@ impl Shared {
 
     pub(crate) fn handle_unmap(&self, start: u64, end: u64) -> Result<(), Error> {
         bump(&self.counters.unmap);
+        // The registration records first, before the invalidation: a fault that reads the
+        // record after this registers the new mapping; one that read it before is retried by
+        // the invalidation's sequence bump (see `ensure_registered`).
+        self.forget_registration(start, end);
         if !self.take_expected(uffd::EVENT_UNMAP, start, end) {
             self.invalidate(Range::new(start, end)?, Event::Unmap)?;
         }
@@ -682,6 +718,7 @@ impl Shared {
     pub(crate) fn handle_remap(&self, from: u64, to: u64, len: u64) -> Result<(), Error> {
         bump(&self.counters.remap);
         let old = Range::with_len(from, len)?;
+        self.forget_registration(from, from + len);
         if !self.take_expected(uffd::EVENT_REMAP, from, from + len) {
             self.invalidate(old, Event::Unmap)?;
         }
