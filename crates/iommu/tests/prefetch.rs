@@ -129,10 +129,8 @@ fn a_programs_mremap_of_a_device_faulted_mapping_still_works() {
     advise(&b, libc::MADV_NOHUGEPAGE).unwrap();
     let base = b.addr();
     // SAFETY: the upper half of our own reservation, which nothing refers to.
-    assert_eq!(
-        unsafe { libc::munmap((base + TWO_MEG) as *mut libc::c_void, TWO_MEG as usize) },
-        0
-    );
+    let rc = unsafe { libc::munmap((base + TWO_MEG) as *mut libc::c_void, TWO_MEG as usize) };
+    assert_eq!(rc, 0);
     // SAFETY: the lower half is ours and mapped read-write.
     unsafe { std::ptr::write_bytes(base as *mut u8, 7, TWO_MEG as usize) };
     let (data, _) = read(&m, base + 9 * PAGE, 8);
@@ -212,11 +210,9 @@ fn a_programs_mremap_of_a_device_faulted_mapping_still_works() {
     );
     assert_eq!(m.violations().1, 0);
     drop(m);
-    // SAFETY: our own mappings, which nothing refers to any more.
-    unsafe {
-        libc::munmap(base as *mut libc::c_void, TWO_MEG as usize);
-        libc::munmap(to as *mut libc::c_void, 2 * TWO_MEG as usize);
-        libc::munmap(to2 as *mut libc::c_void, TWO_MEG as usize);
+    for (at, len) in [(base, TWO_MEG), (to, 2 * TWO_MEG), (to2, TWO_MEG)] {
+        // SAFETY: our own mappings, which nothing refers to any more.
+        unsafe { libc::munmap(at as *mut libc::c_void, len as usize) };
     }
     drop(b);
 }
