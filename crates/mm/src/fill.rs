@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use svmirror_core::{Error, NotifierRange, PAGE_SIZE, Range};
 
 use crate::process::{Shared, bump, source_err};
-use crate::uffd::{self, UffdMsg};
 
 /// How long a fill waits for queued events to be read before it gives up (the page stays where
 /// it was: on the device, or missing, and its waiters are woken to fault again).
@@ -44,13 +43,14 @@ impl EventWait {
     }
 }
 
-/// Who is filling a page, which decides what it does on EAGAIN.
-pub(crate) enum Caller<'a> {
-    /// The thread that reads the userfaultfd (the monitor, or the thread stopping it): nobody
-    /// else will read the queued events, so it reads them itself, into this scratch buffer (the
-    /// batch buffer is in use by the batch being handled).
-    Reader(&'a mut [UffdMsg]),
-    /// Any other thread: it waits for the monitor to read.
+/// Who is filling a page, which decides whether it may wait for another thread's bring-back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Caller {
+    /// The monitor's handler (or the thread stopping the monitor): it never waits for another
+    /// thread's bring-back of the same page (that thread may be waiting for an event the
+    /// handler has yet to handle), and leaves the page to it.
+    Monitor,
+    /// Any other thread: it waits for another thread's bring-back of the same page.
     Other,
 }
 
@@ -86,14 +86,11 @@ impl Shared {
         &self,
         page: u64,
         src: Option<*const u8>,
-        caller: &mut Caller<'_>,
     ) -> io::Result<()> {
         let mut wait = EventWait::new();
         loop {
             match self.fill_once(page, src) {
-                Err(e) if errno(&e) == Some(libc::EAGAIN) => {
-                    self.await_events(caller, &mut wait)?
-                }
+                Err(e) if errno(&e) == Some(libc::EAGAIN) => self.await_events(&mut wait)?,
                 other => return other,
             }
         }
@@ -108,48 +105,18 @@ impl Shared {
         }
     }
 
-    /// A fill met EAGAIN: lets the queued events be read (by this thread if it is the reader),
-    /// or gives up with ETIMEDOUT after [`FILL_TIMEOUT`].
-    fn await_events(&self, caller: &mut Caller<'_>, wait: &mut EventWait) -> io::Result<()> {
+    /// A fill met EAGAIN: an event is queued unread (`mmap_changing`). The monitor's reader
+    /// reads it (it never waits for anyone but the ring's room), and its thread drops
+    /// `mmap_changing` as soon as it runs again; back off until then, or give up with
+    /// ETIMEDOUT after [`FILL_TIMEOUT`].
+    fn await_events(&self, wait: &mut EventWait) -> io::Result<()> {
         bump(&self.counters.fill_eagain);
         if Instant::now() >= wait.deadline {
             return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
         }
-        let read = match caller {
-            Caller::Reader(scratch) => self.read_nested(scratch)?,
-            Caller::Other => 0,
-        };
-        if read == 0 {
-            // The event was read (or is about to be): its thread drops `mmap_changing` as soon
-            // as it runs again.
-            std::thread::sleep(wait.backoff);
-            wait.backoff = (wait.backoff * 2).min(Duration::from_millis(1));
-        }
+        std::thread::sleep(wait.backoff);
+        wait.backoff = (wait.backoff * 2).min(Duration::from_millis(1));
         Ok(())
-    }
-
-    /// On the reading thread, while a fill meets EAGAIN: reads what is queued and handles the
-    /// events; page faults are woken to fault again (they are served by the main loop, which
-    /// keeps this from recursing into another fill). Returns how many messages it read.
-    fn read_nested(&self, scratch: &mut [UffdMsg]) -> io::Result<usize> {
-        self.read_gen
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let n = self.uffd.read_msgs(scratch);
-        self.read_gen
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let n = n?;
-        for m in &scratch[..n] {
-            if m.event == uffd::EVENT_PAGEFAULT {
-                let at = m.arg[1] & !(PAGE_SIZE - 1);
-                if let Ok(r) = Range::with_len(at, PAGE_SIZE) {
-                    let _ = self.uffd.wake(r);
-                }
-            } else if let Err(e) = self.handle_event(m) {
-                // The event is completed (read); failing to invalidate for it fails closed.
-                self.fail(&format!("handling a userfaultfd event failed: {e}"));
-            }
-        }
-        Ok(n)
     }
 
     /// A missing fault at `addr`: bring the page back from its device, or zero-fill a page never
@@ -158,7 +125,7 @@ impl Shared {
         &self,
         addr: u64,
         buf: *mut u8,
-        caller: &mut Caller<'_>,
+        caller: Caller,
     ) -> Result<(), Error> {
         bump(&self.counters.missing);
         let page = addr & !(PAGE_SIZE - 1);
@@ -167,7 +134,7 @@ impl Shared {
             Back::NotOnDevice => {}
         }
         // Never migrated (or already back): a zero page; EEXIST if someone mapped it meanwhile.
-        match self.fill(page, None, caller) {
+        match self.fill(page, None) {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.wake_page(page);
@@ -196,7 +163,7 @@ impl Shared {
         &self,
         page: u64,
         buf: *mut u8,
-        caller: &mut Caller<'_>,
+        caller: Caller,
     ) -> Result<Back, Error> {
         let d = {
             let mut book = self.book();
@@ -207,7 +174,7 @@ impl Shared {
                 if book.returning.insert(page) {
                     break d;
                 }
-                if matches!(caller, Caller::Reader(_)) {
+                if caller == Caller::Monitor {
                     return Ok(Back::InFlight);
                 }
                 book = self
@@ -229,17 +196,23 @@ impl Shared {
         let still_here = || self.book().migrated.get(&page).is_some_and(|x| x.same(&d));
         let mut wait = EventWait::new();
         let landed = loop {
-            // Checked before every try: on the reading thread an UNMAP, REMOVE or REMAP of the
-            // page can only have been handled by `read_nested` in the previous round, so the
-            // old contents never land after the page was dropped or moved.
-            if !still_here() {
+            // The copy is made holding the monitor's queue, so the reader reads nothing
+            // meanwhile: every event read so far is in the ring, and one that is not read yet
+            // keeps `mmap_changing` up, which fails the copy with EAGAIN. An UNMAP, REMOVE or
+            // REMAP of the page that was read (its change made, or being made, by the thread the
+            // read released) but is not handled yet stops the copy, so the old contents never
+            // land after the page was dropped or moved. An event read after the copy changes
+            // the page after it landed, as it would have changed the page had it never left.
+            let queue = self.queue.hold();
+            if !still_here() || self.queue.pending_change(&queue, page) {
                 break Err(io::Error::from_raw_os_error(libc::ENOENT));
             }
             // SAFETY: `buf` is a page of our own, never monitored. Nobody is woken until the
             // device copy is released below, so a woken thread finds the page home for good.
             match unsafe { self.uffd.copy_page_dontwake(page, buf) } {
                 Err(e) if errno(&e) == Some(libc::EAGAIN) => {
-                    if let Err(e) = self.await_events(caller, &mut wait) {
+                    drop(queue);
+                    if let Err(e) = self.await_events(&mut wait) {
                         break Err(e);
                     }
                 }
@@ -259,7 +232,7 @@ impl Shared {
                 };
                 if mine.is_some() {
                     d.owner.discard(d.key);
-                } else if matches!(caller, Caller::Other) {
+                } else {
                     // The monitor handled a madvise of this page between our check and the
                     // copy (another thread's REMOVE is handled concurrently): its zap may
                     // already have run, so drop what we copied, as the kernel's zap would
@@ -308,7 +281,7 @@ impl Shared {
         let bounce = crate::monitor::Bounce::new().map_err(|e| source_err(range.start(), e))?;
         let mut back = 0;
         for page in pages {
-            if self.bring_back(page, bounce.ptr(), &mut Caller::Other)? == Back::Landed {
+            if self.bring_back(page, bounce.ptr(), Caller::Other)? == Back::Landed {
                 back += 1;
             }
         }

@@ -1,17 +1,32 @@
-//! The monitor thread: reads userfaultfd events and turns them into invalidations.
+//! The monitor: a reader thread that takes userfaultfd messages off the kernel's queue, and a
+//! handler thread that turns them into invalidations and resolves page faults, in order.
 //!
-//! It never touches memory it monitors: its message and page buffers live in a mapping of its
-//! own that no device ever faults (so it is never registered), and it allocates nothing while it
-//! handles an event that a device or the CPU could be waiting on. Reading an event completes it
-//! in the kernel (the munmap or madvise that caused it goes on), so events are read in batches
-//! and every one is handled; none is dropped under a burst.
+//! Reading an event completes it in the kernel: the munmap, madvise or mremap that caused it
+//! goes on as soon as its message is read (fs/userfaultfd.c `userfaultfd_ctx_read` calls
+//! `userfaultfd_event_complete`), before anything is handled. Reading and handling are
+//! therefore two threads, so that reading never waits for handling. A handler waits for the
+//! locks of the mirrors it invalidates, and the holder of such a lock may be waiting on an
+//! allocator lock held by a thread that is itself blocked in `userfaultfd_event_wait_completion`
+//! (glibc trims an arena with MADV_DONTNEED while it holds the arena's lock, and the trim raises
+//! a REMOVE event if a device faulted anywhere in that arena): with one thread that reads and
+//! handles, that was a deadlock; with a reader that only reads, the trim's event is read, the
+//! arena lock is released, and the handler gets its lock.
+//!
+//! The reader never allocates, takes no lock but the queue's (and the progress counter's), and
+//! never touches monitored memory: its read buffer and the queue's ring live in mappings of
+//! its own that no device ever faults (so they are never registered). Messages stay in the
+//! ring until handled, so a thread bringing a page back can see every event that has been read
+//! and not yet handled ([`Queue::pending_change`]). The ring holds [`RING`] messages; every
+//! unhandled message has a thread waiting on it (a faulting thread, or an event's thread until
+//! the read), so the ring fills only with that many threads blocked at once, and then the
+//! reader waits for room.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -24,45 +39,26 @@ use crate::uffd::{self, UffdMsg};
 
 /// Messages read per `read(2)`.
 const BATCH: usize = 64;
-/// Messages read per nested `read(2)` while a fill waits for queued events (`fill.rs`).
-const NESTED: usize = 16;
+/// Messages read and not yet handled, at most.
+pub(crate) const RING: usize = 1024;
+/// The `event` of a ring entry that closes an empty read: no message, only the batch count.
+const EMPTY_READ: u8 = 0;
 
-/// A page-sized bounce buffer in a mapping of its own, for bringing a page back from a device
-/// outside the monitor thread.
-pub(crate) struct Bounce(Buffers);
-
-impl Bounce {
-    pub(crate) fn new() -> io::Result<Self> {
-        Buffers::new().map(Bounce)
-    }
-
-    pub(crate) fn ptr(&self) -> *mut u8 {
-        self.0.page()
-    }
-}
-
-/// The running monitor: its thread and the eventfd that stops it.
-pub(crate) struct Monitor {
-    thread: Option<JoinHandle<()>>,
-    stop: OwnedFd,
-    shared: Arc<Shared>,
-    /// Set by the thread once it has left its event loop for good.
-    left_loop: Arc<AtomicBool>,
-}
-
-/// The monitor's private buffers, in a mapping of their own.
-struct Buffers {
+/// A private anonymous mapping of `len` bytes that the kernel never merges into a neighbour
+/// (so a device fault next door, which registers its whole VMA, never registers it).
+struct PrivateMap {
     base: *mut u8,
     len: usize,
 }
 
-// SAFETY: `Buffers` owns its private mapping outright (nothing else has the pointer), so
-// moving it to the monitor thread moves sole ownership.
-unsafe impl Send for Buffers {}
+// SAFETY: the mapping is owned outright (nothing else has the pointer); what is stored in it is
+// accessed under the rules of its owner (`Buffers`: one thread; `Queue`: its mutex).
+unsafe impl Send for PrivateMap {}
+// SAFETY: as above; shared access goes through `Queue`'s mutex.
+unsafe impl Sync for PrivateMap {}
 
-impl Buffers {
-    fn new() -> io::Result<Self> {
-        let len = PAGE_SIZE as usize + (BATCH + NESTED) * std::mem::size_of::<UffdMsg>();
+impl PrivateMap {
+    fn new(len: usize) -> io::Result<Self> {
         // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
         let p = unsafe {
             libc::mmap(
@@ -88,58 +84,219 @@ impl Buffers {
             unsafe { libc::munmap(p, len) };
             return Err(e);
         }
-        Ok(Buffers {
-            base: p.cast(),
-            len,
-        })
-    }
-
-    fn page(&self) -> *mut u8 {
-        self.base
-    }
-
-    /// The batch buffer and the scratch buffer for nested reads, disjoint.
-    fn msgs(&mut self) -> (&mut [UffdMsg], &mut [UffdMsg]) {
-        let msgs = self.base.wrapping_add(PAGE_SIZE as usize).cast::<UffdMsg>();
-        // SAFETY: the bytes after the first page hold BATCH + NESTED messages, are part of our
-        // own mapping, suitably aligned (page aligned + 4096), and only this thread uses them;
-        // `&mut self` makes the two slices the only views of them.
-        let all = unsafe { std::slice::from_raw_parts_mut(msgs, BATCH + NESTED) };
-        all.split_at_mut(BATCH)
+        Ok(PrivateMap { base: p.cast(), len })
     }
 }
 
-impl Drop for Buffers {
+impl Drop for PrivateMap {
     fn drop(&mut self) {
         // SAFETY: `base`/`len` are exactly the mapping made in `new`, unmapped once.
         unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
 
+/// The queue between the reader and the handler: a ring of messages in a mapping of its own.
+pub(crate) struct Queue {
+    state: Mutex<QueueState>,
+    /// Signalled when messages arrive, or the queue closes or fails.
+    ready: Condvar,
+    /// Signalled when the handler frees a slot.
+    room: Condvar,
+    /// `RING` messages, then `RING` bytes: whether the message ends a read's batch.
+    ring: PrivateMap,
+}
+
+pub(crate) struct QueueState {
+    /// The oldest message not yet handled (it may be being handled now).
+    head: u64,
+    /// Where the next message read goes.
+    tail: u64,
+    /// The reader has stopped: nothing more will arrive.
+    closed: bool,
+    /// The reader saw the userfaultfd fail (or a failure was injected): the handler fails
+    /// closed. Static, so the reader never allocates.
+    failure: Option<&'static str>,
+}
+
+impl Queue {
+    pub(crate) fn new() -> io::Result<Self> {
+        let len = RING * (std::mem::size_of::<UffdMsg>() + 1);
+        Ok(Queue {
+            state: Mutex::new(QueueState {
+                head: 0,
+                tail: 0,
+                closed: false,
+                failure: None,
+            }),
+            ready: Condvar::new(),
+            room: Condvar::new(),
+            ring: PrivateMap::new(len.next_multiple_of(PAGE_SIZE as usize))?,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn slot(&self, i: u64) -> (*mut UffdMsg, *mut u8) {
+        let i = (i % RING as u64) as usize;
+        let msgs = self.ring.base.cast::<UffdMsg>();
+        let ends = self
+            .ring
+            .base
+            .wrapping_add(RING * std::mem::size_of::<UffdMsg>());
+        (msgs.wrapping_add(i), ends.wrapping_add(i))
+    }
+
+    /// The entry at `i`; the caller holds the lock and `head <= i < tail`.
+    fn get(&self, _held: &QueueState, i: u64) -> (UffdMsg, bool) {
+        let (m, e) = self.slot(i);
+        // SAFETY: `slot` points into our ring mapping, aligned (page aligned base, whole
+        // messages); the lock (proved by `_held`) orders this read after the reader's write.
+        unsafe { (m.read(), e.read() != 0) }
+    }
+
+    /// Stores an entry at `tail`; the caller holds the lock and made sure there is room.
+    fn put(&self, st: &mut QueueState, m: &UffdMsg, end: bool) {
+        let (p, e) = self.slot(st.tail);
+        // SAFETY: as in `get`; the slot at `tail` is free (`tail - head < RING`).
+        unsafe {
+            p.write(*m);
+            e.write(u8::from(end));
+        }
+        st.tail += 1;
+    }
+
+    /// Whether a message read and not yet handled (the one being handled included) changes
+    /// what is mapped at `page`: an UNMAP or REMOVE over it, or a REMAP of it. A page coming
+    /// back from a device must not land there: the change was already made (or is being made)
+    /// by the thread the read released. The caller holds the lock.
+    pub(crate) fn pending_change(&self, st: &QueueState, page: u64) -> bool {
+        (st.head..st.tail).any(|i| {
+            let (m, _) = self.get(st, i);
+            match m.event {
+                uffd::EVENT_UNMAP | uffd::EVENT_REMOVE => m.arg[0] <= page && page < m.arg[1],
+                uffd::EVENT_REMAP => m.arg[0] <= page && page < m.arg[0] + m.arg[2],
+                _ => false,
+            }
+        })
+    }
+
+    /// Locks the queue: while held, the reader reads nothing, so every event that has been
+    /// read is in the ring.
+    pub(crate) fn hold(&self) -> MutexGuard<'_, QueueState> {
+        self.lock()
+    }
+
+    fn fail(&self, why: &'static str) {
+        self.lock().failure = Some(why);
+        self.ready.notify_all();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+        self.room.notify_all();
+    }
+}
+
+/// The handler's page-sized bounce buffer, in a mapping of its own.
+struct Buffers(PrivateMap);
+
+impl Buffers {
+    fn new() -> io::Result<Self> {
+        PrivateMap::new(PAGE_SIZE as usize).map(Buffers)
+    }
+
+    fn page(&self) -> *mut u8 {
+        self.0.base
+    }
+}
+
+/// The reader's read buffer, in a mapping of its own.
+struct ReadBuf(PrivateMap);
+
+impl ReadBuf {
+    fn new() -> io::Result<Self> {
+        let len = (BATCH * std::mem::size_of::<UffdMsg>()).next_multiple_of(PAGE_SIZE as usize);
+        PrivateMap::new(len).map(ReadBuf)
+    }
+
+    fn msgs(&mut self) -> &mut [UffdMsg] {
+        // SAFETY: the mapping holds at least BATCH messages, page aligned, and only the reader
+        // thread (which owns `self`) uses it; `&mut self` makes this the only view.
+        unsafe { std::slice::from_raw_parts_mut(self.0.base.cast::<UffdMsg>(), BATCH) }
+    }
+}
+
+/// A page-sized bounce buffer in a mapping of its own, for bringing a page back from a device
+/// outside the monitor.
+pub(crate) struct Bounce(Buffers);
+
+impl Bounce {
+    pub(crate) fn new() -> io::Result<Self> {
+        Buffers::new().map(Bounce)
+    }
+
+    pub(crate) fn ptr(&self) -> *mut u8 {
+        self.0.page()
+    }
+}
+
+/// The running monitor: its two threads and the eventfd that stops them.
+pub(crate) struct Monitor {
+    threads: Vec<JoinHandle<()>>,
+    stop: OwnedFd,
+    shared: Arc<Shared>,
+    /// Threads that have left their loops for good.
+    left_loop: Arc<AtomicUsize>,
+}
+
 impl Monitor {
     pub(crate) fn start(shared: Arc<Shared>) -> Result<Self, MmError> {
+        let err = |source| MmError::Monitor { source };
         // SAFETY: eventfd takes plain integer arguments and returns a new fd or -1.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
-            return Err(MmError::Monitor {
-                source: io::Error::last_os_error(),
-            });
+            return Err(err(io::Error::last_os_error()));
         }
         // SAFETY: eventfd just returned this fd; we own it.
         let stop = unsafe { OwnedFd::from_raw_fd(efd) };
         let stop_raw = stop.as_raw_fd();
-        let bufs = Buffers::new().map_err(|source| MmError::Monitor { source })?;
-        let left_loop = Arc::new(AtomicBool::new(false));
-        let (thread_shared, thread_left) = (shared.clone(), left_loop.clone());
-        let thread = std::thread::Builder::new()
+        let read_buf = ReadBuf::new().map_err(err)?;
+        let bufs = Buffers::new().map_err(err)?;
+        let left_loop = Arc::new(AtomicUsize::new(0));
+        let (reader_shared, reader_left) = (shared.clone(), left_loop.clone());
+        let reader = std::thread::Builder::new()
             .name("svmirror-uffd".into())
             .spawn(move || {
-                run(thread_shared, stop_raw, bufs);
-                thread_left.store(true, Ordering::Release);
+                read_loop(&reader_shared, stop_raw, read_buf);
+                reader_left.fetch_add(1, Ordering::AcqRel);
             })
-            .map_err(|source| MmError::Monitor { source })?;
+            .map_err(err)?;
+        let (handler_shared, handler_left) = (shared.clone(), left_loop.clone());
+        let handler = std::thread::Builder::new()
+            .name("svmirror-uffd-h".into())
+            .spawn(move || {
+                handle_loop(&handler_shared, bufs);
+                handler_left.fetch_add(1, Ordering::AcqRel);
+            });
+        let handler = match handler {
+            Ok(h) => h,
+            Err(e) => {
+                // The reader is running: stop it before giving up.
+                let m = Monitor {
+                    threads: vec![reader],
+                    stop,
+                    shared,
+                    left_loop,
+                };
+                m.stop();
+                return Err(err(e));
+            }
+        };
         Ok(Monitor {
-            thread: Some(thread),
+            threads: vec![reader, handler],
             stop,
             shared,
             left_loop,
@@ -153,37 +310,36 @@ impl Monitor {
         unsafe { libc::write(self.stop.as_raw_fd(), (&v as *const u64).cast(), 8) };
     }
 
-    /// Stops the thread and waits for it.
+    /// Stops the threads and waits for them.
     pub(crate) fn stop(mut self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a local u64 to our eventfd.
         unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        if let Some(t) = self.thread.take() {
-            // The thread's own exit may unmap or zap memory that a device fault registered
-            // (Rust's signal stack for the thread, glibc trimming its arena or its stack, when
-            // the kernel merged them into a neighbouring mapping a device faulted), and that
-            // call waits until someone reads its event. Once the thread has left its loop, read
-            // and complete events here until it is gone. No allocation in this loop: the exiting
-            // thread may hold an allocator lock while it waits.
+        let total = self.threads.len();
+        // The threads' own exit may unmap or zap memory that a device fault registered (Rust's
+        // signal stack for the thread, glibc trimming its arena or its stack), and that call
+        // waits until someone reads its event. Once both threads have left their loops, read
+        // and complete events here until they are gone. No allocation in this loop: an exiting
+        // thread may hold an allocator lock while it waits.
+        let bounce = Bounce::new().ok();
+        let mut msgs = [UffdMsg::default(); 8];
+        for t in std::mem::take(&mut self.threads) {
             let thread = t.into_pthread_t();
-            let bounce = Bounce::new().ok();
-            let mut msgs = [UffdMsg::default(); 8];
-            let mut scratch = [UffdMsg::default(); 8];
             loop {
-                // SAFETY: `thread` is the monitor's handle, owned here since `into_pthread_t`;
-                // a successful try-join ends the loop, so it is joined at most once.
+                // SAFETY: `thread` is a monitor thread's handle, owned here since
+                // `into_pthread_t`; a successful try-join ends the loop, so it is joined once.
                 let rc = unsafe { libc::pthread_tryjoin_np(thread, std::ptr::null_mut()) };
                 if rc != libc::EBUSY {
                     break;
                 }
-                let n = if self.left_loop.load(Ordering::Acquire) {
+                let n = if self.left_loop.load(Ordering::Acquire) == total {
                     self.shared.uffd.read_msgs(&mut msgs).unwrap_or(0)
                 } else {
                     0
                 };
                 for m in &msgs[..n] {
                     match &bounce {
-                        Some(b) => drain(&self.shared, m, b.ptr(), &mut scratch),
+                        Some(b) => drain(&self.shared, m, b.ptr()),
                         None if m.event == uffd::EVENT_PAGEFAULT => {
                             let at = m.arg[1] & !(PAGE_SIZE - 1);
                             if self.shared.uffd.zero_page(at).is_err() {
@@ -206,107 +362,154 @@ impl Monitor {
 /// Value written to the stop eventfd to make the monitor fail, for tests of failing closed.
 pub(crate) const INJECT_FAILURE: u64 = 1 << 32;
 
-fn run(shared: Arc<Shared>, stop: i32, mut bufs: Buffers) {
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        event_loop(&shared, stop, &mut bufs, false)
-    }));
-    match result {
-        Ok(Ok(())) => return,
-        Ok(Err(e)) => shared.fail(&e.to_string()),
-        Err(_) => shared.fail("the monitor thread panicked"),
-    }
-    // Failed closed: keep reading events so no thread stays blocked on one, until stopped.
-    let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        event_loop(&shared, stop, &mut bufs, true)
-    }));
-}
-
-fn event_loop(
-    shared: &Shared,
-    stop: i32,
-    bufs: &mut Buffers,
-    draining: bool,
-) -> Result<(), Box<dyn std::error::Error>> {
+/// The reader: polls the userfaultfd and the stop eventfd, and moves every message it reads
+/// into the queue. It reads under the queue's lock, so whoever holds that lock knows every
+/// event read so far is in the ring.
+fn read_loop(shared: &Shared, stop: i32, mut buf: ReadBuf) {
+    let queue = &shared.queue;
     let uffd = shared.uffd.raw();
+    let mut uffd_ok = true;
     loop {
         let mut fds = [
-            libc::pollfd {
-                fd: uffd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
             libc::pollfd {
                 fd: stop,
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: uffd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
-        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let nfds = if uffd_ok { 2 } else { 1 };
+        // SAFETY: `fds` is a valid array of at least `nfds` pollfds for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
         if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(e.into());
+            queue.fail("polling the userfaultfd failed");
+            uffd_ok = false;
+            continue;
         }
-        if fds[1].revents != 0 {
+        if fds[0].revents != 0 {
             let mut v: u64 = 0;
             // SAFETY: reads 8 bytes into a local u64 from our eventfd.
             unsafe { libc::read(stop, (&mut v as *mut u64).cast(), 8) };
-            if v >= INJECT_FAILURE && !draining {
-                return Err("monitor failure injected".into());
+            if v >= INJECT_FAILURE {
+                queue.fail("monitor failure injected");
+                continue;
             }
-            return Ok(());
+            queue.close();
+            return;
         }
-        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-            return Err("userfaultfd reported an error".into());
+        if fds[1].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            queue.fail("userfaultfd reported an error");
+            uffd_ok = false;
+            continue;
         }
-        loop {
-            let page = bufs.page();
-            let (msgs, scratch) = bufs.msgs();
-            // Counted as read before the read: the thread whose event this read takes off the
-            // queue wakes as the read completes, and must find the batch not yet handled.
-            shared.batch_read();
-            shared.read_gen.fetch_add(1, Ordering::AcqRel);
-            let read = shared.uffd.read_msgs(msgs);
-            shared.read_gen.fetch_add(1, Ordering::AcqRel);
-            let n = match read {
-                Ok(n) => n,
-                Err(e) => {
-                    shared.batch_handled();
-                    return Err(e.into());
-                }
-            };
-            if n == 0 {
-                shared.batch_handled();
-                break;
+        let mut st = queue.lock();
+        while RING as u64 - (st.tail - st.head) < BATCH as u64 && !st.closed {
+            st = queue.room.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+        // Counted as read before the read: the thread whose event this read takes off the
+        // queue wakes as the read completes, and must find the batch not yet handled.
+        shared.batch_read();
+        shared.read_gen.fetch_add(1, Ordering::AcqRel);
+        let read = shared.uffd.read_msgs(buf.msgs());
+        let n = match read {
+            Ok(n) => n,
+            Err(_) => {
+                queue.put(&mut st, &UffdMsg::default(), true);
+                shared.read_gen.fetch_add(1, Ordering::AcqRel);
+                drop(st);
+                queue.fail("reading the userfaultfd failed");
+                uffd_ok = false;
+                continue;
             }
-            // Every message of the batch is handled or answered, whatever happens to one of
-            // them: each was read, so each has a thread waiting on it (a faulting thread until
-            // its page is resolved or woken; an event's thread only until the read, but the
-            // devices must still lose what it changed). The first failure fails closed at once
-            // (every mirror released, every blocked faulter woken) and the rest of the batch is
-            // drained, not dropped.
-            let mut failure = None;
-            for m in &msgs[..n] {
-                if draining || failure.is_some() {
-                    drain(shared, m, page, scratch);
+        };
+        if n == 0 {
+            // Nothing after all (a faulting thread left on a signal): the batch still counts.
+            queue.put(&mut st, &UffdMsg::default(), true);
+        }
+        for (i, m) in buf.msgs()[..n].iter().enumerate() {
+            queue.put(&mut st, m, i + 1 == n);
+        }
+        shared.read_gen.fetch_add(1, Ordering::AcqRel);
+        drop(st);
+        queue.ready.notify_one();
+    }
+}
+
+/// The handler: handles the queued messages in order. A message leaves the ring only once it
+/// is handled. After a failure (a handler error, a panic, or the reader's report) it fails
+/// closed and goes on answering every message (`drain`), so no thread stays blocked on one.
+fn handle_loop(shared: &Shared, bufs: Buffers) {
+    let mut draining = false;
+    loop {
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            handle_messages(shared, &bufs, &mut draining)
+        }));
+        match r {
+            Ok(()) => return,
+            Err(_) => {
+                shared.fail("the monitor's handler panicked");
+                draining = true;
+                // The message it was handling is still at the head: it is drained next.
+            }
+        }
+    }
+}
+
+fn handle_messages(shared: &Shared, bufs: &Buffers, draining: &mut bool) {
+    let queue = &shared.queue;
+    let page = bufs.page();
+    loop {
+        let (m, end) = {
+            let mut st = queue.lock();
+            loop {
+                if let Some(why) = st.failure.take() {
+                    if !*draining {
+                        drop(st);
+                        shared.fail(why);
+                        *draining = true;
+                        st = queue.lock();
+                    }
                     continue;
                 }
-                if let Err(e) = handle(shared, m, page, scratch) {
-                    shared.fail(&e.to_string());
-                    if m.event == uffd::EVENT_PAGEFAULT {
-                        // Its thread still waits: answer it as a failed monitor does.
-                        drain(shared, m, page, scratch);
-                    }
-                    failure = Some(e);
+                if st.head < st.tail {
+                    break;
+                }
+                if st.closed {
+                    return;
+                }
+                st = queue.ready.wait(st).unwrap_or_else(PoisonError::into_inner);
+            }
+            let head = st.head;
+            queue.get(&st, head)
+        };
+        // Every message is handled or answered, whatever happens to another: each was read, so
+        // each has a thread waiting on it (a faulting thread until its page is resolved or
+        // woken; an event's thread only until the read, but the devices must still lose what
+        // it changed). The first failure fails closed at once (every mirror released, every
+        // blocked faulter woken) and the rest is drained, not dropped.
+        if m.event != EMPTY_READ {
+            if *draining {
+                drain(shared, &m, page);
+            } else if let Err(e) = handle(shared, &m, page) {
+                shared.fail(&e.to_string());
+                *draining = true;
+                if m.event == uffd::EVENT_PAGEFAULT {
+                    // Its thread still waits: answer it as a failed monitor does.
+                    drain(shared, &m, page);
                 }
             }
+        }
+        queue.lock().head += 1;
+        queue.room.notify_one();
+        if end {
             shared.batch_handled();
-            if let Some(e) = failure {
-                return Err(e.into());
-            }
         }
     }
 }
@@ -314,16 +517,16 @@ fn event_loop(
 /// After a failure: complete events without invalidating (everything is already released),
 /// and still resolve missing faults so no CPU thread hangs: bring the page back if its device
 /// can, else give it a zero page, else wake it.
-fn drain(shared: &Shared, m: &UffdMsg, page: *mut u8, scratch: &mut [UffdMsg]) {
+fn drain(shared: &Shared, m: &UffdMsg, page: *mut u8) {
     match m.event {
         uffd::EVENT_FORK => shared.handle_fork(m.arg[0] as u32),
         uffd::EVENT_PAGEFAULT
             if shared
-                .handle_missing(m.arg[1], page, &mut Caller::Reader(scratch))
+                .handle_missing(m.arg[1], page, Caller::Monitor)
                 .is_err() =>
         {
             let at = m.arg[1] & !(PAGE_SIZE - 1);
-            let _ = shared.fill(at, None, &mut Caller::Reader(scratch));
+            let _ = shared.fill(at, None);
             if let Ok(r) = svmirror_core::Range::with_len(at, PAGE_SIZE) {
                 let _ = shared.uffd.wake(r);
             }
@@ -332,16 +535,9 @@ fn drain(shared: &Shared, m: &UffdMsg, page: *mut u8, scratch: &mut [UffdMsg]) {
     }
 }
 
-fn handle(
-    shared: &Shared,
-    m: &UffdMsg,
-    page: *mut u8,
-    scratch: &mut [UffdMsg],
-) -> Result<(), svmirror_core::Error> {
+fn handle(shared: &Shared, m: &UffdMsg, page: *mut u8) -> Result<(), svmirror_core::Error> {
     match m.event {
-        uffd::EVENT_PAGEFAULT => {
-            shared.handle_missing(m.arg[1], page, &mut Caller::Reader(scratch))
-        }
+        uffd::EVENT_PAGEFAULT => shared.handle_missing(m.arg[1], page, Caller::Monitor),
         _ => shared.handle_event(m),
     }
 }

@@ -297,6 +297,8 @@ pub(crate) struct Shared {
     book: Mutex<Book>,
     failed: AtomicBool,
     pub(crate) counters: Counters,
+    /// What the monitor's reader has read and its handler not yet handled.
+    pub(crate) queue: crate::monitor::Queue,
     /// Batches of events read / fully handled by the monitor: `(read, handled)`. An SVM API
     /// call whose syscall has returned knows its event (if any) has been read, and waits until
     /// `handled` catches up with `read` before it forgets what it expected.
@@ -608,10 +610,11 @@ impl Shared {
             .0 += 1;
     }
 
-    /// The monitor finished handling the batch it read last.
+    /// The monitor finished handling the oldest batch it read and had not handled (batches
+    /// are handled in the order they were read).
     pub(crate) fn batch_handled(&self) {
         let mut p = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
-        p.1 = p.0;
+        p.1 += 1;
         drop(p);
         self.progress_cv.notify_all();
     }
@@ -792,6 +795,7 @@ impl ProcessMm {
             book: Mutex::new(Book::default()),
             failed: AtomicBool::new(false),
             counters: Counters::default(),
+            queue: crate::monitor::Queue::new().map_err(|source| MmError::Monitor { source })?,
             progress: Mutex::new((0, 0)),
             progress_cv: Condvar::new(),
             read_gen: AtomicU64::new(0),
