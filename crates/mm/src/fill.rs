@@ -82,11 +82,7 @@ fn no_mapping(e: &io::Error) -> bool {
 impl Shared {
     /// Maps `src` (a page of our own, never monitored memory) or the zero page (`None`) at the
     /// missing page `page`, retrying while an event is queued unread.
-    pub(crate) fn fill(
-        &self,
-        page: u64,
-        src: Option<*const u8>,
-    ) -> io::Result<()> {
+    pub(crate) fn fill(&self, page: u64, src: Option<*const u8>) -> io::Result<()> {
         let mut wait = EventWait::new();
         loop {
             match self.fill_once(page, src) {

@@ -84,7 +84,10 @@ impl PrivateMap {
             unsafe { libc::munmap(p, len) };
             return Err(e);
         }
-        Ok(PrivateMap { base: p.cast(), len })
+        Ok(PrivateMap {
+            base: p.cast(),
+            len,
+        })
     }
 }
 

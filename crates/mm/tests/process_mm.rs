@@ -678,3 +678,72 @@ fn migration_across_two_mappings_keeps_the_data() {
         assert_eq!(read_byte(f.buf.start() + i * PAGE + 9), 0x70 + i as u8);
     }
 }
+
+/// A subscriber whose invalidation reports that it started, then waits for `gate`: a driver
+/// whose invalidation waits for a lock that another thread holds.
+struct GatedSub {
+    entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    gate: Arc<Mutex<()>>,
+}
+
+impl svmirror_core::IntervalNotifierOps for GatedSub {
+    fn invalidate(
+        &self,
+        _ctx: &svmirror_core::InvalidateCtx<'_>,
+        _range: &svmirror_core::NotifierRange,
+    ) -> Result<svmirror_core::Pass, svmirror_core::WouldBlock> {
+        if let Some(tx) = self.entered.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+        drop(self.gate.lock().unwrap_or_else(PoisonError::into_inner));
+        Ok(svmirror_core::Pass::Done)
+    }
+}
+
+/// Events are read while the monitor is busy handling an earlier one: a thread whose munmap
+/// raised an event returns even though a driver's invalidation for an earlier event is still
+/// waiting for a lock. Whoever holds that lock may need that munmap to return first (the
+/// coherence torture test found it with glibc: a trim's MADV_DONTNEED under an arena lock
+/// raised a REMOVE, the monitor waited for a mirror lock, and the lock's holder waited for the
+/// arena lock), so reading must never wait for handling.
+///
+/// Seen failing on the old code (one monitor thread that read and handled): the second munmap
+/// never returned ("the second munmap returned while the first event's handler waited").
+#[test]
+fn events_are_read_while_a_handler_waits_for_a_lock() {
+    let _s = serial();
+    let f = fixture_far(4, 0x5a00_0000_0000);
+    let gate = Arc::new(Mutex::new(()));
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let gated = Arc::new(GatedSub {
+        entered: Mutex::new(Some(entered_tx)),
+        gate: gate.clone(),
+    });
+    let _gated_sub = f.mm.notifier().insert(page(f.buf, 0, 1), gated).unwrap();
+    let held = gate.lock().unwrap();
+    // The first munmap: its event's handler blocks in the gated subscriber.
+    assert_eq!(sys_munmap(f.buf.start(), PAGE), 0);
+    entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the first UNMAP reached the gated subscriber");
+    // The second: its thread waits in `userfaultfd_event_wait_completion` until the event is
+    // read, while the handler still waits for `gate`.
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let second = page(f.buf, 2, 1);
+    let t = std::thread::spawn(move || {
+        let rc = sys_munmap(second.start(), PAGE);
+        let _ = done_tx.send(rc);
+    });
+    let returned = done.recv_timeout(Duration::from_secs(10));
+    drop(held);
+    assert_eq!(
+        returned,
+        Ok(0),
+        "the second munmap returned while the first event's handler waited"
+    );
+    t.join().unwrap();
+    // Both are handled once the gate opens.
+    let inv = invalidations(&f.mirror, 2);
+    assert!(inv.contains(&(page(f.buf, 0, 1), Event::Unmap)), "{inv:?}");
+    assert!(inv.contains(&(page(f.buf, 2, 1), Event::Unmap)), "{inv:?}");
+}
