@@ -134,6 +134,19 @@ pub trait PageSource {
     /// Faults `range` in, writable if `write` (MADV_POPULATE_READ/WRITE). Errors:
     /// [`Error::WriteToReadOnly`], [`Error::BadAddress`], or [`Error::Source`].
     fn fault(&self, range: Range, write: bool) -> Result<()>;
+
+    /// Returns once every change to `range` that the CPU may already consider done has been
+    /// invalidated: a page source that learns of changes after they happen (svmirror-mm reads
+    /// userfaultfd events, and the kernel lets the munmap, mremap or madvise return as soon as
+    /// its event is read) waits here until its invalidations for them have run. A device that
+    /// calls this before it uses a translation (the simulated IOMMU does, per access; a runtime
+    /// does it before it submits work) never uses one that a returned munmap or mremap ended.
+    /// The default, for sources whose invalidations run before the change returns: nothing to
+    /// wait for.
+    fn settle(&self, range: Range) -> Result<()> {
+        let _ = range;
+        Ok(())
+    }
 }
 
 /// A shared page source is a page source: a backend can take `Box::new(Arc::clone(&mm))` where
@@ -149,6 +162,10 @@ impl<T: PageSource + ?Sized> PageSource for std::sync::Arc<T> {
 
     fn fault(&self, range: Range, write: bool) -> Result<()> {
         (**self).fault(range, write)
+    }
+
+    fn settle(&self, range: Range) -> Result<()> {
+        (**self).settle(range)
     }
 }
 

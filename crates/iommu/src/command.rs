@@ -87,6 +87,14 @@ pub trait PageRequestHandler: Send + Sync {
     /// Resolves `req` (maps the page) and returns `Ok` for the device to retry, or the reason it
     /// cannot, which aborts the command.
     fn page_request(&self, req: &PageRequest) -> Result<()>;
+
+    /// Called before the device uses a translation for `[iova, iova + len)`: returns once the
+    /// CPU changes there that may already have returned are invalidated
+    /// ([`svmirror_core::PageSource::settle`]). The default waits for nothing.
+    fn settle(&self, iova: u64, len: u64) -> Result<()> {
+        let _ = (iova, len);
+        Ok(())
+    }
 }
 
 /// Fault injection for tests of the failure paths (the role dmirror's FLAGS command plays).

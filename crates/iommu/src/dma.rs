@@ -226,6 +226,22 @@ impl Shared {
             if let s @ (Status::Died | Status::Hung(_)) = self.status() {
                 return Err(s.error());
             }
+            // No translation is used that a CPU change which already returned has ended: the
+            // driver waits for its invalidations of such changes first (svmirror-mm learns of
+            // a munmap only after it returns). A change returning after this point overlaps
+            // the access, which is then ordered before it.
+            let settle = relock(&self.handler).clone();
+            if let Some(h) = settle {
+                for &(iova, access) in reqs {
+                    h.settle(iova, max_len)
+                        .map_err(|e| IommuError::DeviceFault {
+                            iova,
+                            access,
+                            reason: FaultReason::NotMapped,
+                            source: Some(Box::new(e)),
+                        })?;
+                }
+            }
             let miss = match self.mmu.begin_access(reqs, max_len) {
                 Ok(g) => return Ok(g),
                 Err(miss) => miss,

@@ -337,6 +337,18 @@ impl PageRequestHandler for Resolver {
     fn page_request(&self, req: &PageRequest) -> Result<()> {
         self.resolve(req.iova, req.len, req.access == Access::Write)
     }
+
+    fn settle(&self, iova: u64, len: u64) -> Result<()> {
+        let start = iova & !(PAGE_SIZE - 1);
+        let end = iova.saturating_add(len.max(1)).next_multiple_of(PAGE_SIZE);
+        let Ok(r) = Range::new(start, end) else {
+            // Outside any address a CPU change can name: the access faults and says why.
+            return Ok(());
+        };
+        self.source
+            .settle(r)
+            .map_err(core_err("settle before a device access", r))
+    }
 }
 
 impl Resolver {

@@ -103,7 +103,8 @@ pub(crate) struct Queue {
     state: Mutex<QueueState>,
     /// Signalled when messages arrive, or the queue closes or fails.
     ready: Condvar,
-    /// Signalled when the handler frees a slot.
+    /// Signalled (to all) when the handler is done with a message: the reader waits for room,
+    /// [`Queue::settle`] for the changes it found.
     room: Condvar,
     /// `RING` messages, then `RING` bytes: whether the message ends a read's batch.
     ring: PrivateMap,
@@ -189,6 +190,33 @@ impl Queue {
     /// read is in the ring.
     pub(crate) fn hold(&self) -> MutexGuard<'_, QueueState> {
         self.lock()
+    }
+
+    /// Waits until no message read and not yet handled changes what is mapped in `[start,
+    /// end)` (an UNMAP or REMOVE over part of it, or a REMAP of part of it), or the queue
+    /// closed. A change read after this returns is one whose syscall had not returned when
+    /// this was called.
+    pub(crate) fn settle(&self, start: u64, end: u64) {
+        let overlaps = |m: &UffdMsg| match m.event {
+            uffd::EVENT_UNMAP | uffd::EVENT_REMOVE => m.arg[0] < end && start < m.arg[1],
+            uffd::EVENT_REMAP => m.arg[0] < end && start < m.arg[0] + m.arg[2],
+            _ => false,
+        };
+        let mut st = self.lock();
+        loop {
+            let last = (st.head..st.tail)
+                .rev()
+                .find(|&i| overlaps(&self.get(&st, i).0));
+            let Some(last) = last else {
+                return;
+            };
+            while st.head <= last && !st.closed {
+                st = self.room.wait(st).unwrap_or_else(PoisonError::into_inner);
+            }
+            if st.closed {
+                return;
+            }
+        }
     }
 
     fn fail(&self, why: &'static str) {
@@ -510,7 +538,7 @@ fn handle_messages(shared: &Shared, bufs: &Buffers, draining: &mut bool) {
             }
         }
         queue.lock().head += 1;
-        queue.room.notify_one();
+        queue.room.notify_all();
         if end {
             shared.batch_handled();
         }

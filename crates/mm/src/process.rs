@@ -1059,6 +1059,14 @@ impl PageSource for ProcessMm {
         Ok(())
     }
 
+    /// Waits until the monitor has handled every UNMAP, REMOVE or REMAP over `range` that it
+    /// has read (so whose syscall may have returned): see [`ProcessMm::settle`].
+    fn settle(&self, range: Range) -> Result<(), Error> {
+        self.shared.check_alive()?;
+        self.shared.queue.settle(range.start(), range.end());
+        Ok(())
+    }
+
     fn fault(&self, range: Range, write: bool) -> Result<(), Error> {
         self.shared.check_alive()?;
         // Pages living on a device come back from here, not through a kernel fault (which a
