@@ -8,22 +8,13 @@ mod common;
 
 use std::sync::Arc;
 
-use common::PAGE;
+use common::{PAGE, mm_mirror};
 use svmirror_core::{CpuPte, PageSource, Range};
 use svmirror_iommu::testing::AnonMap;
 use svmirror_iommu::{DmaCommand, IommuMirror, LeafSize, MirrorConfig, Prefetch};
 use svmirror_mm::{ProcessMm, ProcessPageSource};
 
 const TWO_MEG: u64 = 2 << 20;
-
-/// A mirror over the whole user address space whose page source is `mm`: faults register what
-/// they map with `mm`'s userfaultfd, as the dmirror device and the app's backend do.
-fn mm_mirror(mm: &Arc<ProcessMm>, config: MirrorConfig) -> IommuMirror {
-    let range = Range::new(PAGE, 1 << 47).unwrap();
-    // SAFETY: the tests touch device-written memory only through `AnonMap`'s raw pointers.
-    unsafe { IommuMirror::with_page_source(mm.notifier(), range, config, Box::new(mm.clone())) }
-        .unwrap()
-}
 
 fn read(m: &IommuMirror, src: u64, len: u64) -> (Vec<u8>, u32) {
     let c = m

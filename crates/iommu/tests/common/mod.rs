@@ -19,6 +19,15 @@ pub fn mirror_with(notifier: &Notifier, config: MirrorConfig) -> IommuMirror {
     unsafe { IommuMirror::new(notifier, range, config) }.unwrap()
 }
 
+/// A mirror over the whole user address space whose page source is `mm`: faults register what
+/// they map with `mm`'s userfaultfd, as the dmirror device and the app's backend do.
+pub fn mm_mirror(mm: &std::sync::Arc<svmirror_mm::ProcessMm>, config: MirrorConfig) -> IommuMirror {
+    let range = Range::new(PAGE, 1 << 47).unwrap();
+    // SAFETY: the tests touch device-written memory only through raw pointers.
+    unsafe { IommuMirror::with_page_source(mm.notifier(), range, config, Box::new(mm.clone())) }
+        .unwrap()
+}
+
 /// A page-aligned buffer from the Rust global allocator, touched through raw pointers only.
 pub struct RustBuf {
     ptr: *mut u8,
