@@ -157,17 +157,19 @@ impl Queue {
         let (m, e) = self.slot(i);
         // SAFETY: `slot` points into our ring mapping, aligned (page aligned base, whole
         // messages); the lock (proved by `_held`) orders this read after the reader's write.
-        unsafe { (m.read(), e.read() != 0) }
+        let msg = unsafe { m.read() };
+        // SAFETY: as above, for the entry's end-of-batch byte.
+        let end = unsafe { e.read() };
+        (msg, end != 0)
     }
 
     /// Stores an entry at `tail`; the caller holds the lock and made sure there is room.
     fn put(&self, st: &mut QueueState, m: &UffdMsg, end: bool) {
         let (p, e) = self.slot(st.tail);
         // SAFETY: as in `get`; the slot at `tail` is free (`tail - head < RING`).
-        unsafe {
-            p.write(*m);
-            e.write(u8::from(end));
-        }
+        unsafe { p.write(*m) };
+        // SAFETY: as above, for the entry's end-of-batch byte.
+        unsafe { e.write(u8::from(end)) };
         st.tail += 1;
     }
 
