@@ -70,18 +70,14 @@ fn a_device_read_after_a_plain_munmap_returned_never_uses_the_old_translation() 
     let held = gate.lock().unwrap();
     // SAFETY: a page of our own mapping that nothing refers to; the handler of its UNMAP then
     // waits in the gated subscriber.
-    assert_eq!(
-        unsafe { libc::munmap(first as *mut libc::c_void, PAGE as usize) },
-        0
-    );
+    let rc = unsafe { libc::munmap(first as *mut libc::c_void, PAGE as usize) };
+    assert_eq!(rc, 0);
     entered
         .recv_timeout(Duration::from_secs(10))
         .expect("the first UNMAP reached the gated subscriber");
     // SAFETY: as above. Its UNMAP is read (so this returns) and queued behind the first.
-    assert_eq!(
-        unsafe { libc::munmap(victim as *mut libc::c_void, PAGE as usize) },
-        0
-    );
+    let rc = unsafe { libc::munmap(victim as *mut libc::c_void, PAGE as usize) };
+    assert_eq!(rc, 0);
     assert!(
         m.mmu().translate(victim).is_some(),
         "the handler has not reached the victim's UNMAP yet"
