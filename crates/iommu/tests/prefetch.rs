@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{PAGE, mm_mirror};
-use svmirror_core::{CpuPte, PageSource, Range};
+use svmirror_core::{CpuPte, PageSource};
 use svmirror_iommu::testing::AnonMap;
 use svmirror_iommu::{DmaCommand, IommuMirror, LeafSize, MirrorConfig, Prefetch};
 use svmirror_mm::{ProcessMm, ProcessPageSource};
