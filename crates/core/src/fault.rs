@@ -143,9 +143,25 @@ pub trait PageSource {
     /// does it before it submits work) never uses one that a returned munmap or mremap ended.
     /// The default, for sources whose invalidations run before the change returns: nothing to
     /// wait for.
-    fn settle(&self, range: Range) -> Result<()> {
+    ///
+    /// Returns a position in the source's stream of changes, for
+    /// [`changed_since`](Self::changed_since).
+    fn settle(&self, range: Range) -> Result<u64> {
         let _ = range;
-        Ok(())
+        Ok(0)
+    }
+
+    /// Whether a change to `range` may have been made (and learned of) since [`settle`]
+    /// returned `since`. A device that read through a translation checks this after the read:
+    /// a read that overlapped a change the source learns of only after it is made (mremap
+    /// moves a page, then tells) may have seen the page's contents from after the move, at its
+    /// new address, and is retried. May answer `true` spuriously, never `false` wrongly. The
+    /// default: changes are invalidated before they are made, so never.
+    ///
+    /// [`settle`]: Self::settle
+    fn changed_since(&self, range: Range, since: u64) -> bool {
+        let _ = (range, since);
+        false
     }
 }
 
@@ -164,8 +180,12 @@ impl<T: PageSource + ?Sized> PageSource for std::sync::Arc<T> {
         (**self).fault(range, write)
     }
 
-    fn settle(&self, range: Range) -> Result<()> {
+    fn settle(&self, range: Range) -> Result<u64> {
         (**self).settle(range)
+    }
+
+    fn changed_since(&self, range: Range, since: u64) -> bool {
+        (**self).changed_since(range, since)
     }
 }
 

@@ -91,9 +91,20 @@ pub trait PageRequestHandler: Send + Sync {
     /// Called before the device uses a translation for `[iova, iova + len)`: returns once the
     /// CPU changes there that may already have returned are invalidated
     /// ([`svmirror_core::PageSource::settle`]). The default waits for nothing.
-    fn settle(&self, iova: u64, len: u64) -> Result<()> {
+    /// Returns a position for [`changed_since`](Self::changed_since).
+    fn settle(&self, iova: u64, len: u64) -> Result<u64> {
         let _ = (iova, len);
-        Ok(())
+        Ok(0)
+    }
+
+    /// Whether a CPU change to `[iova, iova + len)` may have been made since [`settle`]
+    /// returned `since` ([`svmirror_core::PageSource::changed_since`]): a read made through a
+    /// translation meanwhile is retried. The default: never.
+    ///
+    /// [`settle`]: Self::settle
+    fn changed_since(&self, iova: u64, len: u64, since: u64) -> bool {
+        let _ = (iova, len, since);
+        false
     }
 }
 
@@ -228,4 +239,7 @@ pub struct DmaStats {
     pub page_requests: u64,
     /// Bytes moved.
     pub bytes: u64,
+    /// Reads made again because a CPU change the driver learns of only after it is made
+    /// overlapped them ([`PageRequestHandler::changed_since`]).
+    pub reads_retried: u64,
 }

@@ -311,10 +311,30 @@ impl Shared {
                 let mut data = vec![0u8; len as usize];
                 let mut done = 0;
                 while done < len {
-                    let g = self.access(&[(src + done, Access::Read)], len - done, &mut c)?;
+                    let (at, want) = (src + done, len - done);
+                    let handler = relock(&self.handler).clone();
+                    let since = match &handler {
+                        Some(h) => h.settle(at, want).map_err(|e| IommuError::DeviceFault {
+                            iova: at,
+                            access: Access::Read,
+                            reason: FaultReason::NotMapped,
+                            source: Some(Box::new(e)),
+                        })?,
+                        None => 0,
+                    };
+                    let g = self.access(&[(at, Access::Read)], want, &mut c)?;
                     let part = &mut data[done as usize..(done + g.len) as usize];
                     self.pins.read(g.target(0), part)?;
-                    done += g.len;
+                    let n = g.len;
+                    drop(g);
+                    // A read that overlapped a CPU change the driver learns of only after it is
+                    // made (mremap moves the page, then tells) may have seen the page after the
+                    // move, through its new address: read again, after the change.
+                    if handler.is_some_and(|h| h.changed_since(at, n, since)) {
+                        self.stat(|s| s.reads_retried += 1);
+                        continue;
+                    }
+                    done += n;
                     self.touch();
                 }
                 c.data = data;

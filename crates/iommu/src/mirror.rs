@@ -333,21 +333,30 @@ fn core_err(op: &'static str, range: Range) -> impl FnOnce(svmirror_core::Error)
     move |source| IommuError::Core { op, range, source }
 }
 
+/// The pages `[iova, iova + len)` touches, if that is a range at all.
+fn pages_of(iova: u64, len: u64) -> Option<Range> {
+    let start = iova & !(PAGE_SIZE - 1);
+    let end = iova.saturating_add(len.max(1)).next_multiple_of(PAGE_SIZE);
+    Range::new(start, end).ok()
+}
+
 impl PageRequestHandler for Resolver {
     fn page_request(&self, req: &PageRequest) -> Result<()> {
         self.resolve(req.iova, req.len, req.access == Access::Write)
     }
 
-    fn settle(&self, iova: u64, len: u64) -> Result<()> {
-        let start = iova & !(PAGE_SIZE - 1);
-        let end = iova.saturating_add(len.max(1)).next_multiple_of(PAGE_SIZE);
-        let Ok(r) = Range::new(start, end) else {
+    fn settle(&self, iova: u64, len: u64) -> Result<u64> {
+        let Some(r) = pages_of(iova, len) else {
             // Outside any address a CPU change can name: the access faults and says why.
-            return Ok(());
+            return Ok(0);
         };
         self.source
             .settle(r)
             .map_err(core_err("settle before a device access", r))
+    }
+
+    fn changed_since(&self, iova: u64, len: u64, since: u64) -> bool {
+        pages_of(iova, len).is_some_and(|r| self.source.changed_since(r, since))
     }
 }
 

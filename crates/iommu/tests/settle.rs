@@ -107,3 +107,60 @@ fn a_device_read_after_a_plain_munmap_returned_never_uses_the_old_translation() 
     assert!(m.mmu().translate(victim).is_none());
     assert_eq!(m.violations().1, 0);
 }
+
+/// A mremap moves the page first and tells afterwards (mm/mremap.c: `move_vma`, then the REMAP
+/// event in `mremap_userfaultfd_complete`), so a device read in flight across it may see the
+/// page's contents written after the move, through its new address. The DMA engine therefore
+/// asks, after each read, whether a change over the range was learned of since it settled
+/// (`changed_since`), and reads again if so. This checks the answer against the real kernel:
+/// an unrelated change is not reported, a mremap of the range is, as soon as it returned.
+///
+/// Seen failing with the trait's default (`changed_since` always false): "the mremap that
+/// returned after settle is reported". Before the re-read, the coherence torture test (seed 2,
+/// plain mremap in the mix) saw device reads return tags that were never live at the address
+/// read ("stale-read-pruned").
+#[test]
+fn a_mremap_after_settle_is_reported_as_a_change() {
+    use svmirror_core::PageSource;
+    let mm = Arc::new(ProcessMm::new().expect("userfaultfd available (run as root)"));
+    let b = AnonMap::aligned(8 * PAGE as usize, 8 * PAGE as usize).unwrap();
+    b.fill(1);
+    let (watched, other) = (
+        Range::with_len(b.addr(), 4 * PAGE).unwrap(),
+        Range::with_len(b.addr() + 6 * PAGE, PAGE).unwrap(),
+    );
+    // Registered for events, as a device fault would.
+    mm.area(watched.start(), b.addr() + b.len() as u64).unwrap();
+    let since = mm.settle(watched).unwrap();
+    assert!(!mm.changed_since(watched, since), "nothing changed yet");
+    // SAFETY: a page of our own mapping that nothing refers to.
+    let rc = unsafe { libc::munmap(other.start() as *mut libc::c_void, PAGE as usize) };
+    assert_eq!(rc, 0);
+    let _ = mm.settle(other).unwrap();
+    assert!(
+        !mm.changed_since(watched, since),
+        "a munmap beside the range is not a change to it"
+    );
+    let dest = AnonMap::aligned(4 * PAGE as usize, 4 * PAGE as usize).unwrap();
+    // SAFETY: moves our own pages over `dest`'s mapping, which nothing refers to; `dest` is
+    // forgotten (its range holds the moved pages now) and unmapped below.
+    let p = unsafe {
+        libc::mremap(
+            watched.start() as *mut libc::c_void,
+            watched.len() as usize,
+            watched.len() as usize,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            dest.addr() as *mut libc::c_void,
+        )
+    };
+    assert_eq!(p as u64, dest.addr());
+    let moved = dest.addr();
+    std::mem::forget(dest);
+    assert!(
+        mm.changed_since(watched, since),
+        "the mremap that returned after settle is reported"
+    );
+    // SAFETY: the moved pages are ours and nothing refers to them.
+    let rc = unsafe { libc::munmap(moved as *mut libc::c_void, watched.len() as usize) };
+    assert_eq!(rc, 0);
+}

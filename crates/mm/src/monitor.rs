@@ -178,14 +178,7 @@ impl Queue {
     /// back from a device must not land there: the change was already made (or is being made)
     /// by the thread the read released. The caller holds the lock.
     pub(crate) fn pending_change(&self, st: &QueueState, page: u64) -> bool {
-        (st.head..st.tail).any(|i| {
-            let (m, _) = self.get(st, i);
-            match m.event {
-                uffd::EVENT_UNMAP | uffd::EVENT_REMOVE => m.arg[0] <= page && page < m.arg[1],
-                uffd::EVENT_REMAP => m.arg[0] <= page && page < m.arg[0] + m.arg[2],
-                _ => false,
-            }
-        })
+        (st.head..st.tail).any(|i| changes(&self.get(st, i).0, page, page + PAGE_SIZE))
     }
 
     /// Locks the queue: while held, the reader reads nothing, so every event that has been
@@ -198,27 +191,35 @@ impl Queue {
     /// end)` (an UNMAP or REMOVE over part of it, or a REMAP of part of it), or the queue
     /// closed. A change read after this returns is one whose syscall had not returned when
     /// this was called.
-    pub(crate) fn settle(&self, start: u64, end: u64) {
-        let overlaps = |m: &UffdMsg| match m.event {
-            uffd::EVENT_UNMAP | uffd::EVENT_REMOVE => m.arg[0] < end && start < m.arg[1],
-            uffd::EVENT_REMAP => m.arg[0] < end && start < m.arg[0] + m.arg[2],
-            _ => false,
-        };
+    ///
+    /// Returns the count of messages read so far, for [`Queue::changed_since`].
+    pub(crate) fn settle(&self, start: u64, end: u64) -> u64 {
         let mut st = self.lock();
         loop {
             let last = (st.head..st.tail)
                 .rev()
-                .find(|&i| overlaps(&self.get(&st, i).0));
+                .find(|&i| changes(&self.get(&st, i).0, start, end));
             let Some(last) = last else {
-                return;
+                return st.tail;
             };
             while st.head <= last && !st.closed {
                 st = self.room.wait(st).unwrap_or_else(PoisonError::into_inner);
             }
             if st.closed {
-                return;
+                return st.tail;
             }
         }
+    }
+
+    /// Whether a message read since `since` (a count from [`Queue::settle`]) changes what is
+    /// mapped in `[start, end)`. Handled messages stay readable in the ring until it wraps;
+    /// past that the answer is a conservative `true`.
+    pub(crate) fn changed_since(&self, since: u64, start: u64, end: u64) -> bool {
+        let st = self.lock();
+        if st.tail.saturating_sub(since) > RING as u64 - BATCH as u64 {
+            return true;
+        }
+        (since..st.tail).any(|i| changes(&self.get(&st, i).0, start, end))
     }
 
     fn fail(&self, why: &'static str) {
@@ -230,6 +231,16 @@ impl Queue {
         self.lock().closed = true;
         self.ready.notify_all();
         self.room.notify_all();
+    }
+}
+
+/// Whether `m` changes what is mapped in `[start, end)`: an UNMAP or REMOVE over part of it,
+/// or a REMAP of part of it.
+fn changes(m: &UffdMsg, start: u64, end: u64) -> bool {
+    match m.event {
+        uffd::EVENT_UNMAP | uffd::EVENT_REMOVE => m.arg[0] < end && start < m.arg[1],
+        uffd::EVENT_REMAP => m.arg[0] < end && start < m.arg[0].saturating_add(m.arg[2]),
+        _ => false,
     }
 }
 

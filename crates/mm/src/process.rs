@@ -1060,11 +1060,18 @@ impl PageSource for ProcessMm {
     }
 
     /// Waits until the monitor has handled every UNMAP, REMOVE or REMAP over `range` that it
-    /// has read (so whose syscall may have returned): see [`ProcessMm::settle`].
-    fn settle(&self, range: Range) -> Result<(), Error> {
+    /// has read (so whose syscall may have returned).
+    fn settle(&self, range: Range) -> Result<u64, Error> {
         self.shared.check_alive()?;
-        self.shared.queue.settle(range.start(), range.end());
-        Ok(())
+        Ok(self.shared.queue.settle(range.start(), range.end()))
+    }
+
+    /// Whether the monitor has read an UNMAP, REMOVE or REMAP over `range` since
+    /// [`settle`](PageSource::settle) returned `since`.
+    fn changed_since(&self, range: Range, since: u64) -> bool {
+        self.shared
+            .queue
+            .changed_since(since, range.start(), range.end())
     }
 
     fn fault(&self, range: Range, write: bool) -> Result<(), Error> {
