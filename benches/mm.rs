@@ -45,6 +45,7 @@ mod sys {
     pub const MAP_FAILED: *mut c_void = !0 as *mut c_void;
     pub const MADV_NOHUGEPAGE: c_int = 15;
     pub const MADV_POPULATE_WRITE: c_int = 23;
+    pub const MADV_DONTNEED: c_int = 4;
 
     unsafe extern "C" {
         pub unsafe fn mmap(
@@ -400,5 +401,83 @@ fn munmap_2m(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, snapshot_populated, fault_in_unpopulated, munmap_2m);
+/// madvise(MADV_DONTNEED) of a 2 MiB mirrored range, refilled before each sample: plain with
+/// no monitor, plain with the monitor seeing it (the syscall waits until the REMOVE is read),
+/// and through the SVM API (invalidation bracketed around the syscall, the one way a DONTNEED
+/// is exact for every device), in the same run. The README's coherence table quotes these.
+fn madvise_2m(c: &mut Criterion) {
+    let mut g = c.benchmark_group("mm_madvise_dontneed_2m");
+    g.sample_size(50).measurement_time(Duration::from_secs(3));
+    let refill = |r: Range| {
+        // SAFETY: populating our own mapping.
+        let rc = unsafe {
+            sys::madvise(
+                r.start() as *mut c_void,
+                r.len() as usize,
+                sys::MADV_POPULATE_WRITE,
+            )
+        };
+        assert_eq!(rc, 0);
+    };
+    let plain = |r: Range| {
+        // SAFETY: the range is a mapping this benchmark made and nothing refers into it.
+        let rc = unsafe {
+            sys::madvise(
+                r.start() as *mut c_void,
+                r.len() as usize,
+                sys::MADV_DONTNEED,
+            )
+        };
+        assert_eq!(rc, 0);
+    };
+    let r = populated_2m();
+    g.bench_function("without_monitor", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                refill(r);
+                let t = std::time::Instant::now();
+                plain(r);
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    unmap(r);
+    let mm = svmirror::mm::ProcessMm::new().unwrap();
+    let mirror = Arc::new(TestMirror::new(Owner(3)));
+    let r = populated_2m();
+    let sub = mm.notifier().insert(r, mirror.clone()).unwrap();
+    for (name, api) in [("with_monitor", false), ("svm_api", true)] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    refill(r);
+                    mirror.fault(&sub, &mm, r, true).unwrap();
+                    let t = std::time::Instant::now();
+                    if api {
+                        // SAFETY: nothing refers into the range.
+                        unsafe { mm.madvise(r, svmirror::mm::Advice::DontNeed).unwrap() };
+                    } else {
+                        plain(r);
+                    }
+                    total += t.elapsed();
+                }
+                total
+            })
+        });
+    }
+    drop(sub);
+    unmap(r);
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    snapshot_populated,
+    fault_in_unpopulated,
+    munmap_2m,
+    madvise_2m
+);
 criterion_main!(benches);
