@@ -3,13 +3,17 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use svmirror_core::{Error, Owner, PAGE_SIZE};
+use svmirror_core::{Error, Owner, PAGE_SIZE, Range};
 use svmirror_mm::DevicePages;
 
 #[derive(Default)]
 pub struct FakeVram {
     pub pages: Mutex<BTreeMap<u64, Vec<u8>>>,
+    /// While set, every `copy_back` fails (a device that cannot give its pages back), and the
+    /// device keeps its copy.
+    pub fail_copy_back: AtomicBool,
 }
 
 impl DevicePages for FakeVram {
@@ -24,6 +28,12 @@ impl DevicePages for FakeVram {
         Ok(())
     }
     fn copy_back(&self, addr: u64, dst: *mut u8) -> Result<(), Error> {
+        if self.fail_copy_back.load(Ordering::SeqCst) {
+            return Err(Error::Source {
+                range: Range::with_len(addr, PAGE_SIZE).unwrap_or(Range::FULL),
+                source: Box::new(std::io::Error::from_raw_os_error(libc::EIO)),
+            });
+        }
         let pages = self.pages.lock().unwrap();
         let v = pages.get(&addr).ok_or(Error::BadAddress { addr })?;
         // SAFETY: `dst` is writable for a page (trait contract); the copy stays until discard.
