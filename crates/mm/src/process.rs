@@ -35,10 +35,11 @@
 //!
 //! # Failing closed
 //!
-//! If the monitor thread fails (a read error on the userfaultfd, a panic in a callback), it
-//! releases the notifier (every subscription invalidated with `Release`), closes the
-//! userfaultfd so no thread stays blocked on an unread event, and every later fault is refused
-//! with [`Error::Released`].
+//! If the monitor fails (a read error on the userfaultfd, a failing or panicking handler), it
+//! releases the notifier (every subscription invalidated with `Release`) and every later
+//! device fault is refused with [`Error::Released`]. It goes on reading and answering every
+//! message (events are completed, missing faults resolved or woken), so no thread stays
+//! blocked on the userfaultfd; the descriptor is closed when the `ProcessMm` is dropped.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -207,7 +208,8 @@ struct Expected {
 pub(crate) struct Book {
     /// Spans registered with the userfaultfd: start → (end, read generation when registered).
     registered: BTreeMap<u64, (u64, u64)>,
-    /// Spans userfaultfd refused: start → (end, read generation).
+    /// Mapping extents userfaultfd refused, as counted: start → (end, 1 if counted as mirrored
+    /// without events). Never used to answer a fault (see `ensure_registered`).
     refused: BTreeMap<u64, (u64, u64)>,
     /// Windows where a huge page was seen: aligned start → size.
     huge: BTreeMap<u64, u64>,
@@ -439,16 +441,11 @@ impl Shared {
                     .next_back()
                     .is_some_and(|(_, &(end, _))| end >= want.end())
             };
+            // Refusals are not answered from their records: a mapping we could not register
+            // sends us no event when it goes, so a record cannot tell whether the mapping at
+            // this address now is the one refused. Registration is tried again every time.
             if known(&book.registered) {
                 return Ok(());
-            }
-            if known(&book.refused) {
-                drop(book);
-                return self.unregistrable_outcome(
-                    want,
-                    io::Error::from_raw_os_error(libc::EINVAL),
-                    false,
-                );
             }
         }
         let generation = self.read_gen.load(Ordering::Acquire);
@@ -523,7 +520,7 @@ impl Shared {
             }
             match err.raw_os_error() {
                 Some(libc::EINVAL | libc::EBUSY) if tries > 0 => {
-                    return self.unregistrable_outcome(want, err, true);
+                    return self.unregistrable_outcome(want, err);
                 }
                 _ if tries < REGISTER_TRIES => {
                     // Possibly replaced by a mapping of the same extent meanwhile: once more.
@@ -545,20 +542,33 @@ impl Shared {
     }
 
     /// A mapping userfaultfd cannot register: refused, or mirrored without events, as the
-    /// caller chose. `new` says whether this is news (to record and count) or a fresh record.
-    fn unregistrable_outcome(&self, want: Range, err: io::Error, new: bool) -> Result<(), Error> {
+    /// caller chose. Counted once per mapping extent (and once more as mirrored without events
+    /// when the policy makes it so), with `Book::refused` recording what was counted.
+    fn unregistrable_outcome(&self, want: Range, err: io::Error) -> Result<(), Error> {
         let policy = self.unregistrable_policy();
+        let mirrored = policy == Unregistrable::MirrorWithoutEvents;
+        let (new, newly_mirrored) = {
+            let mut book = self.book();
+            let known = book
+                .refused
+                .get(&want.start())
+                .copied()
+                .filter(|&(end, _)| end == want.end());
+            let new = known.is_none();
+            let newly_mirrored = mirrored && known.is_none_or(|(_, m)| m == 0);
+            if new || newly_mirrored {
+                carve_gen(&mut book.refused, want.start(), want.end());
+                book.refused
+                    .insert(want.start(), (want.end(), u64::from(mirrored)));
+            }
+            (new, newly_mirrored)
+        };
         if new {
             tracing::debug!(range = %want, %err, ?policy, "userfaultfd cannot register this mapping");
-            let generation = self.read_gen.load(Ordering::Acquire);
-            let mut book = self.book();
-            carve_gen(&mut book.refused, want.start(), want.end());
-            book.refused.insert(want.start(), (want.end(), generation));
-            drop(book);
             bump(&self.counters.unregistrable);
-            if policy == Unregistrable::MirrorWithoutEvents {
-                bump(&self.counters.without_events);
-            }
+        }
+        if newly_mirrored {
+            bump(&self.counters.without_events);
         }
         match policy {
             Unregistrable::MirrorWithoutEvents => Ok(()),

@@ -1,162 +1,29 @@
 //! Regression tests against the real kernel for the event-path defects of issue 15: expectations
 //! that outlived the SVM API call and swallowed later real events (defect 4), the API mremap
 //! invalidating a range that still exists when it grows in place (defect 7), mappings another
-//! userfaultfd owns mirrored silently without events (defect 5), and a failing message leaving
-//! the other blocked faulters unanswered (defect 2).
+//! userfaultfd owns mirrored silently without events (defect 5), a failing message leaving
+//! the other blocked faulters unanswered (defect 2), and a page brought back from a device while
+//! an event is queued (defect 1).
 //!
 //! Every test here was run on the code before the fixes (c326c91) and the failure it gave there
 //! is quoted in its documentation.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use svmirror_core::testing::TestMirror;
-use svmirror_core::{Error, Event, Owner, PAGE_SIZE, PageSource, Range};
-use svmirror_mm::{MmError, ProcessMm, Protection, Unregistrable};
+use svmirror_core::{Error, Event, Owner, PageSource, Range};
+use svmirror_mm::{MmError, ProcessMm, Unregistrable};
+
+#[path = "support/fixture.rs"]
+mod fixture;
+use fixture::*;
 
 #[path = "support/vram.rs"]
 mod vram;
 use vram::FakeVram;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-const PAGE: u64 = PAGE_SIZE;
-
-/// A process mm, a buffer of private anonymous pages, a mirror subscribed to it and faulted in
-/// writable (which registers the buffer's VMA for events).
-struct Fixture {
-    mm: ProcessMm,
-    buf: Range,
-    mirror: Arc<TestMirror>,
-    sub: svmirror_core::Subscription,
-}
-
-fn fixture(pages: u64) -> Fixture {
-    let mm = ProcessMm::new().expect("userfaultfd available");
-    let buf = mm
-        .mmap_anonymous(pages * PAGE, Protection::READ_WRITE)
-        .unwrap();
-    fixture_with(mm, buf)
-}
-
-/// A fixture whose buffer sits at `hint`, far below everything else the process maps, with
-/// nothing mapped for as long again after it (so it can grow in place).
-fn fixture_far(pages: u64, hint: u64) -> Fixture {
-    let mm = ProcessMm::new().expect("userfaultfd available");
-    let p = sys_mmap(
-        hint,
-        pages * PAGE,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_FIXED_NOREPLACE,
-    );
-    assert_eq!(p, hint, "address {hint:#x} is free in a test process");
-    let buf = Range::with_len(hint, pages * PAGE).unwrap();
-    let after = Range::with_len(buf.end(), buf.len()).unwrap();
-    let next = svmirror_mm::ProcessPageSource::new()
-        .unwrap()
-        .mapping(after.start())
-        .unwrap();
-    assert!(
-        next.is_none_or(|m| m.range.start() >= after.end()),
-        "room after the buffer: {next:?}"
-    );
-    fixture_with(mm, buf)
-}
-
-fn fixture_with(mm: ProcessMm, buf: Range) -> Fixture {
-    assert_eq!(
-        sys_madvise(buf.start(), buf.len(), libc::MADV_NOHUGEPAGE),
-        0
-    );
-    let mirror = Arc::new(TestMirror::new(Owner(0x5eed)));
-    let sub = mm.notifier().insert(buf, mirror.clone()).unwrap();
-    mirror.fault(&sub, &mm, buf, true).unwrap();
-    assert_eq!(mirror.table.lock().entries.len() as u64, buf.pages());
-    Fixture {
-        mm,
-        buf,
-        mirror,
-        sub,
-    }
-}
-
-impl Fixture {
-    /// Faults the whole buffer into the mirror again, then forgets every invalidation seen so
-    /// far: the state in which a later change must reach the device.
-    fn refault_and_forget(&self) {
-        self.mirror
-            .fault(&self.sub, &self.mm, self.buf, true)
-            .unwrap();
-        let mut t = self.mirror.table.lock();
-        assert_eq!(t.entries.len() as u64, self.buf.pages());
-        t.invalidations.clear();
-    }
-}
-
-/// `madvise` on test memory, which Rust code only touches through raw pointers.
-fn sys_madvise(addr: u64, len: u64, advice: i32) -> i32 {
-    // SAFETY: test buffers hold no Rust objects and nothing refers into them.
-    unsafe { libc::madvise(addr as *mut _, len as usize, advice) }
-}
-
-/// `munmap` of test memory, which Rust code only touches through raw pointers.
-fn sys_munmap(addr: u64, len: u64) -> i32 {
-    // SAFETY: as for `sys_madvise`.
-    unsafe { libc::munmap(addr as *mut _, len as usize) }
-}
-
-/// Anonymous `mmap` with `flags` added to MAP_PRIVATE | MAP_ANONYMOUS at `hint`; returns the
-/// address or `u64::MAX`.
-fn sys_mmap(hint: u64, len: u64, prot: i32, flags: i32) -> u64 {
-    // SAFETY: a new mapping; with MAP_FIXED_NOREPLACE (or no MAP_FIXED) it replaces nothing.
-    let p = unsafe {
-        libc::mmap(
-            hint as *mut _,
-            len as usize,
-            prot,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        u64::MAX
-    } else {
-        p as u64
-    }
-}
-
-fn write_byte(addr: u64, v: u8) {
-    // SAFETY: test buffers are mapped read-write and touched only through raw pointers.
-    unsafe { std::ptr::write_volatile(addr as *mut u8, v) }
-}
-
-fn read_byte(addr: u64) -> u8 {
-    // SAFETY: as above, for reads.
-    unsafe { std::ptr::read_volatile(addr as *const u8) }
-}
-
-/// Waits until the mirror has seen `n` invalidations (events are handled on the monitor thread
-/// after the syscall returns; the deadline only turns a lost event into a failure), then
-/// returns them.
-fn invalidations(m: &TestMirror, n: usize) -> Vec<(Range, Event)> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = m.table.lock().invalidations.clone();
-        if got.len() >= n || Instant::now() > deadline {
-            // Give a duplicate the chance to show up before we say "exactly".
-            std::thread::sleep(Duration::from_millis(20));
-            return m.table.lock().invalidations.clone();
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
 
 /// A plain munmap of the whole buffer (made after an SVM API call on it) must reach the
 /// mirror as one `Unmap` and take every entry away.
@@ -529,27 +396,19 @@ fn a_failing_copy_back_fails_closed_and_answers_every_blocked_fault() {
     );
 }
 
-/// Found while writing the defect 5 test, and NOT fixed: a refusal record outlives its mapping.
+/// A refusal is not remembered past its mapping (found while writing the defect 5 test).
 ///
-/// A mapping another userfaultfd owns is refused (as it should be) and recorded in
-/// `Book::refused`. That record is dropped only by an UNMAP or REMAP event on svmirror's own
-/// userfaultfd (or by the API's own munmap), and a mapping svmirror could not register never
-/// sends it one. So after the program munmaps that mapping and maps fresh, ordinary anonymous
-/// memory at the same address, `ensure_registered` still finds the record and answers from it:
-/// the fresh mapping is refused (with a made-up EINVAL), and with
-/// `Unregistrable::MirrorWithoutEvents` it is mirrored without events and not even counted, so
-/// its munmap leaves the device with stale entries: the very thing defect 5 set out to prevent.
+/// A mapping another userfaultfd owns is refused (as it should be). A mapping svmirror could
+/// not register sends it no event when it goes, so after the program munmaps it and maps
+/// fresh, ordinary anonymous memory at the same address, nothing tells svmirror the refusal no
+/// longer applies. `ensure_registered` therefore never answers from a refusal record: a device
+/// fault on the fresh mapping registers it, and its munmap reaches the mirror.
 ///
-/// Checks what should happen: a device fault on the fresh mapping registers it, and its munmap
-/// reaches the mirror.
-///
-/// Fails on the current code: `a fresh mapping where a refused one was is registered: Err(Source
-/// { .., source: Register { .., source: Os { code: 22, kind: InvalidInput, .. } } })`.
-/// Ignored until `ensure_registered` checks that a refusal record still describes the mapping
-/// (the old code tied every record to the read generation; the new one stores it and ignores
-/// it for refusals).
+/// Seen failing when refusals were answered from `Book::refused`: "a fresh mapping where a
+/// refused one was is registered: Err(Source { .., source: Register { .., source: Os { code:
+/// 22, kind: InvalidInput, .. } } })" (and with `Unregistrable::MirrorWithoutEvents` the fresh
+/// mapping was mirrored without events, uncounted).
 #[test]
-#[ignore = "known bug, not fixed here: a refusal record outlives its mapping (see the doc)"]
 fn a_refusal_record_does_not_outlive_its_mapping() {
     let _s = serial();
     let mm = ProcessMm::new().expect("userfaultfd available");
@@ -576,4 +435,89 @@ fn a_refusal_record_does_not_outlive_its_mapping() {
     assert_eq!(sys_munmap(a.start(), a.len()), 0);
     assert_eq!(invalidations(&mirror, 1), vec![(a, Event::Unmap)]);
     assert!(mirror.table.lock().entries.is_empty());
+}
+
+/// The kernel wait channel of thread `tid` of this process.
+fn wchan(tid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan")).unwrap_or_default()
+}
+
+/// Defect 1 (issue 15): a page brought back from a device while another thread's munmap event
+/// is queued keeps its bytes, and the mm stays up.
+///
+/// The monitor's handler is held on one munmap's UNMAP (a gated subscriber); a second munmap is
+/// made meanwhile, so its event is queued; then `migrate_to_ram` brings a migrated page back.
+/// The kernel refuses UFFDIO_COPY with EAGAIN while an event is queued unread
+/// (fs/userfaultfd.c, `mmap_changing`). Now the monitor's reader takes the event off the queue
+/// at once, and a copy that still meets EAGAIN releases nothing and tries again; the device
+/// copy is released only after the copy landed.
+///
+/// Seen failing on the old code (c326c91), where the one monitor thread was stuck in the
+/// handler and never read the second event, and `bring_back` freed the device copy before the
+/// copy: "brought back while an event was queued", `left: Err(Core(Source { range:
+/// 0x280000005000..0x280000006000, source: Os { code: 11, kind: WouldBlock, .. } }))`, with the
+/// device copy already released.
+#[test]
+fn a_page_brought_back_while_an_event_is_queued_keeps_its_bytes() {
+    let _s = serial();
+    let f = fixture_far(8, 0x2800_0000_0000);
+    let migrated = page(f.buf, 5, 1);
+    write_byte(migrated.start() + 9, 0x5a);
+    let vram = Arc::new(FakeVram::default());
+    assert_eq!(f.mm.migrate_to_device(migrated, vram.clone()).unwrap(), 1);
+
+    let gate = Arc::new(Mutex::new(()));
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let gated = Arc::new(GatedSub {
+        entered: Mutex::new(Some(entered_tx)),
+        gate: gate.clone(),
+    });
+    let _gated_sub = f.mm.notifier().insert(page(f.buf, 0, 1), gated).unwrap();
+    let held = gate.lock().unwrap();
+    assert_eq!(sys_munmap(f.buf.start(), PAGE), 0);
+    entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the first UNMAP reached the gated subscriber");
+    // The second munmap, from another thread: its event is queued while the handler waits.
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let second = page(f.buf, 2, 1);
+    let t = std::thread::spawn(move || {
+        // SAFETY: gettid takes no arguments.
+        let _ = tid_tx.send(unsafe { libc::gettid() });
+        let _ = done_tx.send(sys_munmap(second.start(), PAGE));
+    });
+    let tid = tid_rx.recv().unwrap();
+    // Either the munmap returned (its event was read) or its thread waits for the read.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut returned = None;
+    while returned.is_none() && !wchan(tid).contains("userfaultfd_event_wait_completion") {
+        assert!(
+            Instant::now() < deadline,
+            "the second munmap neither returned nor waited"
+        );
+        returned = done.try_recv().ok();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    let back = f.mm.migrate_to_ram(migrated);
+    drop(held);
+    let rc = returned.unwrap_or_else(|| done.recv_timeout(Duration::from_secs(10)).unwrap());
+    assert_eq!(rc, 0);
+    t.join().unwrap();
+    assert_eq!(
+        back.map_err(|e| format!("{e:?}")),
+        Ok(1),
+        "brought back while an event was queued"
+    );
+    assert_eq!(
+        read_byte(migrated.start() + 9),
+        0x5a,
+        "the page kept its bytes"
+    );
+    assert!(
+        !vram.holds(migrated.start()),
+        "the device copy was released"
+    );
+    assert!(!f.mm.is_failed());
 }

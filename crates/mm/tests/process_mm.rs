@@ -2,146 +2,20 @@
 //! with the right range and reason, the SVM API is coherent before it returns, migration round
 //! trips keep the data, and a failing monitor fails closed.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use svmirror_core::testing::TestMirror;
-use svmirror_core::{
-    Error, Event, FaultRequest, Owner, PAGE_SIZE, PageSource, Range, entry, range_fault,
-};
+use svmirror_core::{Error, Event, FaultRequest, Owner, PageSource, Range, entry, range_fault};
 use svmirror_mm::{Advice, DevicePages, MmError, ProcessMm, Protection};
+
+#[path = "support/fixture.rs"]
+mod fixture;
+use fixture::*;
 
 #[path = "support/vram.rs"]
 mod vram;
 use vram::FakeVram;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-const PAGE: u64 = PAGE_SIZE;
-
-/// A process mm, a buffer of `pages` private anonymous pages, a mirror subscribed to it and
-/// faulted in writable (which registers the buffer's VMA for events).
-struct Fixture {
-    mm: ProcessMm,
-    buf: Range,
-    mirror: Arc<TestMirror>,
-    sub: svmirror_core::Subscription,
-}
-
-fn fixture(pages: u64) -> Fixture {
-    let mm = ProcessMm::new().expect("userfaultfd available");
-    let buf = mm
-        .mmap_anonymous(pages * PAGE, Protection::READ_WRITE)
-        .unwrap();
-    fixture_with(mm, buf)
-}
-
-/// A fixture whose buffer sits far below everything else the process maps, so no other
-/// allocation lands in a hole a test punches into it.
-fn fixture_far(pages: u64, hint: u64) -> Fixture {
-    let mm = ProcessMm::new().expect("userfaultfd available");
-    // SAFETY: MAP_FIXED_NOREPLACE maps only where nothing is mapped.
-    let p = unsafe {
-        libc::mmap(
-            hint as *mut _,
-            (pages * PAGE) as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        )
-    };
-    assert_eq!(
-        p as u64, hint,
-        "address {hint:#x} is free in a test process"
-    );
-    fixture_with(mm, Range::with_len(hint, pages * PAGE).unwrap())
-}
-
-fn fixture_with(mm: ProcessMm, buf: Range) -> Fixture {
-    nohuge(buf);
-    let mirror = Arc::new(TestMirror::new(Owner(0x5eed)));
-    let sub = mm.notifier().insert(buf, mirror.clone()).unwrap();
-    mirror.fault(&sub, &mm, buf, true).unwrap();
-    assert_eq!(mirror.table.lock().entries.len() as u64, buf.pages());
-    Fixture {
-        mm,
-        buf,
-        mirror,
-        sub,
-    }
-}
-
-fn nohuge(r: Range) {
-    // SAFETY: advice only; no contents change.
-    assert_eq!(sys_madvise(r.start(), r.len(), libc::MADV_NOHUGEPAGE), 0);
-}
-
-/// `madvise` on test memory, which Rust code only touches through raw pointers.
-fn sys_madvise(addr: u64, len: u64, advice: i32) -> i32 {
-    // SAFETY: test buffers hold no Rust objects and nothing refers into them.
-    unsafe { libc::madvise(addr as *mut _, len as usize, advice) }
-}
-
-/// `munmap` of test memory, which Rust code only touches through raw pointers.
-fn sys_munmap(addr: u64, len: u64) -> i32 {
-    // SAFETY: as for `sys_madvise`.
-    unsafe { libc::munmap(addr as *mut _, len as usize) }
-}
-
-/// Anonymous `mmap` with `flags` added to MAP_PRIVATE | MAP_ANONYMOUS at `hint`; returns the
-/// address or `u64::MAX`.
-fn sys_mmap(hint: u64, len: u64, prot: i32, flags: i32) -> u64 {
-    // SAFETY: a new mapping; with MAP_FIXED_NOREPLACE it replaces nothing.
-    let p = unsafe {
-        libc::mmap(
-            hint as *mut _,
-            len as usize,
-            prot,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        u64::MAX
-    } else {
-        p as u64
-    }
-}
-
-fn page(r: Range, i: u64, n: u64) -> Range {
-    Range::with_len(r.start() + i * PAGE, n * PAGE).unwrap()
-}
-
-/// Waits until the mirror has seen `n` invalidations (events are handled on the monitor thread
-/// right after the syscall returns), then returns them.
-fn invalidations(m: &TestMirror, n: usize) -> Vec<(Range, Event)> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = m.table.lock().invalidations.clone();
-        if got.len() >= n || Instant::now() > deadline {
-            // Give a duplicate the chance to show up before we say "exactly".
-            std::thread::sleep(Duration::from_millis(20));
-            return m.table.lock().invalidations.clone();
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-fn write_byte(addr: u64, v: u8) {
-    // SAFETY: test buffers are mapped read-write and touched only through raw pointers.
-    unsafe { std::ptr::write_volatile(addr as *mut u8, v) }
-}
-
-fn read_byte(addr: u64) -> u8 {
-    // SAFETY: as above, for reads.
-    unsafe { std::ptr::read_volatile(addr as *const u8) }
-}
 
 #[test]
 fn features_are_negotiated_and_named() {
@@ -676,27 +550,6 @@ fn migration_across_two_mappings_keeps_the_data() {
     assert_eq!(f.mm.migrate_to_ram(f.buf).unwrap(), 4);
     for i in 0..4 {
         assert_eq!(read_byte(f.buf.start() + i * PAGE + 9), 0x70 + i as u8);
-    }
-}
-
-/// A subscriber whose invalidation reports that it started, then waits for `gate`: a driver
-/// whose invalidation waits for a lock that another thread holds.
-struct GatedSub {
-    entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
-    gate: Arc<Mutex<()>>,
-}
-
-impl svmirror_core::IntervalNotifierOps for GatedSub {
-    fn invalidate(
-        &self,
-        _ctx: &svmirror_core::InvalidateCtx<'_>,
-        _range: &svmirror_core::NotifierRange,
-    ) -> Result<svmirror_core::Pass, svmirror_core::WouldBlock> {
-        if let Some(tx) = self.entered.lock().unwrap().take() {
-            let _ = tx.send(());
-        }
-        drop(self.gate.lock().unwrap_or_else(PoisonError::into_inner));
-        Ok(svmirror_core::Pass::Done)
     }
 }
 
