@@ -503,9 +503,11 @@ fn check_static(bin: &Path) -> Result<(), String> {
 fn build_guest_binaries() -> Result<(PathBuf, PathBuf), String> {
     let mut c = crate::cargo();
     let flags = env::var("RUSTFLAGS").unwrap_or_default();
+    // Debug assertions on: the guest tests then run the lock-order checks (`might_fault`
+    // panics if a VFIO map runs under a lock an invalidation takes).
     c.env(
         "RUSTFLAGS",
-        format!("{flags} -C target-feature=+crt-static").trim(),
+        format!("{flags} -C target-feature=+crt-static -C debug-assertions").trim(),
     )
     .args([
         "build",

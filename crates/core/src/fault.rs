@@ -556,6 +556,90 @@ where
     }
 }
 
+/// The backend's three steps of [`fault_prepare_and_program`].
+#[derive(Debug)]
+pub struct FaultSteps<Prep, Undo, Prog> {
+    /// With no lock held, after each [`range_fault`] pass: pin, import or map what the entries
+    /// say. Its result goes to `program`, or to `undo` if the pass raced an invalidation.
+    pub prepare: Prep,
+    /// Under the update lock: releases what `prepare` made for a raced pass.
+    pub undo: Undo,
+    /// Under the update lock, entries current: publishes what `prepare` made.
+    pub program: Prog,
+}
+
+/// [`fault_and_program`] with a *prepare* step outside the update lock: `read_begin` →
+/// [`range_fault`] → `prepare` (no lock held: pin, import or map the pages for the device, the
+/// work that can fault into the userfaultfd monitor) → take the update lock → `read_retry` →
+/// `program` with what `prepare` made, or `undo` it (under the lock) and start over when an
+/// invalidation raced. The same retry and timeout policy as [`fault_and_program`].
+///
+/// No lock an invalidation takes is held across `prepare` (the lock order in [`crate::context`]:
+/// the monitor may be inside an invalidation waiting for the update lock while `prepare`'s pin
+/// waits for the monitor). What `prepare` makes is not visible to the device through the
+/// backend's published state until `program` publishes it; `undo` must release it all.
+/// `prepare` sees the entries of this pass only: it runs again after a retry.
+pub fn fault_prepare_and_program<S, T, P, R, Prep, Undo, Prog>(
+    sub: &Subscription,
+    lock: &UpdateLock<T>,
+    source: &S,
+    req: &mut FaultRequest<'_>,
+    timeout: Duration,
+    steps: FaultSteps<Prep, Undo, Prog>,
+) -> Result<(R, FaultStats)>
+where
+    S: PageSource + ?Sized,
+    Prep: FnMut(&FaultRequest<'_>) -> P,
+    Undo: FnMut(&mut UpdateGuard<'_, T>, P),
+    Prog: FnOnce(&mut UpdateGuard<'_, T>, &FaultRequest<'_>, P) -> R,
+{
+    let FaultSteps {
+        mut prepare,
+        mut undo,
+        program,
+    } = steps;
+    let started = Instant::now();
+    let input: Option<Vec<u64>> = (req.pfn_flags_mask != 0).then(|| req.entries.to_vec());
+    let mut total = FaultStats::default();
+    loop {
+        let seq = sub.read_begin()?;
+        match range_fault(sub, seq, source, req) {
+            Ok(s) => {
+                total.passes += s.passes;
+                total.faults += s.faults;
+                crate::context::might_fault("the prepare step of a device fault");
+                let prepared = prepare(req);
+                let mut guard = lock.lock();
+                match sub.read_retry(&guard, seq) {
+                    Ok(false) => {
+                        let r = program(&mut guard, req, prepared);
+                        return Ok((r, total));
+                    }
+                    Ok(true) => undo(&mut guard, prepared),
+                    Err(e) => {
+                        undo(&mut guard, prepared);
+                        return Err(e);
+                    }
+                }
+            }
+            Err(Error::Busy { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        total.retries += 1;
+        let elapsed = started.elapsed();
+        if elapsed > timeout {
+            return Err(Error::Timeout {
+                range: req.range,
+                retries: total.retries,
+                elapsed,
+            });
+        }
+        if let Some(input) = &input {
+            req.entries.copy_from_slice(input);
+        }
+    }
+}
+
 #[cfg(all(test, not(loom)))]
 #[path = "fault_tests.rs"]
 mod tests;

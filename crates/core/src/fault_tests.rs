@@ -476,6 +476,54 @@ fn fault_loop_times_out_when_it_always_races() {
     assert_eq!(e.errno(), 16);
 }
 
+/// The prepare step runs with no lock held, once per pass; what a raced pass prepared is
+/// undone under the update lock, and only the last pass's work reaches `program`.
+#[test]
+fn prepared_work_of_a_raced_pass_is_undone_and_the_last_one_programmed() {
+    let n = Notifier::new();
+    let range = Range::with_len(BASE, 2 * PAGE_SIZE).unwrap();
+    let src = ScriptedPageSource::new();
+    anon(&src, range);
+    let m = Arc::new(TestMirror::new(OWNER));
+    let sub = n.insert(range, m.clone()).unwrap();
+    let mut entries = [0u64; 2];
+    let mut req = FaultRequest::fault_all(range, &mut entries, true);
+    let prepared = std::cell::RefCell::new(Vec::new());
+    let undone = std::cell::RefCell::new(Vec::new());
+    let ((programmed, pass_entries), stats) = fault_prepare_and_program(
+        &sub,
+        &m.table,
+        &src,
+        &mut req,
+        DEFAULT_FAULT_TIMEOUT,
+        FaultSteps {
+            prepare: |r: &FaultRequest<'_>| {
+                // No lock held: the lock-order check would panic here otherwise.
+                crate::context::might_fault("test prepare");
+                let mut p = prepared.borrow_mut();
+                p.push(r.entries.to_vec());
+                if p.len() <= 2 {
+                    // An invalidation lands while the first two passes prepare.
+                    n.invalidate_range_start(NotifierRange::new(range, Event::ProtectionPage))
+                        .unwrap()
+                        .end();
+                }
+                p.len()
+            },
+            undo: |_: &mut UpdateGuard<'_, _>, pass| undone.borrow_mut().push(pass),
+            program: |_: &mut UpdateGuard<'_, _>, r: &FaultRequest<'_>, pass| {
+                (pass, r.entries.to_vec())
+            },
+        },
+    )
+    .unwrap();
+    assert_eq!(stats.retries, 2);
+    assert_eq!(*undone.borrow(), vec![1, 2], "the raced passes were undone");
+    assert_eq!(programmed, 3, "the last pass was programmed");
+    assert_eq!(prepared.borrow()[2], pass_entries, "with its own entries");
+    assert!(pass_entries.iter().all(|&e| entry::is_writable(e)));
+}
+
 #[test]
 fn fault_loop_restores_inputs_before_retrying() {
     let n = Notifier::new();

@@ -69,8 +69,8 @@ pub use context::{
 pub use counters::{CounterSnapshot, Counters, FaultSize, LatencyHistogram};
 pub use error::{Error, Result};
 pub use fault::{
-    Area, AreaKind, CpuPte, DEFAULT_FAULT_TIMEOUT, FaultRequest, FaultStats, PageSource, entry,
-    fault_and_program, range_fault,
+    Area, AreaKind, CpuPte, DEFAULT_FAULT_TIMEOUT, FaultRequest, FaultStats, FaultSteps,
+    PageSource, entry, fault_and_program, fault_prepare_and_program, range_fault,
 };
 pub use notifier::{
     AtomicCtx, IntervalNotifierOps, InvalidateCtx, Invalidation, Notifier, NotifierStats, Pass,

@@ -28,9 +28,11 @@
 //!
 //! The order is the one in `svmirror_core::context` ("Lock order"): the mapper's update lock,
 //! then its in-flight list as an inner lock; `read_begin` is never called under either.
-//! **Known exception, still to fix:** VFIO_IOMMU_MAP_DMA runs under the update lock (see the
-//! mapper's fault path), which that order forbids because the map pins and may fault into the
-//! userfaultfd monitor; the map is therefore not yet checked with `might_fault`.
+//! VFIO_IOMMU_MAP_DMA pins, and a pin can fault into the userfaultfd monitor, so a fault maps
+//! with no such lock held (`svmirror_core::fault_prepare_and_program`: planned under the
+//! update lock, mapped outside it, published under it or unmapped if an invalidation raced
+//! it), checked with `might_fault`. A mapper's faults are serialized by a lock of their own
+//! that no invalidation takes.
 
 #![cfg(target_os = "linux")]
 

@@ -170,6 +170,9 @@ struct Inner {
     state: UpdateLock<State>,
     inflight: Mutex<InFlight>,
     inflight_cv: Condvar,
+    /// Serializes this mapper's faults (plan, map, publish). No invalidation takes it, so it
+    /// may be held across VFIO_IOMMU_MAP_DMA.
+    fault_lock: Mutex<()>,
     counters: Counters,
     unmap_errors: AtomicU64,
 }
@@ -434,6 +437,7 @@ impl VfioMapper {
             }),
             inflight: Mutex::new(InFlight::default()),
             inflight_cv: Condvar::new(),
+            fault_lock: Mutex::new(()),
             counters: Counters::default(),
             unmap_errors: AtomicU64::new(0),
         });

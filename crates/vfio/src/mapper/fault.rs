@@ -5,7 +5,10 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use svmirror_core::{AreaKind, FaultRequest, PAGE_SIZE, Range, entry, fault_and_program};
+use svmirror_core::{
+    AreaKind, FaultRequest, FaultSteps, PAGE_SIZE, Range, UpdateGuard, entry,
+    fault_prepare_and_program,
+};
 
 use super::{Chunk, Inner, Piece, State, VfioMapper};
 use crate::chunk::window;
@@ -13,17 +16,27 @@ use crate::conv::{ioctls_errno, map_error};
 use crate::error::{Result, VfioError};
 use crate::uapi;
 
+/// What one fault of one run maps: planned under the update lock, mapped with no lock held,
+/// then published under the update lock, or undone if an invalidation raced it.
+#[derive(Debug)]
+pub(super) struct Planned {
+    key: u64,
+    /// The chunk's IOVA base when planned.
+    base: u64,
+    pieces: Vec<Piece>,
+    /// The pieces `map_planned` mapped (all of them, unless it failed).
+    mapped: usize,
+}
+
 impl Inner {
-    /// Maps the run `run` (one mapping's pages inside the chunk at `key`) from fresh `entries`,
-    /// under the update lock.
-    fn program(
-        &self,
-        g: &mut State,
-        key: u64,
-        run: Range,
-        entries: &[u64],
-        write: bool,
-    ) -> Result<u64> {
+    /// Plans the mapping of `run` (one mapping's pages inside the chunk at `key`) from fresh
+    /// `entries`: the runs of valid pages no piece covers yet. Takes the update lock briefly
+    /// (nothing in here can fault): reserves the chunk's IOVA window and the budget for the new
+    /// pieces, and unmaps a read-only piece that a writable one must replace (type1 cannot
+    /// upgrade a mapping in place).
+    fn plan(&self, key: u64, run: Range, entries: &[u64], write: bool) -> Result<Option<Planned>> {
+        let mut guard = self.lock_state();
+        let g = &mut *guard;
         if g.released {
             return Err(VfioError::Core {
                 op: "fault",
@@ -44,7 +57,6 @@ impl Inner {
                 },
             );
         }
-        // A read-only mapping in the way of a writable one: type1 cannot upgrade it in place.
         let upgrade = g.chunks[&key]
             .pieces
             .iter()
@@ -53,7 +65,6 @@ impl Inner {
             self.unmap_chunk(g, key);
         }
         let chunk = &g.chunks[&key];
-        // New pieces: runs of valid pages of `run` no piece covers.
         let covered = |va: u64| chunk.pieces.iter().any(|p| p.va <= va && va < p.va + p.len);
         let mut new: Vec<Piece> = Vec::new();
         for (i, &e) in entries.iter().enumerate() {
@@ -71,7 +82,7 @@ impl Inner {
             }
         }
         if new.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
         let n = new.len() as u32;
         if self.config.enforce_budget {
@@ -80,44 +91,69 @@ impl Inner {
             g.budget.available = g.budget.available.saturating_sub(n);
             g.budget.used += n;
         }
-        let base = g.chunks[&key].iova;
-        let mut done = 0;
-        let mut result = Ok(());
-        for p in &new {
-            let iova = base + (p.va - key);
-            if let Err(e) = self.map_one(iova, *p) {
-                result = Err(e);
-                break;
-            }
-            done += 1;
+        Ok(Some(Planned {
+            key,
+            base: chunk.iova,
+            pieces: new,
+            mapped: 0,
+        }))
+    }
+
+    /// Maps the planned pieces with **no lock held**: VFIO_IOMMU_MAP_DMA pins the pages, and a
+    /// pin of a page living on a device faults into the userfaultfd monitor, which may be
+    /// inside an invalidation waiting for the update lock. Stops at the first error;
+    /// `undo_planned` unmaps what was mapped.
+    fn map_planned(&self, p: &mut Planned) -> Result<()> {
+        for piece in &p.pieces {
+            let iova = p.base + (piece.va - p.key);
+            self.map_one(iova, *piece)?;
+            p.mapped += 1;
         }
-        if let Err(e) = result {
-            // Roll back what this call mapped; the chunk keeps its earlier pieces.
-            for p in &new[..done] {
-                let iova = base + (p.va - key);
-                if let Err(u) = self.container.vfio_dma_unmap(iova, p.len as usize) {
-                    self.unmap_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(iova, len = p.len, error = %u, "VFIO unmap in rollback failed");
-                }
+        Ok(())
+    }
+
+    /// Releases a plan (a raced pass, or a failed map): unmaps what it mapped, gives its
+    /// budget back, and drops a chunk it made that holds nothing (identity mode). Under the
+    /// update lock.
+    fn undo_planned(&self, g: &mut State, p: Planned) {
+        for piece in &p.pieces[..p.mapped] {
+            let iova = p.base + (piece.va - p.key);
+            if let Err(u) = self.container.vfio_dma_unmap(iova, piece.len as usize) {
+                self.unmap_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(iova, len = piece.len, error = %u, "VFIO unmap of a raced fault failed");
             }
-            g.budget.give(n);
-            let chunk = g.chunks.get_mut(&key).expect("chunk made above");
-            if chunk.pieces.is_empty() && g.alloc.is_none() {
-                g.chunks.remove(&key);
-            }
-            return Err(e);
         }
-        let bytes: u64 = new.iter().map(|p| p.len).sum();
-        let chunk = g.chunks.get_mut(&key).expect("chunk made above");
-        chunk.pieces.extend(new);
-        chunk.pieces.sort_unstable_by_key(|p| p.va);
+        g.budget.give(p.pieces.len() as u32);
+        if let Some(chunk) = g.chunks.get(&p.key)
+            && chunk.pieces.is_empty()
+            && g.alloc.is_none()
+        {
+            g.chunks.remove(&p.key);
+        }
+    }
+
+    /// Publishes a mapped plan, under the update lock, after `read_retry` said no
+    /// invalidation ran since the entries were read (so the chunk and its IOVA are as
+    /// planned: only an invalidation takes them away, and faults are serialized by
+    /// `fault_lock`).
+    fn publish(&self, g: &mut State, p: Planned) -> u64 {
+        let bytes: u64 = p.pieces.iter().map(|piece| piece.len).sum();
+        let chunk = g
+            .chunks
+            .get_mut(&p.key)
+            .expect("no invalidation ran since the plan");
+        debug_assert_eq!(chunk.iova, p.base);
+        chunk.pieces.extend(p.pieces);
+        chunk.pieces.sort_unstable_by_key(|piece| piece.va);
         g.mapped_bytes += bytes;
         self.counters.record_map(bytes);
-        Ok(bytes)
+        bytes
     }
 
     fn map_one(&self, iova: u64, p: Piece) -> Result<()> {
         let _span = tracing::trace_span!("vfio.map", iova, len = p.len, write = p.write).entered();
+        // The map pins with GUP: no lock an invalidation takes may be held.
+        svmirror_core::might_fault("VFIO_IOMMU_MAP_DMA");
         if p.write {
             let len = usize::try_from(p.len).map_err(|_| VfioError::InvalidMapping {
                 iova,
@@ -275,7 +311,9 @@ impl VfioMapper {
         at >= run.end()
     }
 
-    /// The core's fault loop over one run of one mapping inside one chunk.
+    /// The core's fault loop over one run of one mapping inside one chunk: plan, map with no
+    /// lock held, publish (`fault_prepare_and_program`). Faults of one mapper are serialized
+    /// (`fault_lock`, which no invalidation takes), so two never plan the same pieces.
     fn fault_run(&self, run: Range, write: bool) -> Result<u64> {
         let started = Instant::now();
         let key = self.inner.key(run.start());
@@ -283,13 +321,38 @@ impl VfioMapper {
         let mut req =
             FaultRequest::fault_all(run, &mut entries, write).with_owner(self.inner.owner);
         let inner = &*self.inner;
-        let (res, stats) = fault_and_program(
+        let _serial = inner.fault_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (res, stats) = fault_prepare_and_program(
             &self.sub,
             &inner.state,
             &*self.source,
             &mut req,
             inner.config.fault_timeout,
-            |g, req| inner.program(g, key, run, req.entries, write),
+            FaultSteps {
+                prepare: |req: &FaultRequest<'_>| {
+                    let mut planned = inner.plan(key, run, req.entries, write)?;
+                    if let Some(p) = planned.as_mut() {
+                        if let Err(e) = inner.map_planned(p) {
+                            let p = planned.take().expect("just mapped");
+                            inner.undo_planned(&mut inner.lock_state(), p);
+                            return Err(e);
+                        }
+                    }
+                    Ok(planned)
+                },
+                undo: |g: &mut UpdateGuard<'_, State>, prepared: Result<Option<Planned>>| {
+                    if let Ok(Some(p)) = prepared {
+                        inner.undo_planned(g, p);
+                    }
+                },
+                program: |g: &mut UpdateGuard<'_, State>, _: &FaultRequest<'_>, prepared| {
+                    match prepared {
+                        Ok(Some(p)) => Ok(inner.publish(g, p)),
+                        Ok(None) => Ok(0),
+                        Err(e) => Err(e),
+                    }
+                },
+            },
         )
         .map_err(|source| VfioError::Core {
             op: "fault",
