@@ -523,37 +523,18 @@ pub fn fault_and_program<S, T, R>(
 where
     S: PageSource + ?Sized,
 {
-    let started = Instant::now();
-    let input: Option<Vec<u64>> = (req.pfn_flags_mask != 0).then(|| req.entries.to_vec());
-    let mut total = FaultStats::default();
-    loop {
-        let seq = sub.read_begin()?;
-        match range_fault(sub, seq, source, req) {
-            Ok(s) => {
-                total.passes += s.passes;
-                total.faults += s.faults;
-                let mut guard = lock.lock();
-                if !sub.read_retry(&guard, seq)? {
-                    let r = program(&mut guard, req);
-                    return Ok((r, total));
-                }
-            }
-            Err(Error::Busy { .. }) => {}
-            Err(e) => return Err(e),
-        }
-        total.retries += 1;
-        let elapsed = started.elapsed();
-        if elapsed > timeout {
-            return Err(Error::Timeout {
-                range: req.range,
-                retries: total.retries,
-                elapsed,
-            });
-        }
-        if let Some(input) = &input {
-            req.entries.copy_from_slice(input);
-        }
-    }
+    fault_prepare_and_program(
+        sub,
+        lock,
+        source,
+        req,
+        timeout,
+        FaultSteps {
+            prepare: |_: &FaultRequest<'_>| (),
+            undo: |_: &mut UpdateGuard<'_, T>, ()| (),
+            program: |g: &mut UpdateGuard<'_, T>, req: &FaultRequest<'_>, ()| program(g, req),
+        },
+    )
 }
 
 /// The backend's three steps of [`fault_prepare_and_program`].

@@ -9,8 +9,8 @@
 //! is quoted in its documentation.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use svmirror_core::testing::TestMirror;
@@ -466,18 +466,7 @@ fn a_page_brought_back_while_an_event_is_queued_keeps_its_bytes() {
     let vram = Arc::new(FakeVram::default());
     assert_eq!(f.mm.migrate_to_device(migrated, vram.clone()).unwrap(), 1);
 
-    let gate = Arc::new(Mutex::new(()));
-    let (entered_tx, entered) = std::sync::mpsc::channel();
-    let gated = Arc::new(GatedSub {
-        entered: Mutex::new(Some(entered_tx)),
-        gate: gate.clone(),
-    });
-    let _gated_sub = f.mm.notifier().insert(page(f.buf, 0, 1), gated).unwrap();
-    let held = gate.lock().unwrap();
-    assert_eq!(sys_munmap(f.buf.start(), PAGE), 0);
-    entered
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the first UNMAP reached the gated subscriber");
+    let held = hold_handler(&f.mm, page(f.buf, 0, 1));
     // The second munmap, from another thread: its event is queued while the handler waits.
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     let (done_tx, done) = std::sync::mpsc::channel();
@@ -501,7 +490,7 @@ fn a_page_brought_back_while_an_event_is_queued_keeps_its_bytes() {
     }
 
     let back = f.mm.migrate_to_ram(migrated);
-    drop(held);
+    held.release();
     let rc = returned.unwrap_or_else(|| done.recv_timeout(Duration::from_secs(10)).unwrap());
     assert_eq!(rc, 0);
     t.join().unwrap();

@@ -2,7 +2,7 @@
 //! with the right range and reason, the SVM API is coherent before it returns, migration round
 //! trips keep the data, and a failing monitor fails closed.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use svmirror_core::testing::TestMirror;
@@ -119,16 +119,8 @@ fn mremap_growing_in_place_invalidates_nothing() {
     let _s = serial();
     // Far below every other mapping, with nothing after it: growth in place must succeed
     // (a test that skipped when it could not grow would prove nothing).
+    // (`fixture_far` checks that the room is there.)
     let f = fixture_far(2, 0x1400_0000_0000);
-    let after = Range::with_len(f.buf.end(), f.buf.len()).unwrap();
-    let next = svmirror_mm::ProcessPageSource::new()
-        .unwrap()
-        .mapping(after.start())
-        .unwrap();
-    assert!(
-        next.is_none_or(|m| m.range.start() >= after.end()),
-        "room after the buffer: {next:?}"
-    );
     // SAFETY: growing our own buffer without moving; the new tail is fresh memory.
     let p = unsafe {
         libc::mremap(
@@ -566,21 +558,10 @@ fn migration_across_two_mappings_keeps_the_data() {
 fn events_are_read_while_a_handler_waits_for_a_lock() {
     let _s = serial();
     let f = fixture_far(4, 0x5a00_0000_0000);
-    let gate = Arc::new(Mutex::new(()));
-    let (entered_tx, entered) = std::sync::mpsc::channel();
-    let gated = Arc::new(GatedSub {
-        entered: Mutex::new(Some(entered_tx)),
-        gate: gate.clone(),
-    });
-    let _gated_sub = f.mm.notifier().insert(page(f.buf, 0, 1), gated).unwrap();
-    let held = gate.lock().unwrap();
     // The first munmap: its event's handler blocks in the gated subscriber.
-    assert_eq!(sys_munmap(f.buf.start(), PAGE), 0);
-    entered
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the first UNMAP reached the gated subscriber");
+    let held = hold_handler(&f.mm, page(f.buf, 0, 1));
     // The second: its thread waits in `userfaultfd_event_wait_completion` until the event is
-    // read, while the handler still waits for `gate`.
+    // read, while the handler still waits.
     let (done_tx, done) = std::sync::mpsc::channel();
     let second = page(f.buf, 2, 1);
     let t = std::thread::spawn(move || {
@@ -588,7 +569,7 @@ fn events_are_read_while_a_handler_waits_for_a_lock() {
         let _ = done_tx.send(rc);
     });
     let returned = done.recv_timeout(Duration::from_secs(10));
-    drop(held);
+    held.release();
     assert_eq!(
         returned,
         Ok(0),

@@ -152,11 +152,12 @@ pub fn page(r: Range, i: u64, n: u64) -> Range {
     Range::with_len(r.start() + i * PAGE, n * PAGE).unwrap()
 }
 
-/// A subscriber whose invalidation reports that it started, then waits for `gate`: a driver
-/// whose invalidation waits for a lock that another thread holds.
-pub struct GatedSub {
-    pub entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
-    pub gate: Arc<Mutex<()>>,
+/// A subscriber whose invalidation reports that it started, then waits until it is opened: a
+/// driver whose invalidation waits for a lock that another thread holds.
+struct GatedSub {
+    entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    open: Mutex<bool>,
+    opened: std::sync::Condvar,
 }
 
 impl svmirror_core::IntervalNotifierOps for GatedSub {
@@ -168,7 +169,56 @@ impl svmirror_core::IntervalNotifierOps for GatedSub {
         if let Some(tx) = self.entered.lock().unwrap().take() {
             let _ = tx.send(());
         }
-        drop(self.gate.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        while !*open {
+            open = self
+                .opened
+                .wait(open)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
         Ok(svmirror_core::Pass::Done)
     }
+}
+
+/// The monitor's handler, held inside an invalidation until [`HeldHandler::release`] (or
+/// drop).
+pub struct HeldHandler {
+    gated: Arc<GatedSub>,
+    _sub: svmirror_core::Subscription,
+}
+
+impl HeldHandler {
+    /// Lets the handler go on.
+    pub fn release(&self) {
+        *self
+            .gated
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = true;
+        self.gated.opened.notify_all();
+    }
+}
+
+impl Drop for HeldHandler {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Holds `mm`'s monitor handler: subscribes a gated subscriber to `page` (one page of a
+/// registered mapping), munmaps the page with plain libc, and returns once the handler of
+/// that UNMAP waits in the subscriber. Events read from then on are queued behind it.
+pub fn hold_handler(mm: &ProcessMm, page: Range) -> HeldHandler {
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let gated = Arc::new(GatedSub {
+        entered: Mutex::new(Some(entered_tx)),
+        open: Mutex::new(false),
+        opened: std::sync::Condvar::new(),
+    });
+    let sub = mm.notifier().insert(page, gated.clone()).unwrap();
+    assert_eq!(sys_munmap(page.start(), page.len()), 0);
+    entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the UNMAP reached the gated subscriber");
+    HeldHandler { gated, _sub: sub }
 }
