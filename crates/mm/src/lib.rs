@@ -73,6 +73,7 @@ mod svm;
 mod uapi;
 mod uffd;
 mod writes;
+mod zap;
 
 use svmirror_core::{Area, AreaKind, CpuPte, Error, PAGE_SHIFT, PAGE_SIZE, PageSource, Range};
 
@@ -134,6 +135,21 @@ pub struct ProcessPageSource {
 }
 
 impl ProcessPageSource {
+    /// The present pages of `r` and their frame numbers (0 when hidden).
+    pub(crate) fn present_frames(&self, r: Range) -> std::io::Result<Vec<(u64, u64)>> {
+        self.pagemap.present_frames(r.start(), r.end())
+    }
+
+    /// The frame number of the page at `addr` if present (0 when hidden).
+    pub(crate) fn frame(&self, addr: u64) -> std::io::Result<Option<u64>> {
+        self.pagemap.frame(addr)
+    }
+
+    /// Whether frame numbers are visible to this process.
+    pub(crate) fn frames_visible(&self) -> bool {
+        self.pagemap.pfn_visible()
+    }
+
     /// Opens the /proc files and probes which mechanisms the kernel offers.
     pub fn new() -> Result<Self, MmError> {
         Self::restricted(PageSourceFeatures::ALL)

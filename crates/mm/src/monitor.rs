@@ -36,6 +36,10 @@ use crate::error::MmError;
 use crate::fill::Caller;
 use crate::process::Shared;
 use crate::uffd::{self, UffdMsg};
+use crate::zap::PendingZap;
+
+/// How often the handler looks at pending zaps while no message arrives.
+const ZAP_POLL: Duration = Duration::from_micros(100);
 
 /// Messages read per `read(2)`.
 const BATCH: usize = 64;
@@ -509,13 +513,18 @@ fn handle_loop(shared: &Shared, bufs: Buffers) {
 fn handle_messages(shared: &Shared, bufs: &Buffers, draining: &mut bool) {
     let queue = &shared.queue;
     let page = bufs.page();
+    // REMOVE invalidations held open until their zap is seen (`zap.rs`); ended on drop, so a
+    // panic or a return ends them too.
+    let mut zaps: Vec<PendingZap<'_>> = Vec::new();
     loop {
+        zaps.retain_mut(|z| !shared.zap_done(z));
         let (m, end) = {
             let mut st = queue.lock();
             loop {
                 if let Some(why) = st.failure.take() {
                     if !*draining {
                         drop(st);
+                        zaps.clear();
                         shared.fail(why);
                         *draining = true;
                         st = queue.lock();
@@ -528,7 +537,19 @@ fn handle_messages(shared: &Shared, bufs: &Buffers, draining: &mut bool) {
                 if st.closed {
                     return;
                 }
-                st = queue.ready.wait(st).unwrap_or_else(PoisonError::into_inner);
+                if zaps.is_empty() {
+                    st = queue.ready.wait(st).unwrap_or_else(PoisonError::into_inner);
+                } else {
+                    // Look at the pending zaps again soon.
+                    st = queue
+                        .ready
+                        .wait_timeout(st, ZAP_POLL)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                    drop(st);
+                    zaps.retain_mut(|z| !shared.zap_done(z));
+                    st = queue.lock();
+                }
             }
             let head = st.head;
             queue.get(&st, head)
@@ -541,7 +562,8 @@ fn handle_messages(shared: &Shared, bufs: &Buffers, draining: &mut bool) {
         if m.event != EMPTY_READ {
             if *draining {
                 drain(shared, &m, page);
-            } else if let Err(e) = handle(shared, &m, page) {
+            } else if let Err(e) = handle(shared, &m, page, &mut zaps) {
+                zaps.clear();
                 shared.fail(&e.to_string());
                 *draining = true;
                 if m.event == uffd::EVENT_PAGEFAULT {
@@ -579,9 +601,18 @@ fn drain(shared: &Shared, m: &UffdMsg, page: *mut u8) {
     }
 }
 
-fn handle(shared: &Shared, m: &UffdMsg, page: *mut u8) -> Result<(), svmirror_core::Error> {
+fn handle<'a>(
+    shared: &'a Shared,
+    m: &UffdMsg,
+    page: *mut u8,
+    zaps: &mut Vec<PendingZap<'a>>,
+) -> Result<(), svmirror_core::Error> {
     match m.event {
         uffd::EVENT_PAGEFAULT => shared.handle_missing(m.arg[1], page, Caller::Monitor),
+        uffd::EVENT_REMOVE => {
+            zaps.extend(shared.handle_remove(m.arg[0], m.arg[1])?);
+            Ok(())
+        }
         _ => shared.handle_event(m),
     }
 }

@@ -210,6 +210,35 @@ impl Pagemap {
         PteRule::new(self, vma).pte(e)
     }
 
+    /// The pages of `[start, end)` that are present: `(address, frame number)`, the frame 0
+    /// when frame numbers are hidden.
+    pub(crate) fn present_frames(&self, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+        let mut bytes = [0u8; CHUNK * ENTRY];
+        let mut out = Vec::new();
+        let mut at = start;
+        while at < end {
+            let n = (((end - at) >> PAGE_SHIFT) as usize).min(CHUNK);
+            let bytes = &mut bytes[..n * ENTRY];
+            self.read_raw(at, bytes)?;
+            for (i, raw) in bytes.chunks_exact(ENTRY).enumerate() {
+                let e = decode(raw);
+                if e & PM_PRESENT != 0 {
+                    out.push((at + ((i as u64) << PAGE_SHIFT), e & PM_PFN_MASK));
+                }
+            }
+            at += (n as u64) << PAGE_SHIFT;
+        }
+        Ok(out)
+    }
+
+    /// The frame number of the page at `addr` if it is present (0 when frame numbers are
+    /// hidden), or `None`.
+    pub(crate) fn frame(&self, addr: u64) -> io::Result<Option<u64>> {
+        let mut e = [0u64];
+        self.read(addr, &mut e)?;
+        Ok((e[0] & PM_PRESENT != 0).then_some(e[0] & PM_PFN_MASK))
+    }
+
     /// Reads the pagemap entries of `out.len()` pages from `addr` (for probes: few pages, small
     /// reads). Entries past the end of the address space read as 0 (not present).
     fn read(&self, addr: u64, out: &mut [u64]) -> io::Result<()> {
@@ -677,5 +706,28 @@ mod tests {
         let mut e = [u64::MAX; 3];
         p.read(0xffff_ffff_ffff_d000, &mut e).unwrap();
         assert_eq!(e, [0; 3]);
+    }
+}
+
+/// /proc/kpageflags (root only): the flags of a page frame.
+#[derive(Debug)]
+pub(crate) struct PageFlags(File);
+
+/// `KPF_ANON` (include/uapi/linux/kernel-page-flags.h).
+pub(crate) const KPF_ANON: u64 = 1 << 12;
+/// `KPF_SWAPBACKED`: cleared on an anonymous page by MADV_FREE (mm/swap.c `folio_mark_lazyfree`).
+pub(crate) const KPF_SWAPBACKED: u64 = 1 << 14;
+
+impl PageFlags {
+    /// Opens /proc/kpageflags, if this process may read it.
+    pub(crate) fn open() -> Option<Self> {
+        File::open("/proc/kpageflags").ok().map(PageFlags)
+    }
+
+    /// The flags of frame `pfn`.
+    pub(crate) fn flags(&self, pfn: u64) -> io::Result<u64> {
+        let mut b = [0u8; ENTRY];
+        self.0.read_exact_at(&mut b, pfn * ENTRY as u64)?;
+        Ok(u64::from_ne_bytes(b))
     }
 }

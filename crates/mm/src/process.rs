@@ -146,6 +146,12 @@ pub struct MmStats {
     pub registered_without_wp: u64,
     /// UFFDIO_COPY / UFFDIO_ZEROPAGE answered EAGAIN (an event queued unread) and retried.
     pub fill_eagain: u64,
+    /// Plain madvise REMOVE events whose invalidation was held open until the zap that follows
+    /// the event was seen done (see `zap.rs`).
+    pub zap_waits: u64,
+    /// Of those, how many were ended by the time limit rather than by seeing the zap done (a
+    /// page made present again after its zap, or, without `CAP_SYS_ADMIN`, a MADV_FREE).
+    pub zap_timeouts: u64,
 }
 
 /// What svmirror does with a mapping userfaultfd cannot register (a private file mapping, a VMA
@@ -176,6 +182,8 @@ pub(crate) struct Counters {
     races: AtomicU64,
     without_wp: AtomicU64,
     pub(crate) fill_eagain: AtomicU64,
+    pub(crate) zap_waits: AtomicU64,
+    pub(crate) zap_timeouts: AtomicU64,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -301,6 +309,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     /// What the monitor's reader has read and its handler not yet handled.
     pub(crate) queue: crate::monitor::Queue,
+    /// /proc/kpageflags, where this process may read it and frame numbers (`zap.rs`).
+    pub(crate) page_flags: Option<crate::pagemap::PageFlags>,
     /// Batches of events read / fully handled by the monitor: `(read, handled)`. An SVM API
     /// call whose syscall has returned knows its event (if any) has been read, and waits until
     /// `handled` catches up with `read` before it forgets what it expected.
@@ -323,7 +333,7 @@ impl Shared {
     }
 
     /// The range to invalidate for a change of `r`: widened over every huge page seen there.
-    fn widen(&self, r: Range) -> Range {
+    pub(crate) fn widen(&self, r: Range) -> Range {
         let book = self.book();
         let mut start = r.start();
         let mut end = r.end();
@@ -686,7 +696,8 @@ impl Shared {
     pub(crate) fn handle_event(&self, m: &uffd::UffdMsg) -> Result<(), Error> {
         match m.event {
             uffd::EVENT_UNMAP => self.handle_unmap(m.arg[0], m.arg[1]),
-            uffd::EVENT_REMOVE => self.handle_remove(m.arg[0], m.arg[1]),
+            // The zap is not waited for here: the monitor's handler does (`handle_remove`).
+            uffd::EVENT_REMOVE => self.handle_remove(m.arg[0], m.arg[1]).map(drop),
             uffd::EVENT_REMAP => self.handle_remap(m.arg[0], m.arg[1], m.arg[2]),
             uffd::EVENT_FORK => {
                 self.handle_fork(m.arg[0] as u32);
@@ -712,16 +723,20 @@ impl Shared {
         Ok(())
     }
 
-    pub(crate) fn handle_remove(&self, start: u64, end: u64) -> Result<(), Error> {
+    /// A REMOVE (plain madvise DONTNEED, FREE or REMOVE): nothing to do if an SVM API call
+    /// caused it; else the range's invalidation, returned open until the zap that follows the
+    /// event is seen done (`zap.rs`).
+    pub(crate) fn handle_remove(
+        &self,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<crate::zap::PendingZap<'_>>, Error> {
         bump(&self.counters.remove);
         if self.take_expected(uffd::EVENT_REMOVE, start, end) {
             // An SVM API call (or a migration) caused it and handles its pages itself.
-            return Ok(());
+            return Ok(None);
         }
-        self.invalidate(Range::new(start, end)?, Event::Clear)?;
-        // The pages are being dropped: any that lived on a device are discarded with them.
-        self.discard_migrated(start, end);
-        Ok(())
+        self.handle_remove_open(start, end)
     }
 
     /// A mremap moved `[from, from + len)` to `to`. The old range is invalidated as `Unmap`
@@ -798,6 +813,10 @@ impl ProcessMm {
             });
         }
         let wp = uffd.offered & feature::PAGEFAULT_FLAG_WP != 0;
+        let page_flags = source
+            .frames_visible()
+            .then(crate::pagemap::PageFlags::open)
+            .flatten();
         let shared = Arc::new(Shared {
             notifier: Notifier::new(),
             source,
@@ -806,6 +825,7 @@ impl ProcessMm {
             failed: AtomicBool::new(false),
             counters: Counters::default(),
             queue: crate::monitor::Queue::new().map_err(|source| MmError::Monitor { source })?,
+            page_flags,
             progress: Mutex::new((0, 0)),
             progress_cv: Condvar::new(),
             read_gen: AtomicU64::new(0),
@@ -871,6 +891,8 @@ impl ProcessMm {
             registration_races: l(&c.races),
             registered_without_wp: l(&c.without_wp),
             fill_eagain: l(&c.fill_eagain),
+            zap_waits: l(&c.zap_waits),
+            zap_timeouts: l(&c.zap_timeouts),
         }
     }
 

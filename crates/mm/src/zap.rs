@@ -1,0 +1,160 @@
+//! The madvise window, closed: a REMOVE invalidation is held open until the zap is done.
+//!
+//! A plain `madvise(MADV_DONTNEED | MADV_FREE | MADV_REMOVE)` of a registered range sends
+//! UFFD_EVENT_REMOVE *before* it changes anything (mm/madvise.c `madvise_dontneed_free` calls
+//! `userfaultfd_remove`, which drops the mmap lock and waits until the event is read), then
+//! takes the lock again and zaps. Invalidating when the event is handled is therefore too
+//! early: a device fault between the invalidation and the zap pins and maps the page the zap
+//! then drops, and the device keeps it. So the handler starts the `Clear` invalidation and does
+//! not end it: device faults on the range wait in `read_begin` (the kernel's
+//! `mmu_interval_read_begin` semantics) until the handler has seen the zap done, page by page:
+//!
+//! - a page present when the event was handled is done once it is **not present** (DONTNEED,
+//!   REMOVE: zapped), or, where this process may read frame numbers (`CAP_SYS_ADMIN`), once its
+//!   **frame changed** (zapped and touched again) or its frame is **lazy-free** (an anonymous
+//!   page whose `KPF_SWAPBACKED` is clear: MADV_FREE marked it, mm/swap.c
+//!   `folio_mark_lazyfree`, and a page a device then pins is never discarded).
+//! - the event does not say which advice it was, nor which thread made the call, so a page
+//!   neither dropped nor marked stays unexplained: after [`ZAP_WAIT`] the invalidation ends
+//!   anyway (`MmStats::zap_timeouts`). That happens to a page touched again right after its zap
+//!   when frame numbers are hidden (it is new: nothing stale), to every MADV_FREE without
+//!   `CAP_SYS_ADMIN` (coherent anyway: pinned lazy-free pages are never discarded), and to a
+//!   madvise whose caller was held off the CPU for longer than `ZAP_WAIT` between the read and
+//!   the zap: the one case the window stays open.
+
+use std::time::{Duration, Instant};
+
+use svmirror_core::{Error, Event, Invalidation, NotifierRange, Range};
+
+use crate::pagemap::{KPF_ANON, KPF_SWAPBACKED};
+use crate::process::{Shared, bump};
+
+/// How long a REMOVE invalidation waits for its zap to be seen, at most.
+pub(crate) const ZAP_WAIT: Duration = Duration::from_millis(20);
+
+/// After this long without seeing a page zapped, the per-CPU LRU batches are drained once
+/// (see [`drain_lru_batches`]), so a MADV_FREE's lazy-free mark becomes visible.
+const DRAIN_AFTER: Duration = Duration::from_micros(300);
+
+/// A REMOVE whose invalidation is open until its zap is seen done.
+pub(crate) struct PendingZap<'a> {
+    _inv: Invalidation<'a>,
+    /// Pages present when the event was handled, not yet seen zapped: (address, frame).
+    pages: Vec<(u64, u64)>,
+    started: Instant,
+    deadline: Instant,
+    drained: bool,
+}
+
+/// Drains every CPU's LRU folio batches (mm/mlock.c: `mlock` begins with
+/// `lru_add_drain_all`), by locking and unlocking one private page of our own. MADV_FREE marks
+/// a folio lazy-free through such a batch (mm/swap.c `folio_mark_lazyfree`), and its
+/// `KPF_SWAPBACKED` is cleared only when the batch drains.
+fn drain_lru_batches() {
+    thread_local! {
+        static PAGE: usize = {
+            // SAFETY: a fresh private anonymous page, ours for the life of the thread.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED { 0 } else { p as usize }
+        };
+    }
+    PAGE.with(|&p| {
+        if p != 0 {
+            // SAFETY: mlock/munlock of our own page change no contents.
+            unsafe { libc::mlock(p as *const libc::c_void, 4096) };
+            // SAFETY: as above.
+            unsafe { libc::munlock(p as *const libc::c_void, 4096) };
+        }
+    });
+}
+
+impl Shared {
+    /// Handles a REMOVE of `[start, end)` that no SVM API call expected: takes the range from
+    /// every device now (`Clear`) and returns the invalidation, open, to be ended by
+    /// [`Shared::zap_done`] once the zap is seen, or `None` if it is already.
+    pub(crate) fn handle_remove_open(
+        &self,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<PendingZap<'_>>, Error> {
+        let range = Range::new(start, end)?;
+        let widened = self.widen(range);
+        let inv = self
+            .notifier
+            .invalidate_range_start(NotifierRange::new(widened, Event::Clear))?;
+        // The pages are being dropped: any that lived on a device are discarded with them.
+        self.discard_migrated(start, end);
+        // Read after the invalidation started: a page zapped (and touched again) before this
+        // is new, and waiting for it is only a wasted wait, never a missed one.
+        let pages = match self.source.present_frames(range) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(%range, %e, "pagemap unreadable: REMOVE invalidation not held");
+                return Ok(None);
+            }
+        };
+        if pages.is_empty() {
+            return Ok(None);
+        }
+        bump(&self.counters.zap_waits);
+        let now = Instant::now();
+        let mut z = PendingZap {
+            _inv: inv,
+            pages,
+            started: now,
+            deadline: now + ZAP_WAIT,
+            drained: false,
+        };
+        Ok((!self.zap_done(&mut z)).then_some(z))
+    }
+
+    /// Whether every page of `z` has been seen zapped (or the time is up: counted). Drops the
+    /// pages seen done from `z`.
+    pub(crate) fn zap_done(&self, z: &mut PendingZap<'_>) -> bool {
+        let frames = self.source.frames_visible();
+        let flags = self.page_flags.as_ref();
+        if flags.is_some() && !z.drained && z.started.elapsed() >= DRAIN_AFTER {
+            z.drained = true;
+            drain_lru_batches();
+        }
+        z.pages.retain(|&(addr, old)| {
+            let Ok(now) = self.source.frame(addr) else {
+                return false;
+            };
+            let Some(pfn) = now else {
+                return false; // zapped
+            };
+            if !frames {
+                return true;
+            }
+            if pfn != old {
+                return false; // zapped and touched again
+            }
+            // MADV_FREE: the frame stays, marked lazy-free.
+            !flags
+                .and_then(|f| f.flags(pfn).ok())
+                .is_some_and(|f| f & KPF_ANON != 0 && f & KPF_SWAPBACKED == 0)
+        });
+        if z.pages.is_empty() {
+            return true;
+        }
+        if Instant::now() >= z.deadline {
+            bump(&self.counters.zap_timeouts);
+            tracing::debug!(
+                pages = z.pages.len(),
+                "REMOVE zap not seen in time; invalidation ended"
+            );
+            return true;
+        }
+        false
+    }
+}
