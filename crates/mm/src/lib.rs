@@ -140,6 +140,11 @@ impl ProcessPageSource {
         self.pagemap.present_frames(r.start(), r.end())
     }
 
+    /// Calls `each(address, frame)` for the present pages of `r`, allocating nothing.
+    pub(crate) fn each_present(&self, r: Range, each: impl FnMut(u64, u64)) -> std::io::Result<()> {
+        self.pagemap.each_present(r.start(), r.end(), each)
+    }
+
     /// The frame number of the page at `addr` if present (0 when hidden).
     pub(crate) fn frame(&self, addr: u64) -> std::io::Result<Option<u64>> {
         self.pagemap.frame(addr)

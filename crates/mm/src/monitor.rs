@@ -45,6 +45,10 @@ const ZAP_POLL: Duration = Duration::from_micros(100);
 const BATCH: usize = 64;
 /// Messages read and not yet handled, at most.
 pub(crate) const RING: usize = 1024;
+/// Pages the reader records, over all REMOVE events read and not yet handled (`zap.rs`): the
+/// frames present when the event was read, before its caller can zap them.
+const SNAP: usize = 8192;
+
 /// The `event` of a ring entry that closes an empty read: no message, only the batch count.
 const EMPTY_READ: u8 = 0;
 
@@ -112,6 +116,17 @@ pub(crate) struct Queue {
     room: Condvar,
     /// `RING` messages, then `RING` bytes: whether the message ends a read's batch.
     ring: PrivateMap,
+    /// `RING` snapshot references (one per message slot), then `SNAP` (address, frame) pairs.
+    snaps: PrivateMap,
+}
+
+/// Where a REMOVE message's page snapshot lies in the snapshot ring.
+#[derive(Clone, Copy, Debug, Default)]
+struct SnapRef {
+    start: u64,
+    len: u32,
+    /// 1 if the snapshot was taken (it did not fit, or pagemap failed, otherwise).
+    ok: u32,
 }
 
 pub(crate) struct QueueState {
@@ -124,6 +139,9 @@ pub(crate) struct QueueState {
     /// The reader saw the userfaultfd fail (or a failure was injected): the handler fails
     /// closed. Static, so the reader never allocates.
     failure: Option<&'static str>,
+    /// The snapshot ring's oldest entry still owned by an unhandled message, and its end.
+    snap_head: u64,
+    snap_tail: u64,
 }
 
 impl Queue {
@@ -135,10 +153,16 @@ impl Queue {
                 tail: 0,
                 closed: false,
                 failure: None,
+                snap_head: 0,
+                snap_tail: 0,
             }),
             ready: Condvar::new(),
             room: Condvar::new(),
             ring: PrivateMap::new(len.next_multiple_of(PAGE_SIZE as usize))?,
+            snaps: PrivateMap::new(
+                (RING * std::mem::size_of::<SnapRef>() + SNAP * 16)
+                    .next_multiple_of(PAGE_SIZE as usize),
+            )?,
         })
     }
 
@@ -175,6 +199,74 @@ impl Queue {
         // SAFETY: as above, for the entry's end-of-batch byte.
         unsafe { e.write(u8::from(end)) };
         st.tail += 1;
+    }
+
+    fn snap_ref(&self, i: u64) -> *mut SnapRef {
+        let i = (i % RING as u64) as usize;
+        self.snaps.base.cast::<SnapRef>().wrapping_add(i)
+    }
+
+    fn snap_pair(&self, j: u64) -> *mut [u64; 2] {
+        let j = (j % SNAP as u64) as usize;
+        self.snaps
+            .base
+            .wrapping_add(RING * std::mem::size_of::<SnapRef>())
+            .cast::<[u64; 2]>()
+            .wrapping_add(j)
+    }
+
+    /// On the reader, for the REMOVE just stored at `tail - 1`: records the frames present in
+    /// its range now, before the thread the read released can zap them. No allocation.
+    fn snapshot_remove(&self, st: &mut QueueState, source: &crate::ProcessPageSource, m: &UffdMsg) {
+        let slot = st.tail - 1;
+        let start = st.snap_tail;
+        let mut len = 0u64;
+        let mut fits = true;
+        let r = svmirror_core::Range::new(m.arg[0], m.arg[1]);
+        let read = r.map_err(|_| ()).and_then(|r| {
+            source
+                .each_present(r, |addr, pfn| {
+                    if start + len - st.snap_head >= SNAP as u64 {
+                        fits = false;
+                        return;
+                    }
+                    // SAFETY: a pair inside our snapshot mapping, aligned; under the queue
+                    // lock (held by the caller), and free (`snap_tail - snap_head < SNAP`).
+                    unsafe { self.snap_pair(start + len).write([addr, pfn]) };
+                    len += 1;
+                })
+                .map_err(|_| ())
+        });
+        let ok = read.is_ok() && fits;
+        if ok {
+            st.snap_tail = start + len;
+        }
+        let rf = SnapRef {
+            start,
+            len: if ok { len as u32 } else { 0 },
+            ok: u32::from(ok),
+        };
+        // SAFETY: the reference slot of message `slot`, inside our mapping; under the lock.
+        unsafe { self.snap_ref(slot).write(rf) };
+    }
+
+    /// On the handler, for the REMOVE at `head`: its snapshot (`None` if it was not taken),
+    /// and the snapshot space it held given back. The caller holds the lock.
+    fn take_snapshot(&self, st: &mut QueueState, head: u64) -> Option<Vec<(u64, u64)>> {
+        // SAFETY: the reference slot of message `head`, written by the reader under the lock.
+        let rf = unsafe { self.snap_ref(head).read() };
+        if rf.ok == 0 {
+            return None;
+        }
+        let pages = (rf.start..rf.start + u64::from(rf.len))
+            .map(|j| {
+                // SAFETY: pairs the reader wrote under the lock, still owned by this message.
+                let [a, f] = unsafe { self.snap_pair(j).read() };
+                (a, f)
+            })
+            .collect();
+        st.snap_head = rf.start + u64::from(rf.len);
+        Some(pages)
     }
 
     /// Whether a message read and not yet handled (the one being handled included) changes
@@ -483,6 +575,9 @@ fn read_loop(shared: &Shared, stop: i32, mut buf: ReadBuf) {
         }
         for (i, m) in buf.msgs()[..n].iter().enumerate() {
             queue.put(&mut st, m, i + 1 == n);
+            if m.event == uffd::EVENT_REMOVE {
+                queue.snapshot_remove(&mut st, &shared.source, m);
+            }
         }
         shared.read_gen.fetch_add(1, Ordering::AcqRel);
         drop(st);
@@ -518,7 +613,7 @@ fn handle_messages(shared: &Shared, bufs: &Buffers, draining: &mut bool) {
     let mut zaps: Vec<PendingZap<'_>> = Vec::new();
     loop {
         zaps.retain_mut(|z| !shared.zap_done(z));
-        let (m, end) = {
+        let (m, end, snap) = {
             let mut st = queue.lock();
             loop {
                 if let Some(why) = st.failure.take() {
@@ -552,7 +647,11 @@ fn handle_messages(shared: &Shared, bufs: &Buffers, draining: &mut bool) {
                 }
             }
             let head = st.head;
-            queue.get(&st, head)
+            let (m, end) = queue.get(&st, head);
+            let snap = (m.event == uffd::EVENT_REMOVE)
+                .then(|| queue.take_snapshot(&mut st, head))
+                .flatten();
+            (m, end, snap)
         };
         // Every message is handled or answered, whatever happens to another: each was read, so
         // each has a thread waiting on it (a faulting thread until its page is resolved or
@@ -562,7 +661,7 @@ fn handle_messages(shared: &Shared, bufs: &Buffers, draining: &mut bool) {
         if m.event != EMPTY_READ {
             if *draining {
                 drain(shared, &m, page);
-            } else if let Err(e) = handle(shared, &m, page, &mut zaps) {
+            } else if let Err(e) = handle(shared, &m, page, snap, &mut zaps) {
                 zaps.clear();
                 shared.fail(&e.to_string());
                 *draining = true;
@@ -605,12 +704,13 @@ fn handle<'a>(
     shared: &'a Shared,
     m: &UffdMsg,
     page: *mut u8,
+    snap: Option<Vec<(u64, u64)>>,
     zaps: &mut Vec<PendingZap<'a>>,
 ) -> Result<(), svmirror_core::Error> {
     match m.event {
         uffd::EVENT_PAGEFAULT => shared.handle_missing(m.arg[1], page, Caller::Monitor),
         uffd::EVENT_REMOVE => {
-            zaps.extend(shared.handle_remove(m.arg[0], m.arg[1])?);
+            zaps.extend(shared.handle_remove(m.arg[0], m.arg[1], snap)?);
             Ok(())
         }
         _ => shared.handle_event(m),

@@ -231,6 +231,32 @@ impl Pagemap {
         Ok(out)
     }
 
+    /// Calls `each(address, frame)` for every present page of `[start, end)` (the frame 0 when
+    /// frame numbers are hidden), reading through a buffer on the stack: no allocation, for
+    /// the monitor's reader.
+    pub(crate) fn each_present(
+        &self,
+        start: u64,
+        end: u64,
+        mut each: impl FnMut(u64, u64),
+    ) -> io::Result<()> {
+        let mut bytes = [0u8; 512 * ENTRY];
+        let mut at = start;
+        while at < end {
+            let n = (((end - at) >> PAGE_SHIFT) as usize).min(512);
+            let bytes = &mut bytes[..n * ENTRY];
+            self.read_raw(at, bytes)?;
+            for (i, raw) in bytes.chunks_exact(ENTRY).enumerate() {
+                let e = decode(raw);
+                if e & PM_PRESENT != 0 {
+                    each(at + ((i as u64) << PAGE_SHIFT), e & PM_PFN_MASK);
+                }
+            }
+            at += (n as u64) << PAGE_SHIFT;
+        }
+        Ok(())
+    }
+
     /// The frame number of the page at `addr` if it is present (0 when frame numbers are
     /// hidden), or `None`.
     pub(crate) fn frame(&self, addr: u64) -> io::Result<Option<u64>> {

@@ -697,7 +697,7 @@ impl Shared {
         match m.event {
             uffd::EVENT_UNMAP => self.handle_unmap(m.arg[0], m.arg[1]),
             // The zap is not waited for here: the monitor's handler does (`handle_remove`).
-            uffd::EVENT_REMOVE => self.handle_remove(m.arg[0], m.arg[1]).map(drop),
+            uffd::EVENT_REMOVE => self.handle_remove(m.arg[0], m.arg[1], None).map(drop),
             uffd::EVENT_REMAP => self.handle_remap(m.arg[0], m.arg[1], m.arg[2]),
             uffd::EVENT_FORK => {
                 self.handle_fork(m.arg[0] as u32);
@@ -726,17 +726,19 @@ impl Shared {
     /// A REMOVE (plain madvise DONTNEED, FREE or REMOVE): nothing to do if an SVM API call
     /// caused it; else the range's invalidation, returned open until the zap that follows the
     /// event is seen done (`zap.rs`).
+    /// `read_frames`: the frames present when the reader read the event, if it recorded them.
     pub(crate) fn handle_remove(
         &self,
         start: u64,
         end: u64,
+        read_frames: Option<Vec<(u64, u64)>>,
     ) -> Result<Option<crate::zap::PendingZap<'_>>, Error> {
         bump(&self.counters.remove);
         if self.take_expected(uffd::EVENT_REMOVE, start, end) {
             // An SVM API call (or a migration) caused it and handles its pages itself.
             return Ok(None);
         }
-        self.handle_remove_open(start, end)
+        self.handle_remove_open(start, end, read_frames)
     }
 
     /// A mremap moved `[from, from + len)` to `to`. The old range is invalidated as `Unmap`

@@ -85,6 +85,7 @@ impl Shared {
         &self,
         start: u64,
         end: u64,
+        read_frames: Option<Vec<(u64, u64)>>,
     ) -> Result<Option<PendingZap<'_>>, Error> {
         let range = Range::new(start, end)?;
         let widened = self.widen(range);
@@ -93,14 +94,19 @@ impl Shared {
             .invalidate_range_start(NotifierRange::new(widened, Event::Clear))?;
         // The pages are being dropped: any that lived on a device are discarded with them.
         self.discard_migrated(start, end);
-        // Read after the invalidation started: a page zapped (and touched again) before this
-        // is new, and waiting for it is only a wasted wait, never a missed one.
-        let pages = match self.source.present_frames(range) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(%range, %e, "pagemap unreadable: REMOVE invalidation not held");
-                return Ok(None);
-            }
+        // The reader recorded the frames right after the read, before the madvise's caller
+        // could zap (and anyone touch the pages again). Without that record (too many pages
+        // pending) they are read now: a page zapped and touched again before this is new, and
+        // waiting for it is only a wasted wait (to the time limit), never a missed one.
+        let pages = match read_frames {
+            Some(p) => p,
+            None => match self.source.present_frames(range) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(%range, %e, "pagemap unreadable: REMOVE invalidation not held");
+                    return Ok(None);
+                }
+            },
         };
         if pages.is_empty() {
             return Ok(None);
