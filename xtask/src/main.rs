@@ -49,8 +49,8 @@ const USAGE: &str =
   vfio-vm      boot a QEMU guest (emulated Intel IOMMU + edu device) and run the VFIO tests in it
   shaders      recompile shaders/*.comp to the committed SPIR-V (--check: verify, change nothing)
   device-test  on a GPU host: the Vulkan suite and benchmarks on the real GPU, with a table
-  soak         the coherence torture test for N minutes (release); --mix: a preset (coherent,
-               the default; full, api, plain-munmap, mremap, madvise, heap) or a comma list of
+  soak         the coherence torture test for N minutes (release); --mix: a preset (full,
+               the default; api, plain-munmap, mremap, madvise, heap) or a comma list of
                operations";
 
 fn main() -> ExitCode {

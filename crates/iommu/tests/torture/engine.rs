@@ -51,20 +51,9 @@ const OPS: [(Op, &str, u32); 12] = [
     (Op::Heap, "heap", 3),
 ];
 
-/// Every operation but a plain `madvise(MADV_DONTNEED)`: the changes svmirror makes exact for
-/// the simulated IOMMU. A plain DONTNEED's zap runs after its REMOVE event was read and
-/// handled, so a device fault in between can pin the page the zap then drops (README, "What
-/// svmirror sees"); the `madvise` and `full` mixes show it.
-pub const COHERENT: &str = "munmap,mmap-fixed,mremap-move,mremap-grow,mremap-dontunmap,\
-                            madv-free,api-munmap,api-madvise,api-mremap,api-mprotect,heap";
-
 /// Named mixes, for `SVMIRROR_TORTURE_MIX`.
-pub const PRESETS: [(&str, &str); 7] = [
-    (
-        "coherent",
-        "every operation but a plain madvise(DONTNEED), the default: what svmirror makes exact",
-    ),
-    ("full", "every operation"),
+pub const PRESETS: [(&str, &str); 6] = [
+    ("full", "every operation, the default"),
     (
         "api",
         "api-munmap,api-madvise,api-mremap,api-mprotect: all bracketed, must pass",
@@ -109,7 +98,6 @@ impl Mix {
         let s = s.trim();
         let list = match s {
             "full" => return Ok(Self::full()),
-            "coherent" => COHERENT,
             "api" => "api-munmap,api-madvise,api-mremap,api-mprotect",
             "plain-munmap" => "munmap,mmap-fixed",
             "mremap" => "mremap-move,mremap-grow,mremap-dontunmap",
