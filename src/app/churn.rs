@@ -22,22 +22,15 @@
 //! The CPU computes the expected sums from its own model of what it wrote (generation numbers),
 //! not by reading the memory, and checks that the memory holds what the model says.
 //!
-//! # What the device must not be racing
+//! # Plain madvise on pages the device has faulted
 //!
 //! A plain `madvise(MADV_DONTNEED)` is reported (userfaultfd REMOVE) *before* the kernel zaps
-//! the pages, and the monitor invalidates as soon as it reads the event: a device fault on the
-//! same pages in between would map a page that is about to be dropped, and keep it (a window
-//! the SVM API's `madvise` does not have). So the churn never lets the device fault pages the
-//! CPU zaps with plain calls while it does so:
-//!
-//! - each mapped slot is a mapping of its own between guard pages, so that a device fault in a
-//!   neighbouring slot never takes it in (the mirror maps what the device asked for, widened at
-//!   most to the CPU's huge page around it, which never crosses a mapping; the guards also
-//!   hold with a prefetch window);
-//! - while it runs, glibc is told not to trim its heaps (`M_TRIM_THRESHOLD`, which it does
-//!   with `madvise(MADV_DONTNEED)`) and to serve every allocation of 128 KiB and more with its
-//!   own mmap (`M_MMAP_THRESHOLD`, fixed rather than raised as memory is freed), which `free`
-//!   returns with munmap: reported after the change, so no window.
+//! the pages. svmirror-mm holds the REMOVE's invalidation open until it sees the zap done, so
+//! a device fault on those pages meanwhile waits and then maps what the CPU has after the zap
+//! (svmirror-mm `zap.rs`). The churn therefore zaps, with plain libc, pages the device faulted
+//! in the round before, and glibc trims its heaps (also `madvise(MADV_DONTNEED)`) as it likes.
+//! Each mapped slot is still a mapping of its own between guard pages, so that each plain
+//! change hits exactly one slot.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -433,16 +426,7 @@ pub fn run(
     config: &AppConfig,
     progress: &dyn ProgressFactory,
 ) -> Result<AppOutcome> {
-    // See the module documentation. The values are always accepted.
-    // SAFETY: allocator tuning: no memory changes hands.
-    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) };
-    // SAFETY: as above.
-    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10) };
-    let result = run_rounds(backend, mm, config, progress);
-    // glibc's default trim threshold.
-    // SAFETY: as above.
-    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 10) };
-    result
+    run_rounds(backend, mm, config, progress)
 }
 
 fn run_rounds(

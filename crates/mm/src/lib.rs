@@ -145,11 +145,6 @@ impl ProcessPageSource {
         self.pagemap.each_present(r.start(), r.end(), each)
     }
 
-    /// The frame number of the page at `addr` if present (0 when hidden).
-    pub(crate) fn frame(&self, addr: u64) -> std::io::Result<Option<u64>> {
-        self.pagemap.frame(addr)
-    }
-
     /// Whether frame numbers are visible to this process.
     pub(crate) fn frames_visible(&self) -> bool {
         self.pagemap.pfn_visible()

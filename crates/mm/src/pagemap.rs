@@ -257,14 +257,6 @@ impl Pagemap {
         Ok(())
     }
 
-    /// The frame number of the page at `addr` if it is present (0 when frame numbers are
-    /// hidden), or `None`.
-    pub(crate) fn frame(&self, addr: u64) -> io::Result<Option<u64>> {
-        let mut e = [0u64];
-        self.read(addr, &mut e)?;
-        Ok((e[0] & PM_PRESENT != 0).then_some(e[0] & PM_PFN_MASK))
-    }
-
     /// Reads the pagemap entries of `out.len()` pages from `addr` (for probes: few pages, small
     /// reads). Entries past the end of the address space read as 0 (not present).
     fn read(&self, addr: u64, out: &mut [u64]) -> io::Result<()> {

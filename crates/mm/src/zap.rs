@@ -15,7 +15,8 @@
 //!   page whose `KPF_SWAPBACKED` is clear: MADV_FREE marked it, mm/swap.c
 //!   `folio_mark_lazyfree`, and a page a device then pins is never discarded).
 //! - the event does not say which advice it was, nor which thread made the call, so a page
-//!   neither dropped nor marked stays unexplained: after [`ZAP_WAIT`] the invalidation ends
+//!   neither dropped nor marked stays unexplained: after [`ZAP_WAIT`] without progress (a large
+//!   zap that is still going resets the clock with every page it drops) the invalidation ends
 //!   anyway (`MmStats::zap_timeouts`). That happens to a page touched again right after its zap
 //!   when frame numbers are hidden (it is new: nothing stale), to every MADV_FREE without
 //!   `CAP_SYS_ADMIN` (coherent anyway: pinned lazy-free pages are never discarded), and to a
@@ -29,7 +30,8 @@ use svmirror_core::{Error, Event, Invalidation, NotifierRange, Range};
 use crate::pagemap::{KPF_ANON, KPF_SWAPBACKED};
 use crate::process::{Shared, bump};
 
-/// How long a REMOVE invalidation waits for its zap to be seen, at most.
+/// How long a REMOVE invalidation waits for its zap to be seen, at most, after it last saw a
+/// page of it zapped.
 pub(crate) const ZAP_WAIT: Duration = Duration::from_millis(20);
 
 /// After this long without seeing a page zapped, the per-CPU LRU batches are drained once
@@ -132,11 +134,26 @@ impl Shared {
             z.drained = true;
             drain_lru_batches();
         }
+        let before = z.pages.len();
+        let (Some(&(first, _)), Some(&(last, _))) = (z.pages.first(), z.pages.last()) else {
+            return true;
+        };
+        // What is present now over the pages' span, read in a few large pagemap reads; the
+        // pages are in address order, as `each_present` reports them.
+        let mut now_present = Vec::with_capacity(z.pages.len());
+        let span = Range::new(first, last + svmirror_core::PAGE_SIZE);
+        let read = span.map_err(|_| ()).and_then(|span| {
+            self.source
+                .each_present(span, |a, f| now_present.push((a, f)))
+                .map_err(|_| ())
+        });
+        if read.is_err() {
+            return true;
+        }
+        let mut cursor = now_present.iter().peekable();
         z.pages.retain(|&(addr, old)| {
-            let Ok(now) = self.source.frame(addr) else {
-                return false;
-            };
-            let Some(pfn) = now else {
+            while cursor.next_if(|&&(a, _)| a < addr).is_some() {}
+            let Some(&(_, pfn)) = cursor.next_if(|&&(a, _)| a == addr) else {
                 return false; // zapped
             };
             if !frames {
@@ -153,7 +170,12 @@ impl Shared {
         if z.pages.is_empty() {
             return true;
         }
-        if Instant::now() >= z.deadline {
+        let now = Instant::now();
+        if z.pages.len() < before {
+            // The zap is under way (a large one takes many milliseconds): wait on.
+            z.deadline = now + ZAP_WAIT;
+        }
+        if now >= z.deadline {
             bump(&self.counters.zap_timeouts);
             tracing::debug!(
                 pages = z.pages.len(),

@@ -575,3 +575,57 @@ fn a_plain_madvise_holds_its_invalidation_until_the_zap_is_seen() {
         "a pinned lazy-free page keeps its bytes"
     );
 }
+
+/// Defect 8 (issue 15), the interleaving: a device fault made after a plain madvise's REMOVE
+/// was handled but before its zap reached the page never maps the page the zap then drops.
+///
+/// A zap of 512 MiB of 4 KiB pages takes milliseconds and drops the pages in address
+/// order, so the last page of the range is the last zapped: the test waits until the monitor
+/// has handled the REMOVE (`remove_events`), then faults the last page at once, well inside
+/// that window. It must come out as the CPU's page after the zap (the zero page for a read),
+/// not the old frame.
+///
+/// Seen failing without the held invalidation (the REMOVE's invalidation ended when handled),
+/// three runs of three: "the device mapped the frame the zap dropped".
+#[test]
+fn a_device_fault_during_a_plain_madvise_zap_never_keeps_the_dropped_page() {
+    let _s = serial();
+    const LEN: u64 = 512 << 20;
+    let mm = ProcessMm::new().expect("userfaultfd available");
+    assert!(
+        mm.features().page_source.pfn_visible,
+        "frame numbers visible (run as root)"
+    );
+    let hint = 0x2a00_0000_0000;
+    let p = sys_mmap(
+        hint,
+        LEN,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_FIXED_NOREPLACE,
+    );
+    assert_eq!(p, hint);
+    let buf = Range::with_len(hint, LEN).unwrap();
+    assert_eq!(sys_madvise(hint, LEN, libc::MADV_NOHUGEPAGE), 0);
+    assert_eq!(sys_madvise(hint, LEN, libc::MADV_POPULATE_WRITE), 0);
+    let last = page(buf, buf.pages() - 1, 1);
+    let mirror = Arc::new(TestMirror::new(Owner(0x8)));
+    let sub = mm.notifier().insert(last, mirror.clone()).unwrap();
+    mirror.fault(&sub, &mm, last, false).unwrap();
+    let old = svmirror_core::entry::pfn(mirror.entry(last.start()).unwrap());
+
+    let removes = mm.stats().remove_events;
+    let t = std::thread::spawn(move || sys_madvise(hint, LEN, libc::MADV_DONTNEED));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mm.stats().remove_events == removes {
+        assert!(Instant::now() < deadline, "the REMOVE was handled");
+        std::hint::spin_loop();
+    }
+    // The REMOVE is handled; the zap is (most likely) still on its way to the last page.
+    mirror.fault(&sub, &mm, last, false).unwrap();
+    let got = svmirror_core::entry::pfn(mirror.entry(last.start()).unwrap());
+    assert_eq!(t.join().unwrap(), 0);
+    assert_ne!(got, old, "the device mapped the frame the zap dropped");
+    assert_eq!(read_byte(last.start()), 0);
+    drop(sub);
+    assert_eq!(sys_munmap(hint, LEN), 0);
+}
