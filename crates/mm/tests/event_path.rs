@@ -511,20 +511,20 @@ fn a_page_brought_back_while_an_event_is_queued_keeps_its_bytes() {
     assert!(!f.mm.is_failed());
 }
 
-/// Waits until `f`'s mm has ended every zap wait it started (the handler ends them within
-/// `ZAP_WAIT`), then returns (zap_waits, zap_timeouts).
+/// After a plain madvise returned: waits until the monitor has handled its REMOVE (an SVM API
+/// munmap of a scratch page returns only once every event read before is handled) and the
+/// held invalidation has ended (a fault waits for it in `read_begin`), then returns
+/// (zap_waits, zap_timeouts). Nothing faults the pages before the REMOVE is handled: a page
+/// faulted in again right after the zap can reuse the dropped frame, which looks unchanged.
 fn zaps_settled(f: &Fixture) -> (u64, u64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        // An SVM API call returns once the monitor handled what it read; a fault then waits in
-        // `read_begin` while a REMOVE invalidation is still held open.
-        f.refault_and_forget();
-        let s = f.mm.stats();
-        if Instant::now() > deadline || s.zap_waits > 0 {
-            return (s.zap_waits, s.zap_timeouts);
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let scratch =
+        f.mm.mmap_anonymous(PAGE, svmirror_mm::Protection::READ_WRITE)
+            .unwrap();
+    // SAFETY: a fresh mapping nothing refers to.
+    unsafe { f.mm.munmap(scratch) }.unwrap();
+    f.refault_and_forget();
+    let s = f.mm.stats();
+    (s.zap_waits, s.zap_timeouts)
 }
 
 /// Defect 8 (issue 15), the mechanism: a plain madvise's REMOVE invalidation is held open until
