@@ -222,7 +222,16 @@ impl Queue {
         let start = st.snap_tail;
         let mut len = 0u64;
         let mut fits = true;
-        let r = svmirror_core::Range::new(m.arg[0], m.arg[1]);
+        // A range with more pages than there is room for is not read at all (the handler
+        // reads it when it gets to it).
+        let room = SNAP as u64 - (st.snap_tail - st.snap_head);
+        let r = svmirror_core::Range::new(m.arg[0], m.arg[1])
+            .ok()
+            .filter(|r| r.pages() <= room)
+            .ok_or(svmirror_core::Error::EmptyRange {
+                start: m.arg[0],
+                end: m.arg[1],
+            });
         let read = r.map_err(|_| ()).and_then(|r| {
             source
                 .each_present(r, |addr, pfn| {

@@ -9,7 +9,9 @@
 //! not end it: device faults on the range wait in `read_begin` (the kernel's
 //! `mmu_interval_read_begin` semantics) until the handler has seen the zap done, page by page:
 //!
-//! - a page present when the event was handled is done once it is **not present** (DONTNEED,
+//! - a page present when the event was read (the monitor's reader records the frames right
+//!   after the read, before the caller can zap; the handler reads them itself for a range too
+//!   large for its record) is done once it is **not present** (DONTNEED,
 //!   REMOVE: zapped), or, where this process may read frame numbers (`CAP_SYS_ADMIN`), once its
 //!   **frame changed** (zapped and touched again) or its frame is **lazy-free** (an anonymous
 //!   page whose `KPF_SWAPBACKED` is clear: MADV_FREE marked it, mm/swap.c
@@ -18,10 +20,11 @@
 //!   neither dropped nor marked stays unexplained: after [`ZAP_WAIT`] without progress (a large
 //!   zap that is still going resets the clock with every page it drops) the invalidation ends
 //!   anyway (`MmStats::zap_timeouts`). That happens to a page touched again right after its zap
-//!   when frame numbers are hidden (it is new: nothing stale), to every MADV_FREE without
-//!   `CAP_SYS_ADMIN` (coherent anyway: pinned lazy-free pages are never discarded), and to a
-//!   madvise whose caller was held off the CPU for longer than `ZAP_WAIT` between the read and
-//!   the zap: the one case the window stays open.
+//!   when frame numbers are hidden, or that got the dropped frame back (it is new: nothing
+//!   stale), to every MADV_FREE without `CAP_SYS_ADMIN` and to a large folio MADV_FREE could
+//!   not split (coherent anyway: a page that stays is the CPU's page, and a pinned lazy-free
+//!   page is never discarded), and to a madvise whose caller was held off the CPU for longer
+//!   than `ZAP_WAIT` between the read and the zap: the one case the window stays open.
 
 use std::time::{Duration, Instant};
 
