@@ -552,10 +552,12 @@ fn a_plain_madvise_holds_its_invalidation_until_the_zap_is_seen() {
         sys_madvise(f.buf.start(), f.buf.len(), libc::MADV_DONTNEED),
         0
     );
-    assert_eq!(
-        zaps_settled(&f),
-        (1, 0),
-        "DONTNEED: seen zapped, no timeout"
+    // A wait is held unless the caller zapped before the reader looked (then nothing was
+    // left to wait for); it never ends by the time limit.
+    let (waits, timeouts) = zaps_settled(&f);
+    assert!(
+        waits <= 1 && timeouts == 0,
+        "DONTNEED: {waits} waits, {timeouts} timeouts"
     );
     assert_eq!(read_byte(f.buf.start()), 0);
     for i in 0..4 {
@@ -563,11 +565,11 @@ fn a_plain_madvise_holds_its_invalidation_until_the_zap_is_seen() {
     }
     f.refault_and_forget();
     assert_eq!(sys_madvise(f.buf.start(), f.buf.len(), libc::MADV_FREE), 0);
-    let (waits, timeouts) = zaps_settled(&f);
-    assert_eq!(
-        (waits, timeouts),
-        (2, 0),
-        "FREE: seen lazy-free, no timeout"
+    let (all_waits, timeouts) = zaps_settled(&f);
+    assert!(
+        all_waits <= waits + 1 && timeouts == 0,
+        "FREE, seen lazy-free: {} waits, {timeouts} timeouts",
+        all_waits - waits
     );
     assert_eq!(
         read_byte(f.buf.start()),
@@ -581,12 +583,13 @@ fn a_plain_madvise_holds_its_invalidation_until_the_zap_is_seen() {
 ///
 /// A zap of 512 MiB of 4 KiB pages takes milliseconds and drops the pages in address
 /// order, so the last page of the range is the last zapped: the test waits until the monitor
-/// has handled the REMOVE (`remove_events`), then faults the last page at once, well inside
-/// that window. It must come out as the CPU's page after the zap (the zero page for a read),
-/// not the old frame.
+/// begun to handle the REMOVE (`remove_events`), then faults the last page at once, well inside
+/// that window. Once everything is handled, the device must not hold the old frame (it holds
+/// the CPU's page after the zap, the zero page for a read, or nothing if its fault slipped in
+/// before the invalidation started and was torn down by it).
 ///
 /// Seen failing without the held invalidation (the REMOVE's invalidation ended when handled),
-/// three runs of three: "the device mapped the frame the zap dropped".
+/// four runs of four: "the device mapped the frame the zap dropped" (`left: Some(6128996)`).
 #[test]
 fn a_device_fault_during_a_plain_madvise_zap_never_keeps_the_dropped_page() {
     let _s = serial();
@@ -620,11 +623,22 @@ fn a_device_fault_during_a_plain_madvise_zap_never_keeps_the_dropped_page() {
         assert!(Instant::now() < deadline, "the REMOVE was handled");
         std::hint::spin_loop();
     }
-    // The REMOVE is handled; the zap is (most likely) still on its way to the last page.
+    // The REMOVE is being handled; the zap is (most likely) still on its way to the last page.
     mirror.fault(&sub, &mm, last, false).unwrap();
-    let got = svmirror_core::entry::pfn(mirror.entry(last.start()).unwrap());
     assert_eq!(t.join().unwrap(), 0);
-    assert_ne!(got, old, "the device mapped the frame the zap dropped");
+    // Every event handled (an SVM API call waits for that): a fault that slipped in before
+    // the REMOVE's invalidation started has been torn down by it since.
+    let scratch = mm
+        .mmap_anonymous(PAGE, svmirror_mm::Protection::READ_WRITE)
+        .unwrap();
+    // SAFETY: a fresh mapping nothing refers to.
+    unsafe { mm.munmap(scratch) }.unwrap();
+    let got = mirror.entry(last.start()).map(svmirror_core::entry::pfn);
+    assert_ne!(
+        got,
+        Some(old),
+        "the device mapped the frame the zap dropped"
+    );
     assert_eq!(read_byte(last.start()), 0);
     drop(sub);
     assert_eq!(sys_munmap(hint, LEN), 0);
