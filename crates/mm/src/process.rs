@@ -1,8 +1,8 @@
 //! [`ProcessMm`]: the calling process's address space, watched through a userfaultfd.
 //!
 //! One per process. It owns the [`Notifier`] that backends subscribe to, a userfaultfd, and a
-//! monitor thread that turns the kernel's userfaultfd events into invalidations with their
-//! reason, and it is the [`PageSource`] backends fault through: the real page table
+//! monitor (a reader thread and a handler thread, see `monitor.rs`) that turns the kernel's
+//! userfaultfd events into invalidations with their reason, and it is the [`PageSource`] backends fault through: the real page table
 //! ([`ProcessPageSource`]) plus what only svmirror knows (pages that live on a device, which VMAs
 //! are registered, where huge pages were seen).
 //!
@@ -11,16 +11,17 @@
 //! | CPU change | event | invalidation |
 //! |---|---|---|
 //! | munmap (also mmap MAP_FIXED over a mapping, mremap shrinking) | UNMAP, after the unmap | `Unmap` |
-//! | madvise DONTNEED / FREE / REMOVE | REMOVE, before the zap | `Clear` |
+//! | madvise DONTNEED / FREE / REMOVE | REMOVE, before the zap | `Clear`, held until the zap is seen (`zap.rs`) |
 //! | mremap moving a mapping | REMAP, after the move | `Unmap` of the old range |
 //! | fork | not asked for (see [`uffd_feature::WANTED`](crate::uffd_feature::WANTED)) | none: see below |
 //! | the same through [`ProcessMm::munmap`] and friends | the API brackets the syscall | before the change |
 //! | mprotect, MADV_PAGEOUT, swap, migration, KSM, THP collapse | nothing | only through the API |
 //!
-//! Events are delivered only for registered VMAs. A VMA is registered when a backend first
-//! faults an address in it (or through [`ProcessMm::register`]); VMAs userfaultfd cannot register
-//! (private file mappings) are mirrored without events, safe through pins and coherent only
-//! through the SVM API. Every invalidation that touches a window where a huge page was seen is
+//! Events are delivered only for registered VMAs. A VMA is registered, whole, when a backend
+//! first faults an address in it (or through [`ProcessMm::register`]); a VMA userfaultfd cannot
+//! register is refused to the device, or mirrored without events if the caller chose
+//! [`Unregistrable::MirrorWithoutEvents`] (safe through pins, coherent only through the SVM
+//! API). Every invalidation that touches a window where a huge page was seen is
 //! widened to the whole huge page.
 //!
 //! # Fork

@@ -2,7 +2,7 @@
 //! with or without privilege, the feature handshake, registration, resolving missing faults, and
 //! reading events.
 //!
-//! Only the monitor thread reads events, and only the owner of a migrated range resolves its
+//! Only the monitor's reader thread reads events, and only the owner of a migrated range resolves its
 //! faults; everything here is a thin, checked wrapper over one system call.
 
 use std::fs::OpenOptions;
