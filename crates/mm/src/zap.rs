@@ -37,8 +37,8 @@ use crate::process::{Shared, bump};
 /// page of it zapped.
 pub(crate) const ZAP_WAIT: Duration = Duration::from_millis(20);
 
-/// After this long without seeing a page zapped, the per-CPU LRU batches are drained once
-/// (see [`drain_lru_batches`]), so a MADV_FREE's lazy-free mark becomes visible.
+/// While pages stay unexplained, the per-CPU LRU batches are drained this often (see
+/// [`drain_lru_batches`]), so a MADV_FREE's lazy-free mark becomes visible.
 const DRAIN_AFTER: Duration = Duration::from_micros(300);
 
 /// A REMOVE whose invalidation is open until its zap is seen done.
@@ -46,9 +46,9 @@ pub(crate) struct PendingZap<'a> {
     _inv: Invalidation<'a>,
     /// Pages present when the event was handled, not yet seen zapped: (address, frame).
     pages: Vec<(u64, u64)>,
-    started: Instant,
     deadline: Instant,
-    drained: bool,
+    /// When the LRU batches were last drained for this wait (or it started).
+    drained: Instant,
 }
 
 /// Drains every CPU's LRU folio batches (mm/mlock.c: `mlock` begins with
@@ -121,9 +121,8 @@ impl Shared {
         let mut z = PendingZap {
             _inv: inv,
             pages,
-            started: now,
             deadline: now + ZAP_WAIT,
-            drained: false,
+            drained: now,
         };
         Ok((!self.zap_done(&mut z)).then_some(z))
     }
@@ -133,8 +132,10 @@ impl Shared {
     pub(crate) fn zap_done(&self, z: &mut PendingZap<'_>) -> bool {
         let frames = self.source.frames_visible();
         let flags = self.page_flags.as_ref();
-        if flags.is_some() && !z.drained && z.started.elapsed() >= DRAIN_AFTER {
-            z.drained = true;
+        // Drained again every DRAIN_AFTER while pages are unexplained: the caller may mark its
+        // pages lazy-free only after an earlier drain (it runs when it is scheduled).
+        if flags.is_some() && z.drained.elapsed() >= DRAIN_AFTER {
+            z.drained = Instant::now();
             drain_lru_batches();
         }
         let before = z.pages.len();
