@@ -74,6 +74,10 @@ impl Status {
 }
 
 /// Where a fence's result lands.
+/// The handler that settled an access and the position it gave
+/// ([`PageRequestHandler::changed_since`]).
+type Settled = (Arc<dyn PageRequestHandler>, u64);
+
 struct FenceSlot {
     result: Mutex<Option<Result<Completion>>>,
     done: Condvar,
@@ -221,6 +225,18 @@ impl Shared {
         max_len: u64,
         c: &mut Completion,
     ) -> Result<AccessGrant<'_>> {
+        self.access_settled(reqs, max_len, c).map(|(g, _)| g)
+    }
+
+    /// [`access`](Self::access), also returning the driver's settle position for the first
+    /// request, taken before the grant (for [`PageRequestHandler::changed_since`]) and the
+    /// handler that gave it.
+    fn access_settled(
+        &self,
+        reqs: &[(u64, Access)],
+        max_len: u64,
+        c: &mut Completion,
+    ) -> Result<(AccessGrant<'_>, Option<Settled>)> {
         let mut tries = 0;
         loop {
             if let s @ (Status::Died | Status::Hung(_)) = self.status() {
@@ -230,20 +246,25 @@ impl Shared {
             // driver waits for its invalidations of such changes first (svmirror-mm learns of
             // a munmap only after it returns). A change returning after this point overlaps
             // the access, which is then ordered before it.
-            let settle = relock(&self.handler).clone();
-            if let Some(h) = settle {
+            let handler = relock(&self.handler).clone();
+            let mut settled = None;
+            if let Some(h) = handler {
+                let mut first = None;
                 for &(iova, access) in reqs {
-                    h.settle(iova, max_len)
+                    let since = h
+                        .settle(iova, max_len)
                         .map_err(|e| IommuError::DeviceFault {
                             iova,
                             access,
                             reason: FaultReason::NotMapped,
                             source: Some(Box::new(e)),
                         })?;
+                    first.get_or_insert(since);
                 }
+                settled = first.map(|since| (h, since));
             }
             let miss = match self.mmu.begin_access(reqs, max_len) {
-                Ok(g) => return Ok(g),
+                Ok(g) => return Ok((g, settled)),
                 Err(miss) => miss,
             };
             let fault = |source| IommuError::DeviceFault {
@@ -312,17 +333,7 @@ impl Shared {
                 let mut done = 0;
                 while done < len {
                     let (at, want) = (src + done, len - done);
-                    let handler = relock(&self.handler).clone();
-                    let since = match &handler {
-                        Some(h) => h.settle(at, want).map_err(|e| IommuError::DeviceFault {
-                            iova: at,
-                            access: Access::Read,
-                            reason: FaultReason::NotMapped,
-                            source: Some(Box::new(e)),
-                        })?,
-                        None => 0,
-                    };
-                    let g = self.access(&[(at, Access::Read)], want, &mut c)?;
+                    let (g, settled) = self.access_settled(&[(at, Access::Read)], want, &mut c)?;
                     let part = &mut data[done as usize..(done + g.len) as usize];
                     self.pins.read(g.target(0), part)?;
                     let n = g.len;
@@ -330,7 +341,7 @@ impl Shared {
                     // A read that overlapped a CPU change the driver learns of only after it is
                     // made (mremap moves the page, then tells) may have seen the page after the
                     // move, through its new address: read again, after the change.
-                    if handler.is_some_and(|h| h.changed_since(at, n, since)) {
+                    if settled.is_some_and(|(h, since)| h.changed_since(at, n, since)) {
                         self.stat(|s| s.reads_retried += 1);
                         continue;
                     }

@@ -137,7 +137,9 @@ pub struct ProcessPageSource {
 impl ProcessPageSource {
     /// The present pages of `r` and their frame numbers (0 when hidden).
     pub(crate) fn present_frames(&self, r: Range) -> std::io::Result<Vec<(u64, u64)>> {
-        self.pagemap.present_frames(r.start(), r.end())
+        let mut out = Vec::new();
+        self.each_present(r, |a, f| out.push((a, f)))?;
+        Ok(out)
     }
 
     /// Calls `each(address, frame)` for the present pages of `r`, allocating nothing.

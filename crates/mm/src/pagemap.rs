@@ -210,27 +210,6 @@ impl Pagemap {
         PteRule::new(self, vma).pte(e)
     }
 
-    /// The pages of `[start, end)` that are present: `(address, frame number)`, the frame 0
-    /// when frame numbers are hidden.
-    pub(crate) fn present_frames(&self, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
-        let mut bytes = [0u8; CHUNK * ENTRY];
-        let mut out = Vec::new();
-        let mut at = start;
-        while at < end {
-            let n = (((end - at) >> PAGE_SHIFT) as usize).min(CHUNK);
-            let bytes = &mut bytes[..n * ENTRY];
-            self.read_raw(at, bytes)?;
-            for (i, raw) in bytes.chunks_exact(ENTRY).enumerate() {
-                let e = decode(raw);
-                if e & PM_PRESENT != 0 {
-                    out.push((at + ((i as u64) << PAGE_SHIFT), e & PM_PFN_MASK));
-                }
-            }
-            at += (n as u64) << PAGE_SHIFT;
-        }
-        Ok(out)
-    }
-
     /// Calls `each(address, frame)` for every present page of `[start, end)` (the frame 0 when
     /// frame numbers are hidden), reading through a buffer on the stack: no allocation, for
     /// the monitor's reader.
