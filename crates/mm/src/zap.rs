@@ -57,6 +57,9 @@ pub(crate) struct PendingZap<'a> {
 /// `KPF_SWAPBACKED` is cleared only when the batch drains.
 fn drain_lru_batches() {
     thread_local! {
+        // Populated now, and kept from merging into a neighbouring mapping (MADV_DONTFORK, a
+        // flag its neighbours lack): merged, a device fault next door would register it, and
+        // the handler's mlock could then fault into the monitor, that is into itself.
         static PAGE: usize = {
             // SAFETY: a fresh private anonymous page, ours for the life of the thread.
             let p = unsafe {
@@ -64,12 +67,18 @@ fn drain_lru_batches() {
                     std::ptr::null_mut(),
                     4096,
                     libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
                     -1,
                     0,
                 )
             };
-            if p == libc::MAP_FAILED { 0 } else { p as usize }
+            // SAFETY: a VMA flag on our own fresh page; no contents change.
+            if p == libc::MAP_FAILED || unsafe { libc::madvise(p, 4096, libc::MADV_DONTFORK) } != 0
+            {
+                0
+            } else {
+                p as usize
+            }
         };
     }
     PAGE.with(|&p| {
