@@ -63,8 +63,10 @@ fn vma_at(addr: u64) -> (u64, u64) {
 fn a_fault_pins_and_maps_only_the_page_the_device_read() {
     let mm = Arc::new(ProcessMm::new().expect("userfaultfd available (run as root)"));
     let m = mm_mirror(&mm, MirrorConfig::checked());
-    // Several MiB in one VMA, populated, on 4 KiB pages.
-    let b = AnonMap::aligned(4 << 20, TWO_MEG as usize).unwrap();
+    // Several MiB in one VMA, populated, on 4 KiB pages; fixed and far from everything the
+    // kernel places, so the hole this test punches is never taken by another thread's mapping
+    // (which `b`'s drop would then unmap).
+    let b = AnonMap::at(0x2d00_0000_0000, 4 << 20).unwrap();
     advise(&b, libc::MADV_NOHUGEPAGE).unwrap();
     b.fill_with(|i| (i / PAGE as usize) as u8);
     let page = b.addr() + TWO_MEG + 5 * PAGE;
@@ -115,8 +117,8 @@ fn a_fault_pins_and_maps_only_the_page_the_device_read() {
 fn a_programs_mremap_of_a_device_faulted_mapping_still_works() {
     let mm = Arc::new(ProcessMm::new().expect("userfaultfd available (run as root)"));
     let m = mm_mirror(&mm, MirrorConfig::checked());
-    // Room to grow in place: reserve 4 MiB, give 2 MiB back.
-    let b = AnonMap::aligned(4 << 20, TWO_MEG as usize).unwrap();
+    // Room to grow in place: reserve 4 MiB, give 2 MiB back. Fixed and far, as above.
+    let b = AnonMap::at(0x2e00_0000_0000, 4 << 20).unwrap();
     advise(&b, libc::MADV_NOHUGEPAGE).unwrap();
     let base = b.addr();
     // SAFETY: the upper half of our own reservation, which nothing refers to.
@@ -154,7 +156,7 @@ fn a_programs_mremap_of_a_device_faulted_mapping_still_works() {
     assert_eq!(read(&m, base + 9 * PAGE, 8).0, vec![7; 8]);
 
     // Move all of it elsewhere, then DONTUNMAP it back out of the way.
-    let dest = AnonMap::aligned(4 << 20, TWO_MEG as usize).unwrap();
+    let dest = AnonMap::at(0x2e10_0000_0000, 4 << 20).unwrap();
     let to = dest.addr();
     let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
     assert_eq!(remap(base, 2 * TWO_MEG, 2 * TWO_MEG, flags, to), to);
@@ -188,7 +190,7 @@ fn a_programs_mremap_of_a_device_faulted_mapping_still_works() {
     assert_eq!(read(&m, base, 8).0, vec![3; 8]);
 
     // MREMAP_DONTUNMAP: the pages move, the old range stays mapped and reads zero.
-    let dest2 = AnonMap::aligned(TWO_MEG as usize, TWO_MEG as usize).unwrap();
+    let dest2 = AnonMap::at(0x2e20_0000_0000, TWO_MEG as usize).unwrap();
     let to2 = dest2.addr();
     let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP;
     assert_eq!(remap(to, TWO_MEG, TWO_MEG, flags, to2), to2);

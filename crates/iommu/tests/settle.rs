@@ -50,7 +50,9 @@ impl IntervalNotifierOps for GatedSub {
 fn a_device_read_after_a_plain_munmap_returned_never_uses_the_old_translation() {
     let mm = Arc::new(ProcessMm::new().expect("userfaultfd available (run as root)"));
     let m = mm_mirror(&mm, MirrorConfig::checked());
-    let b = AnonMap::aligned(4 * PAGE as usize, 4 * PAGE as usize).unwrap();
+    // At a fixed address far from everything the kernel places: the holes this test punches
+    // are never taken by another thread's mapping, which `b`'s drop would then unmap.
+    let b = AnonMap::at(0x2b00_0000_0000, 4 * PAGE as usize).unwrap();
     b.fill(7);
     let (first, victim) = (b.addr(), b.addr() + 2 * PAGE);
     let read = |addr| m.submit(DmaCommand::Read { src: addr, len: 4 });
@@ -123,7 +125,8 @@ fn a_device_read_after_a_plain_munmap_returned_never_uses_the_old_translation() 
 fn a_mremap_after_settle_is_reported_as_a_change() {
     use svmirror_core::PageSource;
     let mm = Arc::new(ProcessMm::new().expect("userfaultfd available (run as root)"));
-    let b = AnonMap::aligned(8 * PAGE as usize, 8 * PAGE as usize).unwrap();
+    // Fixed and far, as in the test above: the moved-away range stays a hole nobody takes.
+    let b = AnonMap::at(0x2c00_0000_0000, 8 * PAGE as usize).unwrap();
     b.fill(1);
     let (watched, other) = (
         Range::with_len(b.addr(), 4 * PAGE).unwrap(),
@@ -141,7 +144,7 @@ fn a_mremap_after_settle_is_reported_as_a_change() {
         !mm.changed_since(watched, since),
         "a munmap beside the range is not a change to it"
     );
-    let dest = AnonMap::aligned(4 * PAGE as usize, 4 * PAGE as usize).unwrap();
+    let dest = AnonMap::at(0x2c10_0000_0000, 4 * PAGE as usize).unwrap();
     // SAFETY: moves our own pages over `dest`'s mapping, which nothing refers to; `dest` is
     // forgotten (its range holds the moved pages now) and unmapped below.
     let p = unsafe {
