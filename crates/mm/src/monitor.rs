@@ -36,7 +36,7 @@ use crate::error::MmError;
 use crate::fill::Caller;
 use crate::process::Shared;
 use crate::uffd::{self, UffdMsg};
-use crate::zap::PendingZap;
+use crate::zap::{LAZY_AT_READ, PendingZap};
 
 /// How often the handler looks at pending zaps while no message arrives.
 const ZAP_POLL: Duration = Duration::from_micros(100);
@@ -217,7 +217,17 @@ impl Queue {
 
     /// On the reader, for the REMOVE just stored at `tail - 1`: records the frames present in
     /// its range now, before the thread the read released can zap them. No allocation.
-    fn snapshot_remove(&self, st: &mut QueueState, source: &crate::ProcessPageSource, m: &UffdMsg) {
+    ///
+    /// Where frame flags are readable, a page that is lazy-free already (an earlier MADV_FREE
+    /// marked it) is recorded with [`LAZY_AT_READ`]: being lazy-free then says nothing about
+    /// this REMOVE's zap, which may be a DONTNEED still to come.
+    fn snapshot_remove(
+        &self,
+        st: &mut QueueState,
+        source: &crate::ProcessPageSource,
+        flags: Option<&crate::pagemap::PageFlags>,
+        m: &UffdMsg,
+    ) {
         let slot = st.tail - 1;
         let start = st.snap_tail;
         let mut len = 0u64;
@@ -248,6 +258,9 @@ impl Queue {
         });
         let ok = read.is_ok() && fits;
         if ok {
+            if let Some(flags) = flags {
+                self.mark_lazy_at_read(flags, start, len);
+            }
             st.snap_tail = start + len;
         }
         let rf = SnapRef {
@@ -257,6 +270,22 @@ impl Queue {
         };
         // SAFETY: the reference slot of message `slot`, inside our mapping; under the lock.
         unsafe { self.snap_ref(slot).write(rf) };
+    }
+
+    /// Sets [`LAZY_AT_READ`] on the snapshot pairs `start .. start + len` whose frames are
+    /// lazy-free now. The caller holds the lock. No allocation.
+    fn mark_lazy_at_read(&self, flags: &crate::pagemap::PageFlags, start: u64, len: u64) {
+        crate::zap::each_lazy(
+            flags,
+            len as usize,
+            // SAFETY: pairs written just now under the lock the caller holds.
+            |i| unsafe { self.snap_pair(start + i as u64).read() }[1],
+            |i| {
+                let pair = self.snap_pair(start + i as u64);
+                // SAFETY: as above; the pair is ours to rewrite under the lock.
+                unsafe { (*pair)[1] |= LAZY_AT_READ };
+            },
+        );
     }
 
     /// On the handler, for the REMOVE at `head`: its snapshot (`None` if it was not taken),
@@ -585,7 +614,7 @@ fn read_loop(shared: &Shared, stop: i32, mut buf: ReadBuf) {
         for (i, m) in buf.msgs()[..n].iter().enumerate() {
             queue.put(&mut st, m, i + 1 == n);
             if m.event == uffd::EVENT_REMOVE {
-                queue.snapshot_remove(&mut st, &shared.source, m);
+                queue.snapshot_remove(&mut st, &shared.source, shared.page_flags.as_ref(), m);
             }
         }
         shared.read_gen.fetch_add(1, Ordering::AcqRel);

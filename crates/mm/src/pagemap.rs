@@ -727,4 +727,23 @@ impl PageFlags {
         self.0.read_exact_at(&mut b, pfn * ENTRY as u64)?;
         Ok(u64::from_ne_bytes(b))
     }
+
+    /// The flags of frames `pfn .. pfn + out.len()` into `out`, in one read. No allocation.
+    pub(crate) fn flags_run(&self, pfn: u64, out: &mut [u64]) -> io::Result<()> {
+        // SAFETY: `out` is a live, exclusively borrowed slice of u64; viewing its bytes as u8
+        // (alignment 1, every bit pattern valid both ways) for the read is sound.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(
+                out.as_mut_ptr().cast::<u8>(),
+                std::mem::size_of_val(out),
+            )
+        };
+        self.0.read_exact_at(bytes, pfn * ENTRY as u64)
+    }
+}
+
+/// Whether `flags` (from /proc/kpageflags) are those of a lazy-free anonymous page: MADV_FREE
+/// cleared its `KPF_SWAPBACKED` (mm/swap.c `folio_mark_lazyfree`).
+pub(crate) fn lazy_free(flags: u64) -> bool {
+    flags & KPF_ANON != 0 && flags & KPF_SWAPBACKED == 0
 }

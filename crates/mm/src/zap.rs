@@ -15,7 +15,10 @@
 //!   REMOVE: zapped), or, where this process may read frame numbers (`CAP_SYS_ADMIN`), once its
 //!   **frame changed** (zapped and touched again) or its frame is **lazy-free** (an anonymous
 //!   page whose `KPF_SWAPBACKED` is clear: MADV_FREE marked it, mm/swap.c
-//!   `folio_mark_lazyfree`, and a page a device then pins is never discarded).
+//!   `folio_mark_lazyfree`, and a page a device then pins is never discarded). A page that
+//!   was lazy-free already when the event was read (an earlier MADV_FREE, as allocators do
+//!   before they give memory back for good) counts only once it is gone or its frame changed:
+//!   its mark says nothing about this REMOVE, which may be a DONTNEED still to come.
 //! - the event does not say which advice it was, nor which thread made the call, so a page
 //!   neither dropped nor marked stays unexplained: after [`ZAP_WAIT`] without progress (a large
 //!   zap that is still going resets the clock with every page it drops) the invalidation ends
@@ -30,8 +33,45 @@ use std::time::{Duration, Instant};
 
 use svmirror_core::{Error, Event, Invalidation, NotifierRange, Range};
 
-use crate::pagemap::{KPF_ANON, KPF_SWAPBACKED};
+use crate::pagemap::{PageFlags, lazy_free};
 use crate::process::{Shared, bump};
+
+/// Set on a recorded frame number whose page was lazy-free already when the REMOVE was read
+/// (an earlier MADV_FREE marked it): that it is lazy-free says nothing about this REMOVE's own
+/// zap, which may be a DONTNEED still to come. Frame numbers are below 2^55 (pagemap's PFN
+/// field), so the top bit is free.
+pub(crate) const LAZY_AT_READ: u64 = 1 << 63;
+
+/// Calls `lazy(i)` for each `i < n` whose frame `frame(i)` is lazy-free now, reading the
+/// flags of each run of consecutive frames (a huge page, a populated range) in one read. No
+/// allocation: the monitor's reader calls it.
+pub(crate) fn each_lazy(
+    flags: &PageFlags,
+    n: usize,
+    frame: impl Fn(usize) -> u64,
+    mut lazy: impl FnMut(usize),
+) {
+    const RUN: usize = 512;
+    let mut buf = [0u64; RUN];
+    let mut i = 0;
+    while i < n {
+        let first = frame(i);
+        let mut len = 1;
+        while len < RUN && i + len < n && frame(i + len) == first + len as u64 {
+            len += 1;
+        }
+        let run = &mut buf[..len];
+        // Frame 0 is what a hidden frame number reads as: nothing to look up.
+        if first != 0 && flags.flags_run(first, run).is_ok() {
+            for (k, &f) in run.iter().enumerate() {
+                if lazy_free(f) {
+                    lazy(i + k);
+                }
+            }
+        }
+        i += len;
+    }
+}
 
 /// How long a REMOVE invalidation waits for its zap to be seen, at most, after it last saw a
 /// page of it zapped.
@@ -115,7 +155,10 @@ impl Shared {
         let pages = match read_frames {
             Some(p) => p,
             None => match self.source.present_frames(range) {
-                Ok(p) => p,
+                // Read late: a page lazy-free now may have been so before the event (then this
+                // may be a DONTNEED still to come) or be this REMOVE's own MADV_FREE done: the
+                // first is a stale translation, the second only a wait to the time limit.
+                Ok(p) => self.mark_lazy(p),
                 Err(e) => {
                     tracing::warn!(%range, %e, "pagemap unreadable: REMOVE invalidation not held");
                     return Ok(None);
@@ -134,6 +177,22 @@ impl Shared {
             drained: now,
         };
         Ok((!self.zap_done(&mut z)).then_some(z))
+    }
+
+    /// `pages` with [`LAZY_AT_READ`] set on those whose frames are lazy-free now.
+    fn mark_lazy(&self, mut pages: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+        if let Some(flags) = self.page_flags.as_ref() {
+            let frames: Vec<u64> = pages.iter().map(|&(_, f)| f).collect();
+            each_lazy(
+                flags,
+                frames.len(),
+                |i| frames[i],
+                |i| {
+                    pages[i].1 |= LAZY_AT_READ;
+                },
+            );
+        }
+        pages
     }
 
     /// Whether every page of `z` has been seen zapped (or the time is up: counted). Drops the
@@ -172,13 +231,15 @@ impl Shared {
             if !frames {
                 return true;
             }
-            if pfn != old {
+            if pfn != old & !LAZY_AT_READ {
                 return false; // zapped and touched again
             }
+            if old & LAZY_AT_READ != 0 {
+                // Lazy-free before this REMOVE: only its going away says the zap is done.
+                return true;
+            }
             // MADV_FREE: the frame stays, marked lazy-free.
-            !flags
-                .and_then(|f| f.flags(pfn).ok())
-                .is_some_and(|f| f & KPF_ANON != 0 && f & KPF_SWAPBACKED == 0)
+            !flags.and_then(|f| f.flags(pfn).ok()).is_some_and(lazy_free)
         });
         if z.pages.is_empty() {
             return true;

@@ -663,3 +663,200 @@ fn a_device_fault_during_a_plain_madvise_zap_never_keeps_the_dropped_page() {
     drop(sub);
     assert_eq!(sys_munmap(hint, LEN), 0);
 }
+
+/// The flags /proc/kpageflags gives frame `pfn`.
+fn kpageflags(pfn: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open("/proc/kpageflags").expect("kpageflags readable (root)");
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, pfn * 8).unwrap();
+    u64::from_ne_bytes(b)
+}
+
+/// Whether frame `pfn` is a lazy-free anonymous page (`KPF_ANON` set, `KPF_SWAPBACKED` clear).
+fn is_lazy_free(pfn: u64) -> bool {
+    let f = kpageflags(pfn);
+    f & (1 << 12) != 0 && f & (1 << 14) == 0
+}
+
+/// Pins thread `tid` (0: the calling thread) to CPU `cpu`.
+fn pin_to(tid: i32, cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and sched_setaffinity only read and
+    // write that local set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning thread {tid} to CPU {cpu}"
+        );
+    }
+}
+
+/// The thread id of this process's only thread named `name` (a new thread names itself as
+/// it starts: looked for for up to a second).
+fn thread_named(name: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let tids: Vec<i32> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|tid| {
+                std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+                    .is_ok_and(|c| c.trim_end() == name)
+            })
+            .collect();
+        assert!(tids.len() <= 1, "one thread named {name}: {tids:?}");
+        if let Some(&t) = tids.first() {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "a thread named {name}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Defect 8 (issue 15), a plain DONTNEED of pages an earlier MADV_FREE left lazy-free (what an
+/// allocator does: purge lazily, later give the memory back for good): the REMOVE's
+/// invalidation must stay open until the pages are gone, not end because they are lazy-free,
+/// which they were before this REMOVE.
+///
+/// The interleaving is forced with the scheduler. A real-time thread spins on CPU 0. The
+/// monitor's reader is pinned there, so it cannot read; the DONTNEED's caller (on CPU 1) sends
+/// its REMOVE and waits for the read (its wait channel says so). Then the caller is moved to
+/// CPU 0 and the reader to CPU 1: the reader reads, the caller wakes behind the spinning thread
+/// and cannot zap, while the handler (CPU 1) handles the REMOVE and the test faults the last
+/// page. The spinner stops once that fault returned, or 10 ms after the REMOVE was handled
+/// (inside `ZAP_WAIT`, 20 ms), and the caller zaps. The device must not keep the frame the zap dropped.
+///
+/// `len`: 64 KiB fits the reader's record (lazy-free state read as the event is read);
+/// 36 MiB does not (the handler reads it when it gets to the event).
+///
+/// Seen failing before the fix (lazy-free at any time counted as the zap done), both sizes,
+/// every run: "the device mapped the frame the zap dropped" (`left: Some(..)` equal to the old
+/// frame). The 30-minute soak's one burst of stale reads was this: every one "ended by
+/// madv-dontneed" right after an api-madvise-free of the same slot.
+fn dontneed_after_free_keeps_no_dropped_page(hint: u64, len: u64) {
+    assert!(
+        std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2,
+        "this test needs two CPUs"
+    );
+    pin_to(0, 1);
+    let mm = ProcessMm::new().expect("userfaultfd available");
+    assert!(
+        mm.features().page_source.pfn_visible,
+        "frame numbers visible (run as root)"
+    );
+    pin_to(thread_named("svmirror-uffd-h"), 1);
+    let reader = thread_named("svmirror-uffd");
+    let p = sys_mmap(
+        hint,
+        len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_FIXED_NOREPLACE,
+    );
+    assert_eq!(p, hint);
+    let buf = Range::with_len(hint, len).unwrap();
+    assert_eq!(sys_madvise(hint, len, libc::MADV_NOHUGEPAGE), 0);
+    assert_eq!(sys_madvise(hint, len, libc::MADV_POPULATE_WRITE), 0);
+    let last = page(buf, buf.pages() - 1, 1);
+    let mirror = Arc::new(TestMirror::new(Owner(0x9)));
+    let sub = mm.notifier().insert(last, mirror.clone()).unwrap();
+    mirror.fault(&sub, &mm, last, false).unwrap();
+
+    // The earlier MADV_FREE, and everything it caused handled (an SVM API call waits for it).
+    assert_eq!(sys_madvise(hint, len, libc::MADV_FREE), 0);
+    let settle = || {
+        let scratch = mm
+            .mmap_anonymous(PAGE, svmirror_mm::Protection::READ_WRITE)
+            .unwrap();
+        // SAFETY: a fresh mapping nothing refers to.
+        unsafe { mm.munmap(scratch) }.unwrap();
+    };
+    settle();
+    // The last page, on the device again, and lazy-free (its LRU batch drained: mlock starts
+    // with lru_add_drain_all, mm/mlock.c).
+    mirror.fault(&sub, &mm, last, false).unwrap();
+    let old = svmirror_core::entry::pfn(mirror.entry(last.start()).unwrap());
+    let drain = sys_mmap(0, PAGE, libc::PROT_READ | libc::PROT_WRITE, 0);
+    // SAFETY: lock and unlock a fresh private page of our own.
+    unsafe {
+        assert_eq!(libc::mlock(drain as *const libc::c_void, PAGE as usize), 0);
+        libc::munlock(drain as *const libc::c_void, PAGE as usize);
+    }
+    assert_eq!(sys_munmap(drain, PAGE), 0);
+    assert!(is_lazy_free(old), "MADV_FREE left the last page lazy-free");
+
+    let removes = mm.stats().remove_events;
+    let spinning = std::sync::atomic::AtomicBool::new(false);
+    let faulted = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let mm = &mm;
+        let (spinning, faulted) = (&spinning, &faulted);
+        s.spawn(move || {
+            pin_to(0, 0);
+            let fifo = libc::sched_param { sched_priority: 1 };
+            // SAFETY: sets this thread's own policy from a valid sched_param.
+            let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &fifo) };
+            assert_eq!(rc, 0, "SCHED_FIFO (run as root)");
+            spinning.store(true, Ordering::Release);
+            let cap = Instant::now() + Duration::from_secs(3);
+            while mm.stats().remove_events == removes && Instant::now() < cap {
+                std::hint::spin_loop();
+            }
+            let until = Instant::now() + Duration::from_millis(10);
+            while Instant::now() < until && !faulted.load(Ordering::Acquire) {
+                std::hint::spin_loop();
+            }
+        });
+        while !spinning.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        pin_to(reader, 0);
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let caller = s.spawn(move || {
+            pin_to(0, 1);
+            // SAFETY: gettid takes no arguments.
+            let _ = tid_tx.send(unsafe { libc::gettid() });
+            sys_madvise(hint, len, libc::MADV_DONTNEED)
+        });
+        let tid = tid_rx.recv().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !wchan(tid).contains("userfaultfd_event_wait_completion") {
+            assert!(Instant::now() < deadline, "the DONTNEED waits for its read");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        pin_to(tid, 0);
+        pin_to(reader, 1);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while mm.stats().remove_events == removes {
+            assert!(Instant::now() < deadline, "the REMOVE was handled");
+            std::hint::spin_loop();
+        }
+        mirror.fault(&sub, mm, last, false).unwrap();
+        faulted.store(true, Ordering::Release);
+        assert_eq!(caller.join().unwrap(), 0);
+    });
+    settle();
+    let got = mirror.entry(last.start()).map(svmirror_core::entry::pfn);
+    assert_ne!(
+        got,
+        Some(old),
+        "the device mapped the frame the zap dropped"
+    );
+    assert_eq!(read_byte(last.start()), 0);
+    drop(sub);
+    assert_eq!(sys_munmap(hint, len), 0);
+}
+
+#[test]
+fn a_dontneed_of_lazy_free_pages_holds_until_they_are_gone_reader_read() {
+    let _s = serial();
+    dontneed_after_free_keeps_no_dropped_page(0x2b00_0000_0000, 64 << 10);
+}
+
+#[test]
+fn a_dontneed_of_lazy_free_pages_holds_until_they_are_gone_handler_read() {
+    let _s = serial();
+    dontneed_after_free_keeps_no_dropped_page(0x2c00_0000_0000, 36 << 20);
+}
