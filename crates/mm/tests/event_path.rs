@@ -681,17 +681,13 @@ fn is_lazy_free(pfn: u64) -> bool {
 
 /// Pins thread `tid` (0: the calling thread) to CPU `cpu`.
 fn pin_to(tid: i32, cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and sched_setaffinity only read and
-    // write that local set.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0,
-            "pinning thread {tid} to CPU {cpu}"
-        );
-    }
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sets one bit of the local set; `cpu` is below the set's size (two CPUs).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: reads the local set, of the size given.
+    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(rc, 0, "pinning thread {tid} to CPU {cpu}");
 }
 
 /// The thread id of this process's only thread named `name` (a new thread names itself as
@@ -779,11 +775,13 @@ fn dontneed_after_free_keeps_no_dropped_page(hint: u64, len: u64) {
     mirror.fault(&sub, &mm, last, false).unwrap();
     let old = svmirror_core::entry::pfn(mirror.entry(last.start()).unwrap());
     let drain = sys_mmap(0, PAGE, libc::PROT_READ | libc::PROT_WRITE, 0);
-    // SAFETY: lock and unlock a fresh private page of our own.
-    unsafe {
-        assert_eq!(libc::mlock(drain as *const libc::c_void, PAGE as usize), 0);
-        libc::munlock(drain as *const libc::c_void, PAGE as usize);
-    }
+    // SAFETY: locks a fresh private page of our own.
+    assert_eq!(
+        unsafe { libc::mlock(drain as *const libc::c_void, PAGE as usize) },
+        0
+    );
+    // SAFETY: unlocks it.
+    unsafe { libc::munlock(drain as *const libc::c_void, PAGE as usize) };
     assert_eq!(sys_munmap(drain, PAGE), 0);
     assert!(is_lazy_free(old), "MADV_FREE left the last page lazy-free");
 
