@@ -776,10 +776,8 @@ fn dontneed_after_free_keeps_no_dropped_page(hint: u64, len: u64) {
     let old = svmirror_core::entry::pfn(mirror.entry(last.start()).unwrap());
     let drain = sys_mmap(0, PAGE, libc::PROT_READ | libc::PROT_WRITE, 0);
     // SAFETY: locks a fresh private page of our own.
-    assert_eq!(
-        unsafe { libc::mlock(drain as *const libc::c_void, PAGE as usize) },
-        0
-    );
+    let rc = unsafe { libc::mlock(drain as *const libc::c_void, PAGE as usize) };
+    assert_eq!(rc, 0);
     // SAFETY: unlocks it.
     unsafe { libc::munlock(drain as *const libc::c_void, PAGE as usize) };
     assert_eq!(sys_munmap(drain, PAGE), 0);
