@@ -189,6 +189,13 @@ pub struct EventsReport {
     pub covered_by_api: u64,
     /// Mappings registered for events.
     pub registrations: u64,
+    /// Pages brought back from device memory: for a CPU touch, for another device's fault,
+    /// and on request (migrate to RAM, prepare for fork).
+    pub migrated_back: [u64; 3],
+    /// Plain madvise invalidations held until their zap was seen.
+    pub zap_waits: u64,
+    /// Of those, how many the time limit ended.
+    pub zap_timeouts: u64,
 }
 
 /// Everything one `svmirror run` did.
@@ -237,6 +244,19 @@ impl RunReport {
                     mm_before.events_covered_by_api,
                 ),
                 registrations: d(mm_after.registrations, mm_before.registrations),
+                migrated_back: [
+                    d(mm_after.migrated_back_cpu, mm_before.migrated_back_cpu),
+                    d(
+                        mm_after.migrated_back_device,
+                        mm_before.migrated_back_device,
+                    ),
+                    d(
+                        mm_after.migrated_back_requested,
+                        mm_before.migrated_back_requested,
+                    ),
+                ],
+                zap_waits: d(mm_after.zap_waits, mm_before.zap_waits),
+                zap_timeouts: d(mm_after.zap_timeouts, mm_before.zap_timeouts),
             },
         }
     }
@@ -332,6 +352,16 @@ impl RunReport {
             o,
             "  uffd events     unmap {}, remove {}, remap {} ({} already handled by the SVM API); {} mappings registered",
             e.unmap, e.remove, e.remap, e.covered_by_api, e.registrations
+        );
+        let _ = writeln!(
+            o,
+            "  madvise holds   {} until the zap was seen ({} ended by the time limit)",
+            e.zap_waits, e.zap_timeouts
+        );
+        let [cpu, device, requested] = e.migrated_back;
+        let _ = writeln!(
+            o,
+            "  migrated back   {cpu} for the CPU, {device} for another device's fault, {requested} on request"
         );
         let _ = writeln!(o);
         if self.mismatches == 0 {

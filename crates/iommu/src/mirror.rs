@@ -380,12 +380,13 @@ impl Resolver {
             .and_then(|w| self.mirrored(w))
             .ok_or_else(outside)?;
         let requested = Instant::now();
+        let demand = {
+            let end = iova.saturating_add(len.max(1)).min(window.end());
+            Range::new(page, end.next_multiple_of(PAGE_SIZE)).map_err(|_| outside())?
+        };
         let bounds = match inner.config.prefetch {
-            Prefetch::Window => window,
-            Prefetch::Demand => {
-                let end = iova.saturating_add(len.max(1)).min(window.end());
-                Range::new(page, end.next_multiple_of(PAGE_SIZE)).map_err(|_| outside())?
-            }
+            Prefetch::Window if !self.window_brings_back(window, demand) => window,
+            _ => demand,
         };
         let bounds = match self.huge_page_at(page, bounds, write) {
             Some(h) => Range::new(h.start().min(bounds.start()), h.end().max(bounds.end()))
@@ -478,6 +479,23 @@ impl Resolver {
             inner.counters.record_fault(run.len(), requested.elapsed());
             return Ok(());
         }
+    }
+
+    /// Whether prefetching `window` around `demand` would bring home pages that live in
+    /// another device's memory: a fault brings back only the pages the device asked for (the
+    /// kernel's `migrate_to_ram` moves the one faulting page, lib/test_hmm.c
+    /// `dmirror_devmem_fault`), so the window is used only where it is all in RAM (or
+    /// absent, or this mirror's own). When unsure (the snapshot failed), it would.
+    fn window_brings_back(&self, window: Range, demand: Range) -> bool {
+        let mut ptes = vec![CpuPte::None; window.pages() as usize];
+        if self.source.snapshot(window.start(), &mut ptes).is_err() {
+            return true;
+        }
+        ptes.iter().enumerate().any(|(i, p)| {
+            let addr = window.start() + i as u64 * PAGE_SIZE;
+            !demand.contains(addr)
+                && matches!(p, CpuPte::DevicePrivate { owner, .. } if *owner != self.inner.owner)
+        })
     }
 
     /// `r` cut to the mirrored range and the IOVA space.

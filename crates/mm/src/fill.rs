@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use svmirror_core::{Error, NotifierRange, PAGE_SIZE, Range};
 
-use crate::process::{Shared, bump, source_err};
+use crate::process::{BackCause, Shared, bump, source_err};
 
 /// How long a fill waits for queued events to be read before it gives up (the page stays where
 /// it was: on the device, or missing, and its waiters are woken to fault again).
@@ -125,7 +125,7 @@ impl Shared {
     ) -> Result<(), Error> {
         bump(&self.counters.missing);
         let page = addr & !(PAGE_SIZE - 1);
-        match self.bring_back(page, buf, caller)? {
+        match self.bring_back(page, buf, caller, BackCause::Cpu)? {
             Back::Landed | Back::InFlight | Back::Gone => return Ok(()),
             Back::NotOnDevice => {}
         }
@@ -160,6 +160,7 @@ impl Shared {
         page: u64,
         buf: *mut u8,
         caller: Caller,
+        cause: BackCause,
     ) -> Result<Back, Error> {
         let d = {
             let mut book = self.book();
@@ -228,6 +229,7 @@ impl Shared {
                 };
                 if mine.is_some() {
                     d.owner.discard(d.key);
+                    bump(self.counters.back(cause));
                 } else {
                     // The monitor handled a madvise of this page between our check and the
                     // copy (another thread's REMOVE is handled concurrently): its zap may
@@ -264,7 +266,7 @@ impl Shared {
 
     /// Brings back every migrated page of `range` from the calling thread, through a bounce
     /// page of its own; returns how many came back.
-    pub(crate) fn bring_back_range(&self, range: Range) -> Result<u64, Error> {
+    pub(crate) fn bring_back_range(&self, range: Range, cause: BackCause) -> Result<u64, Error> {
         let pages: Vec<u64> = self
             .book()
             .migrated
@@ -277,7 +279,7 @@ impl Shared {
         let bounce = crate::monitor::Bounce::new().map_err(|e| source_err(range.start(), e))?;
         let mut back = 0;
         for page in pages {
-            if self.bring_back(page, bounce.ptr(), Caller::Other)? == Back::Landed {
+            if self.bring_back(page, bounce.ptr(), Caller::Other, cause)? == Back::Landed {
                 back += 1;
             }
         }

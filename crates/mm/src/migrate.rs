@@ -21,7 +21,7 @@ use std::sync::Arc;
 use svmirror_core::{CpuPte, PAGE_SHIFT, PageSource, Range};
 
 use crate::error::MmError;
-use crate::process::{DevicePages, ProcessMm};
+use crate::process::{BackCause, DevicePages, ProcessMm};
 use crate::uffd::{self, MODE_MISSING, MODE_WP};
 
 impl ProcessMm {
@@ -35,16 +35,24 @@ impl ProcessMm {
         // book pages that their handling would otherwise discard.
         self.shared.wait_handled();
         let mut addr = range.start();
+        // The writable mappings of the range: a zero page migrates writable where its mapping
+        // is (mm/migrate_device.c `migrate_vma_insert_page` checks VM_WRITE).
+        let mut writable = Vec::new();
         while addr < range.end() {
             let m = self.mapping_at(addr)?;
             if m.shared || m.io || !m.read {
                 return Err(MmError::CannotMigrate { range });
             }
+            if m.write {
+                writable.push(m.range);
+            }
             addr = m.range.end();
         }
         // Every page must exist on the CPU to be copied out; pages already on a device come
         // back first, from this thread.
-        self.shared.bring_back_range(range).map_err(MmError::Core)?;
+        self.shared
+            .bring_back_range(range, BackCause::Requested)
+            .map_err(MmError::Core)?;
         self.shared
             .source
             .fault(range, false)
@@ -66,11 +74,20 @@ impl ProcessMm {
         let mut moved = 0;
         for (i, pte) in ptes.iter().enumerate() {
             let page = range.start() + ((i as u64) << PAGE_SHIFT);
-            if matches!(pte, CpuPte::Present { .. }) && self.migrated_owner(page).is_none() {
+            if let CpuPte::Present { write, zero, .. } = *pte
+                && self.migrated_owner(page).is_none()
+            {
                 device
                     .copy_out(page, page as usize as *const u8)
                     .map_err(MmError::Core)?;
-                self.book_migrate(page, device.clone());
+                // The device-private entry is as writable as the PTE it replaces (a page the
+                // mapping or copy-on-write keeps read-only stays so on the device).
+                let write = if zero {
+                    writable.iter().any(|r| r.contains(page))
+                } else {
+                    write
+                };
+                self.book_migrate(page, device.clone(), write);
                 moved += 1;
             }
         }
@@ -99,7 +116,10 @@ impl ProcessMm {
     /// Brings every page of `range` that lives on a device back into RAM; returns how many came
     /// back. The range stops taking MISSING faults afterwards.
     pub fn migrate_to_ram(&self, range: Range) -> Result<u64, MmError> {
-        let back = self.shared.bring_back_range(range).map_err(MmError::Core)?;
+        let back = self
+            .shared
+            .bring_back_range(range, BackCause::Requested)
+            .map_err(MmError::Core)?;
         if let Err(source) = self.uffd().register(range, self.shared.mode_for(range)) {
             tracing::debug!(%range, %source, "could not drop MISSING mode after migrating back");
         }
@@ -116,7 +136,7 @@ impl ProcessMm {
     pub fn prepare_fork(&self) -> Result<u64, MmError> {
         self.shared.wait_handled();
         self.shared
-            .bring_back_range(Range::FULL)
+            .bring_back_range(Range::FULL, BackCause::Requested)
             .map_err(MmError::Core)
     }
 

@@ -153,6 +153,22 @@ pub struct MmStats {
     /// Of those, how many were ended by the time limit rather than by seeing the zap done (a
     /// page made present again after its zap, or, without `CAP_SYS_ADMIN`, a MADV_FREE).
     pub zap_timeouts: u64,
+    /// Pages brought back from device memory because the CPU touched them (a missing fault).
+    pub migrated_back_cpu: u64,
+    /// Pages brought back because another device (or a device mirror that does not own them)
+    /// faulted them: only the pages its fault asked for.
+    pub migrated_back_device: u64,
+    /// Pages brought back because a caller asked: `migrate_to_ram`, `prepare_fork`, or a
+    /// migration to a device of pages already on one.
+    pub migrated_back_requested: u64,
+}
+
+/// Why a page is being brought back from device memory ([`MmStats`] counts each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BackCause {
+    Cpu,
+    Device,
+    Requested,
 }
 
 /// What svmirror does with a mapping userfaultfd cannot register (a private file mapping, a VMA
@@ -185,6 +201,19 @@ pub(crate) struct Counters {
     pub(crate) fill_eagain: AtomicU64,
     pub(crate) zap_waits: AtomicU64,
     pub(crate) zap_timeouts: AtomicU64,
+    pub(crate) back_cpu: AtomicU64,
+    pub(crate) back_device: AtomicU64,
+    pub(crate) back_requested: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn back(&self, cause: BackCause) -> &AtomicU64 {
+        match cause {
+            BackCause::Cpu => &self.back_cpu,
+            BackCause::Device => &self.back_device,
+            BackCause::Requested => &self.back_requested,
+        }
+    }
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -237,6 +266,12 @@ pub(crate) struct Book {
 pub(crate) struct OnDevice {
     pub(crate) owner: Arc<dyn DevicePages>,
     pub(crate) key: u64,
+    /// The device-private entry is writable: the PTE it replaced was (mm/migrate_device.c
+    /// `migrate_vma_collect_pmd` keeps `pte_write` as MIGRATE_PFN_WRITE; a zero page or hole
+    /// takes the VMA's VM_WRITE in `migrate_vma_insert_page`), and no SVM API mprotect has
+    /// taken write away since (mm/mprotect.c `change_pte_range` makes a writable
+    /// device-private entry read-only, and never the reverse).
+    pub(crate) write: bool,
 }
 
 impl OnDevice {
@@ -896,6 +931,9 @@ impl ProcessMm {
             fill_eagain: l(&c.fill_eagain),
             zap_waits: l(&c.zap_waits),
             zap_timeouts: l(&c.zap_timeouts),
+            migrated_back_cpu: l(&c.back_cpu),
+            migrated_back_device: l(&c.back_device),
+            migrated_back_requested: l(&c.back_requested),
         }
     }
 
@@ -994,11 +1032,29 @@ impl ProcessMm {
         self.shared.forget(start, end);
     }
 
-    pub(crate) fn book_migrate(&self, page: u64, owner: Arc<dyn DevicePages>) {
-        self.shared
+    pub(crate) fn book_migrate(&self, page: u64, owner: Arc<dyn DevicePages>, write: bool) {
+        self.shared.book().migrated.insert(
+            page,
+            OnDevice {
+                owner,
+                key: page,
+                write,
+            },
+        );
+    }
+
+    /// Takes write access away from the device-private entries of `range` (an SVM API
+    /// mprotect without write). Never given back: as the kernel's, a write brings the page
+    /// home, where it is writable again.
+    pub(crate) fn write_protect_migrated(&self, range: Range) {
+        for (_, d) in self
+            .shared
             .book()
             .migrated
-            .insert(page, OnDevice { owner, key: page });
+            .range_mut(range.start()..range.end())
+        {
+            d.write = false;
+        }
     }
 
     /// Records that `r` is registered with the userfaultfd (a registration made outside
@@ -1077,19 +1133,42 @@ impl PageSource for ProcessMm {
                 }
             }
         }
-        let mut book = self.shared.book();
-        for (w, size) in huge {
-            book.huge.insert(w, size);
-        }
-        for (&page, d) in book.migrated.range(addr..end) {
-            let i = ((page - addr) >> PAGE_SHIFT) as usize;
-            if out[i] == CpuPte::None {
-                out[i] = CpuPte::DevicePrivate {
-                    pfn: d.owner.device_pfn(d.key),
-                    owner: d.owner.owner(),
-                    write: true,
-                };
+        let migrated: Vec<(u64, u64, Owner, bool)> = {
+            let mut book = self.shared.book();
+            for (w, size) in huge {
+                book.huge.insert(w, size);
             }
+            book.migrated
+                .range(addr..end)
+                .map(|(&page, d)| (page, d.owner.device_pfn(d.key), d.owner.owner(), d.write))
+                .collect()
+        };
+        // A device-private entry is writable only while its mapping is: a plain mprotect sends
+        // no event, so the mapping's protection is looked up here (the kernel's entry would
+        // have been made read-only by it, mm/mprotect.c).
+        let mut vma: Option<Area> = None;
+        let mut vma_start = 0;
+        for (page, pfn, owner, write) in migrated {
+            let i = ((page - addr) >> PAGE_SHIFT) as usize;
+            if out[i] != CpuPte::None {
+                continue;
+            }
+            if vma.is_none_or(|a| page < vma_start || page >= a.end) {
+                vma = Some(self.shared.source.area(page, end)?);
+                vma_start = page;
+            }
+            let vma_write = matches!(
+                vma,
+                Some(Area {
+                    kind: AreaKind::Mapped { write: true, .. },
+                    ..
+                })
+            );
+            out[i] = CpuPte::DevicePrivate {
+                pfn,
+                owner,
+                write: write && vma_write,
+            };
         }
         Ok(())
     }
@@ -1111,9 +1190,33 @@ impl PageSource for ProcessMm {
 
     fn fault(&self, range: Range, write: bool) -> Result<(), Error> {
         self.shared.check_alive()?;
+        let on_device = self
+            .shared
+            .book()
+            .migrated
+            .range(range.start()..range.end())
+            .next()
+            .is_some();
+        if write && on_device {
+            // A write to a read-only mapping is refused before anything moves (mm/hmm.c
+            // `hmm_vma_fault` returns EPERM without VM_WRITE): a page on a device stays there.
+            let mut at = range.start();
+            while at < range.end() {
+                let a = self.shared.source.area(at, range.end())?;
+                match a.kind {
+                    AreaKind::Mapped { write: false, .. } => {
+                        return Err(Error::WriteToReadOnly { addr: at });
+                    }
+                    AreaKind::Mapped { .. } => {}
+                    _ => break, // the populate explains a hole or an I/O area
+                }
+                at = a.end;
+            }
+        }
         // Pages living on a device come back from here, not through a kernel fault (which a
-        // user-mode-only userfaultfd would refuse).
-        self.shared.bring_back_range(range)?;
+        // user-mode-only userfaultfd would refuse); only the pages this fault asked for (the
+        // kernel's `migrate_to_ram` moves the one faulting page).
+        self.shared.bring_back_range(range, BackCause::Device)?;
         self.shared.source.fault(range, write)
     }
 }

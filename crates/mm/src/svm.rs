@@ -178,6 +178,9 @@ impl ProcessMm {
         // range against its new protection faults, as with any mprotect.
         let rc = unsafe { libc::mprotect(ptr(range.start()), range.len() as usize, prot.bits()) };
         let res = syscall("mprotect", range, rc);
+        if res.is_ok() && !prot.write {
+            self.write_protect_migrated(range);
+        }
         inv.end();
         res
     }

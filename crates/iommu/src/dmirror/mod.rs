@@ -659,7 +659,7 @@ impl Dmirror {
         let mut at = range.start();
         let max_passes = 16 + 4 * range.pages().div_ceil(FAULT_CHUNK_PAGES);
         loop {
-            let own = self.own_pages(range)?;
+            let own = self.own_pages(range, dir == Dir::Write)?;
             let (missing, requests) = self.copy_present(range, at, dir, data, &own)?;
             faults += requests;
             let Some(page) = missing else {
@@ -686,7 +686,11 @@ impl Dmirror {
     /// For each page of `range`, the frame number of this device's copy of it (migrated or
     /// exclusive) where the device may use that copy, as the address space reports it (a page
     /// moved by mremap keeps its copy). Reads no page table when the device holds no page.
-    fn own_pages(&self, range: Range) -> Result<Vec<Option<u64>>, DmirrorError> {
+    ///
+    /// For a `write`, a copy whose device-private entry is read-only (migrated from a read-only
+    /// page, or write-protected since) is not usable: the write faults, which a read-only
+    /// mapping refuses (EPERM) and a writable one answers by bringing the page home.
+    fn own_pages(&self, range: Range, write: bool) -> Result<Vec<Option<u64>>, DmirrorError> {
         let n = range.pages() as usize;
         if self.memory.len() == 0 && self.exclusive.len() == 0 {
             return Ok(vec![None; n]);
@@ -703,9 +707,13 @@ impl Dmirror {
         Ok(ptes
             .iter()
             .map(|p| match p {
-                CpuPte::DevicePrivate { owner, pfn, .. }
-                    if mine.contains(owner)
-                        && (self.memory.usable(*pfn) || self.exclusive.usable(*pfn)) =>
+                CpuPte::DevicePrivate {
+                    owner,
+                    pfn,
+                    write: w,
+                } if mine.contains(owner)
+                    && (*w || !write)
+                    && (self.memory.usable(*pfn) || self.exclusive.usable(*pfn)) =>
                 {
                     Some(*pfn)
                 }
