@@ -155,8 +155,9 @@ pub struct MmStats {
     pub zap_timeouts: u64,
     /// Pages brought back from device memory because the CPU touched them (a missing fault).
     pub migrated_back_cpu: u64,
-    /// Pages brought back because another device (or a device mirror that does not own them)
-    /// faulted them: only the pages its fault asked for.
+    /// Pages brought back for a device fault: another device's (or a mirror's that does not
+    /// own them), or the owner's write that its read-only device-private entry does not allow.
+    /// Only the pages the fault asked for.
     pub migrated_back_device: u64,
     /// Pages brought back because a caller asked: `migrate_to_ram`, `prepare_fork`, or a
     /// migration to a device of pages already on one.

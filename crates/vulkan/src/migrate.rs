@@ -54,9 +54,9 @@ impl DeviceMemory {
             .ok_or(svmirror_core::Error::BadAddress { addr })
     }
 
-    /// Uploads every page copied out and not yet in device memory, and maps it (writable if
-    /// `writable`: its mapping allows writes).
-    pub(crate) fn upload_pending(&self, writable: bool) -> Result<()> {
+    /// Uploads every page copied out and not yet in device memory, and maps it (writable where
+    /// `writable(page)`: its device-private entry allows writes).
+    pub(crate) fn upload_pending(&self, writable: impl Fn(u64) -> bool) -> Result<()> {
         let Some(inner) = self.inner.upgrade() else {
             return Ok(());
         };
@@ -114,8 +114,8 @@ impl DeviceMemory {
         sub.submit()?;
         sub.wait()?;
         drop(sub);
-        let flags = if writable { VALID | WRITE } else { VALID };
         for (a, t) in pending.iter().zip(targets) {
+            let flags = if writable(*a) { VALID | WRITE } else { VALID };
             g.table.set(*a, t.addr | flags)?;
             g.device_pages.insert(*a, DevicePage::Resident(t));
         }
@@ -124,8 +124,8 @@ impl DeviceMemory {
         Ok(())
     }
 
-    /// Maps `page` if it lives in device memory (writable if `writable`: its mapping allows
-    /// writes); false if it does not.
+    /// Maps `page` if it lives in device memory (writable if `writable`: its device-private
+    /// entry allows writes); false if it does not.
     pub(crate) fn resolve(&self, page: u64, writable: bool) -> Result<bool> {
         let Some(inner) = self.inner.upgrade() else {
             return Ok(false);
@@ -141,7 +141,9 @@ impl DeviceMemory {
             }
             Some(DevicePage::Pending(_)) => {
                 drop(g);
-                self.upload_pending(writable)?;
+                // Other pages still pending are mapped read-only: a write to one faults and
+                // maps it as its own entry allows.
+                self.upload_pending(|a| writable && a == page)?;
                 Ok(true)
             }
         }
@@ -272,29 +274,25 @@ impl VulkanMirror {
                 range,
                 source,
             })?;
-        let writable = self.writable(range)?;
+        // Each page as writable as its device-private entry: the PTE it replaced was
+        // (mm/migrate_device.c), and its mapping still is.
+        let mut ptes = vec![svmirror_core::CpuPte::None; range.pages() as usize];
+        self.mm
+            .snapshot(range.start(), &mut ptes)
+            .map_err(|source| VulkanError::Core {
+                op: "look up the migrated pages",
+                range,
+                source,
+            })?;
+        let writable = |a: u64| {
+            range.contains(a)
+                && matches!(
+                    ptes[((a - range.start()) / PAGE_SIZE) as usize],
+                    svmirror_core::CpuPte::DevicePrivate { write: true, .. }
+                )
+        };
         self.device_memory.upload_pending(writable)?;
         Ok(moved)
-    }
-
-    /// Whether every mapping covering `range` is writable.
-    fn writable(&self, range: Range) -> Result<bool> {
-        let mut at = range.start();
-        while at < range.end() {
-            let a = self
-                .mm
-                .area(at, range.end())
-                .map_err(|source| VulkanError::Core {
-                    op: "look up the mapping",
-                    range,
-                    source,
-                })?;
-            if !matches!(a.kind, svmirror_core::AreaKind::Mapped { write: true, .. }) {
-                return Ok(false);
-            }
-            at = a.end;
-        }
-        Ok(true)
     }
 
     /// Brings every page of `range` that lives in device memory back into RAM; returns how

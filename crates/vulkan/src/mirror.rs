@@ -493,8 +493,29 @@ impl VulkanMirror {
                 g.chunk_at(page)
             };
             let (allowed, vma_write) = self.mapping_around(page, write)?;
-            if self.device_memory.resolve(page, vma_write)? {
-                return Ok(());
+            if inner.state.lock().device_pages.contains_key(&page) {
+                // In device memory: mapped as writable as its device-private entry is (the PTE
+                // it replaced, less what an SVM API mprotect took away since). A write that
+                // entry does not allow brings the page home, as the kernel's write fault on a
+                // read-only device-private entry does (`do_swap_page` → `migrate_to_ram`);
+                // the read-only mapping case was refused above.
+                let mut pte = [svmirror_core::CpuPte::None];
+                self.mm
+                    .snapshot(page, &mut pte)
+                    .map_err(fault_err(page, write))?;
+                let dev_write = vma_write
+                    && matches!(
+                        pte[0],
+                        svmirror_core::CpuPte::DevicePrivate { write: true, .. }
+                    );
+                if !write || dev_write {
+                    if self.device_memory.resolve(page, dev_write)? {
+                        return Ok(());
+                    }
+                } else {
+                    let one = Range::with_len(page, PAGE_SIZE).map_err(fault_err(page, write))?;
+                    self.mm.fault(one, true).map_err(fault_err(page, write))?;
+                }
             }
             let chunk = match existing {
                 Some(c) => c,

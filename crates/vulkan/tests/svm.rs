@@ -301,6 +301,63 @@ fn migration_to_device_memory_and_a_cpu_touch_brings_pages_home() {
     rig.finish();
 }
 
+/// Issue 16.1 on Vulkan: a page migrates as writable as its PTE was. Of 8 pages, the last 4
+/// read-only (SVM API mprotect) when they migrate: the device maps the first 4 writable and
+/// the last 4 read-only. An API mprotect to read-write later does not make them writable (as
+/// the kernel never upgrades a device-private entry); a GPU write to one brings it home, where
+/// the write lands.
+///
+/// Seen failing before the fix: "a writable page migrates writable" (`left: Some(false)`):
+/// one read-only mapping in the range made every migrated page read-only (safe, but a write
+/// to any of them then faulted).
+#[test]
+fn migrated_pages_keep_their_protection_on_the_gpu() {
+    let _s = serial();
+    let rig = Rig::new();
+    let m = rig.mirror();
+    let pages = 8u64;
+    let x = anon(&rig.mm, pages);
+    let y = anon(&rig.mm, pages);
+    let n = (pages * PAGE / 4) as usize;
+    write_f32s(x.start(), (0..n).map(|i| i as f32));
+    write_f32s(y.start(), (0..n).map(|_| 1.0));
+    let half = pages / 2 * PAGE;
+    let ro = svmirror_core::Range::with_len(y.start() + half, half).unwrap();
+    rig.mm.mprotect(ro, svmirror_mm::Protection::READ).unwrap();
+    assert_eq!(m.migrate_to_device(y.start(), y.len()).unwrap(), pages);
+    assert_eq!(
+        m.entry(y.start()),
+        Some(true),
+        "a writable page migrates writable"
+    );
+    assert_eq!(
+        m.entry(ro.start()),
+        Some(false),
+        "a read-only page migrates read-only"
+    );
+    rig.mm
+        .mprotect(ro, svmirror_mm::Protection::READ_WRITE)
+        .unwrap();
+    m.prefetch(y.start(), y.len(), false).unwrap();
+    assert_eq!(
+        m.entry(ro.start()),
+        Some(false),
+        "read-write again, the device page stays read-only"
+    );
+    let before = rig.mm.stats().migrated_back_device;
+    // SAFETY: both ranges hold `n` floats, touched only by raw pointers.
+    unsafe { m.dispatch(&saxpy(x.start(), y.start(), n as u32, 2.0)) }.unwrap();
+    assert!(
+        rig.mm.stats().migrated_back_device - before >= pages / 2,
+        "the GPU's writes brought the read-only device pages home"
+    );
+    for i in (0..n).step_by(97) {
+        assert_eq!(read_f32(y.start(), i), 2.0 * i as f32 + 1.0, "y[{i}]");
+    }
+    unmap(&rig.mm, &[x, y]);
+    rig.finish();
+}
+
 #[test]
 fn the_staging_copy_stream_baseline_computes_the_same() {
     let _s = serial();
