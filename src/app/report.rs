@@ -196,6 +196,11 @@ pub struct EventsReport {
     pub zap_waits: u64,
     /// Of those, how many the time limit ended.
     pub zap_timeouts: u64,
+    /// Device accesses settled against the monitor, and of those how many waited for a
+    /// munmap, madvise or mremap that had returned but was not yet handled.
+    pub settles: u64,
+    /// See `settles`.
+    pub settle_waits: u64,
 }
 
 /// Everything one `svmirror run` did.
@@ -257,6 +262,8 @@ impl RunReport {
                 ],
                 zap_waits: d(mm_after.zap_waits, mm_before.zap_waits),
                 zap_timeouts: d(mm_after.zap_timeouts, mm_before.zap_timeouts),
+                settles: d(mm_after.settles, mm_before.settles),
+                settle_waits: d(mm_after.settle_waits, mm_before.settle_waits),
             },
         }
     }
@@ -357,6 +364,11 @@ impl RunReport {
             o,
             "  madvise holds   {} until the zap was seen ({} ended by the time limit)",
             e.zap_waits, e.zap_timeouts
+        );
+        let _ = writeln!(
+            o,
+            "  settled         {} device accesses, {} waited for a returned munmap/madvise/mremap",
+            e.settles, e.settle_waits
         );
         let [cpu, device, requested] = e.migrated_back;
         let _ = writeln!(

@@ -327,20 +327,22 @@ impl Queue {
     /// this was called.
     ///
     /// Returns the count of messages read so far, for [`Queue::changed_since`].
-    pub(crate) fn settle(&self, start: u64, end: u64) -> u64 {
+    pub(crate) fn settle(&self, start: u64, end: u64) -> (u64, bool) {
         let mut st = self.lock();
+        let mut waited = false;
         loop {
             let last = (st.head..st.tail)
                 .rev()
                 .find(|&i| changes(&self.get(&st, i).0, start, end));
             let Some(last) = last else {
-                return st.tail;
+                return (st.tail, waited);
             };
+            waited = true;
             while st.head <= last && !st.closed {
                 st = self.room.wait(st).unwrap_or_else(PoisonError::into_inner);
             }
             if st.closed {
-                return st.tail;
+                return (st.tail, waited);
             }
         }
     }

@@ -162,6 +162,13 @@ pub struct MmStats {
     /// Pages brought back because a caller asked: `migrate_to_ram`, `prepare_fork`, or a
     /// migration to a device of pages already on one.
     pub migrated_back_requested: u64,
+    /// Device accesses settled ([`PageSource::settle`]: the simulated IOMMU settles before
+    /// each access).
+    pub settles: u64,
+    /// Of those, how many found a munmap, madvise or mremap of their range read but not yet
+    /// handled, and waited for it: each is an access that, without settling, could have used
+    /// a translation a returned syscall had ended (the munmap window).
+    pub settle_waits: u64,
 }
 
 /// Why a page is being brought back from device memory ([`MmStats`] counts each).
@@ -205,6 +212,8 @@ pub(crate) struct Counters {
     pub(crate) back_cpu: AtomicU64,
     pub(crate) back_device: AtomicU64,
     pub(crate) back_requested: AtomicU64,
+    settles: AtomicU64,
+    settle_waits: AtomicU64,
 }
 
 impl Counters {
@@ -935,6 +944,8 @@ impl ProcessMm {
             migrated_back_cpu: l(&c.back_cpu),
             migrated_back_device: l(&c.back_device),
             migrated_back_requested: l(&c.back_requested),
+            settles: l(&c.settles),
+            settle_waits: l(&c.settle_waits),
         }
     }
 
@@ -1178,7 +1189,13 @@ impl PageSource for ProcessMm {
     /// has read (so whose syscall may have returned).
     fn settle(&self, range: Range) -> Result<u64, Error> {
         self.shared.check_alive()?;
-        Ok(self.shared.queue.settle(range.start(), range.end()))
+        let (at, waited) = self.shared.queue.settle(range.start(), range.end());
+        let c = &self.shared.counters;
+        bump(&c.settles);
+        if waited {
+            bump(&c.settle_waits);
+        }
+        Ok(at)
     }
 
     /// Whether the monitor has read an UNMAP, REMOVE or REMAP over `range` since
