@@ -60,6 +60,7 @@ pub mod interval_tree;
 mod notifier;
 mod range;
 mod sync;
+pub mod teardown;
 pub mod testing;
 
 pub use context::{
@@ -77,3 +78,4 @@ pub use notifier::{
     ReadSeq, Subscription, WouldBlock,
 };
 pub use range::{Event, NotifierRange, Owner, PAGE_SHIFT, PAGE_SIZE, Range};
+pub use teardown::{Action, Teardown};

@@ -37,10 +37,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use svmirror_core::teardown::Action;
 use svmirror_core::{
     AreaKind, CounterSnapshot, Counters, CpuPte, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest,
     IntervalNotifierOps, InvalidateCtx, Notifier, NotifierRange, Owner, PAGE_SIZE, PageSource,
-    Pass, Range, Subscription, UpdateGuard, UpdateLock, WouldBlock, entry, range_fault,
+    Pass, Range, Subscription, Teardown, UpdateGuard, UpdateLock, WouldBlock, entry, range_fault,
 };
 use svmirror_mm::ProcessPageSource;
 
@@ -256,69 +257,82 @@ impl IntervalNotifierOps for MirrorInner {
         ctx: &InvalidateCtx<'_>,
         nr: &NotifierRange,
     ) -> std::result::Result<Pass, WouldBlock> {
-        if nr.skippable_by(self.owner) {
-            self.stat(|s| s.skipped += 1);
-            self.counters
-                .record_invalidation(&nr.event, nr.range.len(), false);
-            return Ok(Pass::Done);
-        }
-        let _span = tracing::trace_span!(
-            "iommu.invalidate",
-            start = nr.range.start(),
-            end = nr.range.end(),
-            event = nr.event.name()
-        )
-        .entered();
-        let blockable = ctx.may_block();
-        let mut g = ctx
-            .lock_update(&self.state)
-            .inspect_err(|_| self.stat(|s| s.would_block += 1))?;
-        let Some(r) = nr
-            .range
-            .intersect(&ctx.subscription_range())
-            .and_then(|r| r.intersect(&Range::new(0, IOVA_END).expect("IOVA space")))
-        else {
-            return Ok(Pass::Done);
-        };
+        svmirror_core::teardown::invalidate(self, ctx, nr)
+    }
+}
+
+impl Teardown for MirrorInner {
+    type State = MirrorState;
+    type Garbage = ();
+
+    fn update_lock(&self) -> &UpdateLock<MirrorState> {
+        &self.state
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    fn name(&self) -> &'static str {
+        "iommu"
+    }
+
+    fn clamp(&self, r: Range) -> Option<Range> {
+        r.intersect(&Range::new(0, IOVA_END).expect("IOVA space"))
+    }
+
+    fn skipped(&self) {
+        self.stat(|s| s.skipped += 1);
+    }
+
+    fn would_block(&self) {
+        self.stat(|s| s.would_block += 1);
+    }
+
+    /// Downgrades or unmaps the IO page table's entries and flushes the IOTLB under the MMU
+    /// lock, after checking there that no access in flight uses the range (refused when it may
+    /// not wait). The pins go once the device has drained, or, non-blocking (no access in
+    /// flight could see them), at the next fault.
+    fn teardown(
+        &self,
+        g: &mut UpdateGuard<'_, MirrorState>,
+        r: Range,
+        action: Action,
+        _event: Event,
+        blockable: bool,
+    ) -> std::result::Result<(u64, ()), WouldBlock> {
         let flush = !self.skip_flush.load(Ordering::Relaxed);
         let removed = self.mmu.with(|s| {
             if !blockable && s.busy(r) {
                 return Err(WouldBlock);
             }
             let pt = s.page_table_mut();
-            let removed = match nr.event {
-                Event::ProtectionVma => {
+            let removed = match action {
+                Action::Downgrade => {
                     pt.protect_present(r, Perms::Read);
                     Vec::new()
                 }
-                Event::Unmap | Event::Release => pt.unmap_present(r, true),
-                _ => pt.unmap_present(r, false),
+                Action::FreeLeaves => pt.unmap_present(r, true),
+                Action::Clear => pt.unmap_present(r, false),
             };
             if flush {
                 s.iotlb_mut().invalidate_range(r);
             }
             Ok(removed)
-        });
-        let removed = match removed {
-            Ok(u) => u,
-            Err(WouldBlock) => {
-                self.stat(|s| s.would_block += 1);
-                return Err(WouldBlock);
-            }
-        };
+        })?;
         self.stat(|s| s.invalidations += 1);
-        self.counters.record_invalidation(&nr.event, r.len(), true);
-        self.counters
-            .record_unmap(removed.iter().map(|u| u.len).sum());
+        let bytes = removed.iter().map(|u| u.len).sum();
         let freed = g.unback(&removed);
         if blockable {
-            self.release_after_drain(&mut g, r, freed);
+            self.release_after_drain(g, r, freed);
         } else {
-            // No access was in flight at teardown and none can find the old translations
-            // since: the pins are unused, but releasing them is a system call.
             g.deferred.extend(freed);
         }
-        Ok(Pass::Done)
+        Ok((bytes, ()))
     }
 }
 

@@ -62,10 +62,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use svmirror_core::teardown::Action;
 use svmirror_core::{
     CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, IntervalNotifierOps, InvalidateCtx,
-    Notifier, NotifierRange, Owner, PAGE_SIZE, PageSource, Pass, Range, Subscription, UpdateGuard,
-    UpdateLock, WouldBlock,
+    Notifier, NotifierRange, Owner, PAGE_SIZE, PageSource, Pass, Range, Subscription, Teardown,
+    UpdateGuard, UpdateLock, WouldBlock,
 };
 use vfio_ioctls::VfioContainer;
 
@@ -271,47 +272,63 @@ impl IntervalNotifierOps for Inner {
         ctx: &InvalidateCtx<'_>,
         nr: &NotifierRange,
     ) -> std::result::Result<Pass, WouldBlock> {
-        if nr.skippable_by(self.owner) {
-            self.counters.record_invalidation(&nr.event, 0, false);
-            return Ok(Pass::Done);
-        }
-        let _span = tracing::trace_span!(
-            "vfio.invalidate",
-            start = nr.range.start(),
-            end = nr.range.end(),
-            event = nr.event.name()
-        )
-        .entered();
-        let blockable = ctx.may_block();
-        let mut g = ctx.lock_update(&self.state)?;
-        let Some(r) = nr.range.intersect(&ctx.subscription_range()) else {
-            return Ok(Pass::Done);
-        };
+        svmirror_core::teardown::invalidate(self, ctx, nr)
+    }
+}
+
+impl Teardown for Inner {
+    type State = State;
+    type Garbage = ();
+
+    fn update_lock(&self) -> &UpdateLock<State> {
+        &self.state
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    fn name(&self) -> &'static str {
+        "vfio"
+    }
+
+    /// VFIO type1 cannot downgrade a mapping: every action unmaps the chunks touching the
+    /// range, once the device has drained (refused when it may not wait). `FreeLeaves` also
+    /// gives back the IOVA windows whose whole virtual range went (every window on `Release`).
+    /// `unmap_chunk` counts the bytes it unmaps itself: none are returned.
+    fn teardown(
+        &self,
+        g: &mut UpdateGuard<'_, State>,
+        r: Range,
+        action: Action,
+        event: Event,
+        blockable: bool,
+    ) -> std::result::Result<(u64, ()), WouldBlock> {
         if !self.drain(r, blockable) {
             return Err(WouldBlock);
         }
         let first = self.key(r.start());
         let keys: Vec<u64> = g.chunks.range(first..r.end()).map(|(k, _)| *k).collect();
-        let mut bytes = 0;
         for k in keys {
-            bytes += self.unmap_chunk(&mut g, k);
-            let gone = match nr.event {
-                Event::Release => true,
-                // The IOVA window goes with the last byte of its virtual range.
-                Event::Unmap => window(k, self.granule, self.range)
-                    .is_some_and(|w| r.start() <= w.start() && w.end() <= r.end()),
-                _ => false,
-            };
+            self.unmap_chunk(g, k);
+            let gone = action == Action::FreeLeaves
+                && (event == Event::Release
+                    // The IOVA window goes with the last byte of its virtual range.
+                    || window(k, self.granule, self.range)
+                        .is_some_and(|w| r.start() <= w.start() && w.end() <= r.end()));
             // Identity chunks own no IOVA window: an empty one is simply dropped.
             if gone || g.alloc.is_none() {
-                self.forget_chunk(&mut g, k);
+                self.forget_chunk(g, k);
             }
         }
-        if nr.event == Event::Release {
+        if event == Event::Release {
             g.released = true;
         }
-        self.counters.record_invalidation(&nr.event, bytes, true);
-        Ok(Pass::Done)
+        Ok((0, ()))
     }
 }
 

@@ -35,10 +35,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use ash::vk;
+use svmirror_core::teardown::Action;
 use svmirror_core::{
     AreaKind, CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest,
     IntervalNotifierOps, InvalidateCtx, NotifierRange, Owner, PAGE_SIZE, PageSource, Pass, Range,
-    Subscription, UpdateLock, WouldBlock, entry, range_fault,
+    Subscription, Teardown, UpdateGuard, UpdateLock, WouldBlock, entry, range_fault,
 };
 use svmirror_mm::ProcessMm;
 
@@ -195,55 +196,68 @@ impl IntervalNotifierOps for Inner {
         ctx: &InvalidateCtx<'_>,
         nr: &NotifierRange,
     ) -> std::result::Result<Pass, WouldBlock> {
-        if nr.skippable_by(self.owner) {
-            self.counters.record_invalidation(&nr.event, 0, false);
-            return Ok(Pass::Done);
-        }
-        let _span = tracing::trace_span!(
-            "vulkan.invalidate",
-            start = nr.range.start(),
-            end = nr.range.end(),
-            event = nr.event.name()
-        )
-        .entered();
-        let blockable = ctx.may_block();
-        let mut g = ctx.lock_update(&self.state)?;
-        let Some(r) = nr.range.intersect(&ctx.subscription_range()) else {
-            return Ok(Pass::Done);
-        };
+        svmirror_core::teardown::invalidate(self, ctx, nr)
+    }
+}
+
+impl Teardown for Inner {
+    type State = State;
+    type Garbage = Vec<Import>;
+
+    fn update_lock(&self) -> &UpdateLock<State> {
+        &self.state
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    fn name(&self) -> &'static str {
+        "vulkan"
+    }
+
+    /// Downgrade: the entries lose WRITE. Otherwise the chunks touching the range go (a
+    /// partial invalidation drops the whole chunk) and pages in device memory lose their
+    /// entries (svmirror-mm frees them through `DevicePages::discard` when the CPU drops them).
+    /// Whatever changed, the GPU drains before the callback returns; a non-blocking
+    /// invalidation with submissions in flight over the range is refused.
+    fn teardown(
+        &self,
+        g: &mut UpdateGuard<'_, State>,
+        r: Range,
+        action: Action,
+        _event: Event,
+        blockable: bool,
+    ) -> std::result::Result<(u64, Vec<Import>), WouldBlock> {
         if !blockable && !g.in_flight.is_empty() && g.occupied(r) {
             return Err(WouldBlock);
         }
-        let free_leaves = matches!(nr.event, Event::Unmap | Event::Release);
-        let (imports, bytes) = if nr.event == Event::ProtectionVma {
-            let n = g.table.protect(r);
-            (Vec::new(), n * PAGE_SIZE)
-        } else {
-            let (imports, bytes) = g.take_chunks(r, free_leaves);
-            // Pages in device memory lose their entries too; svmirror-mm frees them through
-            // `DevicePages::discard` when the CPU drops them.
-            let dev: Vec<u64> = g
-                .device_pages
-                .range(r.start()..r.end())
-                .map(|(&a, _)| a)
-                .collect();
-            let mut dev_bytes = 0;
-            for a in dev {
-                let page = Range::with_len(a, PAGE_SIZE).expect("page");
-                dev_bytes += g.table.clear(page, free_leaves) * PAGE_SIZE;
+        let (imports, bytes) = match action {
+            Action::Downgrade => (Vec::new(), g.table.protect(r) * PAGE_SIZE),
+            Action::FreeLeaves | Action::Clear => {
+                let free_leaves = action == Action::FreeLeaves;
+                let (imports, bytes) = g.take_chunks(r, free_leaves);
+                let dev: Vec<u64> = g
+                    .device_pages
+                    .range(r.start()..r.end())
+                    .map(|(&a, _)| a)
+                    .collect();
+                let mut dev_bytes = 0;
+                for a in dev {
+                    let page = Range::with_len(a, PAGE_SIZE).expect("page");
+                    dev_bytes += g.table.clear(page, free_leaves) * PAGE_SIZE;
+                }
+                (imports, bytes + dev_bytes)
             }
-            (imports, bytes + dev_bytes)
         };
         if bytes > 0 {
-            self.drain(&g);
+            self.drain(g);
         }
-        drop(g);
-        drop(imports);
-        self.counters.record_invalidation(&nr.event, r.len(), true);
-        if bytes > 0 {
-            self.counters.record_unmap(bytes);
-        }
-        Ok(Pass::Done)
+        Ok((bytes, imports))
     }
 }
 
