@@ -189,6 +189,8 @@ pub struct EventsReport {
     pub covered_by_api: u64,
     /// Mappings registered for events.
     pub registrations: u64,
+    /// CPU huge pages svmirror split ([`MmStats::huge_splits`]).
+    pub huge_splits: u64,
 }
 
 /// Everything one `svmirror run` did.
@@ -237,6 +239,7 @@ impl RunReport {
                     mm_before.events_covered_by_api,
                 ),
                 registrations: d(mm_after.registrations, mm_before.registrations),
+                huge_splits: d(mm_after.huge_splits, mm_before.huge_splits),
             },
         }
     }
@@ -332,6 +335,11 @@ impl RunReport {
             o,
             "  uffd events     unmap {}, remove {}, remap {} ({} already handled by the SVM API); {} mappings registered",
             e.unmap, e.remove, e.remap, e.covered_by_api, e.registrations
+        );
+        let _ = writeln!(
+            o,
+            "  huge pages      {} split by svmirror (write tracking over part of one, or a pin of one shared with a forked child)",
+            e.huge_splits
         );
         let _ = writeln!(o);
         if self.mismatches == 0 {
