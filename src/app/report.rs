@@ -201,6 +201,8 @@ pub struct EventsReport {
     pub settles: u64,
     /// See `settles`.
     pub settle_waits: u64,
+    /// CPU huge pages svmirror split ([`MmStats::huge_splits`]).
+    pub huge_splits: u64,
 }
 
 /// Everything one `svmirror run` did.
@@ -264,6 +266,7 @@ impl RunReport {
                 zap_timeouts: d(mm_after.zap_timeouts, mm_before.zap_timeouts),
                 settles: d(mm_after.settles, mm_before.settles),
                 settle_waits: d(mm_after.settle_waits, mm_before.settle_waits),
+                huge_splits: d(mm_after.huge_splits, mm_before.huge_splits),
             },
         }
     }
@@ -374,6 +377,11 @@ impl RunReport {
         let _ = writeln!(
             o,
             "  migrated back   {cpu} for the CPU, {device} for another device's fault, {requested} on request"
+        );
+        let _ = writeln!(
+            o,
+            "  huge pages      {} split by svmirror (write tracking over part of one, or a pin of one shared with a forked child)",
+            e.huge_splits
         );
         let _ = writeln!(o);
         if self.mismatches == 0 {

@@ -163,6 +163,25 @@ pub trait PageSource {
         let _ = (range, since);
         false
     }
+
+    /// Called by a backend right before it pins `range` for a device (kernel pins are taken
+    /// for writing: io_uring buffers, VFIO, host-pointer imports). A source that write-protects
+    /// pages for its own ends (svmirror-mm's write tracking) lifts that protection from whole
+    /// huge pages here, so the pin's write fault does not split them. Returns the huge pages
+    /// of `range` as mapped now, to hand to [`after_pin`](Self::after_pin). The default:
+    /// nothing to do, nothing to check.
+    fn before_pin(&self, range: Range) -> Result<Vec<Range>> {
+        let _ = range;
+        Ok(Vec::new())
+    }
+
+    /// Called once the pin of [`before_pin`](Self::before_pin)'s range was tried, with what
+    /// `before_pin` returned: a source that counts huge pages split for a device checks here
+    /// which of them the pin split (a pin must break copy-on-write sharing, and the kernel
+    /// does that to a huge page by splitting it). The default does nothing.
+    fn after_pin(&self, huge: &[Range]) {
+        let _ = huge;
+    }
 }
 
 /// A shared page source is a page source: a backend can take `Box::new(Arc::clone(&mm))` where
@@ -186,6 +205,14 @@ impl<T: PageSource + ?Sized> PageSource for std::sync::Arc<T> {
 
     fn changed_since(&self, range: Range, since: u64) -> bool {
         (**self).changed_since(range, since)
+    }
+
+    fn before_pin(&self, range: Range) -> Result<Vec<Range>> {
+        (**self).before_pin(range)
+    }
+
+    fn after_pin(&self, huge: &[Range]) {
+        (**self).after_pin(huge)
     }
 }
 

@@ -458,10 +458,18 @@ impl Resolver {
                 }
                 Err(e) => return Err(core_err("fault", run)(e)),
             }
-            // Outside the update lock: see the module documentation.
+            // Outside the update lock: see the module documentation. The page source first
+            // makes the run's huge pages pinnable whole (the pin is taken for writing, even
+            // for a device that only reads: see `PageSource::before_pin`).
+            let huge = self
+                .source
+                .before_pin(run)
+                .map_err(core_err("fault", run))?;
             // SAFETY: `IommuMirror::new`'s contract covers device writes anywhere in the
             // mirrored range, which `run` lies in.
-            let pin = match unsafe { inner.pins.pin(run.start(), run.len()) } {
+            let pinned = unsafe { inner.pins.pin(run.start(), run.len()) };
+            self.source.after_pin(&huge);
+            let pin = match pinned {
                 Ok(pin) => pin,
                 Err(e) if self.vma_moved(bounds, page, write, &mut vma) => {
                     tracing::debug!(%run, error = %e, "mapping changed under a pin: retrying");

@@ -169,6 +169,14 @@ pub struct MmStats {
     /// handled, and waited for it: each is an access that, without settling, could have used
     /// a translation a returned syscall had ended (the munmap window).
     pub settle_waits: u64,
+    /// CPU huge pages (THP) svmirror's own operations split: mapped huge right before and
+    /// with base pages right after. A device read or write never splits one by itself; what
+    /// still does, and cannot be helped, is write tracking over part of a huge page
+    /// ([`ProcessMm::track_writes`], [`ProcessMm::collect_writes`]: userfaultfd write-protects
+    /// 4 KiB pages, and the kernel splits a huge page to protect part of it) and a device pin
+    /// of a huge page shared copy-on-write with a forked child (the pin must unshare it, which
+    /// the kernel does by splitting it). Splits the program makes itself are not counted.
+    pub huge_splits: u64,
 }
 
 /// Why a page is being brought back from device memory ([`MmStats`] counts each).
@@ -214,6 +222,7 @@ pub(crate) struct Counters {
     pub(crate) back_requested: AtomicU64,
     settles: AtomicU64,
     settle_waits: AtomicU64,
+    pub(crate) huge_splits: AtomicU64,
 }
 
 impl Counters {
@@ -371,6 +380,10 @@ pub(crate) struct Shared {
     /// MODE_WP is offered by the kernel (`PAGEFAULT_FLAG_WP`); cleared when a registration
     /// shows the mapping kind cannot take it.
     wp: AtomicBool,
+    /// [`ProcessMm::track_writes`] was called: some pages may be write-protected, and a pin
+    /// of a huge page must lift that first (`before_pin`). Never cleared (a stale `true`
+    /// costs one harmless ioctl per huge page pinned).
+    pub(crate) tracking: AtomicBool,
 }
 
 impl Shared {
@@ -392,6 +405,51 @@ impl Shared {
             }
         }
         Range::new(start, end).unwrap_or(r)
+    }
+
+    /// The huge page around `addr` if the CPU maps `addr` huge right now.
+    pub(crate) fn huge_page_at(&self, addr: u64) -> Option<Range> {
+        let mut pte = [CpuPte::None];
+        self.source
+            .snapshot(addr & !(PAGE_SIZE - 1), &mut pte)
+            .ok()?;
+        match pte[0] {
+            CpuPte::Present { order, .. } if order > 0 => {
+                let size = PAGE_SIZE.checked_shl(u32::from(order))?;
+                Range::with_len(addr & !(size - 1), size).ok()
+            }
+            _ => None,
+        }
+    }
+
+    /// The huge pages `range` starts or ends inside of, as the CPU maps them now: those an
+    /// operation on `range` alone may split.
+    pub(crate) fn huge_pages_cut_by(&self, range: Range) -> Vec<Range> {
+        let mut cut: Vec<Range> = Vec::new();
+        for addr in [range.start(), range.end() - PAGE_SIZE] {
+            if let Some(h) = self.huge_page_at(addr) {
+                let inside = range.start() <= h.start() && h.end() <= range.end();
+                if !inside && cut.last() != Some(&h) {
+                    cut.push(h);
+                }
+            }
+        }
+        cut
+    }
+
+    /// Counts the pages of `huge` (mapped huge a moment ago) that the CPU now maps with base
+    /// pages: `what` split them ([`MmStats::huge_splits`]).
+    pub(crate) fn count_splits(&self, huge: &[Range], what: &str) {
+        for h in huge {
+            let mut pte = [CpuPte::None];
+            if self.source.snapshot(h.start(), &mut pte).is_err() {
+                continue;
+            }
+            if let CpuPte::Present { order: 0, .. } = pte[0] {
+                bump(&self.counters.huge_splits);
+                tracing::debug!(huge_page = %h, what, "a CPU huge page was split");
+            }
+        }
     }
 
     /// Runs one invalidation of `r` (widened) for `event`.
@@ -880,6 +938,7 @@ impl ProcessMm {
             returned: Condvar::new(),
             unregistrable: AtomicU8::new(0),
             wp: AtomicBool::new(wp),
+            tracking: AtomicBool::new(false),
         });
         let monitor = crate::monitor::Monitor::start(shared.clone())?;
         tracing::debug!(features = ?uffd::feature_names(shared.uffd.features), "process mm ready");
@@ -946,6 +1005,7 @@ impl ProcessMm {
             migrated_back_requested: l(&c.back_requested),
             settles: l(&c.settles),
             settle_waits: l(&c.settle_waits),
+            huge_splits: l(&c.huge_splits),
         }
     }
 
@@ -1236,5 +1296,61 @@ impl PageSource for ProcessMm {
         // kernel's `migrate_to_ram` moves the one faulting page).
         self.shared.bring_back_range(range, BackCause::Device)?;
         self.shared.source.fault(range, write)
+    }
+
+    /// Lifts write tracking's protection from the huge pages of `range` that the CPU maps
+    /// huge, each whole, and returns them (for [`after_pin`](PageSource::after_pin)).
+    ///
+    /// Why: a device pin is taken for writing (io_uring, like VFIO, pins with `FOLL_WRITE`),
+    /// so GUP meets a write-protected huge PMD (`can_follow_write_pmd` refuses it) and faults
+    /// it for writing, and under userfaultfd's asynchronous write-protect mode the kernel
+    /// resolves that fault by splitting the PMD (mm/memory.c `wp_huge_pmd`: a uffd-wp PMD in
+    /// a `WP_ASYNC` context goes to `__split_huge_pmd` and the fault is retried on 4 KiB
+    /// entries). A device that only read the memory split the CPU's huge page. Lifting the
+    /// protection from the whole huge page first goes through `change_huge_pmd`, which keeps
+    /// the PMD whole when the range covers it (mm/mprotect.c `change_pmd_range` splits only a
+    /// partial range), and tracking loses nothing: the pin's fault would have lifted it from
+    /// every page it pinned, and pages pinned for writing may be written by the device
+    /// anyway, so all of them read as written at the next [`ProcessMm::collect_writes`].
+    ///
+    /// Linux's own `hmm_range_fault` never write-faults a page to read it; svmirror needs the
+    /// pin (DESIGN.md invariant 2), and this keeps the pin from costing the huge page.
+    fn before_pin(&self, range: Range) -> Result<Vec<Range>, Error> {
+        self.shared.check_alive()?;
+        // Huge pages seen here (the fault's snapshot just recorded them): nothing to do, and
+        // no system call, for a run of base pages.
+        let seen: Vec<(u64, u64)> = {
+            let book = self.shared.book();
+            let from = range.start().saturating_sub(1 << 30);
+            book.huge
+                .range(from..range.end())
+                .filter(|(w, size)| **w + **size > range.start())
+                .map(|(w, size)| (*w, *size))
+                .collect()
+        };
+        let tracking = self.shared.tracking.load(Ordering::Relaxed);
+        let mut huge = Vec::new();
+        for (w, _) in seen {
+            let Some(h) = self.shared.huge_page_at(w.max(range.start())) else {
+                continue;
+            };
+            if tracking {
+                // Fails where the range is not registered in write-protect mode (nothing is
+                // protected there) or while an event is queued unread (EAGAIN): the pin then
+                // splits the page, and `after_pin` counts it.
+                if let Err(e) = self.shared.uffd.write_unprotect(h) {
+                    tracing::debug!(huge_page = %h, %e, "write protection not lifted before a pin");
+                }
+            }
+            huge.push(h);
+        }
+        Ok(huge)
+    }
+
+    /// Counts the huge pages the pin split anyway: one shared copy-on-write with a forked
+    /// child must be unshared for the pin, and the kernel unshares a PMD-mapped THP by
+    /// splitting it (mm/huge_memory.c `do_huge_pmd_wp_page`, its `fallback` path).
+    fn after_pin(&self, huge: &[Range]) {
+        self.shared.count_splits(huge, "device pin");
     }
 }

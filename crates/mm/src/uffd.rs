@@ -388,12 +388,23 @@ impl Uffd {
     /// Write-protects `range` (with `WP_ASYNC`, the CPU's writes then clear the protection
     /// themselves and PAGEMAP_SCAN reports them as written).
     pub(crate) fn write_protect(&self, range: Range) -> io::Result<()> {
+        self.writeprotect_ioctl(range, WRITEPROTECT_MODE_WP)
+    }
+
+    /// Lifts the write protection of `range` (what a write fault under `WP_ASYNC` would do,
+    /// page by page; over a whole huge page it keeps the huge mapping, see
+    /// `ProcessMm::before_pin`).
+    pub(crate) fn write_unprotect(&self, range: Range) -> io::Result<()> {
+        self.writeprotect_ioctl(range, 0)
+    }
+
+    fn writeprotect_ioctl(&self, range: Range, mode: u64) -> io::Result<()> {
         let mut w = UffdioWriteprotect {
             range: UffdioRange {
                 start: range.start(),
                 len: range.len(),
             },
-            mode: WRITEPROTECT_MODE_WP,
+            mode,
         };
         // SAFETY: UFFDIO_WRITEPROTECT reads one `struct uffdio_writeprotect`; it changes page
         // protection bits, not memory contents.

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 
 use svmirror_core::{Event, Range};
 
@@ -34,14 +35,22 @@ impl ProcessMm {
             Ok(()) | Err(MmError::AlreadyRegistered { .. }) => {}
             Err(e) => return Err(e),
         }
-        self.shared
+        self.shared.tracking.store(true, Ordering::Relaxed);
+        // Protecting part of a huge page splits it: userfaultfd tracks 4 KiB pages
+        // (mm/mprotect.c `change_pmd_range` calls `__split_huge_pmd` for a range that does not
+        // cover the whole PMD). Unavoidable for the range asked for; counted.
+        let cut = self.shared.huge_pages_cut_by(range);
+        let res = self
+            .shared
             .uffd
             .write_protect(range)
             .map_err(|source| MmError::Syscall {
                 op: "UFFDIO_WRITEPROTECT",
                 range,
                 source,
-            })
+            });
+        self.shared.count_splits(&cut, "partial write-protect");
+        res
     }
 
     /// The ranges of `range` written since tracking started or since the last call, which are
@@ -51,6 +60,10 @@ impl ProcessMm {
             path: "/proc/self/pagemap",
             source,
         })?;
+        // As in `track_writes`: write-protecting the written part of a huge page that `range`
+        // cuts splits it (fs/proc/task_mmu.c `pagemap_scan_thp_entry` calls `split_huge_pmd`
+        // when the range does not cover the whole huge page). Counted.
+        let cut = self.shared.huge_pages_cut_by(range);
         let mut regions = vec![PageRegion::default(); 256];
         let mut out: Vec<Range> = Vec::new();
         let mut start = range.start();
@@ -101,6 +114,7 @@ impl ProcessMm {
             }
             start = arg.walk_end;
         }
+        self.shared.count_splits(&cut, "partial write-protect");
         for r in &out {
             self.invalidate(*r, Event::SoftDirty)?.end();
         }
