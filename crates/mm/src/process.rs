@@ -1282,11 +1282,18 @@ impl PageSource for ProcessMm {
             while at < range.end() {
                 let a = self.shared.source.area(at, range.end())?;
                 match a.kind {
-                    AreaKind::Mapped { write: false, .. } => {
+                    AreaKind::Mapped {
+                        read: true,
+                        write: false,
+                    } => {
                         return Err(Error::WriteToReadOnly { addr: at });
                     }
-                    AreaKind::Mapped { .. } => {}
-                    _ => break, // the populate explains a hole or an I/O area
+                    AreaKind::Mapped {
+                        read: true,
+                        write: true,
+                    } => {}
+                    // The populate explains a hole, PROT_NONE or an I/O area.
+                    _ => break,
                 }
                 at = a.end;
             }
