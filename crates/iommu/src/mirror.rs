@@ -7,24 +7,25 @@
 //! resolves it on the device thread: it picks the run of pages to map (see [`Prefetch`]: the
 //! pages the access asked for, within its fault window, widened to the CPU's huge page around
 //! the address or, where the caller opted in, to the whole window; clamped to the subscription,
-//! to the VMA, and to the pages not yet mapped as needed), then loops `read_begin` → [`range_fault`] (snapshot and fault in through
-//! [`ProcessPageSource`]) → pin the run → take the update lock → `read_retry` → map the IO page
-//! table → unlock, and the device retries. That is `fault_and_program` with one step added
-//! between the snapshot and the lock: **the pin is taken outside the update lock**, because
-//! pinning may fault pages in, and a fault on memory a userfaultfd monitor serves waits for that
-//! monitor, which may itself be waiting for this update lock in `invalidate`. The pin is taken
-//! after `read_begin`, so the retry check covers it: if an invalidation ran since, the pin is
-//! dropped and the loop starts over.
+//! to the VMA, and to the pages not yet mapped as needed), then runs the core's fault loop,
+//! [`fault_prepare_and_program`]: `read_begin` → `range_fault` (snapshot and fault in through
+//! the page source) → *prepare*: pin the run → take the update lock → `read_retry` → map the IO
+//! page table → unlock, and the device retries. **The pin is taken outside the update lock**,
+//! because pinning may fault pages in, and a fault on memory a userfaultfd monitor serves waits
+//! for that monitor, which may itself be waiting for this update lock in `invalidate`. The pin
+//! is taken after `read_begin`, so the retry check covers it: if an invalidation ran since, the
+//! pin is dropped (the loop's *undo*) and the loop starts over. What is left here is the run
+//! (cut again when a neighbouring mapping changed under the fault) and the device work.
 //!
 //! # Invalidation
 //!
-//! Under the update lock: `set_seq`; then in one page-level section, tear down the IO page-table
-//! entries (or downgrade them to read-only on `ProtectionVma`) and flush the IOTLB; then wait
-//! for device accesses in flight on the range; then release the pins no mapping uses any more.
-//! `Unmap` and `Release` free page-table pages, other events keep them for the refault. The
-//! mirror's own `Migrate`/`Exclusive` and `SoftDirty` are skipped. A non-blocking invalidation
-//! only `try_lock`s, refuses when an access is in flight on the range, and defers releasing pins
-//! (a system call) to the next sleepable point.
+//! The core's skeleton ([`svmirror_core::teardown::invalidate`]) skips, locks, cuts and counts;
+//! the mirror's [`Teardown`] then, in one page-level section, tears down the IO page-table
+//! entries (or downgrades them to read-only on `ProtectionVma`) and flushes the IOTLB; then
+//! waits for device accesses in flight on the range; then releases the pins no mapping uses any
+//! more. `Unmap` and `Release` free page-table pages, other events keep them for the refault. A
+//! non-blocking invalidation only `try_lock`s, refuses when an access is in flight on the
+//! range, and defers releasing pins (a system call) to the next sleepable point.
 //!
 //! # Pins
 //!
@@ -40,8 +41,9 @@ use std::time::{Duration, Instant};
 use svmirror_core::teardown::Action;
 use svmirror_core::{
     AreaKind, CounterSnapshot, Counters, CpuPte, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest,
-    IntervalNotifierOps, InvalidateCtx, Notifier, NotifierRange, Owner, PAGE_SIZE, PageSource,
-    Pass, Range, Subscription, Teardown, UpdateGuard, UpdateLock, WouldBlock, entry, range_fault,
+    FaultSteps, IntervalNotifierOps, InvalidateCtx, Notifier, NotifierRange, Owner, PAGE_SIZE,
+    PageSource, Pass, Range, Subscription, Teardown, UpdateGuard, UpdateLock, WouldBlock, entry,
+    fault_prepare_and_program,
 };
 use svmirror_mm::ProcessPageSource;
 
@@ -429,7 +431,8 @@ impl Resolver {
             let Some(run) = run else {
                 return Ok(());
             };
-            if retries > 0 && started.elapsed() > inner.config.fault_timeout {
+            let left = inner.config.fault_timeout.saturating_sub(started.elapsed());
+            if retries > 0 && left.is_zero() {
                 let elapsed = started.elapsed();
                 return Err(core_err("fault", run)(svmirror_core::Error::Timeout {
                     range: run,
@@ -437,19 +440,67 @@ impl Resolver {
                     elapsed,
                 }));
             }
-            let seq = self.sub.read_begin().map_err(core_err("fault", run))?;
             let mut entries = vec![0u64; run.pages() as usize];
             let mut req = FaultRequest::fault_all(run, &mut entries, write).with_owner(inner.owner);
-            match range_fault(&self.sub, seq, &*self.source, &mut req) {
-                Ok(_) => {}
-                Err(svmirror_core::Error::Busy { .. }) => {
+            // The core's loop: snapshot and fault, pin outside the update lock (see the module
+            // documentation), then publish under it unless an invalidation raced the pass.
+            let steps = FaultSteps {
+                prepare: |_: &FaultRequest<'_>| {
+                    // The page source first makes the run's huge pages pinnable whole (the pin
+                    // is taken for writing, even for a device that only reads: see
+                    // `PageSource::before_pin`).
+                    let huge = self
+                        .source
+                        .before_pin(run)
+                        .map_err(core_err("fault", run))?;
+                    // SAFETY: `IommuMirror::new`'s contract covers device writes anywhere in
+                    // the mirrored range, which `run` lies in.
+                    let pinned = unsafe { inner.pins.pin(run.start(), run.len()) };
+                    self.source.after_pin(&huge);
+                    pinned
+                },
+                undo: |_: &mut UpdateGuard<'_, MirrorState>, pin: Result<Pin>| drop(pin),
+                program: |g: &mut UpdateGuard<'_, MirrorState>,
+                          req: &FaultRequest<'_>,
+                          pin: Result<Pin>| {
+                    let pin = pin?;
+                    drop(std::mem::take(&mut g.deferred));
+                    self.program(g, pin, run, req.entries, write)
+                },
+            };
+            let outcome = fault_prepare_and_program(
+                &self.sub,
+                &inner.state,
+                &*self.source,
+                &mut req,
+                left,
+                steps,
+            );
+            let raced = match &outcome {
+                Ok((_, stats)) => stats.retries,
+                Err(svmirror_core::Error::Timeout { retries, .. }) => *retries,
+                Err(_) => 0,
+            };
+            for _ in 0..raced {
+                inner.counters.record_retry();
+            }
+            retries += raced;
+            match outcome {
+                Ok((Ok(()), _)) => {}
+                // The run was cut to the mapping as it was before the fault; a neighbour
+                // munmapped or protected since (its event may still be on its way) makes the
+                // run fail (its fault, or its pin) where the faulting page would not: cut it
+                // again and retry.
+                Ok((Err(e), _)) if self.vma_moved(bounds, page, write, &mut vma) => {
+                    tracing::debug!(%run, error = %e, "mapping changed under a pin: retrying");
                     retries += 1;
                     inner.counters.record_retry();
                     continue;
                 }
-                // The run was cut to the mapping as it was before `read_begin`; a neighbour
-                // munmapped or protected since (its event may still be on its way) makes the
-                // run fail where the faulting page would not: cut it again and retry.
+                Ok((Err(e), _)) => return Err(e),
+                Err(e @ svmirror_core::Error::Timeout { .. }) => {
+                    return Err(core_err("fault", run)(e));
+                }
                 Err(e) if self.vma_moved(bounds, page, write, &mut vma) => {
                     tracing::debug!(%run, error = %e, "mapping changed under a fault: retrying");
                     retries += 1;
@@ -458,42 +509,6 @@ impl Resolver {
                 }
                 Err(e) => return Err(core_err("fault", run)(e)),
             }
-            // Outside the update lock: see the module documentation. The page source first
-            // makes the run's huge pages pinnable whole (the pin is taken for writing, even
-            // for a device that only reads: see `PageSource::before_pin`).
-            let huge = self
-                .source
-                .before_pin(run)
-                .map_err(core_err("fault", run))?;
-            // SAFETY: `IommuMirror::new`'s contract covers device writes anywhere in the
-            // mirrored range, which `run` lies in.
-            let pinned = unsafe { inner.pins.pin(run.start(), run.len()) };
-            self.source.after_pin(&huge);
-            let pin = match pinned {
-                Ok(pin) => pin,
-                Err(e) if self.vma_moved(bounds, page, write, &mut vma) => {
-                    tracing::debug!(%run, error = %e, "mapping changed under a pin: retrying");
-                    retries += 1;
-                    inner.counters.record_retry();
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let mut g = inner.state.lock();
-            if self
-                .sub
-                .read_retry(&g, seq)
-                .map_err(core_err("fault", run))?
-            {
-                drop(g);
-                drop(pin);
-                retries += 1;
-                inner.counters.record_retry();
-                continue;
-            }
-            drop(std::mem::take(&mut g.deferred));
-            self.program(&mut g, pin, run, &entries, write)?;
-            drop(g);
             inner.stat(|s| {
                 s.faults += 1;
                 s.fault_retries += retries;
