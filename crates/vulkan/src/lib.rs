@@ -4,8 +4,9 @@
 //! A [`VulkanMirror`] keeps a GPU page table (a storage buffer) that maps the CPU pages of a
 //! range of the process's address space to device addresses, and keeps it an exact mirror of
 //! the CPU's through the shared core: it subscribes to the [`ProcessMm`]'s notifier, fills the
-//! table from [`range_fault`](svmirror_core::range_fault) under its update lock after
-//! `read_retry`, and clears it on invalidation after waiting for the GPU.
+//! table through the core's fault loop
+//! ([`fault_prepare_and_program`](svmirror_core::fault_prepare_and_program)) and clears it
+//! through the core's invalidation skeleton after waiting for the GPU.
 //!
 //! - **Memory** reaches the GPU as host-memory imports (`VK_EXT_external_memory_host`), in
 //!   chunks of 2 MiB, 64 KiB or 4 KiB ([`import`](crate::MirrorConfig::chunk_sizes)), or as

@@ -4,23 +4,25 @@
 //! # Fault path
 //!
 //! A miss the shader records (or a [`prefetch`](VulkanMirror::prefetch)) names a page. The
-//! mirror finds the mapping around it, picks the chunk to import ([`crate::import`]), and loops:
-//! `read_begin` → [`range_fault`] over the chunk (fault in and snapshot through the
-//! [`ProcessMm`]) → import the chunk's host memory → take the update lock → `read_retry` →
-//! write the chunk's page-table entries → unlock. The import is made **outside** the update
-//! lock, because a driver pins pages on import and pinning may fault, and a fault on memory the
-//! userfaultfd monitor serves may wait for that monitor, which may be waiting for this update
-//! lock in `invalidate`. The import is made after `read_begin`, so the retry check covers it:
-//! if an invalidation ran since, the import is dropped and the loop starts over.
+//! mirror finds the mapping around it, picks the chunk to import ([`crate::import`]), and runs
+//! the core's fault loop, [`svmirror_core::fault_prepare_and_program`]: `read_begin` →
+//! `range_fault` over the chunk (fault in and snapshot through the [`ProcessMm`]) → *prepare*:
+//! import the chunk's host memory → take the update lock → `read_retry` → write the chunk's
+//! page-table entries → unlock. The import is made **outside** the update lock, because a driver
+//! pins pages on import and pinning may fault, and a fault on memory the userfaultfd monitor
+//! serves may wait for that monitor, which may be waiting for this update lock in `invalidate`.
+//! The import is made after `read_begin`, so the retry check covers it: if an invalidation ran
+//! since, the import is dropped (after the lock) and the loop starts over.
 //!
 //! # Invalidation
 //!
-//! Under the update lock: `set_seq`; then clear the page-table entries of every chunk the range
-//! touches (a partial invalidation drops the whole chunk), or on `ProtectionVma` only take their
-//! write permission; then wait for the fences of every submission in flight if anything was
-//! mapped there (a dispatch may touch any mapped page); then free the imports. `Unmap` and
-//! `Release` free page-table leaves left empty. The mirror's own `Migrate` and `SoftDirty` are
-//! skipped: the migration code updates the table itself.
+//! The core's skeleton ([`svmirror_core::teardown::invalidate`]) skips, locks, cuts and counts;
+//! the mirror's teardown clears the page-table entries of every chunk the range touches (a
+//! partial invalidation drops the whole chunk), or on `ProtectionVma` only takes their write
+//! permission; then waits for the fences of every submission in flight if anything was mapped
+//! there (a dispatch may touch any mapped page); the imports are freed after the lock. `Unmap`
+//! and `Release` free page-table leaves left empty. The mirror's own `Migrate` and `SoftDirty`
+//! are skipped: the migration code updates the table itself.
 //!
 //! # Locks
 //!
@@ -30,6 +32,7 @@
 //! invalidation either runs before the submission (the shader then misses) or finds its fence
 //! in the in-flight list.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -37,9 +40,9 @@ use std::time::{Duration, Instant};
 use ash::vk;
 use svmirror_core::teardown::Action;
 use svmirror_core::{
-    AreaKind, CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest,
+    AreaKind, CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest, FaultSteps,
     IntervalNotifierOps, InvalidateCtx, NotifierRange, Owner, PAGE_SIZE, PageSource, Pass, Range,
-    Subscription, Teardown, UpdateGuard, UpdateLock, WouldBlock, entry, range_fault,
+    Subscription, Teardown, UpdateGuard, UpdateLock, WouldBlock, entry, fault_prepare_and_program,
 };
 use svmirror_mm::ProcessMm;
 
@@ -555,89 +558,104 @@ impl VulkanMirror {
                     })?
                 }
             };
-            let seq = self.sub.read_begin().map_err(fault_err(page, write))?;
             let mut entries = vec![0u64; chunk.pages() as usize];
             let mut req =
                 FaultRequest::fault_all(chunk, &mut entries, vma_write).with_owner(inner.owner);
-            match range_fault(&self.sub, seq, &*self.mm, &mut req) {
-                Ok(_) => {}
-                Err(svmirror_core::Error::Busy { .. }) => {
-                    retries += 1;
-                    inner.counters.record_retry();
-                    continue;
-                }
-                Err(e) => return Err(fault_err(page, write)(e)),
-            }
-            // Outside the update lock: see the module documentation.
-            let import = match existing {
-                Some(_) => None,
-                // SAFETY: `chunk` lies in a readable mapping that was just faulted in; the
-                // device writes it only through dispatches, whose callers promise no Rust
-                // reference aliases what the kernel writes (`VulkanMirror::dispatch`).
-                None => Some(unsafe { Import::new(&inner.gpu, chunk) }?),
-            };
-            let mut g = inner.state.lock();
-            if self
-                .sub
-                .read_retry(&g, seq)
-                .map_err(fault_err(page, write))?
-            {
-                drop(g);
-                drop(import);
-                retries += 1;
-                inner.counters.record_retry();
-                continue;
-            }
-            let base = match &import {
-                Some(_) if g.occupied(chunk) => {
-                    // Another fault imported around here meanwhile: use what it mapped.
-                    drop(g);
-                    drop(import);
-                    continue;
-                }
-                Some(i) => i.addr,
-                None => match g.chunks.get(&chunk.start()) {
-                    Some(c) if c.range == chunk => c.addr,
-                    _ => {
-                        drop(g);
-                        continue;
+            let left = inner.config.fault_timeout.saturating_sub(started.elapsed());
+            // Imports to free once the update lock is released (freeing device memory under it
+            // would make invalidations wait on the allocator).
+            let garbage: RefCell<Vec<Import>> = RefCell::new(Vec::new());
+            // The core's loop: snapshot and fault, import outside the update lock (see the
+            // module documentation), publish under it unless an invalidation raced the pass.
+            let steps = FaultSteps {
+                prepare: |_: &FaultRequest<'_>| match existing {
+                    Some(_) => Ok(None),
+                    // SAFETY: `chunk` lies in a readable mapping that was just faulted in; the
+                    // device writes it only through dispatches, whose callers promise no Rust
+                    // reference aliases what the kernel writes (`VulkanMirror::dispatch`).
+                    None => unsafe { Import::new(&inner.gpu, chunk) }.map(Some),
+                },
+                undo: |_: &mut UpdateGuard<'_, State>, import: Result<Option<Import>>| {
+                    if let Ok(Some(i)) = import {
+                        garbage.borrow_mut().push(i);
                     }
                 },
+                program: |g: &mut UpdateGuard<'_, State>,
+                          req: &FaultRequest<'_>,
+                          import: Result<Option<Import>>| {
+                    let import = import?;
+                    let base = match &import {
+                        // Another fault imported around here meanwhile: use what it mapped.
+                        Some(_) if g.occupied(chunk) => None,
+                        Some(i) => Some(i.addr),
+                        None => match g.chunks.get(&chunk.start()) {
+                            Some(c) if c.range == chunk => Some(c.addr),
+                            _ => None,
+                        },
+                    };
+                    let Some(base) = base else {
+                        garbage.borrow_mut().extend(import);
+                        return Ok(false);
+                    };
+                    let mut result = Ok(());
+                    for (i, &e) in req.entries.iter().enumerate() {
+                        if !entry::is_valid(e) || e & entry::DEVICE_PRIVATE != 0 {
+                            continue;
+                        }
+                        let off = i as u64 * PAGE_SIZE;
+                        let flags = if entry::is_writable(e) {
+                            VALID | WRITE
+                        } else {
+                            VALID
+                        };
+                        result = g.table.set(chunk.start() + off, (base + off) | flags);
+                        if result.is_err() {
+                            break;
+                        }
+                    }
+                    if let Err(e) = result {
+                        // Fail closed: nothing of this chunk stays mapped, and its import goes
+                        // once work in flight, which may have seen the entries just written,
+                        // is done.
+                        g.table.clear(chunk, true);
+                        let mut gone = garbage.borrow_mut();
+                        match import {
+                            Some(i) => gone.push(i),
+                            None => gone.extend(g.take_chunks(chunk, true).0),
+                        }
+                        inner.drain(g);
+                        return Err(e);
+                    }
+                    if let Some(i) = import {
+                        g.chunks.insert(chunk.start(), i);
+                    }
+                    Ok(true)
+                },
             };
-            let mut result = Ok(());
-            for (i, &e) in entries.iter().enumerate() {
-                if !entry::is_valid(e) || e & entry::DEVICE_PRIVATE != 0 {
-                    continue;
-                }
-                let off = i as u64 * PAGE_SIZE;
-                let flags = if entry::is_writable(e) {
-                    VALID | WRITE
-                } else {
-                    VALID
-                };
-                result = g.table.set(chunk.start() + off, (base + off) | flags);
-                if result.is_err() {
-                    break;
-                }
+            let outcome = fault_prepare_and_program(
+                &self.sub,
+                &inner.state,
+                &*self.mm,
+                &mut req,
+                left,
+                steps,
+            );
+            drop(garbage);
+            let raced = match &outcome {
+                Ok((_, stats)) => stats.retries,
+                Err(svmirror_core::Error::Timeout { retries, .. }) => *retries,
+                Err(_) => 0,
+            };
+            for _ in 0..raced {
+                inner.counters.record_retry();
             }
-            if let Err(e) = result {
-                // Fail closed: nothing of this chunk stays mapped, and its import goes once
-                // work in flight, which may have seen the entries just written, is done.
-                g.table.clear(chunk, true);
-                let old = match import {
-                    Some(_) => Vec::new(),
-                    None => g.take_chunks(chunk, true).0,
-                };
-                inner.drain(&g);
-                drop(g);
-                drop(old);
-                drop(import);
-                return Err(e);
+            retries += raced;
+            match outcome {
+                Ok((Ok(true), _)) => {}
+                Ok((Ok(false), _)) => continue,
+                Ok((Err(e), _)) => return Err(e),
+                Err(e) => return Err(fault_err(page, write)(e)),
             }
-            if let Some(i) = import {
-                g.chunks.insert(chunk.start(), i);
-            }
-            drop(g);
             inner.counters.record_fault(chunk.len(), started.elapsed());
             inner.counters.record_map(chunk.len());
             return Ok(());
