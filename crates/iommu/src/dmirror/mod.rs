@@ -66,12 +66,11 @@ mod memory;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use svmirror_core::{
     AreaKind, CpuPte, DEFAULT_FAULT_TIMEOUT, FaultRequest, IntervalNotifierOps, InvalidateCtx,
     NotifierRange, PAGE_SIZE, PageSource, Pass, Range, Subscription, UpdateLock, WouldBlock, entry,
-    range_fault,
+    fault_and_program,
 };
 use svmirror_mm::{DevicePages, ProcessMm, ProcessPageSource};
 
@@ -200,6 +199,8 @@ pub struct Dmirror {
     maps: ProcessPageSource,
     mirror: IommuMirror,
     snap: Subscription,
+    /// The snapshot subscription's callbacks, and its update lock.
+    ops: Arc<DeviceOps>,
     memory: Arc<DeviceMemory>,
     /// Pages the device has exclusive access to (EXCLUSIVE).
     exclusive: Arc<DeviceMemory>,
@@ -244,14 +245,14 @@ impl Dmirror {
             lock: UpdateLock::new(()),
             exclusive: exclusive.clone(),
         });
-        let snap = mm
-            .notifier()
-            .insert(range, ops)
-            .map_err(|source| DmirrorError::Core {
-                op: "open",
-                range,
-                source,
-            })?;
+        let snap =
+            mm.notifier()
+                .insert(range, ops.clone())
+                .map_err(|source| DmirrorError::Core {
+                    op: "open",
+                    range,
+                    source,
+                })?;
         let maps = ProcessPageSource::new().map_err(|source| DmirrorError::Mm {
             op: "open",
             range,
@@ -262,6 +263,7 @@ impl Dmirror {
             maps,
             mirror,
             snap,
+            ops,
             memory: DeviceMemory::new(Kind::Private),
             exclusive,
             fail_alloc: AtomicBool::new(false),
@@ -325,18 +327,20 @@ impl Dmirror {
             range,
             source,
         };
-        let started = Instant::now();
         let mut entries = vec![0u64; npages as usize];
-        loop {
-            let seq = self.snap.read_begin().map_err(core)?;
-            let mut req = FaultRequest::snapshot(range, &mut entries).with_owner(self.owner());
-            match range_fault(&self.snap, seq, &*self.mm, &mut req) {
-                Ok(_) => break,
-                Err(svmirror_core::Error::Busy { .. })
-                    if started.elapsed() < DEFAULT_FAULT_TIMEOUT => {}
-                Err(e) => return Err(core(e)),
-            }
-        }
+        let mut req = FaultRequest::snapshot(range, &mut entries).with_owner(self.owner());
+        // The core's loop, with nothing to program: the snapshot is taken again until no
+        // invalidation raced it (the kernel's dmirror checks `mmu_interval_read_retry` under
+        // its mutex the same way).
+        fault_and_program(
+            &self.snap,
+            &self.ops.lock,
+            &*self.mm,
+            &mut req,
+            DEFAULT_FAULT_TIMEOUT,
+            |_, _| (),
+        )
+        .map_err(core)?;
         for (o, &e) in out.iter_mut().zip(&entries) {
             *o = prot_of(e);
         }
