@@ -11,6 +11,9 @@
 //!   userfaultfd monitor with the SVM API (munmap, mprotect, madvise, mremap that devices see
 //!   before they happen).
 //! - [`iommu`]: the simulated IOMMU, the embedded default backend.
+//! - [`vfio`]: the VFIO backend (a real device behind an IOMMU, through rust-vmm's
+//!   `vfio-ioctls`).
+//! - [`vulkan`]: the Vulkan backend (a GPU page table walked by compute shaders).
 //!
 //! and adds [`app`], the example SVM compute app that the `svmirror` command runs: a device
 //! chasing pointers through `Vec`s the CPU built, streaming over large vectors, and working
@@ -60,3 +63,5 @@ pub mod app;
 pub use svmirror_core as core;
 pub use svmirror_iommu as iommu;
 pub use svmirror_mm as mm;
+pub use svmirror_vfio as vfio;
+pub use svmirror_vulkan as vulkan;

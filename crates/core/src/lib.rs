@@ -54,6 +54,7 @@
 
 pub mod context;
 pub mod counters;
+mod device_pages;
 mod error;
 mod fault;
 pub mod interval_tree;
@@ -68,6 +69,7 @@ pub use context::{
     may_sleep, might_fault, might_sleep,
 };
 pub use counters::{CounterSnapshot, Counters, FaultSize, LatencyHistogram};
+pub use device_pages::DevicePages;
 pub use error::{Error, Result};
 pub use fault::{
     Area, AreaKind, CpuPte, DEFAULT_FAULT_TIMEOUT, FaultRequest, FaultStats, FaultSteps,

@@ -15,8 +15,8 @@
 use std::sync::{Arc, Weak};
 
 use gpu_allocator::MemoryLocation;
+use svmirror_core::DevicePages;
 use svmirror_core::{Owner, PAGE_SIZE, PageSource, Range};
-use svmirror_mm::DevicePages;
 
 use crate::error::{Result, VulkanError};
 use crate::memory::{GpuBuffer, Submission};

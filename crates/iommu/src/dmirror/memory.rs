@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use svmirror_core::DevicePages;
 use svmirror_core::{Error, Event, Owner, PAGE_SIZE, Range};
-use svmirror_mm::DevicePages;
 
 /// One device page: a frame number for `range_fault` and the contents.
 struct DevicePage {

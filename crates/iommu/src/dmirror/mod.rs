@@ -67,12 +67,13 @@ mod memory;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use svmirror_core::DevicePages;
 use svmirror_core::{
     AreaKind, CpuPte, DEFAULT_FAULT_TIMEOUT, FaultRequest, IntervalNotifierOps, InvalidateCtx,
     NotifierRange, PAGE_SIZE, PageSource, Pass, Range, Subscription, UpdateLock, WouldBlock, entry,
     fault_and_program,
 };
-use svmirror_mm::{DevicePages, ProcessMm, ProcessPageSource};
+use svmirror_mm::{ProcessMm, ProcessPageSource};
 
 pub use self::error::{DmirrorError, ExclusiveRefusal};
 use self::memory::{DeviceMemory, Kind};
