@@ -72,7 +72,7 @@ impl SimBackend {
     /// Opens the simulated IOMMU over all of `mm`'s user address space.
     pub fn open(mm: Arc<ProcessMm>) -> Result<SimBackend> {
         // Unprivileged pins count against RLIMIT_MEMLOCK: take what the hard limit allows.
-        let _ = svmirror_iommu::raise_memlock_limit(u64::MAX);
+        let _ = svmirror_mm::raise_memlock_limit(u64::MAX);
         let range = Range::new(USER_START, USER_END).expect("user space is a range");
         let source = Box::new(mm.clone());
         // SAFETY: the apps touch memory the device writes through raw pointers only, and only

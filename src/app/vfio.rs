@@ -206,7 +206,7 @@ impl VfioBackend {
             ))
         })?;
         // Type1 charges pinned pages to locked memory: take what the hard limit allows.
-        let _ = svmirror_iommu::raise_memlock_limit(u64::MAX);
+        let _ = svmirror_mm::raise_memlock_limit(u64::MAX);
         let mirror_err = |e: VfioError| {
             unavailable(format!(
                 "the address space cannot be mirrored into the IOMMU ({})",

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use serde::Serialize;
 use svmirror::app::{self, BackendKind, human_bytes};
-use svmirror::iommu::{memlock_limit, vm_pinned_bytes};
 use svmirror::mm::{ProcessMm, ProcessPageSource, UffdAccess};
+use svmirror::mm::{memlock_limit, vm_pinned_bytes};
 
 use super::Failure;
 

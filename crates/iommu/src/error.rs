@@ -157,22 +157,6 @@ pub enum IommuError {
         /// Bytes asked for.
         len: u64,
     },
-    /// /proc/self/status could not be read or lacks a field.
-    #[error("cannot read {field} from /proc/self/status")]
-    ProcStatus {
-        /// The field.
-        field: &'static str,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// RLIMIT_MEMLOCK could not be read or changed.
-    #[error("cannot change RLIMIT_MEMLOCK")]
-    Rlimit {
-        /// What the kernel answered.
-        #[source]
-        source: io::Error,
-    },
     /// A DMA command is malformed (zero length, address overflow, a misaligned atomic).
     #[error("invalid DMA command at {iova:#x}: {reason}")]
     InvalidCommand {

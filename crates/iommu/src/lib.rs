@@ -96,7 +96,10 @@ pub use mmu::{Mmu, MmuConfig, MmuState};
 pub use page_table::{
     IOVA_BITS, IOVA_END, LeafSize, PageTable, PageTableStats, Perms, Target, Translation, Unmapped,
 };
-pub use pin::{
-    MAX_PIN_LEN, MAX_SLOTS, MemlockLimit, Pin, PinId, PinPool, PinPoolConfig, PinStats,
-    VM_PIN_SETTLE, memlock_limit, raise_memlock_limit, settled_vm_pinned_bytes, vm_pinned_bytes,
+pub use pin::{MAX_PIN_LEN, MAX_SLOTS, Pin, PinId, PinPool, PinPoolConfig, PinStats};
+/// Pin accounting and RLIMIT_MEMLOCK live in svmirror-mm (every backend pins); re-exported
+/// here for the simulated IOMMU's users.
+pub use svmirror_mm::{
+    MemlockLimit, VM_PIN_SETTLE, memlock_limit, raise_memlock_limit, settled_vm_pinned_bytes,
+    vm_pinned_bytes,
 };

@@ -5,8 +5,8 @@ use svmirror_core::{Error as CoreError, Notifier};
 use super::*;
 use crate::dma::{FaultMode, FaultReason, Injection};
 use crate::page_table::LeafSize;
-use crate::pin::{VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
 use crate::testing::{AnonMap, RaceAfterSnapshot, clear_through};
+use svmirror_mm::{VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
 
 const PAGE: u64 = PAGE_SIZE;
 

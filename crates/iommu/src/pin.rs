@@ -67,11 +67,12 @@
 //! - A process without `CAP_IPC_LOCK` (when the pool is created) has every pinned page charged to
 //!   its user's `RLIMIT_MEMLOCK` (`ulimit -l`); a pin past it fails with
 //!   [`IommuError::MemlockLimit`]. Such a user needs `ulimit -l` at least as large as everything
-//!   pinned at once (see [`raise_memlock_limit`]). Root, with `CAP_IPC_LOCK`, is not limited.
+//!   pinned at once (see [`raise_memlock_limit`](svmirror_mm::raise_memlock_limit)). Root, with `CAP_IPC_LOCK`, is not limited.
 //! - Pins are taken for writing: a read-only or PROT_NONE mapping cannot be pinned
 //!   ([`IommuError::PinFailed`] with `EFAULT`). Pinning an untouched or copy-on-write page makes
 //!   the CPU's mapping a private writable page first, as any long-term pin does.
-//! - Pinned pages show in `VmPin` of /proc/self/status ([`vm_pinned_bytes`]).
+//! - Pinned pages show in `VmPin` of /proc/self/status
+//!   ([`vm_pinned_bytes`](svmirror_mm::vm_pinned_bytes)).
 
 use std::fmt;
 use std::io;
@@ -550,7 +551,7 @@ impl PinPool {
 
     fn pin_error(&self, addr: u64, len: u64, source: io::Error) -> IommuError {
         if self.accounted && source.raw_os_error() == Some(libc::ENOMEM) {
-            let limit = memlock_limit().map_or(0, |l| l.soft);
+            let limit = svmirror_mm::memlock_limit().map_or(0, |l| l.soft);
             return IommuError::MemlockLimit {
                 addr,
                 len,
@@ -945,47 +946,6 @@ impl Drop for Pin {
     }
 }
 
-/// How long tests give `VmPin` to settle (see [`settled_vm_pinned_bytes`]).
-pub const VM_PIN_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// [`vm_pinned_bytes`] once it equals `expected`, or what it is after `timeout` if it never
-/// does: for checks that pins went back to where they were. io_uring can drop the last
-/// reference to a released buffer from an io-wq worker just after the completion it waited for
-/// was posted, so `VmPin` may fall a moment after [`Pin::release`] returned; a pin that really
-/// leaked never falls, and the caller sees the wrong value.
-pub fn settled_vm_pinned_bytes(expected: u64, timeout: std::time::Duration) -> Result<u64> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let now = vm_pinned_bytes()?;
-        if now == expected || std::time::Instant::now() >= deadline {
-            return Ok(now);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-}
-
-/// Bytes this process has pinned (`VmPin` of /proc/self/status): io_uring registered buffers,
-/// RDMA and VFIO pins of every part of the process.
-pub fn vm_pinned_bytes() -> Result<u64> {
-    const FIELD: &str = "VmPin:";
-    let bad = |source| IommuError::ProcStatus {
-        field: FIELD,
-        source,
-    };
-    let status = std::fs::read_to_string("/proc/self/status").map_err(bad)?;
-    let line = status
-        .lines()
-        .find_map(|l| l.strip_prefix(FIELD))
-        .ok_or_else(|| bad(io::Error::from(io::ErrorKind::NotFound)))?;
-    let kib: u64 = line
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .map_err(|_| bad(io::Error::from(io::ErrorKind::InvalidData)))?;
-    Ok(kib * 1024)
-}
-
 /// A private ring with a one-slot buffer table, that pins are made through.
 fn pinning_ring() -> io::Result<IoUring> {
     let ring = IoUring::new(1)?;
@@ -1005,61 +965,6 @@ fn probe_cloning(ring: &IoUring) -> io::Result<IoUring> {
         CloneBuffersFlags::DST_REPLACE,
     )?;
     Ok(pinning)
-}
-
-/// The RLIMIT_MEMLOCK limits in bytes (`u64::MAX` for unlimited).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MemlockLimit {
-    /// The soft limit: what pins are checked against.
-    pub soft: u64,
-    /// The hard limit: how far an unprivileged process may raise the soft one.
-    pub hard: u64,
-}
-
-/// The process's RLIMIT_MEMLOCK.
-pub fn memlock_limit() -> Result<MemlockLimit> {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one `rlimit` into the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0 {
-        return Err(IommuError::Rlimit {
-            source: io::Error::last_os_error(),
-        });
-    }
-    let conv = |v: libc::rlim_t| {
-        if v == libc::RLIM_INFINITY {
-            u64::MAX
-        } else {
-            v
-        }
-    };
-    Ok(MemlockLimit {
-        soft: conv(r.rlim_cur),
-        hard: conv(r.rlim_max),
-    })
-}
-
-/// Raises the soft RLIMIT_MEMLOCK to at least `bytes`, and the hard one too if needed (which
-/// takes `CAP_SYS_RESOURCE`). Returns the new limits. Only matters for a process without
-/// `CAP_IPC_LOCK`, whose pins are charged against it.
-pub fn raise_memlock_limit(bytes: u64) -> Result<MemlockLimit> {
-    let cur = memlock_limit()?;
-    if cur.soft >= bytes {
-        return Ok(cur);
-    }
-    let r = libc::rlimit {
-        rlim_cur: bytes,
-        rlim_max: cur.hard.max(bytes),
-    };
-    // SAFETY: setrlimit reads one `rlimit` we own.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) } != 0 {
-        return Err(IommuError::Rlimit {
-            source: io::Error::last_os_error(),
-        });
-    }
-    memlock_limit()
 }
 
 /// Whether the calling thread has `CAP_IPC_LOCK` in its effective set (then io_uring does not

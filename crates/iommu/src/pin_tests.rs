@@ -1,5 +1,8 @@
 use super::*;
 use crate::testing::AnonMap;
+use svmirror_mm::{
+    VM_PIN_SETTLE, memlock_limit, raise_memlock_limit, settled_vm_pinned_bytes, vm_pinned_bytes,
+};
 
 fn pool() -> Arc<PinPool> {
     PinPool::new(PinPoolConfig::default()).unwrap()

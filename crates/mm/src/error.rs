@@ -8,6 +8,22 @@ use std::io;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MmError {
+    /// /proc/self/status could not be read or lacks a field.
+    #[error("cannot read {field} from /proc/self/status")]
+    ProcStatus {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// RLIMIT_MEMLOCK could not be read or changed.
+    #[error("cannot change RLIMIT_MEMLOCK")]
+    Rlimit {
+        /// What the kernel answered.
+        #[source]
+        source: io::Error,
+    },
     /// A /proc file could not be opened.
     #[error("cannot open {path}")]
     Open {

@@ -63,6 +63,7 @@
 
 mod error;
 mod fill;
+mod limits;
 mod maps;
 mod migrate;
 mod monitor;
@@ -78,6 +79,10 @@ mod zap;
 use svmirror_core::{Area, AreaKind, CpuPte, Error, PAGE_SHIFT, PAGE_SIZE, PageSource, Range};
 
 pub use crate::error::MmError;
+pub use crate::limits::{
+    MemlockLimit, VM_PIN_SETTLE, memlock_limit, raise_memlock_limit, settled_vm_pinned_bytes,
+    vm_pinned_bytes,
+};
 use crate::maps::Maps;
 use crate::pagemap::Pagemap;
 pub use crate::process::{DevicePages, MmFeatures, MmStats, ProcessMm, Unregistrable};
