@@ -58,6 +58,7 @@ mod device_pages;
 mod error;
 mod fault;
 pub mod interval_tree;
+mod mirror;
 mod notifier;
 mod range;
 mod sync;
@@ -75,6 +76,7 @@ pub use fault::{
     Area, AreaKind, CpuPte, DEFAULT_FAULT_TIMEOUT, FaultRequest, FaultStats, FaultSteps,
     PageSource, entry, fault_and_program, fault_prepare_and_program, range_fault,
 };
+pub use mirror::{Mirror, MirrorError};
 pub use notifier::{
     AtomicCtx, IntervalNotifierOps, InvalidateCtx, Invalidation, Notifier, NotifierStats, Pass,
     ReadSeq, Subscription, WouldBlock,

@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use svmirror_core::MirrorError;
 use svmirror_core::teardown::Action;
 use svmirror_core::{
     AreaKind, CounterSnapshot, Counters, CpuPte, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest,
@@ -871,3 +872,57 @@ impl Drop for IommuMirror {
 #[cfg(test)]
 #[path = "mirror_tests.rs"]
 mod tests;
+
+/// The contract every backend keeps ([`svmirror_core::Mirror`]).
+impl svmirror_core::Mirror for IommuMirror {
+    fn backend(&self) -> &'static str {
+        "iommu"
+    }
+
+    fn range(&self) -> Range {
+        self.inner.range
+    }
+
+    fn owner(&self) -> Owner {
+        self.inner.owner
+    }
+
+    fn fault(&self, range: Range, write: bool) -> std::result::Result<(), MirrorError> {
+        IommuMirror::fault(self, range.start(), range.len(), write).map_err(MirrorError::from)
+    }
+
+    /// Tears down every IO page-table entry, as an `Unmap` of the whole range would, once
+    /// accesses in flight are done, and releases the pins.
+    fn evict_all(&self) {
+        let inner = &*self.inner;
+        let mut g = inner.state.lock();
+        if let Ok((bytes, ())) =
+            inner.teardown(&mut g, inner.range, Action::FreeLeaves, Event::Unmap, true)
+        {
+            inner.counters.record_unmap(bytes);
+        }
+    }
+
+    fn translation(&self, addr: u64) -> Option<bool> {
+        self.inner.mmu.translate(addr).map(|t| t.perms.writable())
+    }
+
+    fn counters(&self) -> CounterSnapshot {
+        self.inner.counters.snapshot()
+    }
+}
+
+impl From<IommuError> for MirrorError {
+    fn from(e: IommuError) -> Self {
+        match e {
+            IommuError::OutsideMirror { iova, range } => {
+                MirrorError::OutsideMirror { addr: iova, range }
+            }
+            IommuError::Core { op, range, source } => MirrorError::Core { op, range, source },
+            e => MirrorError::Device {
+                backend: "iommu",
+                source: Box::new(e),
+            },
+        }
+    }
+}

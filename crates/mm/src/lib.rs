@@ -70,6 +70,8 @@ mod monitor;
 mod pagemap;
 mod populate;
 mod process;
+#[cfg(feature = "scenarios")]
+pub mod scenarios;
 mod svm;
 mod uapi;
 mod uffd;

@@ -62,6 +62,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use svmirror_core::MirrorError;
 use svmirror_core::teardown::Action;
 use svmirror_core::{
     CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, IntervalNotifierOps, InvalidateCtx,
@@ -583,5 +584,57 @@ impl Drop for VfioMapper {
         // No callback runs or will run after this; an already removed one is fine.
         let _ = self.sub.remove();
         self.inner.teardown_all();
+    }
+}
+
+/// The contract every backend keeps ([`svmirror_core::Mirror`]).
+impl svmirror_core::Mirror for VfioMapper {
+    fn backend(&self) -> &'static str {
+        "vfio"
+    }
+
+    fn range(&self) -> Range {
+        VfioMapper::range(self)
+    }
+
+    fn owner(&self) -> Owner {
+        VfioMapper::owner(self)
+    }
+
+    fn fault(&self, range: Range, write: bool) -> std::result::Result<(), MirrorError> {
+        VfioMapper::fault(self, range.start(), range.len(), write).map_err(MirrorError::from)
+    }
+
+    fn evict_all(&self) {
+        self.unmap_all();
+    }
+
+    /// VFIO type1 cannot map a page read-only after mapping it writable and back: a
+    /// translation is writable where the chunk's piece was mapped for writing.
+    fn translation(&self, addr: u64) -> Option<bool> {
+        if self.translate(addr, true).is_some() {
+            Some(true)
+        } else {
+            self.translate(addr, false).map(|_| false)
+        }
+    }
+
+    fn counters(&self) -> CounterSnapshot {
+        VfioMapper::counters(self)
+    }
+}
+
+impl From<VfioError> for MirrorError {
+    fn from(e: VfioError) -> Self {
+        match e {
+            VfioError::OutsideMirror { addr, range, .. } => {
+                MirrorError::OutsideMirror { addr, range }
+            }
+            VfioError::Core { op, range, source } => MirrorError::Core { op, range, source },
+            e => MirrorError::Device {
+                backend: "vfio",
+                source: Box::new(e),
+            },
+        }
     }
 }

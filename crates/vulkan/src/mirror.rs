@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use ash::vk;
+use svmirror_core::MirrorError;
 use svmirror_core::teardown::Action;
 use svmirror_core::{
     AreaKind, CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest, FaultSteps,
@@ -692,5 +693,61 @@ impl Drop for VulkanMirror {
             .dispatch_buffers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+}
+
+/// The contract every backend keeps ([`svmirror_core::Mirror`]).
+impl svmirror_core::Mirror for VulkanMirror {
+    fn backend(&self) -> &'static str {
+        "vulkan"
+    }
+
+    fn range(&self) -> Range {
+        self.inner.range
+    }
+
+    fn owner(&self) -> Owner {
+        self.inner.owner
+    }
+
+    fn fault(&self, range: Range, write: bool) -> std::result::Result<(), MirrorError> {
+        self.prefetch(range.start(), range.len(), write)
+            .map_err(MirrorError::from)
+    }
+
+    fn evict_all(&self) {
+        VulkanMirror::evict_all(self);
+    }
+
+    fn translation(&self, addr: u64) -> Option<bool> {
+        self.entry(addr)
+    }
+
+    fn counters(&self) -> CounterSnapshot {
+        self.inner.counters.snapshot()
+    }
+}
+
+impl From<VulkanError> for MirrorError {
+    fn from(e: VulkanError) -> Self {
+        match e {
+            VulkanError::OutsideMirror { addr, range } => {
+                MirrorError::OutsideMirror { addr, range }
+            }
+            VulkanError::Core { op, range, source } => MirrorError::Core { op, range, source },
+            VulkanError::Fault {
+                addr,
+                write,
+                source,
+            } => MirrorError::Core {
+                op: if write { "write fault" } else { "read fault" },
+                range: Range::with_len(addr & !(PAGE_SIZE - 1), PAGE_SIZE).unwrap_or(Range::FULL),
+                source,
+            },
+            e => MirrorError::Device {
+                backend: "vulkan",
+                source: Box::new(e),
+            },
+        }
     }
 }

@@ -1,0 +1,88 @@
+//! The one contract every backend's mirror keeps, object safe, so that an accelerator runtime
+//! (and the scenario suite every backend passes) can hold any of them as `dyn Mirror`.
+//!
+//! A mirror covers one range of the process's address space, subscribed to the process's
+//! notifier under its own [`Owner`]; it maps pages for its device through the core's fault loop
+//! ([`fault_prepare_and_program`](crate::fault_prepare_and_program)) and tears them down
+//! through the core's invalidation skeleton ([`teardown`](crate::teardown)). What is specific
+//! to a device (how it runs work, how it reads and writes) stays on the backend's own type.
+
+use crate::counters::CounterSnapshot;
+use crate::error::Error;
+use crate::range::{Owner, Range};
+
+/// The errors every backend shares at the [`Mirror`] contract. A backend's own error type
+/// keeps the detail; this is what a caller holding a `dyn Mirror` can act on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MirrorError {
+    /// The address is outside the mirrored range.
+    #[error("{addr:#x} is outside the mirrored range {range}")]
+    OutsideMirror {
+        /// The address asked for.
+        addr: u64,
+        /// The mirrored range.
+        range: Range,
+    },
+    /// The core refused: the page cannot be mapped that way (a hole, a write to a read-only
+    /// mapping), the fault kept racing invalidations past its time limit, the address space
+    /// is gone.
+    #[error("{op} of {range} failed in the core")]
+    Core {
+        /// What was being done.
+        op: &'static str,
+        /// The range concerned.
+        range: Range,
+        /// What the core said.
+        #[source]
+        source: Error,
+    },
+    /// The device or its driver failed (its own error inside).
+    #[error("the {backend} device failed")]
+    Device {
+        /// The backend ("iommu", "vulkan", "vfio").
+        backend: &'static str,
+        /// The backend's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl MirrorError {
+    /// The core's error underneath, if the core refused.
+    pub fn core(&self) -> Option<&Error> {
+        match self {
+            MirrorError::Core { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// A device's mirror of a range of the process's address space. See the
+/// [module documentation](self).
+pub trait Mirror: Send + Sync {
+    /// The backend's name ("iommu", "vulkan", "vfio").
+    fn backend(&self) -> &'static str;
+
+    /// The mirrored range.
+    fn range(&self) -> Range;
+
+    /// The owner its invalidations, migrations and exclusive accesses carry.
+    fn owner(&self) -> Owner;
+
+    /// Maps `range` for the device (writable if `write`) as the device's own faults would:
+    /// faulting the CPU pages in, and refusing what the CPU's mappings refuse.
+    fn fault(&self, range: Range, write: bool) -> Result<(), MirrorError>;
+
+    /// Drops every device translation (the device faults again on its next access); the
+    /// subscription stays.
+    fn evict_all(&self);
+
+    /// What the device can reach at `addr` now: `Some(writable)` when it holds a translation,
+    /// `None` when it would fault.
+    fn translation(&self, addr: u64) -> Option<bool>;
+
+    /// The shared counters: faults by size and latency, retries, invalidations by reason,
+    /// bytes mapped and torn down.
+    fn counters(&self) -> CounterSnapshot;
+}

@@ -1,0 +1,90 @@
+//! One scenario suite (`svmirror_mm::scenarios`), written once against the core's `Mirror`
+//! contract, run on every backend this machine has: the simulated IOMMU, and Vulkan on Mesa's
+//! lavapipe (installed by `cargo xtask ci`; missing, the test fails, it does not skip). VFIO
+//! runs the same suite inside the `cargo xtask vfio-vm` guest.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use svmirror::core::{Mirror, MirrorError, Range};
+use svmirror::iommu::{IommuMirror, MirrorConfig, VM_PIN_SETTLE, settled_vm_pinned_bytes};
+use svmirror::mm::{ProcessMm, scenarios, vm_pinned_bytes};
+use svmirror::vulkan::{Gpu, GpuConfig, VulkanMirror};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// One backend at a time: each opens the process's userfaultfd monitor, and the scenarios use
+/// fixed addresses.
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs the suite, fails naming every scenario that failed, and checks that no pin outlived
+/// the mirrors.
+fn run(
+    backend: &str,
+    mm: &Arc<ProcessMm>,
+    open: &dyn Fn(Range) -> Result<Box<dyn Mirror>, MirrorError>,
+) {
+    let pinned = vm_pinned_bytes().unwrap();
+    let results = scenarios::run_all(mm, open);
+    assert_eq!(results.len(), scenarios::all().len());
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{name}: {e}")))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{backend}: {} of {} scenarios failed:\n{}",
+        failed.len(),
+        results.len(),
+        failed.join("\n")
+    );
+    assert_eq!(
+        settled_vm_pinned_bytes(pinned, VM_PIN_SETTLE).unwrap(),
+        pinned,
+        "{backend}: pins outlived the mirrors"
+    );
+}
+
+#[test]
+fn the_simulated_iommu_passes_the_backend_scenarios() {
+    let _s = serial();
+    let mm = Arc::new(ProcessMm::new().expect("userfaultfd available (run as root)"));
+    let open = |range: Range| -> Result<Box<dyn Mirror>, MirrorError> {
+        // SAFETY: the scenarios touch their buffers through raw pointers only.
+        let m = unsafe {
+            IommuMirror::with_page_source(
+                mm.notifier(),
+                range,
+                MirrorConfig::checked(),
+                Box::new(mm.clone()),
+            )
+        }?;
+        Ok(Box::new(m))
+    };
+    run("iommu", &mm, &open);
+}
+
+#[test]
+fn vulkan_passes_the_backend_scenarios() {
+    let _s = serial();
+    let mm = Arc::new(ProcessMm::new().expect("userfaultfd available (run as root)"));
+    let gpu = Arc::new(Gpu::new(&GpuConfig::validated()).unwrap_or_else(|e| {
+        panic!(
+            "no usable Vulkan device with the validation layer (apt-get install \
+             mesa-vulkan-drivers libvulkan1 vulkan-validationlayers): {e}"
+        )
+    }));
+    let validation = gpu.validation();
+    let open = |range: Range| -> Result<Box<dyn Mirror>, MirrorError> {
+        let m = VulkanMirror::new(
+            gpu.clone(),
+            mm.clone(),
+            range,
+            svmirror::vulkan::MirrorConfig::default(),
+        )?;
+        Ok(Box::new(m))
+    };
+    run("vulkan", &mm, &open);
+    assert_eq!(validation.errors(), 0, "Vulkan validation errors");
+}
