@@ -133,6 +133,9 @@ fn ci() -> Result<(), Vec<String>> {
                 "clippy",
                 "--workspace",
                 "--all-targets",
+                // The VFIO guest test binary needs it (it runs the backend scenario suite).
+                "--features",
+                "svmirror-vfio/guest-tests",
                 "--",
                 "-D",
                 "warnings",

@@ -518,6 +518,8 @@ fn build_guest_binaries() -> Result<(PathBuf, PathBuf), String> {
         TEST_PACKAGE,
         "--bin",
         TEST_BIN,
+        "--features",
+        "svmirror-vfio/guest-tests",
         "-p",
         APP_PACKAGE,
         "--bin",

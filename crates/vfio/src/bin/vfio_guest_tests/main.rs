@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use svmirror_core::{Event, PAGE_SIZE, Range};
 use svmirror_mm::{Advice, Protection};
-use svmirror_vfio::{Direction, IovaMode, MapperConfig, VfioError};
+use svmirror_vfio::{Direction, IovaMode, MapperConfig, VfioError, VfioMapper};
 
 mod support;
 
@@ -651,6 +651,40 @@ fn benchmarks(env: &Env) -> Res {
     Ok(())
 }
 
+/// The backend scenario suite every mirror passes (`svmirror_mm::scenarios`), on VFIO mappers
+/// over the edu device's container: the same list the simulated IOMMU and Vulkan run.
+fn backend_contract(env: &Env) -> Result<(), String> {
+    let open =
+        |range: Range| -> Result<Box<dyn svmirror_core::Mirror>, svmirror_core::MirrorError> {
+            // SAFETY: the scenarios touch their buffers through raw pointers only.
+            let m = unsafe {
+                VfioMapper::new(
+                    env.mm.notifier(),
+                    env.mm.clone(),
+                    env.container.clone(),
+                    range,
+                    MapperConfig::default(),
+                )
+            }?;
+            Ok(Box::new(m))
+        };
+    let results = svmirror_mm::scenarios::run_all(&env.mm, &open);
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{name}: {e}")))
+        .collect();
+    println!(
+        "backend scenarios on VFIO: {} of {} passed",
+        results.len() - failed.len(),
+        results.len()
+    );
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("; "))
+    }
+}
+
 /// The type1 module parameter that sets each new container's `dma_avail`.
 const DMA_ENTRY_LIMIT: &str = "/sys/module/vfio_iommu_type1/parameters/dma_entry_limit";
 /// The budget the scenarios run with, so that exhausting it takes a few dozen mappings.
@@ -696,6 +730,7 @@ fn main() {
         ),
         ("budget_refused_cleanly", budget_refused_cleanly),
         ("bad_input", bad_input),
+        ("backend_contract", backend_contract),
         ("teardown_leaves_nothing", teardown_leaves_nothing),
         ("benchmarks", benchmarks),
     ];
