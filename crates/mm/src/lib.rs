@@ -90,6 +90,7 @@ use crate::pagemap::Pagemap;
 pub use crate::process::{DevicePages, MmFeatures, MmStats, ProcessMm, Unregistrable};
 pub use crate::svm::{Advice, Protection};
 pub use crate::uffd::{UffdAccess, feature as uffd_feature};
+pub use crate::zap::{ZAP_SUSPECT_WAIT, ZAP_WAIT};
 
 /// Which kernel interfaces a [`ProcessPageSource`] uses. As an argument to
 /// [`ProcessPageSource::restricted`], which ones it may use.

@@ -36,7 +36,7 @@ use crate::error::MmError;
 use crate::fill::Caller;
 use crate::process::Shared;
 use crate::uffd::{self, UffdMsg};
-use crate::zap::{LAZY_AT_READ, PendingZap};
+use crate::zap::{LAZY_AT_READ, PendingZap, SUSPECT_POLL};
 
 /// How often the handler looks at pending zaps while no message arrives.
 const ZAP_POLL: Duration = Duration::from_micros(100);
@@ -651,8 +651,17 @@ fn handle_messages(shared: &Shared, bufs: &Buffers, draining: &mut bool) {
     // REMOVE invalidations held open until their zap is seen (`zap.rs`); ended on drop, so a
     // panic or a return ends them too.
     let mut zaps: Vec<PendingZap<'_>> = Vec::new();
+    // When the suspect pages (`zap.rs`) were last looked at.
+    let mut suspects_checked = std::time::Instant::now();
+    let mut check_suspects = |force: bool| {
+        if shared.suspects.any() && (force || suspects_checked.elapsed() >= SUSPECT_POLL) {
+            suspects_checked = std::time::Instant::now();
+            shared.check_suspects();
+        }
+    };
     loop {
         zaps.retain_mut(|z| !shared.zap_done(z));
+        check_suspects(false);
         let (m, end, snap) = {
             let mut st = queue.lock();
             loop {
@@ -672,17 +681,23 @@ fn handle_messages(shared: &Shared, bufs: &Buffers, draining: &mut bool) {
                 if st.closed {
                     return;
                 }
-                if zaps.is_empty() {
+                if zaps.is_empty() && !shared.suspects.any() {
                     st = queue.ready.wait(st).unwrap_or_else(PoisonError::into_inner);
                 } else {
-                    // Look at the pending zaps again soon.
+                    // Look at the pending zaps (and suspect pages) again soon.
+                    let poll = if zaps.is_empty() {
+                        SUSPECT_POLL
+                    } else {
+                        ZAP_POLL
+                    };
                     st = queue
                         .ready
-                        .wait_timeout(st, ZAP_POLL)
+                        .wait_timeout(st, poll)
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
                     drop(st);
                     zaps.retain_mut(|z| !shared.zap_done(z));
+                    check_suspects(zaps.is_empty());
                     st = queue.lock();
                 }
             }

@@ -117,6 +117,13 @@ pub struct MmStats {
     /// Of those, how many were ended by the time limit rather than by seeing the zap done (a
     /// page made present again after its zap, or, without `CAP_SYS_ADMIN`, a MADV_FREE).
     pub zap_timeouts: u64,
+    /// Pages those holds left unexplained: device faults on them wait until each is seen
+    /// zapped (or marked lazy-free), for [`ZAP_SUSPECT_WAIT`](crate::ZAP_SUSPECT_WAIT) more.
+    pub zap_suspects: u64,
+    /// Of those, how many that second limit ended too: the only pages a device may still map
+    /// while a madvise that was read is yet to drop them (its caller kept off the CPU for
+    /// longer than both limits, or a MADV_FREE that could not mark them).
+    pub zap_suspects_expired: u64,
     /// Pages brought back from device memory because the CPU touched them (a missing fault).
     pub migrated_back_cpu: u64,
     /// Pages brought back for a device fault: another device's (or a mirror's that does not
@@ -181,6 +188,8 @@ pub(crate) struct Counters {
     pub(crate) fill_eagain: AtomicU64,
     pub(crate) zap_waits: AtomicU64,
     pub(crate) zap_timeouts: AtomicU64,
+    pub(crate) zap_suspects: AtomicU64,
+    pub(crate) zap_suspects_expired: AtomicU64,
     pub(crate) back_cpu: AtomicU64,
     pub(crate) back_device: AtomicU64,
     pub(crate) back_requested: AtomicU64,
@@ -348,6 +357,9 @@ pub(crate) struct Shared {
     /// of a huge page must lift that first (`before_pin`). Never cleared (a stale `true`
     /// costs one harmless ioctl per huge page pinned).
     pub(crate) tracking: AtomicBool,
+    /// Pages of REMOVE holds that the time limit ended while they were still unexplained
+    /// (`zap.rs`): device faults on them wait until they are, for a while longer.
+    pub(crate) suspects: crate::zap::Suspects,
 }
 
 impl Shared {
@@ -900,6 +912,7 @@ impl ProcessMm {
             progress_cv: Condvar::new(),
             read_gen: AtomicU64::new(0),
             returned: Condvar::new(),
+            suspects: crate::zap::Suspects::default(),
             unregistrable: AtomicU8::new(0),
             wp: AtomicBool::new(wp),
             tracking: AtomicBool::new(false),
@@ -964,6 +977,8 @@ impl ProcessMm {
             fill_eagain: l(&c.fill_eagain),
             zap_waits: l(&c.zap_waits),
             zap_timeouts: l(&c.zap_timeouts),
+            zap_suspects: l(&c.zap_suspects),
+            zap_suspects_expired: l(&c.zap_suspects_expired),
             migrated_back_cpu: l(&c.back_cpu),
             migrated_back_device: l(&c.back_device),
             migrated_back_requested: l(&c.back_requested),
@@ -1155,8 +1170,10 @@ impl PageSource for ProcessMm {
 
     fn snapshot(&self, addr: u64, out: &mut [CpuPte]) -> Result<(), Error> {
         self.shared.check_alive()?;
+        let end = addr.saturating_add((out.len() as u64) << PAGE_SHIFT);
+        // A page a plain madvise may still drop is not reported until it has (`zap.rs`).
+        self.shared.suspects.wait(addr, end);
         self.shared.source.snapshot(addr, out)?;
-        let end = addr + ((out.len() as u64) << PAGE_SHIFT);
         let mut huge = Vec::new();
         for (i, pte) in out.iter().enumerate() {
             if let CpuPte::Present { order, .. } = pte {

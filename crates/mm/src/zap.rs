@@ -29,6 +29,8 @@
 //!   page is never discarded), and to a madvise whose caller was held off the CPU for longer
 //!   than `ZAP_WAIT` between the read and the zap: the one case the window stays open.
 
+use std::collections::BTreeMap;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use svmirror_core::{Error, Event, Invalidation, NotifierRange, Range};
@@ -75,11 +77,68 @@ pub(crate) fn each_lazy(
 
 /// How long a REMOVE invalidation waits for its zap to be seen, at most, after it last saw a
 /// page of it zapped.
-pub(crate) const ZAP_WAIT: Duration = Duration::from_millis(20);
+pub const ZAP_WAIT: Duration = Duration::from_millis(20);
+
+/// How long device faults on a page a hold left unexplained wait for it, at most, after the
+/// hold's own limit ended it (see [`Suspects`]).
+pub const ZAP_SUSPECT_WAIT: Duration = Duration::from_millis(50);
+
+/// How often the monitor's handler looks at the suspect pages again.
+pub(crate) const SUSPECT_POLL: Duration = Duration::from_millis(1);
+
+/// Pages a REMOVE hold left unexplained when its time limit ended it: present, with the
+/// frame they had when the event was read, not marked lazy-free (or lazy-free already then).
+///
+/// The event does not say whether it was a DONTNEED (whose zap is sure to come, however late
+/// its caller runs) or a MADV_FREE that marks nothing (pages lazy-free already, a large folio
+/// it could not split), so the hold cannot wait long: every device fault in the subscription
+/// waits while it is open. Instead the hold ends, and only faults that would report one of
+/// these pages wait ([`ProcessMm`](crate::ProcessMm)'s `snapshot` calls [`Suspects::wait`]),
+/// until the handler sees the page zapped, replaced or marked lazy-free, or for
+/// [`ZAP_SUSPECT_WAIT`] more. Faults elsewhere go on.
+#[derive(Default)]
+pub(crate) struct Suspects {
+    /// page → (frame recorded at the read, possibly with [`LAZY_AT_READ`]; deadline).
+    pages: Mutex<BTreeMap<u64, (u64, Instant)>>,
+    cleared: Condvar,
+}
+
+impl Suspects {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, (u64, Instant)>> {
+        self.pages.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether any page is suspect.
+    pub(crate) fn any(&self) -> bool {
+        !self.lock().is_empty()
+    }
+
+    /// Waits until no page of `[start, end)` is suspect (or every suspect there has expired).
+    /// Called by device faults, with no lock held.
+    pub(crate) fn wait(&self, start: u64, end: u64) {
+        let mut pages = self.lock();
+        loop {
+            let now = Instant::now();
+            let Some(until) = pages
+                .range(start..end)
+                .map(|(_, &(_, d))| d)
+                .filter(|&d| d > now)
+                .max()
+            else {
+                return;
+            };
+            pages = self
+                .cleared
+                .wait_timeout(pages, until - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
 
 /// While pages stay unexplained, the per-CPU LRU batches are drained this often (see
 /// [`drain_lru_batches`]), so a MADV_FREE's lazy-free mark becomes visible.
-const DRAIN_AFTER: Duration = Duration::from_micros(300);
+const DRAIN_AFTER: Duration = Duration::from_millis(1);
 
 /// A REMOVE whose invalidation is open until its zap is seen done.
 pub(crate) struct PendingZap<'a> {
@@ -91,44 +150,85 @@ pub(crate) struct PendingZap<'a> {
     drained: Instant,
 }
 
-/// Drains every CPU's LRU folio batches (mm/mlock.c: `mlock` begins with
-/// `lru_add_drain_all`), by locking and unlocking one private page of our own. MADV_FREE marks
-/// a folio lazy-free through such a batch (mm/swap.c `folio_mark_lazyfree`), and its
-/// `KPF_SWAPBACKED` is cleared only when the batch drains.
+/// Drains every CPU's LRU folio batches. MADV_FREE marks a folio lazy-free through the
+/// calling CPU's `lru_lazyfree` batch (mm/swap.c `folio_mark_lazyfree`), and its
+/// `KPF_SWAPBACKED` is cleared only when that batch drains, which no system call does for
+/// another CPU (`lru_add_drain_all` is not reachable cheaply: `mlock` no longer calls it). A
+/// batch drains when its own CPU runs `lru_add_drain()`, which `munmap` does (mm/vma.c
+/// `unmap_region`): so the handler visits each CPU it may run on and unmaps a page of its own
+/// there, then goes back to where it was allowed to run. The page is `PROT_NONE`, so it never
+/// merges into a neighbour that could be registered with the userfaultfd.
+///
+/// A CPU that a real-time task keeps busy delays the visit (the handler runs there only when
+/// that task lets it); nothing else waits for it but the hold it serves.
 fn drain_lru_batches() {
     thread_local! {
-        // Populated now, and kept from merging into a neighbouring mapping (MADV_DONTFORK, a
-        // flag its neighbours lack): merged, a device fault next door would register it, and
-        // the handler's mlock could then fault into the monitor, that is into itself.
-        static PAGE: usize = {
-            // SAFETY: a fresh private anonymous page, ours for the life of the thread.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    4096,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                    -1,
-                    0,
-                )
+        static CPUS: Vec<usize> = {
+            // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: writes the calling thread's mask into the local set, of the size given.
+            let rc = unsafe {
+                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set)
             };
-            // SAFETY: a VMA flag on our own fresh page; no contents change.
-            if p == libc::MAP_FAILED || unsafe { libc::madvise(p, 4096, libc::MADV_DONTFORK) } != 0
-            {
-                0
+            if rc != 0 {
+                Vec::new()
             } else {
-                p as usize
+                // SAFETY: CPU_ISSET reads one bit of the local set, below its size.
+                (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
             }
         };
     }
-    PAGE.with(|&p| {
-        if p != 0 {
-            // SAFETY: mlock/munlock of our own page change no contents.
-            unsafe { libc::mlock(p as *const libc::c_void, 4096) };
+    CPUS.with(|cpus| {
+        if cpus.len() < 2 {
+            // One CPU (or the mask unknown): the caller's batch is ours, drained by one unmap.
+            unmap_one_page();
+            return;
+        }
+        // SAFETY: as above.
+        let mut orig: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let saved = unsafe {
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut orig)
+        } == 0;
+        for &cpu in cpus {
             // SAFETY: as above.
-            unsafe { libc::munlock(p as *const libc::c_void, 4096) };
+            let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: sets one bit below the set's size.
+            unsafe { libc::CPU_SET(cpu, &mut one) };
+            // SAFETY: moves the calling thread onto `cpu`, from a local set of the size given.
+            if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one) }
+                == 0
+            {
+                unmap_one_page();
+            }
+        }
+        if saved {
+            // SAFETY: restores the calling thread's own mask, read above.
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &orig) };
         }
     });
+}
+
+/// Maps, populates and unmaps one page: freeing the page drains this CPU's LRU batches
+/// (mm/swap_state.c `free_pages_and_swap_cache` begins with `lru_add_drain`). A new mapping
+/// never merges into a registered one (a VMA's userfaultfd context must match to merge), and
+/// it is gone before anyone could register it.
+fn unmap_one_page() {
+    // SAFETY: a fresh private mapping of our own, replacing nothing.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+            -1,
+            0,
+        )
+    };
+    if p != libc::MAP_FAILED {
+        // SAFETY: unmaps exactly the page mapped above, which nothing refers to.
+        unsafe { libc::munmap(p, 4096) };
+    }
 }
 
 impl Shared {
@@ -253,10 +353,86 @@ impl Shared {
             bump(&self.counters.zap_timeouts);
             tracing::debug!(
                 pages = z.pages.len(),
-                "REMOVE zap not seen in time; invalidation ended"
+                "REMOVE zap not seen in time; invalidation ended, pages suspect"
             );
+            // Recorded before the invalidation ends (the caller drops `z`), so no fault can
+            // report one of them in between.
+            let until = now + ZAP_SUSPECT_WAIT;
+            let mut suspects = self.suspects.lock();
+            for &(addr, frame) in &z.pages {
+                suspects.insert(addr, (frame, until));
+            }
+            self.counters
+                .zap_suspects
+                .fetch_add(z.pages.len() as u64, std::sync::atomic::Ordering::Relaxed);
             return true;
         }
         false
+    }
+
+    /// On the handler, every [`SUSPECT_POLL`] while any page is suspect: drops the suspects
+    /// seen explained (gone, replaced, marked lazy-free: as [`Shared::zap_done`] decides) or
+    /// expired, and wakes the faults waiting for them.
+    pub(crate) fn check_suspects(&self) {
+        let pages: Vec<(u64, u64, Instant)> = self
+            .suspects
+            .lock()
+            .iter()
+            .map(|(&a, &(f, d))| (a, f, d))
+            .collect();
+        let (Some(&(first, ..)), Some(&(last, ..))) = (pages.first(), pages.last()) else {
+            return;
+        };
+        let frames = self.source.frames_visible();
+        let flags = self.page_flags.as_ref();
+        if flags.is_some() {
+            // A MADV_FREE's marks show only once its CPU's batch drains.
+            drain_lru_batches();
+        }
+        let mut now_present = std::collections::HashMap::new();
+        let span = Range::new(first, last + svmirror_core::PAGE_SIZE);
+        let read = span.map_err(|_| ()).and_then(|span| {
+            self.source
+                .each_present(span, |a, f| {
+                    if let Ok(i) = pages.binary_search_by_key(&a, |p| p.0) {
+                        now_present.insert(pages[i].0, f);
+                    }
+                })
+                .map_err(|_| ())
+        });
+        let now = Instant::now();
+        let mut done = Vec::new();
+        let mut expired = 0u64;
+        for &(addr, old, deadline) in &pages {
+            let explained = read.is_err()
+                || match now_present.get(&addr) {
+                    None => true,
+                    Some(_) if !frames => false,
+                    Some(&pfn) if pfn != old & !LAZY_AT_READ => true,
+                    Some(_) if old & LAZY_AT_READ != 0 => false,
+                    Some(&pfn) => flags.and_then(|f| f.flags(pfn).ok()).is_some_and(lazy_free),
+                };
+            if explained {
+                done.push(addr);
+            } else if now >= deadline {
+                expired += 1;
+                done.push(addr);
+            }
+        }
+        if done.is_empty() {
+            return;
+        }
+        let mut suspects = self.suspects.lock();
+        for a in done {
+            suspects.remove(&a);
+        }
+        drop(suspects);
+        if expired > 0 {
+            self.counters
+                .zap_suspects_expired
+                .fetch_add(expired, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(pages = expired, "suspect pages expired unexplained");
+        }
+        self.suspects.cleared.notify_all();
     }
 }
