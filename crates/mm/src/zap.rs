@@ -22,12 +22,21 @@
 //! - the event does not say which advice it was, nor which thread made the call, so a page
 //!   neither dropped nor marked stays unexplained: after [`ZAP_WAIT`] without progress (a large
 //!   zap that is still going resets the clock with every page it drops) the invalidation ends
-//!   anyway (`MmStats::zap_timeouts`). That happens to a page touched again right after its zap
-//!   when frame numbers are hidden, or that got the dropped frame back (it is new: nothing
-//!   stale), to every MADV_FREE without `CAP_SYS_ADMIN` and to a large folio MADV_FREE could
-//!   not split (coherent anyway: a page that stays is the CPU's page, and a pinned lazy-free
-//!   page is never discarded), and to a madvise whose caller was held off the CPU for longer
-//!   than `ZAP_WAIT` between the read and the zap: the one case the window stays open.
+//!   anyway (`MmStats::zap_timeouts`), and the pages still unexplained become **suspect**
+//!   ([`Suspects`]): device faults that would report one of them wait until the handler sees it
+//!   explained, for [`ZAP_SUSPECT_WAIT`] more; faults elsewhere go on. That happens to a
+//!   MADV_FREE that marks nothing: a page not on the LRU yet (just faulted in: mm/swap.c
+//!   `folio_mark_lazyfree` skips a folio still in a CPU's add batch), a page lazy-free
+//!   already, a large folio it could not split, every MADV_FREE without `CAP_SYS_ADMIN`
+//!   (coherent anyway: a page that stays is the CPU's page, and a pinned lazy-free page is
+//!   never discarded); to a page touched again right after its zap when frame numbers are
+//!   hidden, or that got the dropped frame back (it is new: nothing stale); and to a madvise
+//!   whose caller was held off the CPU between the read and the zap. The window stays open
+//!   only for that last one, when the caller is held off for longer than both limits
+//!   together (`MmStats::zap_suspects_expired` counts the pages a fault may then have mapped).
+//! - a MADV_FREE's marks show only once the batch they went through drains on the CPU that
+//!   made the call, which no system call does for another CPU: the handler visits each CPU it
+//!   may run on and frees a page of its own there ([`drain_lru_batches`]) while pages wait.
 
 use std::collections::BTreeMap;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
