@@ -58,8 +58,9 @@ impl MirrorError {
     }
 }
 
-/// A device's mirror of a range of the process's address space. See the
-/// [module documentation](self).
+/// A device's mirror of a range of the process's address space: one range, subscribed under
+/// one owner, mapped through the core's fault loop and torn down through its invalidation
+/// skeleton; device work stays on the backend's own type.
 pub trait Mirror: Send + Sync {
     /// The backend's name ("iommu", "vulkan", "vfio").
     fn backend(&self) -> &'static str;

@@ -89,7 +89,8 @@ pub(crate) fn each_lazy(
 pub const ZAP_WAIT: Duration = Duration::from_millis(20);
 
 /// How long device faults on a page a hold left unexplained wait for it, at most, after the
-/// hold's own limit ended it (see [`Suspects`]).
+/// hold's own limit ended it: faults that would report such a page wait until the monitor sees
+/// it zapped, replaced or marked lazy-free, for this long at most.
 pub const ZAP_SUSPECT_WAIT: Duration = Duration::from_millis(50);
 
 /// How often the monitor's handler looks at the suspect pages again.
