@@ -651,12 +651,18 @@ fn handle_messages(shared: &Shared, bufs: &Buffers, draining: &mut bool) {
     // REMOVE invalidations held open until their zap is seen (`zap.rs`); ended on drop, so a
     // panic or a return ends them too.
     let mut zaps: Vec<PendingZap<'_>> = Vec::new();
-    // When the suspect pages (`zap.rs`) were last looked at.
-    let mut suspects_checked = std::time::Instant::now();
-    let mut check_suspects = |force: bool| {
-        if shared.suspects.any() && (force || suspects_checked.elapsed() >= SUSPECT_POLL) {
-            suspects_checked = std::time::Instant::now();
+    // When the suspect pages (`zap.rs`) may be looked at again: every SUSPECT_POLL, but never
+    // more than a fifth of the handler's time, so a large suspect set cannot starve the
+    // events (each of which a thread may be waiting on).
+    let mut suspects_next = std::time::Instant::now();
+    let mut check_suspects = |idle: bool| {
+        let now = std::time::Instant::now();
+        if shared.suspects.any()
+            && (now >= suspects_next || (idle && now + SUSPECT_POLL >= suspects_next))
+        {
             shared.check_suspects();
+            let took = now.elapsed();
+            suspects_next = std::time::Instant::now() + SUSPECT_POLL.max(took * 4);
         }
     };
     loop {

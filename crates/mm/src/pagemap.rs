@@ -721,13 +721,6 @@ impl PageFlags {
         File::open("/proc/kpageflags").ok().map(PageFlags)
     }
 
-    /// The flags of frame `pfn`.
-    pub(crate) fn flags(&self, pfn: u64) -> io::Result<u64> {
-        let mut b = [0u8; ENTRY];
-        self.0.read_exact_at(&mut b, pfn * ENTRY as u64)?;
-        Ok(u64::from_ne_bytes(b))
-    }
-
     /// The flags of frames `pfn .. pfn + out.len()` into `out`, in one read. No allocation.
     pub(crate) fn flags_run(&self, pfn: u64, out: &mut [u64]) -> io::Result<()> {
         // SAFETY: `out` is a live, exclusively borrowed slice of u64; viewing its bytes as u8

@@ -111,6 +111,8 @@ pub(crate) struct Suspects {
     /// page → (frame recorded at the read, possibly with [`LAZY_AT_READ`]; deadline).
     pages: Mutex<BTreeMap<u64, (u64, Instant)>>,
     cleared: Condvar,
+    /// When the handler last drained the LRU batches for them.
+    drained: Mutex<Option<Instant>>,
 }
 
 impl Suspects {
@@ -121,6 +123,17 @@ impl Suspects {
     /// Whether any page is suspect.
     pub(crate) fn any(&self) -> bool {
         !self.lock().is_empty()
+    }
+
+    /// Whether the LRU batches are due to be drained again (for the holds and the suspects
+    /// together: at most every [`DRAIN_AFTER`]).
+    fn drain_due(&self) -> bool {
+        let mut last = self.drained.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.is_some_and(|t| t.elapsed() < DRAIN_AFTER) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 
     /// Waits until no page of `[start, end)` is suspect (or every suspect there has expired).
@@ -156,8 +169,6 @@ pub(crate) struct PendingZap<'a> {
     /// Pages present when the event was handled, not yet seen zapped: (address, frame).
     pages: Vec<(u64, u64)>,
     deadline: Instant,
-    /// When the LRU batches were last drained for this wait (or it started).
-    drained: Instant,
 }
 
 /// Drains every CPU's LRU folio batches. MADV_FREE marks a folio lazy-free through the
@@ -169,16 +180,47 @@ pub(crate) struct PendingZap<'a> {
 /// there, then goes back to where it was allowed to run. The page is `PROT_NONE`, so it never
 /// merges into a neighbour that could be registered with the userfaultfd.
 ///
-/// A CPU that a real-time task keeps busy delays the visit (the handler runs there only when
-/// that task lets it); nothing else waits for it but the hold it serves.
+/// The visits are made by a thread of their own ("svmirror-drain", one per process, started on
+/// first use), which the handler only asks: a CPU that a real-time task keeps busy delays the
+/// visit (the drainer runs there only when that task lets it), and must not delay the events.
 fn drain_lru_batches() {
+    static DRAIN: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
+    static START: std::sync::Once = std::sync::Once::new();
+    START.call_once(|| {
+        let started = std::thread::Builder::new()
+            .name("svmirror-drain".into())
+            .spawn(|| {
+                loop {
+                    let mut asked = DRAIN.0.lock().unwrap_or_else(PoisonError::into_inner);
+                    while !*asked {
+                        asked = DRAIN.1.wait(asked).unwrap_or_else(PoisonError::into_inner);
+                    }
+                    *asked = false;
+                    drop(asked);
+                    visit_cpus_and_drain();
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!(%e, "no LRU drain thread: MADV_FREE marks show later");
+        }
+    });
+    *DRAIN.0.lock().unwrap_or_else(PoisonError::into_inner) = true;
+    DRAIN.1.notify_one();
+}
+
+/// On the drain thread: visits every CPU it may run on and drains its LRU batches there.
+fn visit_cpus_and_drain() {
     thread_local! {
         static CPUS: Vec<usize> = {
             // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
             let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-            // SAFETY: writes the calling thread's mask into the local set, of the size given.
+            // The process's main thread's mask, not this thread's: the thread that started the
+            // drainer may have been pinned, and the caller of a madvise may run anywhere.
+            // SAFETY: getpid takes no arguments.
+            let pid = unsafe { libc::getpid() };
+            // SAFETY: writes the main thread's mask into the local set, of the size given.
             let rc = unsafe {
-                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set)
+                libc::sched_getaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &mut set)
             };
             if rc != 0 {
                 Vec::new()
@@ -284,7 +326,6 @@ impl Shared {
             _inv: inv,
             pages,
             deadline: now + ZAP_WAIT,
-            drained: now,
         };
         Ok((!self.zap_done(&mut z)).then_some(z))
     }
@@ -308,48 +349,19 @@ impl Shared {
     /// Whether every page of `z` has been seen zapped (or the time is up: counted). Drops the
     /// pages seen done from `z`.
     pub(crate) fn zap_done(&self, z: &mut PendingZap<'_>) -> bool {
-        let frames = self.source.frames_visible();
-        let flags = self.page_flags.as_ref();
         // Drained again every DRAIN_AFTER while pages are unexplained: the caller may mark its
         // pages lazy-free only after an earlier drain (it runs when it is scheduled).
-        if flags.is_some() && z.drained.elapsed() >= DRAIN_AFTER {
-            z.drained = Instant::now();
+        if self.page_flags.is_some() && self.suspects.drain_due() {
             drain_lru_batches();
         }
         let before = z.pages.len();
-        let (Some(&(first, _)), Some(&(last, _))) = (z.pages.first(), z.pages.last()) else {
+        let Some(done) = self.explained(z.pages.iter().copied()) else {
             return true;
         };
-        // What is present now over the pages' span, read in a few large pagemap reads; the
-        // pages are in address order, as `each_present` reports them.
-        let mut now_present = Vec::with_capacity(z.pages.len());
-        let span = Range::new(first, last + svmirror_core::PAGE_SIZE);
-        let read = span.map_err(|_| ()).and_then(|span| {
-            self.source
-                .each_present(span, |a, f| now_present.push((a, f)))
-                .map_err(|_| ())
-        });
-        if read.is_err() {
-            return true;
-        }
-        let mut cursor = now_present.iter().peekable();
-        z.pages.retain(|&(addr, old)| {
-            while cursor.next_if(|&&(a, _)| a < addr).is_some() {}
-            let Some(&(_, pfn)) = cursor.next_if(|&&(a, _)| a == addr) else {
-                return false; // zapped
-            };
-            if !frames {
-                return true;
-            }
-            if pfn != old & !LAZY_AT_READ {
-                return false; // zapped and touched again
-            }
-            if old & LAZY_AT_READ != 0 {
-                // Lazy-free before this REMOVE: only its going away says the zap is done.
-                return true;
-            }
-            // MADV_FREE: the frame stays, marked lazy-free.
-            !flags.and_then(|f| f.flags(pfn).ok()).is_some_and(lazy_free)
+        let mut i = 0;
+        z.pages.retain(|_| {
+            i += 1;
+            !done[i - 1]
         });
         if z.pages.is_empty() {
             return true;
@@ -380,6 +392,59 @@ impl Shared {
         false
     }
 
+    /// For each recorded `(address, frame)` (in address order), whether its zap is seen done:
+    /// the page is gone, has another frame, or (frames visible, not lazy-free already at the
+    /// read) is marked lazy-free now. `None` if the page tables cannot be read (the caller
+    /// stops waiting). Reads pagemap once per run of consecutive pages and kpageflags once per
+    /// run of consecutive frames, so a huge page costs two reads, not 512.
+    fn explained(&self, pages: impl Iterator<Item = (u64, u64)>) -> Option<Vec<bool>> {
+        let pages: Vec<(u64, u64)> = pages.collect();
+        let frames = self.source.frames_visible();
+        // Present frame of each page now (0: not present).
+        let mut now = vec![0u64; pages.len()];
+        let mut present = vec![false; pages.len()];
+        let mut k = 0;
+        while k < pages.len() {
+            let start = pages[k].0;
+            let mut n = 1;
+            while k + n < pages.len()
+                && pages[k + n].0 == start + n as u64 * svmirror_core::PAGE_SIZE
+            {
+                n += 1;
+            }
+            let run = Range::with_len(start, n as u64 * svmirror_core::PAGE_SIZE).ok()?;
+            self.source
+                .each_present(run, |a, f| {
+                    let i = k + ((a - start) / svmirror_core::PAGE_SIZE) as usize;
+                    now[i] = f;
+                    present[i] = true;
+                })
+                .ok()?;
+            k += n;
+        }
+        let mut done: Vec<bool> = pages
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, old))| !present[i] || (frames && now[i] != old & !LAZY_AT_READ))
+            .collect();
+        // MADV_FREE: the frame stays, marked lazy-free (not for a page lazy-free already at
+        // the read: only its going away says this REMOVE's zap is done).
+        if let (true, Some(flags)) = (frames, self.page_flags.as_ref()) {
+            let candidates: Vec<usize> = (0..pages.len())
+                .filter(|&i| !done[i] && pages[i].1 & LAZY_AT_READ == 0)
+                .collect();
+            each_lazy(
+                flags,
+                candidates.len(),
+                |c| now[candidates[c]],
+                |c| {
+                    done[candidates[c]] = true;
+                },
+            );
+        }
+        Some(done)
+    }
+
     /// On the handler, every [`SUSPECT_POLL`] while any page is suspect: drops the suspects
     /// seen explained (gone, replaced, marked lazy-free: as [`Shared::zap_done`] decides) or
     /// expired, and wakes the faults waiting for them.
@@ -390,39 +455,19 @@ impl Shared {
             .iter()
             .map(|(&a, &(f, d))| (a, f, d))
             .collect();
-        let (Some(&(first, ..)), Some(&(last, ..))) = (pages.first(), pages.last()) else {
+        if pages.is_empty() {
             return;
-        };
-        let frames = self.source.frames_visible();
-        let flags = self.page_flags.as_ref();
-        if flags.is_some() {
+        }
+        if self.page_flags.is_some() && self.suspects.drain_due() {
             // A MADV_FREE's marks show only once its CPU's batch drains.
             drain_lru_batches();
         }
-        let mut now_present = std::collections::HashMap::new();
-        let span = Range::new(first, last + svmirror_core::PAGE_SIZE);
-        let read = span.map_err(|_| ()).and_then(|span| {
-            self.source
-                .each_present(span, |a, f| {
-                    if let Ok(i) = pages.binary_search_by_key(&a, |p| p.0) {
-                        now_present.insert(pages[i].0, f);
-                    }
-                })
-                .map_err(|_| ())
-        });
+        let explained = self.explained(pages.iter().map(|&(a, f, _)| (a, f)));
         let now = Instant::now();
         let mut done = Vec::new();
         let mut expired = 0u64;
-        for &(addr, old, deadline) in &pages {
-            let explained = read.is_err()
-                || match now_present.get(&addr) {
-                    None => true,
-                    Some(_) if !frames => false,
-                    Some(&pfn) if pfn != old & !LAZY_AT_READ => true,
-                    Some(_) if old & LAZY_AT_READ != 0 => false,
-                    Some(&pfn) => flags.and_then(|f| f.flags(pfn).ok()).is_some_and(lazy_free),
-                };
-            if explained {
+        for (k, &(addr, _, deadline)) in pages.iter().enumerate() {
+            if explained.as_ref().is_none_or(|e| e[k]) {
                 done.push(addr);
             } else if now >= deadline {
                 expired += 1;
