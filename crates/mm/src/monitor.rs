@@ -651,23 +651,25 @@ fn handle_messages(shared: &Shared, bufs: &Buffers, draining: &mut bool) {
     // REMOVE invalidations held open until their zap is seen (`zap.rs`); ended on drop, so a
     // panic or a return ends them too.
     let mut zaps: Vec<PendingZap<'_>> = Vec::new();
-    // When the suspect pages (`zap.rs`) may be looked at again: every SUSPECT_POLL, but never
-    // more than a fifth of the handler's time, so a large suspect set cannot starve the
-    // events (each of which a thread may be waiting on).
+    // The pending zaps are looked at every ZAP_POLL, the suspect pages (`zap.rs`) every
+    // SUSPECT_POLL but never for more than a fifth of the handler's time: a burst of events
+    // must not pay for a check each, and a large suspect set must not starve the events
+    // (each of which a thread may be waiting on).
+    let mut zaps_next = std::time::Instant::now();
     let mut suspects_next = std::time::Instant::now();
-    let mut check_suspects = |idle: bool| {
+    let mut check = |zaps: &mut Vec<PendingZap<'_>>| {
         let now = std::time::Instant::now();
-        if shared.suspects.any()
-            && (now >= suspects_next || (idle && now + SUSPECT_POLL >= suspects_next))
-        {
+        if !zaps.is_empty() && now >= zaps_next {
+            zaps.retain_mut(|z| !shared.zap_done(z));
+            zaps_next = now + ZAP_POLL;
+        }
+        if now >= suspects_next && shared.suspects.any() {
             shared.check_suspects();
-            let took = now.elapsed();
-            suspects_next = std::time::Instant::now() + SUSPECT_POLL.max(took * 4);
+            suspects_next = std::time::Instant::now() + SUSPECT_POLL.max(now.elapsed() * 4);
         }
     };
     loop {
-        zaps.retain_mut(|z| !shared.zap_done(z));
-        check_suspects(false);
+        check(&mut zaps);
         let (m, end, snap) = {
             let mut st = queue.lock();
             loop {
@@ -702,8 +704,7 @@ fn handle_messages(shared: &Shared, bufs: &Buffers, draining: &mut bool) {
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
                     drop(st);
-                    zaps.retain_mut(|z| !shared.zap_done(z));
-                    check_suspects(zaps.is_empty());
+                    check(&mut zaps);
                     st = queue.lock();
                 }
             }

@@ -111,8 +111,6 @@ pub(crate) struct Suspects {
     /// page → (frame recorded at the read, possibly with [`LAZY_AT_READ`]; deadline).
     pages: Mutex<BTreeMap<u64, (u64, Instant)>>,
     cleared: Condvar,
-    /// When the handler last drained the LRU batches for them.
-    drained: Mutex<Option<Instant>>,
 }
 
 impl Suspects {
@@ -123,17 +121,6 @@ impl Suspects {
     /// Whether any page is suspect.
     pub(crate) fn any(&self) -> bool {
         !self.lock().is_empty()
-    }
-
-    /// Whether the LRU batches are due to be drained again (for the holds and the suspects
-    /// together: at most every [`DRAIN_AFTER`]).
-    fn drain_due(&self) -> bool {
-        let mut last = self.drained.lock().unwrap_or_else(PoisonError::into_inner);
-        if last.is_some_and(|t| t.elapsed() < DRAIN_AFTER) {
-            return false;
-        }
-        *last = Some(Instant::now());
-        true
     }
 
     /// Waits until no page of `[start, end)` is suspect (or every suspect there has expired).
@@ -159,7 +146,7 @@ impl Suspects {
     }
 }
 
-/// While pages stay unexplained, the per-CPU LRU batches are drained this often (see
+/// While pages stay unexplained, the per-CPU LRU batches are drained at most this often (see
 /// [`drain_lru_batches`]), so a MADV_FREE's lazy-free mark becomes visible.
 const DRAIN_AFTER: Duration = Duration::from_millis(1);
 
@@ -171,14 +158,13 @@ pub(crate) struct PendingZap<'a> {
     deadline: Instant,
 }
 
-/// Drains every CPU's LRU folio batches. MADV_FREE marks a folio lazy-free through the
-/// calling CPU's `lru_lazyfree` batch (mm/swap.c `folio_mark_lazyfree`), and its
+/// Asks for every CPU's LRU folio batches to be drained, at most every [`DRAIN_AFTER`] (the
+/// holds and the suspects of every `ProcessMm` together). MADV_FREE marks a folio lazy-free
+/// through the calling CPU's `lru_lazyfree` batch (mm/swap.c `folio_mark_lazyfree`), and its
 /// `KPF_SWAPBACKED` is cleared only when that batch drains, which no system call does for
-/// another CPU (`lru_add_drain_all` is not reachable cheaply: `mlock` no longer calls it). A
-/// batch drains when its own CPU runs `lru_add_drain()`, which `munmap` does (mm/vma.c
-/// `unmap_region`): so the handler visits each CPU it may run on and unmaps a page of its own
-/// there, then goes back to where it was allowed to run. The page is `PROT_NONE`, so it never
-/// merges into a neighbour that could be registered with the userfaultfd.
+/// another CPU on 6.18 (`mlock` no longer calls `lru_add_drain_all`). A batch drains when its
+/// own CPU runs `lru_add_drain()`, which freeing a page does: so a thread visits each CPU and
+/// frees a page of its own there ([`visit_cpus_and_drain`]).
 ///
 /// The visits are made by a thread of their own ("svmirror-drain", one per process, started on
 /// first use), which the handler only asks: a CPU that a real-time task keeps busy delays the
@@ -186,6 +172,14 @@ pub(crate) struct PendingZap<'a> {
 fn drain_lru_batches() {
     static DRAIN: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
     static START: std::sync::Once = std::sync::Once::new();
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    {
+        let mut last = LAST.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.is_some_and(|t| t.elapsed() < DRAIN_AFTER) {
+            return;
+        }
+        *last = Some(Instant::now());
+    }
     START.call_once(|| {
         let started = std::thread::Builder::new()
             .name("svmirror-drain".into())
@@ -208,7 +202,8 @@ fn drain_lru_batches() {
     DRAIN.1.notify_one();
 }
 
-/// On the drain thread: visits every CPU it may run on and drains its LRU batches there.
+/// On the drain thread: visits every CPU the process may run on and drains its LRU batches
+/// there. The thread is ours alone, so it is left wherever the last visit put it.
 fn visit_cpus_and_drain() {
     thread_local! {
         static CPUS: Vec<usize> = {
@@ -236,12 +231,6 @@ fn visit_cpus_and_drain() {
             unmap_one_page();
             return;
         }
-        // SAFETY: as above.
-        let mut orig: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        let saved = unsafe {
-            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut orig)
-        } == 0;
         for &cpu in cpus {
             // SAFETY: as above.
             let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -253,10 +242,6 @@ fn visit_cpus_and_drain() {
             {
                 unmap_one_page();
             }
-        }
-        if saved {
-            // SAFETY: restores the calling thread's own mask, read above.
-            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &orig) };
         }
     });
 }
@@ -349,13 +334,13 @@ impl Shared {
     /// Whether every page of `z` has been seen zapped (or the time is up: counted). Drops the
     /// pages seen done from `z`.
     pub(crate) fn zap_done(&self, z: &mut PendingZap<'_>) -> bool {
-        // Drained again every DRAIN_AFTER while pages are unexplained: the caller may mark its
-        // pages lazy-free only after an earlier drain (it runs when it is scheduled).
-        if self.page_flags.is_some() && self.suspects.drain_due() {
+        // Drained again (at most every DRAIN_AFTER) while pages are unexplained: the caller may
+        // mark its pages lazy-free only after an earlier drain (it runs when it is scheduled).
+        if self.page_flags.is_some() {
             drain_lru_batches();
         }
         let before = z.pages.len();
-        let Some(done) = self.explained(z.pages.iter().copied()) else {
+        let Some(done) = self.explained(&z.pages) else {
             return true;
         };
         let mut i = 0;
@@ -397,8 +382,7 @@ impl Shared {
     /// read) is marked lazy-free now. `None` if the page tables cannot be read (the caller
     /// stops waiting). Reads pagemap once per run of consecutive pages and kpageflags once per
     /// run of consecutive frames, so a huge page costs two reads, not 512.
-    fn explained(&self, pages: impl Iterator<Item = (u64, u64)>) -> Option<Vec<bool>> {
-        let pages: Vec<(u64, u64)> = pages.collect();
+    fn explained(&self, pages: &[(u64, u64)]) -> Option<Vec<bool>> {
         let frames = self.source.frames_visible();
         // Present frame of each page now (0: not present).
         let mut now = vec![0u64; pages.len()];
@@ -449,24 +433,24 @@ impl Shared {
     /// seen explained (gone, replaced, marked lazy-free: as [`Shared::zap_done`] decides) or
     /// expired, and wakes the faults waiting for them.
     pub(crate) fn check_suspects(&self) {
-        let pages: Vec<(u64, u64, Instant)> = self
+        let (pages, deadlines): (Vec<(u64, u64)>, Vec<Instant>) = self
             .suspects
             .lock()
             .iter()
-            .map(|(&a, &(f, d))| (a, f, d))
-            .collect();
+            .map(|(&a, &(f, d))| ((a, f), d))
+            .unzip();
         if pages.is_empty() {
             return;
         }
-        if self.page_flags.is_some() && self.suspects.drain_due() {
+        if self.page_flags.is_some() {
             // A MADV_FREE's marks show only once its CPU's batch drains.
             drain_lru_batches();
         }
-        let explained = self.explained(pages.iter().map(|&(a, f, _)| (a, f)));
+        let explained = self.explained(&pages);
         let now = Instant::now();
         let mut done = Vec::new();
         let mut expired = 0u64;
-        for (k, &(addr, _, deadline)) in pages.iter().enumerate() {
+        for (k, (&(addr, _), &deadline)) in pages.iter().zip(&deadlines).enumerate() {
             if explained.as_ref().is_none_or(|e| e[k]) {
                 done.push(addr);
             } else if now >= deadline {
