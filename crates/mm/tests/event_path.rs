@@ -517,11 +517,7 @@ fn a_page_brought_back_while_an_event_is_queued_keeps_its_bytes() {
 /// (zap_waits, zap_timeouts). Nothing faults the pages before the REMOVE is handled: a page
 /// faulted in again right after the zap can reuse the dropped frame, which looks unchanged.
 fn zaps_settled(f: &Fixture) -> (u64, u64) {
-    let scratch =
-        f.mm.mmap_anonymous(PAGE, svmirror_mm::Protection::READ_WRITE)
-            .unwrap();
-    // SAFETY: a fresh mapping nothing refers to.
-    unsafe { f.mm.munmap(scratch) }.unwrap();
+    settle(&f.mm);
     f.refault_and_forget();
     let s = f.mm.stats();
     (s.zap_waits, s.zap_timeouts)
@@ -585,15 +581,8 @@ fn a_plain_madvise_holds_its_invalidation_until_the_zap_is_seen() {
             write_byte(f.buf.start() + i * PAGE, 9);
         }
         f.refault_and_forget();
-        // Onto the LRU: freeing a page drains this CPU's batches (mm/swap_state.c
-        // `free_pages_and_swap_cache`).
-        let scratch = sys_mmap(
-            0,
-            PAGE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_POPULATE,
-        );
-        assert_eq!(sys_munmap(scratch, PAGE), 0);
+        // Onto the LRU.
+        drain_this_cpu();
         let before = f.mm.stats().zap_timeouts;
         assert_eq!(sys_madvise(f.buf.start(), f.buf.len(), libc::MADV_FREE), 0);
         let (_, after) = zaps_settled(&f);
@@ -635,16 +624,7 @@ fn a_device_fault_during_a_plain_madvise_zap_never_keeps_the_dropped_page() {
         "frame numbers visible (run as root)"
     );
     let hint = 0x2a00_0000_0000;
-    let p = sys_mmap(
-        hint,
-        LEN,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_FIXED_NOREPLACE,
-    );
-    assert_eq!(p, hint);
-    let buf = Range::with_len(hint, LEN).unwrap();
-    assert_eq!(sys_madvise(hint, LEN, libc::MADV_NOHUGEPAGE), 0);
-    assert_eq!(sys_madvise(hint, LEN, libc::MADV_POPULATE_WRITE), 0);
+    let buf = populated_at(hint, LEN);
     let last = page(buf, buf.pages() - 1, 1);
     let mirror = Arc::new(TestMirror::new(Owner(0x8)));
     let sub = mm.notifier().insert(last, mirror.clone()).unwrap();
@@ -663,11 +643,7 @@ fn a_device_fault_during_a_plain_madvise_zap_never_keeps_the_dropped_page() {
     assert_eq!(t.join().unwrap(), 0);
     // Every event handled (an SVM API call waits for that): a fault that slipped in before
     // the REMOVE's invalidation started has been torn down by it since.
-    let scratch = mm
-        .mmap_anonymous(PAGE, svmirror_mm::Protection::READ_WRITE)
-        .unwrap();
-    // SAFETY: a fresh mapping nothing refers to.
-    unsafe { mm.munmap(scratch) }.unwrap();
+    settle(&mm);
     let got = mirror.entry(last.start()).map(svmirror_core::entry::pfn);
     assert_ne!(
         got,
@@ -760,16 +736,7 @@ fn dontneed_after_free_keeps_no_dropped_page(hint: u64, len: u64, held: Duration
     );
     pin_to(thread_named("svmirror-uffd-h"), 1);
     let reader = thread_named("svmirror-uffd");
-    let p = sys_mmap(
-        hint,
-        len,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_FIXED_NOREPLACE,
-    );
-    assert_eq!(p, hint);
-    let buf = Range::with_len(hint, len).unwrap();
-    assert_eq!(sys_madvise(hint, len, libc::MADV_NOHUGEPAGE), 0);
-    assert_eq!(sys_madvise(hint, len, libc::MADV_POPULATE_WRITE), 0);
+    let buf = populated_at(hint, len);
     let last = page(buf, buf.pages() - 1, 1);
     let mirror = Arc::new(TestMirror::new(Owner(0x9)));
     let sub = mm.notifier().insert(last, mirror.clone()).unwrap();
@@ -777,25 +744,12 @@ fn dontneed_after_free_keeps_no_dropped_page(hint: u64, len: u64, held: Duration
 
     // The earlier MADV_FREE, and everything it caused handled (an SVM API call waits for it).
     assert_eq!(sys_madvise(hint, len, libc::MADV_FREE), 0);
-    let settle = || {
-        let scratch = mm
-            .mmap_anonymous(PAGE, svmirror_mm::Protection::READ_WRITE)
-            .unwrap();
-        // SAFETY: a fresh mapping nothing refers to.
-        unsafe { mm.munmap(scratch) }.unwrap();
-    };
-    settle();
-    // The last page, on the device again, and lazy-free (its LRU batch drained: mlock starts
-    // with lru_add_drain_all, mm/mlock.c).
+    settle(&mm);
+    // The last page, on the device again, and lazy-free (the MADV_FREE was made on this CPU,
+    // whose batch this drains).
     mirror.fault(&sub, &mm, last, false).unwrap();
     let old = svmirror_core::entry::pfn(mirror.entry(last.start()).unwrap());
-    let drain = sys_mmap(0, PAGE, libc::PROT_READ | libc::PROT_WRITE, 0);
-    // SAFETY: locks a fresh private page of our own.
-    let rc = unsafe { libc::mlock(drain as *const libc::c_void, PAGE as usize) };
-    assert_eq!(rc, 0);
-    // SAFETY: unlocks it.
-    unsafe { libc::munlock(drain as *const libc::c_void, PAGE as usize) };
-    assert_eq!(sys_munmap(drain, PAGE), 0);
+    drain_this_cpu();
     assert!(is_lazy_free(old), "MADV_FREE left the last page lazy-free");
 
     let removes = mm.stats().remove_events;
@@ -848,7 +802,7 @@ fn dontneed_after_free_keeps_no_dropped_page(hint: u64, len: u64, held: Duration
         faulted.store(true, Ordering::Release);
         assert_eq!(caller.join().unwrap(), 0);
     });
-    settle();
+    settle(&mm);
     let got = mirror.entry(last.start()).map(svmirror_core::entry::pfn);
     assert_ne!(
         got,

@@ -6,11 +6,14 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use svmirror_core::testing::TestMirror;
 use svmirror_core::{Event, Owner, PAGE_SIZE, Range, entry};
 use svmirror_mm::ProcessMm;
+
+#[path = "support/fixture.rs"]
+mod fixture;
+use fixture::invalidations;
 
 const HUGE: u64 = 2 << 20;
 /// Pages of `PAGE_SIZE` in one huge page.
@@ -150,20 +153,6 @@ impl Drop for HugeMap {
                 let _ = self.unmap(i);
             }
         }
-    }
-}
-
-/// Waits until the mirror has seen `n` invalidations (events are handled on the monitor thread
-/// right after the syscall returns), then a little longer to catch a duplicate.
-fn invalidations(m: &TestMirror, n: usize) -> Vec<(Range, Event)> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = m.table.lock().invalidations.clone();
-        if got.len() >= n || Instant::now() > deadline {
-            std::thread::sleep(Duration::from_millis(20));
-            return m.table.lock().invalidations.clone();
-        }
-        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

@@ -13,14 +13,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use svmirror_core::testing::TestMirror;
-use svmirror_core::{Event, Owner, PAGE_SIZE, Range};
+use svmirror_core::{Event, Owner};
 use svmirror_mm::{ProcessMm, Protection, UffdAccess};
+
+#[path = "support/fixture.rs"]
+mod fixture;
+use fixture::{PAGE, invalidations, page, read_byte, sys_madvise, sys_munmap, write_byte};
 
 #[path = "support/vram.rs"]
 mod vram;
 use vram::FakeVram;
-
-const PAGE: u64 = PAGE_SIZE;
 
 /// uid and gid of `nobody`.
 const NOBODY: u32 = 65534;
@@ -173,44 +175,6 @@ impl Drop for TempCopy {
 }
 
 // ---- the child: runs as nobody ----
-
-fn page(r: Range, i: u64, n: u64) -> Range {
-    Range::with_len(r.start() + i * PAGE, n * PAGE).unwrap()
-}
-
-/// Waits until the mirror has seen `n` invalidations (events are handled on the monitor thread
-/// right after the syscall returns), then a little longer to catch a duplicate.
-fn invalidations(m: &TestMirror, n: usize) -> Vec<(Range, Event)> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = m.table.lock().invalidations.clone();
-        if got.len() >= n || Instant::now() > deadline {
-            std::thread::sleep(Duration::from_millis(20));
-            return m.table.lock().invalidations.clone();
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-fn write_byte(addr: u64, v: u8) {
-    // SAFETY: test buffers are mapped read-write and touched only through raw pointers.
-    unsafe { std::ptr::write_volatile(addr as *mut u8, v) }
-}
-
-fn read_byte(addr: u64) -> u8 {
-    // SAFETY: as above, for reads.
-    unsafe { std::ptr::read_volatile(addr as *const u8) }
-}
-
-fn sys_madvise(addr: u64, len: u64, advice: i32) -> i32 {
-    // SAFETY: test buffers hold no Rust objects and nothing refers into them.
-    unsafe { libc::madvise(addr as *mut _, len as usize, advice) }
-}
-
-fn sys_munmap(addr: u64, len: u64) -> i32 {
-    // SAFETY: as for `sys_madvise`.
-    unsafe { libc::munmap(addr as *mut _, len as usize) }
-}
 
 /// `read(2)` from `fd` into test memory at `addr`: the kernel writes there, the CPU does not.
 fn sys_read(fd: i32, addr: u64, len: usize) -> io::Result<usize> {

@@ -222,3 +222,37 @@ pub fn hold_handler(mm: &ProcessMm, page: Range) -> HeldHandler {
         .expect("the UNMAP reached the gated subscriber");
     HeldHandler { gated, _sub: sub }
 }
+
+/// Returns once the monitor has handled every event read so far: an SVM API munmap (of a
+/// scratch page of its own) returns only then.
+pub fn settle(mm: &ProcessMm) {
+    let scratch = mm.mmap_anonymous(PAGE, Protection::READ_WRITE).unwrap();
+    // SAFETY: a fresh mapping nothing refers to.
+    unsafe { mm.munmap(scratch) }.unwrap();
+}
+
+/// Drains the calling CPU's LRU folio batches: freeing a page does (mm/swap_state.c
+/// `free_pages_and_swap_cache` begins with `lru_add_drain`). Other CPUs' batches stay.
+pub fn drain_this_cpu() {
+    let scratch = sys_mmap(
+        0,
+        PAGE,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_POPULATE,
+    );
+    assert_eq!(sys_munmap(scratch, PAGE), 0);
+}
+
+/// `len` bytes of populated 4 KiB pages at the fixed address `hint` (no huge pages).
+pub fn populated_at(hint: u64, len: u64) -> Range {
+    let p = sys_mmap(
+        hint,
+        len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_FIXED_NOREPLACE,
+    );
+    assert_eq!(p, hint, "a mapping at {hint:#x}");
+    assert_eq!(sys_madvise(hint, len, libc::MADV_NOHUGEPAGE), 0);
+    assert_eq!(sys_madvise(hint, len, libc::MADV_POPULATE_WRITE), 0);
+    Range::with_len(hint, len).unwrap()
+}
