@@ -110,7 +110,12 @@ impl Counters {
 
     /// Records one fault loop started over because an invalidation raced it.
     pub fn record_retry(&self) {
-        self.retries.fetch_add(1, Relaxed);
+        self.record_retries(1);
+    }
+
+    /// Records `n` fault loops started over because an invalidation raced them.
+    pub fn record_retries(&self, n: u64) {
+        self.retries.fetch_add(n, Relaxed);
     }
 
     /// Records one invalidation callback for `event` over `bytes` of the subscription: `acted`

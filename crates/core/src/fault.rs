@@ -272,6 +272,18 @@ pub struct FaultStats {
     pub retries: u64,
 }
 
+impl FaultStats {
+    /// The passes an invalidation raced in the outcome of a fault loop
+    /// ([`fault_prepare_and_program`]), whether it succeeded or ran out of time.
+    pub fn retries_in<R>(outcome: &Result<(R, FaultStats)>) -> u64 {
+        match outcome {
+            Ok((_, stats)) => stats.retries,
+            Err(Error::Timeout { retries, .. }) => *retries,
+            Err(_) => 0,
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Need {
     None,

@@ -69,10 +69,12 @@ pub trait IntervalNotifierOps: Send + Sync {
     /// Sleepable level: invalidate the device's view of `range` (which may extend beyond the
     /// subscription; clamp to [`InvalidateCtx::subscription_range`]).
     ///
-    /// The usual body: skip your own `Migrate`; take the update lock (`try_lock` when
-    /// `!ctx.may_block()`, returning `Err(WouldBlock)` if it is taken); call
-    /// [`InvalidateCtx::set_seq`] with the guard; tear down device entries (or downgrade them on a
-    /// protection change); wait for device work in flight on the range; flush the device TLB.
+    /// The usual body is one call to [`teardown::invalidate`](crate::teardown::invalidate),
+    /// with the backend implementing [`Teardown`](crate::Teardown): it skips your own `Migrate`;
+    /// takes the update lock (`try_lock` when `!ctx.may_block()`, returning `Err(WouldBlock)` if
+    /// it is taken) and records the sequence under it; and calls your teardown of the device
+    /// entries (or their downgrade on a protection change), which waits for device work in
+    /// flight on the range and flushes the device TLB.
     ///
     /// Returning `Err(WouldBlock)` is allowed only when `!ctx.may_block()`; on a blockable range it
     /// is a bug that the notifier reports (an error log and [`NotifierStats::callback_bugs`]) and

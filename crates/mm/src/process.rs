@@ -772,12 +772,11 @@ impl Shared {
 }
 
 impl Shared {
-    /// Handles one event that is not a page fault.
+    /// Handles one event that is neither a page fault nor a REMOVE (the monitor's handler
+    /// holds a REMOVE's invalidation open itself: `handle_remove`).
     pub(crate) fn handle_event(&self, m: &uffd::UffdMsg) -> Result<(), Error> {
         match m.event {
             uffd::EVENT_UNMAP => self.handle_unmap(m.arg[0], m.arg[1]),
-            // The zap is not waited for here: the monitor's handler does (`handle_remove`).
-            uffd::EVENT_REMOVE => self.handle_remove(m.arg[0], m.arg[1], None).map(drop),
             uffd::EVENT_REMAP => self.handle_remap(m.arg[0], m.arg[1], m.arg[2]),
             uffd::EVENT_FORK => {
                 self.handle_fork(m.arg[0] as u32);
@@ -1199,16 +1198,15 @@ impl PageSource for ProcessMm {
         // A device-private entry is writable only while its mapping is: a plain mprotect sends
         // no event, so the mapping's protection is looked up here (the kernel's entry would
         // have been made read-only by it, mm/mprotect.c).
+        // The pages come in address order: one lookup per mapping.
         let mut vma: Option<Area> = None;
-        let mut vma_start = 0;
         for (page, pfn, owner, write) in migrated {
             let i = ((page - addr) >> PAGE_SHIFT) as usize;
             if out[i] != CpuPte::None {
                 continue;
             }
-            if vma.is_none_or(|a| page < vma_start || page >= a.end) {
+            if vma.is_none_or(|a| page >= a.end) {
                 vma = Some(self.shared.source.area(page, end)?);
-                vma_start = page;
             }
             let vma_write = matches!(
                 vma,

@@ -642,14 +642,8 @@ impl VulkanMirror {
                 steps,
             );
             drop(garbage);
-            let raced = match &outcome {
-                Ok((_, stats)) => stats.retries,
-                Err(svmirror_core::Error::Timeout { retries, .. }) => *retries,
-                Err(_) => 0,
-            };
-            for _ in 0..raced {
-                inner.counters.record_retry();
-            }
+            let raced = svmirror_core::FaultStats::retries_in(&outcome);
+            inner.counters.record_retries(raced);
             retries += raced;
             match outcome {
                 Ok((Ok(true), _)) => {}

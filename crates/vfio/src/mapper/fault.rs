@@ -359,9 +359,7 @@ impl VfioMapper {
             range: run,
             source,
         })?;
-        for _ in 0..stats.retries {
-            inner.counters.record_retry();
-        }
+        inner.counters.record_retries(stats.retries);
         let bytes = res?;
         inner.counters.record_fault(bytes, started.elapsed());
         Ok(bytes)
