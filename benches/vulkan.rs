@@ -28,10 +28,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use svmirror::core::Range;
+use svmirror::mm::ProcessMm;
 use svmirror_vulkan::cuda::CudaBaseline;
 use svmirror_vulkan::{
-    ChaseNode, Dispatch, Gpu, GpuConfig, Kernel, MirrorConfig, ProcessMm, StagedChase,
-    StagedStream, VulkanMirror,
+    ChaseNode, Dispatch, Gpu, GpuConfig, Kernel, MirrorConfig, StagedChase, StagedStream,
+    VulkanMirror,
 };
 
 const N: usize = 1 << 20;

@@ -52,6 +52,7 @@
 //! # Ok::<(), svmirror_core::Error>(())
 //! ```
 
+mod address_space;
 pub mod context;
 pub mod counters;
 mod device_pages;
@@ -65,6 +66,7 @@ mod sync;
 pub mod teardown;
 pub mod testing;
 
+pub use address_space::AddressSpace;
 pub use context::{
     AtomicSection, InnerGuard, InnerLock, LockClass, UpdateGuard, UpdateLock, check_lock_order,
     may_sleep, might_fault, might_sleep,

@@ -156,3 +156,19 @@ pub enum MmError {
         addr: u64,
     },
 }
+
+impl MmError {
+    /// This error in the core's vocabulary, for callers that speak only the core's (a backend
+    /// through `svmirror_core::AddressSpace`): a core error stays itself, anything else becomes
+    /// [`Error::Source`](svmirror_core::Error::Source) for `range` with this error inside, so
+    /// `downcast_ref::<MmError>()` on the source gets it back.
+    pub fn into_core(self, range: svmirror_core::Range) -> svmirror_core::Error {
+        match self {
+            MmError::Core(e) => e,
+            other => svmirror_core::Error::Source {
+                range,
+                source: Box::new(other),
+            },
+        }
+    }
+}

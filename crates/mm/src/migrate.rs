@@ -146,6 +146,26 @@ impl ProcessMm {
     }
 }
 
+/// The address space a backend takes (`svmirror_core::AddressSpace`): the notifier, the page
+/// table and the migration hooks of this process.
+impl svmirror_core::AddressSpace for ProcessMm {
+    fn notifier(&self) -> &svmirror_core::Notifier {
+        ProcessMm::notifier(self)
+    }
+
+    fn migrate_to_device(
+        &self,
+        range: Range,
+        device: Arc<dyn DevicePages>,
+    ) -> Result<u64, svmirror_core::Error> {
+        ProcessMm::migrate_to_device(self, range, device).map_err(|e| e.into_core(range))
+    }
+
+    fn migrate_to_ram(&self, range: Range) -> Result<u64, svmirror_core::Error> {
+        ProcessMm::migrate_to_ram(self, range).map_err(|e| e.into_core(range))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

@@ -87,17 +87,6 @@ pub enum VulkanError {
         #[source]
         source: svmirror_core::Error,
     },
-    /// The CPU side (svmirror-mm) refused a migration.
-    #[error("{op} of {range} failed on the CPU side")]
-    Mm {
-        /// What was being done.
-        op: &'static str,
-        /// The range.
-        range: Range,
-        /// What svmirror-mm said.
-        #[source]
-        source: svmirror_mm::MmError,
-    },
     /// The driver refused to import host memory.
     #[error("driver refused to import host memory {range}")]
     ImportRefused {

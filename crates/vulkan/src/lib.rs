@@ -3,7 +3,8 @@
 //!
 //! A [`VulkanMirror`] keeps a GPU page table (a storage buffer) that maps the CPU pages of a
 //! range of the process's address space to device addresses, and keeps it an exact mirror of
-//! the CPU's through the shared core: it subscribes to the [`ProcessMm`]'s notifier, fills the
+//! the CPU's through the shared core: it subscribes to the [`AddressSpace`]'s notifier (svmirror-mm's
+//! `ProcessMm` is the real process's), fills the
 //! table through the core's fault loop
 //! ([`fault_prepare_and_program`](svmirror_core::fault_prepare_and_program)) and clears it
 //! through the core's invalidation skeleton after waiting for the GPU.
@@ -21,7 +22,7 @@
 //!
 //! - Keep Rust references off memory a kernel writes while it runs (dispatch is `unsafe` for
 //!   this reason), and do not write a range while it migrates.
-//! - Change mappings through the SVM API ([`ProcessMm::munmap`], `mprotect`, ...) for changes
+//! - Change mappings through the SVM API (`ProcessMm::munmap`, `mprotect`, ...) for changes
 //!   to be coherent before the call returns; changes behind svmirror's back become coherent
 //!   when the userfaultfd monitor reads their event. With lavapipe, which reads host memory
 //!   without pinning it, do not unmap memory behind svmirror's back while a dispatch runs.
@@ -79,4 +80,4 @@ pub use kernels::{BfsNode, ChaseNode, Dispatch, FrontierCounters, GraphNode, Ker
 pub use mirror::{MirrorConfig, Resources, VulkanMirror};
 pub use scratch::ScratchBuffer;
 #[doc(no_inline)]
-pub use svmirror_mm::ProcessMm;
+pub use svmirror_core::AddressSpace;

@@ -269,7 +269,7 @@ impl VulkanMirror {
         let moved = self
             .mm
             .migrate_to_device(range, self.device_memory.clone())
-            .map_err(|source| VulkanError::Mm {
+            .map_err(|source| VulkanError::Core {
                 op: "migrate to device",
                 range,
                 source,
@@ -301,7 +301,7 @@ impl VulkanMirror {
         let range = self.check_range(addr, len)?;
         self.mm
             .migrate_to_ram(range)
-            .map_err(|source| VulkanError::Mm {
+            .map_err(|source| VulkanError::Core {
                 op: "migrate to RAM",
                 range,
                 source,

@@ -6,7 +6,7 @@
 //! A miss the shader records (or a [`prefetch`](VulkanMirror::prefetch)) names a page. The
 //! mirror finds the mapping around it, picks the chunk to import ([`crate::import`]), and runs
 //! the core's fault loop, [`svmirror_core::fault_prepare_and_program`]: `read_begin` →
-//! `range_fault` over the chunk (fault in and snapshot through the [`ProcessMm`]) → *prepare*:
+//! `range_fault` over the chunk (fault in and snapshot through the [`AddressSpace`]) → *prepare*:
 //! import the chunk's host memory → take the update lock → `read_retry` → write the chunk's
 //! page-table entries → unlock. The import is made **outside** the update lock, because a driver
 //! pins pages on import and pinning may fault, and a fault on memory the userfaultfd monitor
@@ -41,11 +41,11 @@ use ash::vk;
 use svmirror_core::MirrorError;
 use svmirror_core::teardown::Action;
 use svmirror_core::{
-    AreaKind, CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest, FaultSteps,
-    IntervalNotifierOps, InvalidateCtx, NotifierRange, Owner, PAGE_SIZE, PageSource, Pass, Range,
-    Subscription, Teardown, UpdateGuard, UpdateLock, WouldBlock, entry, fault_prepare_and_program,
+    AddressSpace, AreaKind, CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest,
+    FaultSteps, IntervalNotifierOps, InvalidateCtx, NotifierRange, Owner, PAGE_SIZE, PageSource,
+    Pass, Range, Subscription, Teardown, UpdateGuard, UpdateLock, WouldBlock, entry,
+    fault_prepare_and_program,
 };
-use svmirror_mm::ProcessMm;
 
 use crate::device::Gpu;
 use crate::error::{Result, VulkanError};
@@ -270,7 +270,7 @@ impl Teardown for Inner {
 pub struct VulkanMirror {
     pub(crate) inner: Arc<Inner>,
     pub(crate) sub: Subscription,
-    pub(crate) mm: Arc<ProcessMm>,
+    pub(crate) mm: Arc<dyn AddressSpace>,
     pub(crate) pipelines: Pipelines,
     pub(crate) dispatch_buffers: Mutex<Option<crate::dispatch::DispatchBuffers>>,
     pub(crate) device_memory: Arc<crate::migrate::DeviceMemory>,
@@ -299,7 +299,7 @@ impl VulkanMirror {
     /// `gpu`. Nothing is imported until a dispatch faults or a prefetch asks.
     pub fn new(
         gpu: Arc<Gpu>,
-        mm: Arc<ProcessMm>,
+        mm: Arc<dyn AddressSpace>,
         range: Range,
         config: MirrorConfig,
     ) -> Result<Self> {
@@ -359,7 +359,7 @@ impl VulkanMirror {
     /// Mirrors the whole user address space of `mm` (64 KiB up to 128 TiB) on the device
     /// [`Gpu::new`] picks with the default configuration: what an application that hands the
     /// GPU pointers into any of its memory wants.
-    pub fn open(mm: Arc<ProcessMm>) -> Result<Self> {
+    pub fn open(mm: Arc<dyn AddressSpace>) -> Result<Self> {
         let gpu = Arc::new(Gpu::new(&crate::GpuConfig::default())?);
         let range = Range::new(1 << 16, 1 << 47).expect("the user address space");
         Self::new(gpu, mm, range, MirrorConfig::default())
