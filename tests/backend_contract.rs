@@ -18,26 +18,17 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Runs the suite, fails naming every scenario that failed, and checks that no pin outlived
-/// the mirrors.
-fn run(
-    backend: &str,
-    mm: &Arc<ProcessMm>,
-    open: &dyn Fn(Range) -> Result<Box<dyn Mirror>, MirrorError>,
-) {
+/// Runs the suite, prints the list of scenarios it ran, fails naming every scenario that
+/// failed, and checks that no pin outlived the mirrors.
+fn run(backend: &str, mm: &Arc<ProcessMm>, open: &scenarios::Open<'_>) {
     let pinned = vm_pinned_bytes().unwrap();
-    let results = scenarios::run_all(mm, open);
-    assert_eq!(results.len(), scenarios::all().len());
-    let failed: Vec<String> = results
-        .iter()
-        .filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{name}: {e}")))
-        .collect();
+    let report = scenarios::run_all(backend, mm, open, &[]);
+    println!("{report}");
+    assert_eq!(report.results.len(), scenarios::all().len());
     assert!(
-        failed.is_empty(),
-        "{backend}: {} of {} scenarios failed:\n{}",
-        failed.len(),
-        results.len(),
-        failed.join("\n")
+        report.passed(),
+        "{backend}: scenarios failed:\n{}",
+        report.failures().join("\n")
     );
     assert_eq!(
         settled_vm_pinned_bytes(pinned, VM_PIN_SETTLE).unwrap(),
@@ -50,7 +41,7 @@ fn run(
 fn the_simulated_iommu_passes_the_backend_scenarios() {
     let _s = serial();
     let mm = Arc::new(ProcessMm::new().expect("userfaultfd available (run as root)"));
-    let open = |range: Range| -> Result<Box<dyn Mirror>, MirrorError> {
+    let open = |mm: &Arc<ProcessMm>, range: Range| -> Result<Box<dyn Mirror>, MirrorError> {
         // SAFETY: the scenarios touch their buffers through raw pointers only.
         let m = unsafe {
             IommuMirror::with_page_source(
@@ -76,7 +67,7 @@ fn vulkan_passes_the_backend_scenarios() {
         )
     }));
     let validation = gpu.validation();
-    let open = |range: Range| -> Result<Box<dyn Mirror>, MirrorError> {
+    let open = |mm: &Arc<ProcessMm>, range: Range| -> Result<Box<dyn Mirror>, MirrorError> {
         let m = VulkanMirror::new(
             gpu.clone(),
             mm.clone(),

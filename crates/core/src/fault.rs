@@ -629,6 +629,8 @@ where
                 total.faults += s.faults;
                 crate::context::might_fault("the prepare step of a device fault");
                 let prepared = prepare(req);
+                #[cfg(feature = "testing")]
+                crate::testing::race::before_program(req.range);
                 let mut guard = lock.lock();
                 match sub.read_retry(&guard, seq) {
                     Ok(false) => {

@@ -64,6 +64,7 @@ mod notifier;
 mod range;
 mod sync;
 pub mod teardown;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use address_space::AddressSpace;
@@ -78,7 +79,7 @@ pub use fault::{
     Area, AreaKind, CpuPte, DEFAULT_FAULT_TIMEOUT, FaultRequest, FaultStats, FaultSteps,
     PageSource, entry, fault_and_program, fault_prepare_and_program, range_fault,
 };
-pub use mirror::{Mirror, MirrorError};
+pub use mirror::{InFlight, Mirror, MirrorError};
 pub use notifier::{
     AtomicCtx, IntervalNotifierOps, InvalidateCtx, Invalidation, Notifier, NotifierStats, Pass,
     ReadSeq, Subscription, WouldBlock,

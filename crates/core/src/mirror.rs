@@ -58,6 +58,30 @@ impl MirrorError {
     }
 }
 
+/// Device work in flight on a range ([`Mirror::begin_work`]): the device may use the range's
+/// translations until this drops. What it holds is the backend's (a claim on the IOMMU, a
+/// submitted command buffer, a VFIO access); dropping it ends the work and wakes an
+/// invalidation that waits for it.
+#[must_use = "the work ends when this drops"]
+pub struct InFlight<'a> {
+    _token: Box<dyn Send + 'a>,
+}
+
+impl<'a> InFlight<'a> {
+    /// Wraps the backend's token for work in flight; the work ends when `token` drops.
+    pub fn new(token: impl Send + 'a) -> Self {
+        InFlight {
+            _token: Box::new(token),
+        }
+    }
+}
+
+impl std::fmt::Debug for InFlight<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InFlight")
+    }
+}
+
 /// A device's mirror of a range of the process's address space: one range, subscribed under
 /// one owner, mapped through the core's fault loop and torn down through its invalidation
 /// skeleton; device work stays on the backend's own type.
@@ -74,6 +98,14 @@ pub trait Mirror: Send + Sync {
     /// Maps `range` for the device (writable if `write`) as the device's own faults would:
     /// faulting the CPU pages in, and refusing what the CPU's mappings refuse.
     fn fault(&self, range: Range, write: bool) -> Result<(), MirrorError>;
+
+    /// Maps `range` as [`fault`](Self::fault) does and starts device work on it that stays in
+    /// flight until the returned [`InFlight`] drops: the device's own unit of work (a DMA
+    /// access, a submitted command buffer). Until then an invalidation of any part of `range`
+    /// that may sleep waits for the work before the CPU's change returns, and one that may not
+    /// is refused (the kernel's `mmu_interval_notifier` contract: a driver's `invalidate`
+    /// returns only once the device can no longer reach the old pages).
+    fn begin_work(&self, range: Range, write: bool) -> Result<InFlight<'_>, MirrorError>;
 
     /// Drops every device translation (the device faults again on its next access); the
     /// subscription stays.

@@ -394,3 +394,69 @@ impl IntervalNotifierOps for TestMirror {
         Self::tear_down(&mut t, ctx, range);
     }
 }
+
+/// A hook into the core's fault loop that lets a test force the interleaving the sequence
+/// protocol exists for: an invalidation that lands after a fault has snapshotted the CPU page
+/// table and prepared the device's pages, and before it takes the update lock to program them
+/// (the window `mmu_interval_read_begin` / `mmu_interval_read_retry` close in the kernel).
+///
+/// Every backend's fault goes through [`fault_prepare_and_program`](crate::fault_prepare_and_program),
+/// so one hook reaches all of them; it exists only with the `testing` feature. Arming is
+/// process-wide and one-shot; an unarmed hook costs one atomic load per fault pass.
+pub mod race {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use crate::range::Range;
+
+    type Hook = Box<dyn FnOnce(Range) + Send>;
+
+    static ARMED: AtomicBool = AtomicBool::new(false);
+    static HOOK: Mutex<Option<(Range, Hook)>> = Mutex::new(None);
+    static FIRED: AtomicBool = AtomicBool::new(false);
+
+    /// Arms the hook: the next fault pass over a range that overlaps `range` calls `f` with
+    /// the pass's range once it has snapshotted and prepared, before it takes the update lock.
+    /// `f` runs on the faulting thread with no svmirror lock held, so it may change the
+    /// address space (an SVM API munmap, say). Replaces a hook that has not fired.
+    pub fn arm(range: Range, f: impl FnOnce(Range) + Send + 'static) {
+        let mut h = HOOK
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *h = Some((range, Box::new(f)));
+        FIRED.store(false, Ordering::SeqCst);
+        ARMED.store(true, Ordering::SeqCst);
+    }
+
+    /// Disarms the hook; returns whether it fired since it was armed.
+    pub fn disarm() -> bool {
+        ARMED.store(false, Ordering::SeqCst);
+        HOOK.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        FIRED.load(Ordering::SeqCst)
+    }
+
+    /// Called by the fault loop between *prepare* and taking the update lock.
+    pub(crate) fn before_program(pass: Range) {
+        if !ARMED.load(Ordering::Acquire) {
+            return;
+        }
+        let hook = {
+            let mut h = HOOK
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match h.as_ref() {
+                Some((r, _)) if r.overlaps(&pass) => {
+                    ARMED.store(false, Ordering::SeqCst);
+                    h.take()
+                }
+                _ => None,
+            }
+        };
+        if let Some((_, f)) = hook {
+            f(pass);
+            FIRED.store(true, Ordering::SeqCst);
+        }
+    }
+}

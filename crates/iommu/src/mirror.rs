@@ -885,6 +885,35 @@ impl svmirror_core::Mirror for IommuMirror {
         IommuMirror::fault(self, range.start(), range.len(), write).map_err(MirrorError::from)
     }
 
+    /// Faults the range in and claims all of it on the IOMMU as one access in flight (atomically
+    /// with checking it is still mapped; faults again if an invalidation took part of it in
+    /// between). An invalidation waits for the claim before it releases the pins
+    /// (`release_after_drain`), as it waits for a DMA command's accesses.
+    fn begin_work(
+        &self,
+        range: Range,
+        write: bool,
+    ) -> std::result::Result<svmirror_core::InFlight<'_>, MirrorError> {
+        let started = std::time::Instant::now();
+        loop {
+            svmirror_core::Mirror::fault(self, range, write)?;
+            if let Some(grant) = self.inner.mmu.claim_range(range, write) {
+                return Ok(svmirror_core::InFlight::new(grant));
+            }
+            if started.elapsed() > self.inner.config.fault_timeout {
+                return Err(MirrorError::Core {
+                    op: "begin work",
+                    range,
+                    source: svmirror_core::Error::Timeout {
+                        range,
+                        retries: 0,
+                        elapsed: started.elapsed(),
+                    },
+                });
+            }
+        }
+    }
+
     /// Tears down every IO page-table entry, as an `Unmap` of the whole range would, once
     /// accesses in flight are done, and releases the pins.
     fn evict_all(&self) {

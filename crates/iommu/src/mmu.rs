@@ -203,6 +203,37 @@ impl Mmu {
         })
     }
 
+    /// Registers one access in flight over the whole of `range` (device work that will use
+    /// every translation in it: [`Mirror::begin_work`](svmirror_core::Mirror::begin_work)),
+    /// atomically with checking in the page table that every page is mapped, writable if
+    /// `write`. Returns `None` where a page is not; the claim ends when the grant drops.
+    pub(crate) fn claim_range(&self, range: Range, write: bool) -> Option<AccessGrant<'_>> {
+        let mut g = self.lock();
+        let _atomic = AtomicSection::enter();
+        let st = &mut *g;
+        let mut at = range.start();
+        while at < range.end() {
+            let tr = st.pt.translate(at)?;
+            if write && !tr.perms.writable() {
+                return None;
+            }
+            at = tr.end();
+        }
+        let claim = Claim {
+            id: st.next_claim,
+            ranges: [(range.start(), range.end()), (0, 0)],
+            n: 1,
+        };
+        st.next_claim += 1;
+        st.claims.push(claim);
+        Some(AccessGrant {
+            mmu: self,
+            id: claim.id,
+            len: range.len(),
+            targets: [None; 2],
+        })
+    }
+
     /// Waits until no access in flight overlaps `range`, or until `deadline`. Returns whether it
     /// drained. May sleep.
     pub fn wait_drained(&self, range: Range, deadline: Instant) -> bool {

@@ -605,6 +605,30 @@ impl svmirror_core::Mirror for VfioMapper {
         VfioMapper::fault(self, range.start(), range.len(), write).map_err(MirrorError::from)
     }
 
+    /// One [`VfioMapper::access`] per chunk the range touches (an access through allocated
+    /// IOVAs stays within one chunk); the invalidations of the range wait for all of them.
+    fn begin_work(
+        &self,
+        range: Range,
+        write: bool,
+    ) -> std::result::Result<svmirror_core::InFlight<'_>, MirrorError> {
+        let mut held = Vec::new();
+        let mut at = range.start();
+        while at < range.end() {
+            let end = if self.inner.identity {
+                range.end()
+            } else {
+                (self.inner.key(at) + self.inner.granule).min(range.end())
+            };
+            held.push(
+                self.access(at, end - at, write)
+                    .map_err(MirrorError::from)?,
+            );
+            at = end;
+        }
+        Ok(svmirror_core::InFlight::new(held))
+    }
+
     fn evict_all(&self) {
         self.unmap_all();
     }

@@ -514,3 +514,82 @@ impl StagedChase {
         Ok(())
     }
 }
+
+/// Device work in flight that does nothing but wait: a command buffer whose first command waits
+/// for a host-set event (`vkCmdWaitEvents` with `VK_PIPELINE_STAGE_HOST_BIT`, legal outside a
+/// render pass for an event the host sets after submission), tracked in the mirror's in-flight
+/// list like a dispatch. An invalidation of an occupied range waits for its fence, so the
+/// CPU's change does not return until this drops: the [`Mirror::begin_work`] token.
+///
+/// [`Mirror::begin_work`]: svmirror_core::Mirror::begin_work
+pub(crate) struct HeldWork {
+    inner: Arc<crate::mirror::Inner>,
+    event: vk::Event,
+    sub: Option<Submission>,
+    id: Option<u64>,
+}
+
+impl VulkanMirror {
+    /// Submits a [`HeldWork`]: in flight until it drops.
+    pub(crate) fn hold_work(&self) -> Result<HeldWork> {
+        let gpu = &self.inner.gpu;
+        // SAFETY: a live device and a plain create info.
+        let event = unsafe {
+            gpu.device
+                .create_event(&vk::EventCreateInfo::default(), None)
+        }
+        .map_err(crate::conv::vk_err("vkCreateEvent"))?;
+        let mut held = HeldWork {
+            inner: self.inner.clone(),
+            event,
+            sub: None,
+            id: None,
+        };
+        let mut sub = Submission::begin(gpu)?;
+        // SAFETY: `sub.cb` is recording on this thread; the event is live until `held` drops,
+        // which waits for the submission first.
+        unsafe {
+            gpu.device.cmd_wait_events(
+                sub.cb,
+                &[event],
+                vk::PipelineStageFlags::HOST,
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                &[],
+                &[],
+                &[],
+            )
+        };
+        let mut g = self.inner.state.lock();
+        sub.submit()?;
+        let id = g.next_submission;
+        g.next_submission += 1;
+        g.in_flight.push((id, sub.fence));
+        drop(g);
+        held.sub = Some(sub);
+        held.id = Some(id);
+        Ok(held)
+    }
+}
+
+impl Drop for HeldWork {
+    fn drop(&mut self) {
+        let dev = &self.inner.gpu.device;
+        // SAFETY: the event is live; setting it from the host lets the waiting command finish.
+        if let Err(e) = unsafe { dev.set_event(self.event) } {
+            tracing::error!(error = %e, "vkSetEvent failed; the held work ends with the device");
+        }
+        // Waits for the submission (Submission's drop) before the event goes.
+        if let Some(sub) = self.sub.take() {
+            if let Err(e) = sub.wait() {
+                tracing::error!(error = %e, "waiting for held work failed");
+            }
+            if let Some(id) = self.id {
+                self.inner.state.lock().in_flight.retain(|&(i, _)| i != id);
+            }
+            drop(sub);
+        }
+        // SAFETY: no pending submission waits on the event any more (waited above, or never
+        // submitted).
+        unsafe { dev.destroy_event(self.event, None) };
+    }
+}

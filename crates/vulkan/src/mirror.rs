@@ -709,6 +709,46 @@ impl svmirror_core::Mirror for VulkanMirror {
             .map_err(MirrorError::from)
     }
 
+    /// Faults the range in, then submits work that waits on the GPU until the token drops
+    /// (`HeldWork`); checks the range is still mapped once the work is in flight, and tries
+    /// again if an invalidation took it in between. The fault comes first because bringing a
+    /// device-private page home submits a copy, which would queue behind the held work.
+    fn begin_work(
+        &self,
+        range: Range,
+        write: bool,
+    ) -> std::result::Result<svmirror_core::InFlight<'_>, MirrorError> {
+        let started = Instant::now();
+        loop {
+            svmirror_core::Mirror::fault(self, range, write)?;
+            let held = self.hold_work().map_err(MirrorError::from)?;
+            let mapped = {
+                let g = self.inner.state.lock();
+                (range.start()..range.end())
+                    .step_by(PAGE_SIZE as usize)
+                    .all(|p| {
+                        let e = g.table.get(p);
+                        e & VALID != 0 && (!write || e & WRITE != 0)
+                    })
+            };
+            if mapped {
+                return Ok(svmirror_core::InFlight::new(held));
+            }
+            drop(held);
+            if started.elapsed() > self.inner.config.fault_timeout {
+                return Err(MirrorError::Core {
+                    op: "begin work",
+                    range,
+                    source: svmirror_core::Error::Timeout {
+                        range,
+                        retries: 0,
+                        elapsed: started.elapsed(),
+                    },
+                });
+            }
+        }
+    }
+
     fn evict_all(&self) {
         VulkanMirror::evict_all(self);
     }

@@ -5,6 +5,7 @@
 //! Prints one `PASS name` or `FAIL name: why` line per scenario, `BENCH` lines with the
 //! measurements, and exits non-zero if any scenario failed.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use svmirror_core::{Event, PAGE_SIZE, Range};
@@ -654,34 +655,27 @@ fn benchmarks(env: &Env) -> Res {
 /// The backend scenario suite every mirror passes (`svmirror_mm::scenarios`), on VFIO mappers
 /// over the edu device's container: the same list the simulated IOMMU and Vulkan run.
 fn backend_contract(env: &Env) -> Result<(), String> {
-    let open =
-        |range: Range| -> Result<Box<dyn svmirror_core::Mirror>, svmirror_core::MirrorError> {
-            // SAFETY: the scenarios touch their buffers through raw pointers only.
-            let m = unsafe {
-                VfioMapper::new(
-                    env.mm.notifier(),
-                    env.mm.clone(),
-                    env.container.clone(),
-                    range,
-                    MapperConfig::default(),
-                )
-            }?;
-            Ok(Box::new(m))
-        };
-    let results = svmirror_mm::scenarios::run_all(&env.mm, &open);
-    let failed: Vec<String> = results
-        .iter()
-        .filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{name}: {e}")))
-        .collect();
-    println!(
-        "backend scenarios on VFIO: {} of {} passed",
-        results.len() - failed.len(),
-        results.len()
-    );
-    if failed.is_empty() {
+    let open = |mm: &Arc<svmirror_mm::ProcessMm>,
+                range: Range|
+     -> Result<Box<dyn svmirror_core::Mirror>, svmirror_core::MirrorError> {
+        // SAFETY: the scenarios touch their buffers through raw pointers only.
+        let m = unsafe {
+            VfioMapper::new(
+                mm.notifier(),
+                mm.clone(),
+                env.container.clone(),
+                range,
+                MapperConfig::default(),
+            )
+        }?;
+        Ok(Box::new(m))
+    };
+    let report = svmirror_mm::scenarios::run_all("VFIO", &env.mm, &open, &[]);
+    println!("{report}");
+    if report.passed() {
         Ok(())
     } else {
-        Err(failed.join("; "))
+        Err(report.failures().join("; "))
     }
 }
 
