@@ -16,7 +16,6 @@
 //!   takes at most 1.2× the time of `MADV_POPULATE_WRITE` alone over the same kind of mapping.
 //!
 //! All mappings are private anonymous with `MADV_NOHUGEPAGE`, so every page is a 4 KiB page.
-//! The root package has no `libc` dependency, so the few C calls used are declared in [`sys`].
 
 use std::ffi::c_void;
 use std::fs::File;
@@ -34,34 +33,6 @@ use svmirror::core::{
 };
 use svmirror::mm::{PageSourceFeatures, ProcessPageSource};
 
-/// The C library calls and Linux constants the benchmark uses (x86-64 and arm64 values).
-mod sys {
-    use std::ffi::{c_int, c_ulong, c_void};
-
-    pub const PROT_READ: c_int = 0x1;
-    pub const PROT_WRITE: c_int = 0x2;
-    pub const MAP_PRIVATE: c_int = 0x02;
-    pub const MAP_ANONYMOUS: c_int = 0x20;
-    pub const MAP_FAILED: *mut c_void = !0 as *mut c_void;
-    pub const MADV_NOHUGEPAGE: c_int = 15;
-    pub const MADV_POPULATE_WRITE: c_int = 23;
-    pub const MADV_DONTNEED: c_int = 4;
-
-    unsafe extern "C" {
-        pub unsafe fn mmap(
-            addr: *mut c_void,
-            len: usize,
-            prot: c_int,
-            flags: c_int,
-            fd: c_int,
-            offset: i64,
-        ) -> *mut c_void;
-        pub unsafe fn munmap(addr: *mut c_void, len: usize) -> c_int;
-        pub unsafe fn madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int;
-        pub unsafe fn ioctl(fd: c_int, request: c_ulong, ...) -> c_int;
-    }
-}
-
 /// Size of every mapping measured.
 const LEN: usize = 1 << 30;
 /// Pages in it.
@@ -77,18 +48,18 @@ impl Mapping {
         // SAFETY: a new private anonymous mapping at an address the kernel picks; it aliases
         // nothing, and only `Drop` unmaps it.
         let addr = unsafe {
-            sys::mmap(
+            libc::mmap(
                 std::ptr::null_mut(),
                 LEN,
-                sys::PROT_READ | sys::PROT_WRITE,
-                sys::MAP_PRIVATE | sys::MAP_ANONYMOUS,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
                 0,
             )
         };
-        assert_ne!(addr, sys::MAP_FAILED, "mmap of 1 GiB failed");
+        assert_ne!(addr, libc::MAP_FAILED, "mmap of 1 GiB failed");
         let m = Mapping { addr };
-        m.madvise(sys::MADV_NOHUGEPAGE);
+        m.madvise(libc::MADV_NOHUGEPAGE);
         m
     }
 
@@ -101,7 +72,7 @@ impl Mapping {
         // SAFETY: `addr..addr + LEN` is this mapping; the advice used here (NOHUGEPAGE,
         // POPULATE_WRITE) changes a VMA flag or page-table state only, never which addresses are
         // mapped or what any byte holds, and no Rust reference points into the mapping.
-        let rc = unsafe { sys::madvise(self.addr, LEN, advice) };
+        let rc = unsafe { libc::madvise(self.addr, LEN, advice) };
         assert_eq!(
             rc,
             0,
@@ -114,7 +85,7 @@ impl Mapping {
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `new`, which nothing refers to any more.
-        unsafe { sys::munmap(self.addr, LEN) };
+        unsafe { libc::munmap(self.addr, LEN) };
     }
 }
 
@@ -170,7 +141,7 @@ fn pagemap_scan(pagemap: &File, range: Range, regions: &mut [PageRegion]) -> u64
         // points to `regions`, live and `vec_len` entries long. With `flags` 0 the kernel only
         // reports and changes no page table.
         let n = unsafe {
-            sys::ioctl(
+            libc::ioctl(
                 pagemap.as_raw_fd(),
                 PAGEMAP_SCAN as std::ffi::c_ulong,
                 &mut arg,
@@ -221,7 +192,7 @@ fn snapshot_populated(c: &mut Criterion) {
     eprintln!("page source features: {:?}", source.features());
     let pagemap = File::open("/proc/self/pagemap").unwrap();
     let m = Mapping::new();
-    m.madvise(sys::MADV_POPULATE_WRITE);
+    m.madvise(libc::MADV_POPULATE_WRITE);
     let range = m.range();
     let (_notifier, sub) = subscribe(range);
     let mut entries = vec![0u64; PAGES as usize];
@@ -311,7 +282,7 @@ fn fault_in_unpopulated(c: &mut Criterion) {
         b.iter_batched(
             Mapping::new,
             |m| {
-                m.madvise(sys::MADV_POPULATE_WRITE);
+                m.madvise(libc::MADV_POPULATE_WRITE);
                 m
             },
             BatchSize::PerIteration,
@@ -325,25 +296,25 @@ fn populated_2m() -> Range {
     const LEN2M: usize = 2 << 20;
     // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
     let p = unsafe {
-        sys::mmap(
+        libc::mmap(
             std::ptr::null_mut(),
             LEN2M,
-            sys::PROT_READ | sys::PROT_WRITE,
-            sys::MAP_PRIVATE | sys::MAP_ANONYMOUS,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
             0,
         )
     };
-    assert_ne!(p, sys::MAP_FAILED);
+    assert_ne!(p, libc::MAP_FAILED);
     // SAFETY: populating our own fresh mapping.
-    let rc = unsafe { sys::madvise(p, LEN2M, sys::MADV_POPULATE_WRITE) };
+    let rc = unsafe { libc::madvise(p, LEN2M, libc::MADV_POPULATE_WRITE) };
     assert_eq!(rc, 0);
     Range::with_len(p as u64, LEN2M as u64).unwrap()
 }
 
 fn unmap(r: Range) {
     // SAFETY: the range is a mapping this benchmark made and nothing refers into it.
-    let rc = unsafe { sys::munmap(r.start() as *mut c_void, r.len() as usize) };
+    let rc = unsafe { libc::munmap(r.start() as *mut c_void, r.len() as usize) };
     assert_eq!(rc, 0);
 }
 
@@ -411,10 +382,10 @@ fn madvise_2m(c: &mut Criterion) {
     let refill = |r: Range| {
         // SAFETY: populating our own mapping.
         let rc = unsafe {
-            sys::madvise(
+            libc::madvise(
                 r.start() as *mut c_void,
                 r.len() as usize,
-                sys::MADV_POPULATE_WRITE,
+                libc::MADV_POPULATE_WRITE,
             )
         };
         assert_eq!(rc, 0);
@@ -422,10 +393,10 @@ fn madvise_2m(c: &mut Criterion) {
     let plain = |r: Range| {
         // SAFETY: the range is a mapping this benchmark made and nothing refers into it.
         let rc = unsafe {
-            sys::madvise(
+            libc::madvise(
                 r.start() as *mut c_void,
                 r.len() as usize,
-                sys::MADV_DONTNEED,
+                libc::MADV_DONTNEED,
             )
         };
         assert_eq!(rc, 0);

@@ -1,7 +1,10 @@
 //! Scenarios across the core through the `svmirror` facade: the README's tour, several devices
 //! mirroring one address space, and real threads racing faults against invalidations.
 //!
-//! The CPU page table is the core's scripted test double until svmirror-mm brings the real one.
+//! These exercise the core's protocol on its own, so the CPU page table is the core's scripted
+//! test double (`svmirror_core::testing`, feature `testing`): a test changes it between a
+//! fault's steps at will, which the real process's page table does not allow. The same
+//! scenarios on the real address space, through every backend, are tests/backend_contract.rs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

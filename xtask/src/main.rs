@@ -144,6 +144,16 @@ fn ci() -> Result<(), Vec<String>> {
         }),
     ));
     steps.push((
+        "doc",
+        Box::new(|| {
+            let mut c = cargo();
+            // Broken intra-doc links and bad doc markup fail the build, as clippy's warnings do.
+            c.env("RUSTDOCFLAGS", "-D warnings");
+            c.args(["doc", "--workspace", "--no-deps"]);
+            run("cargo doc -D warnings", c)
+        }),
+    ));
+    steps.push((
         "tests",
         Box::new(|| {
             let mut c = cargo();

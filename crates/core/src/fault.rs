@@ -121,7 +121,7 @@ pub struct Area {
 
 /// The CPU page table of one address space, as `range_fault` walks it. svmirror-mm implements
 /// it for the real process (PROCMAP_QUERY, PAGEMAP_SCAN, MADV_POPULATE_*);
-/// [`ScriptedPageSource`](crate::testing::ScriptedPageSource) is the test double.
+/// `testing::ScriptedPageSource` (feature `testing`) is the test double.
 pub trait PageSource {
     /// The mapping at page-aligned `addr`, reported up to at most `limit` (`addr < limit`);
     /// `end` must be above `addr`.
