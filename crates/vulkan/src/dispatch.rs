@@ -131,13 +131,10 @@ impl VulkanMirror {
         let id = {
             let mut g = inner.state.lock();
             sub.submit()?;
-            let id = g.next_submission;
-            g.next_submission += 1;
-            g.in_flight.push((id, sub.fence));
-            id
+            g.track(sub.fence)
         };
         let waited = sub.wait();
-        inner.state.lock().in_flight.retain(|&(i, _)| i != id);
+        inner.state.lock().untrack(id);
         drop(sub);
         waited
     }
@@ -195,9 +192,9 @@ impl VulkanMirror {
         let (dir, leaves, mask) = {
             let g = inner.state.lock();
             (
-                g.table.dir_addr(),
-                g.table.leaves_addr(),
-                g.table.dir_mask(),
+                g.table().dir_addr(),
+                g.table().leaves_addr(),
+                g.table().dir_mask(),
             )
         };
         let mut stats = DispatchStats::default();
@@ -561,9 +558,7 @@ impl VulkanMirror {
         };
         let mut g = self.inner.state.lock();
         sub.submit()?;
-        let id = g.next_submission;
-        g.next_submission += 1;
-        g.in_flight.push((id, sub.fence));
+        let id = g.track(sub.fence);
         drop(g);
         held.sub = Some(sub);
         held.id = Some(id);
@@ -584,7 +579,7 @@ impl Drop for HeldWork {
                 tracing::error!(error = %e, "waiting for held work failed");
             }
             if let Some(id) = self.id {
-                self.inner.state.lock().in_flight.retain(|&(i, _)| i != id);
+                self.inner.state.lock().untrack(id);
             }
             drop(sub);
         }

@@ -69,6 +69,7 @@ pub mod migrate;
 pub mod mirror;
 pub mod page_table;
 pub mod scratch;
+mod state;
 
 pub use device::{
     DEVICE_ENV, DeviceInfo, Gpu, GpuConfig, InjectedFailure, VALIDATION_ENV, ValidationCounts,

@@ -20,8 +20,8 @@ use svmirror_core::{Owner, PAGE_SIZE, PageSource, Range};
 
 use crate::error::{Result, VulkanError};
 use crate::memory::{GpuBuffer, Submission};
-use crate::mirror::{DevicePage, Inner, VulkanMirror};
-use crate::page_table::{VALID, WRITE};
+use crate::mirror::{Inner, VulkanMirror};
+use crate::state::DevicePage;
 
 /// This mirror's device memory, as svmirror-mm sees it.
 pub(crate) struct DeviceMemory {
@@ -62,12 +62,7 @@ impl DeviceMemory {
         };
         let gpu = &inner.gpu;
         let mut g = inner.state.lock();
-        let pending: Vec<u64> = g
-            .device_pages
-            .iter()
-            .filter(|(_, p)| matches!(p, DevicePage::Pending(_)))
-            .map(|(&a, _)| a)
-            .collect();
+        let pending = g.pending_pages();
         if pending.is_empty() {
             return Ok(());
         }
@@ -80,7 +75,7 @@ impl DeviceMemory {
         let dst = staging.host_ptr().expect("host-visible staging");
         let mut targets = Vec::with_capacity(pending.len());
         for (i, a) in pending.iter().enumerate() {
-            if let Some(DevicePage::Pending(data)) = g.device_pages.get(a) {
+            if let Some(DevicePage::Pending(data)) = g.device_page(*a) {
                 // SAFETY: `dst` is mapped for `pending.len()` pages; slot `i` is in bounds and
                 // distinct from `data`.
                 unsafe {
@@ -115,9 +110,7 @@ impl DeviceMemory {
         sub.wait()?;
         drop(sub);
         for (a, t) in pending.iter().zip(targets) {
-            let flags = if writable(*a) { VALID | WRITE } else { VALID };
-            g.table.set(*a, t.addr | flags)?;
-            g.device_pages.insert(*a, DevicePage::Resident(t));
+            g.add_resident(*a, t, writable(*a))?;
         }
         drop(g);
         inner.counters.record_map(pending.len() as u64 * PAGE_SIZE);
@@ -131,14 +124,9 @@ impl DeviceMemory {
             return Ok(false);
         };
         let mut g = inner.state.lock();
-        match g.device_pages.get(&page) {
+        match g.device_page(page) {
             None => Ok(false),
-            Some(DevicePage::Resident(b)) => {
-                let flags = if writable { VALID | WRITE } else { VALID };
-                let addr = b.addr;
-                g.table.set(page, addr | flags)?;
-                Ok(true)
-            }
+            Some(DevicePage::Resident(_)) => g.map_resident(page, writable),
             Some(DevicePage::Pending(_)) => {
                 drop(g);
                 // Other pages still pending are mapped read-only: a write to one faults and
@@ -174,10 +162,7 @@ impl DeviceMemory {
     pub(crate) fn release_all(&self) {
         if let Some(inner) = self.inner.upgrade() {
             let mut g = inner.state.lock();
-            let pages = std::mem::take(&mut g.device_pages);
-            for &a in pages.keys() {
-                g.table.clear(page_range(a), true);
-            }
+            let pages = g.take_device_pages();
             if !pages.is_empty() {
                 inner.drain(&g);
             }
@@ -202,7 +187,7 @@ impl DevicePages for DeviceMemory {
         // SAFETY: `DevicePages::copy_out`'s contract: `src` is readable for a page; the device
         // no longer reaches it (drained above).
         unsafe { std::ptr::copy_nonoverlapping(src, data.as_mut_ptr(), data.len()) };
-        g.device_pages.insert(addr, DevicePage::Pending(data));
+        g.add_pending(addr, data);
         drop(g);
         drop(imports);
         inner.counters.record_unmap(bytes);
@@ -212,7 +197,7 @@ impl DevicePages for DeviceMemory {
     fn copy_back(&self, addr: u64, dst: *mut u8) -> std::result::Result<(), svmirror_core::Error> {
         let inner = self.inner(addr)?;
         let mut g = inner.state.lock();
-        match g.device_pages.get(&addr) {
+        match g.device_page(addr) {
             None => return Err(svmirror_core::Error::BadAddress { addr }),
             Some(DevicePage::Pending(data)) => {
                 // SAFETY: `DevicePages::copy_back`'s contract: `dst` is a writable page. The
@@ -224,9 +209,9 @@ impl DevicePages for DeviceMemory {
         }
         // The GPU stops using its copy now; the copy itself is freed by `discard` once the CPU
         // page holds the contents.
-        g.table.clear(page_range(addr), false);
+        g.unmap_device_page(addr, false);
         inner.drain(&g);
-        let Some(DevicePage::Resident(buf)) = g.device_pages.get(&addr) else {
+        let Some(DevicePage::Resident(buf)) = g.device_page(addr) else {
             return Err(svmirror_core::Error::BadAddress { addr });
         };
         Self::download(&inner, buf, dst).map_err(to_core(addr))
@@ -242,8 +227,7 @@ impl DevicePages for DeviceMemory {
             return;
         };
         let mut g = inner.state.lock();
-        if let Some(p) = g.device_pages.remove(&addr) {
-            g.table.clear(page_range(addr), false);
+        if let Some(p) = g.remove_device_page(addr) {
             inner.drain(&g);
             drop(g);
             if matches!(p, DevicePage::Resident(_)) {
@@ -310,16 +294,6 @@ impl VulkanMirror {
 
     /// Pages now in device-local memory, in runs.
     pub fn device_runs(&self) -> Vec<Range> {
-        let g = self.inner.state.lock();
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for &a in g.device_pages.keys() {
-            match runs.last_mut() {
-                Some(r) if r.1 == a => r.1 += PAGE_SIZE,
-                _ => runs.push((a, a + PAGE_SIZE)),
-            }
-        }
-        runs.into_iter()
-            .filter_map(|(s, e)| Range::new(s, e).ok())
-            .collect()
+        self.inner.state.lock().device_runs()
     }
 }

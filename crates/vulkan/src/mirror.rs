@@ -33,17 +33,15 @@
 //! in the in-flight list.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use ash::vk;
 use svmirror_core::MirrorError;
 use svmirror_core::teardown::Action;
 use svmirror_core::{
     AddressSpace, AreaKind, CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest,
     FaultSteps, IntervalNotifierOps, InvalidateCtx, NotifierRange, Owner, PAGE_SIZE, PageSource,
-    Pass, Range, Subscription, Teardown, UpdateGuard, UpdateLock, WouldBlock, entry,
+    Pass, Range, Subscription, Teardown, UpdateGuard, UpdateLock, WouldBlock,
     fault_prepare_and_program,
 };
 
@@ -51,8 +49,9 @@ use crate::device::Gpu;
 use crate::error::{Result, VulkanError};
 use crate::import::{DEFAULT_CHUNK_SIZES, Import, choose_chunk};
 use crate::kernels::Pipelines;
-use crate::memory::{GpuBuffer, wait_fences};
+use crate::memory::wait_fences;
 use crate::page_table::{PageTable, VALID, WRITE};
+use crate::state::State;
 
 /// How to build a [`VulkanMirror`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,77 +100,6 @@ pub struct Resources {
     pub device_pages: u64,
     /// Submissions in flight.
     pub in_flight: u64,
-}
-
-/// A page migrated to device-local memory.
-pub(crate) enum DevicePage {
-    /// Copied out of the CPU; not yet uploaded.
-    Pending(Box<[u8]>),
-    /// In device-local memory.
-    Resident(GpuBuffer),
-}
-
-/// What the update lock guards.
-///
-/// Every valid page-table entry belongs either to a chunk in `chunks` (pointing into its import)
-/// or to a `Resident` page of `device_pages`. A chunk leaves `chunks` only after its entries are
-/// cleared and every fence in `in_flight` at that time has signalled; only then is its import
-/// freed. `in_flight` holds the fence of every submission made and not yet waited for by its
-/// submitter; a submitter removes its fence under this lock before destroying it.
-pub(crate) struct State {
-    pub(crate) chunks: BTreeMap<u64, Import>,
-    pub(crate) table: PageTable,
-    pub(crate) device_pages: BTreeMap<u64, DevicePage>,
-    pub(crate) in_flight: Vec<(u64, vk::Fence)>,
-    pub(crate) next_submission: u64,
-}
-
-impl State {
-    /// Whether `r` overlaps an import or a device page.
-    pub(crate) fn occupied(&self, r: Range) -> bool {
-        let chunk = self
-            .chunks
-            .range(..r.end())
-            .next_back()
-            .is_some_and(|(_, c)| c.range.end() > r.start());
-        chunk || self.device_pages.range(r.start()..r.end()).next().is_some()
-    }
-
-    /// The chunk holding `addr`.
-    pub(crate) fn chunk_at(&self, addr: u64) -> Option<Range> {
-        self.chunks
-            .range(..=addr)
-            .next_back()
-            .filter(|(_, c)| c.range.contains(addr))
-            .map(|(_, c)| c.range)
-    }
-
-    /// Removes every chunk overlapping `r`, clearing its entries; returns the imports to free
-    /// once the device is idle there, and the bytes they covered.
-    pub(crate) fn take_chunks(&mut self, r: Range, free_leaves: bool) -> (Vec<Import>, u64) {
-        let starts: Vec<u64> = self
-            .chunks
-            .range(..r.end())
-            .rev()
-            .take_while(|(_, c)| c.range.end() > r.start())
-            .map(|(&s, _)| s)
-            .collect();
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for s in starts {
-            if let Some(c) = self.chunks.remove(&s) {
-                self.table.clear(c.range, free_leaves);
-                bytes += c.range.len();
-                out.push(c);
-            }
-        }
-        (out, bytes)
-    }
-
-    /// Fences of every submission in flight.
-    pub(crate) fn fences(&self) -> Vec<vk::Fence> {
-        self.in_flight.iter().map(|&(_, f)| f).collect()
-    }
 }
 
 /// The backend half the notifier calls.
@@ -237,23 +165,17 @@ impl Teardown for Inner {
         _event: Event,
         blockable: bool,
     ) -> std::result::Result<(u64, Vec<Import>), WouldBlock> {
-        if !blockable && !g.in_flight.is_empty() && g.occupied(r) {
+        if !blockable && g.in_flight() > 0 && g.occupied(r) {
             return Err(WouldBlock);
         }
         let (imports, bytes) = match action {
-            Action::Downgrade => (Vec::new(), g.table.protect(r) * PAGE_SIZE),
+            Action::Downgrade => (Vec::new(), g.protect(r) * PAGE_SIZE),
             Action::FreeLeaves | Action::Clear => {
                 let free_leaves = action == Action::FreeLeaves;
                 let (imports, bytes) = g.take_chunks(r, free_leaves);
-                let dev: Vec<u64> = g
-                    .device_pages
-                    .range(r.start()..r.end())
-                    .map(|(&a, _)| a)
-                    .collect();
                 let mut dev_bytes = 0;
-                for a in dev {
-                    let page = Range::with_len(a, PAGE_SIZE).expect("page");
-                    dev_bytes += g.table.clear(page, free_leaves) * PAGE_SIZE;
+                for a in g.device_pages_in(r) {
+                    dev_bytes += g.unmap_device_page(a, free_leaves) * PAGE_SIZE;
                 }
                 (imports, bytes + dev_bytes)
             }
@@ -326,13 +248,7 @@ impl VulkanMirror {
             gpu: gpu.clone(),
             range,
             owner: Owner(w.as_ptr() as u64),
-            state: UpdateLock::new(State {
-                chunks: BTreeMap::new(),
-                table,
-                device_pages: BTreeMap::new(),
-                in_flight: Vec::new(),
-                next_submission: 0,
-            }),
+            state: UpdateLock::new(State::new(table)),
             counters: Counters::default(),
             config,
         });
@@ -389,19 +305,20 @@ impl VulkanMirror {
     /// What the mirror holds now.
     pub fn resources(&self) -> Resources {
         let g = self.inner.state.lock();
+        let (imports, imported_bytes) = g.imports();
         Resources {
-            imports: g.chunks.len() as u64,
-            imported_bytes: g.chunks.values().map(|c| c.range.len()).sum(),
-            mapped_pages: g.table.mapped_pages(),
-            leaves: g.table.leaves_in_use(),
-            device_pages: g.device_pages.len() as u64,
-            in_flight: g.in_flight.len() as u64,
+            imports,
+            imported_bytes,
+            mapped_pages: g.table().mapped_pages(),
+            leaves: g.table().leaves_in_use(),
+            device_pages: g.device_page_count(),
+            in_flight: g.in_flight(),
         }
     }
 
     /// The page-table entry of the page at `addr`: `Some(writable)` when mapped.
     pub fn entry(&self, addr: u64) -> Option<bool> {
-        let e = self.inner.state.lock().table.get(addr & !(PAGE_SIZE - 1));
+        let e = self.inner.state.lock().entry(addr & !(PAGE_SIZE - 1));
         (e & VALID != 0).then_some(e & WRITE != 0)
     }
 
@@ -504,14 +421,13 @@ impl VulkanMirror {
             }
             let existing = {
                 let g = inner.state.lock();
-                let e = g.table.get(page);
-                if e & VALID != 0 && (!write || e & WRITE != 0) {
+                if g.maps(page, write) {
                     return Ok(());
                 }
                 g.chunk_at(page)
             };
             let (allowed, vma_write) = self.mapping_around(page, write)?;
-            if inner.state.lock().device_pages.contains_key(&page) {
+            if inner.state.lock().is_device_page(page) {
                 // In device memory: mapped as writable as its device-private entry is (the PTE
                 // it replaced, less what an SVM API mprotect took away since). A write that
                 // entry does not allow brings the page home, as the kernel's write fault on a
@@ -539,7 +455,7 @@ impl VulkanMirror {
                 Some(c) => c,
                 None => {
                     let g = inner.state.lock();
-                    let count = g.chunks.len() as u32;
+                    let count = g.imports().0 as u32;
                     if count >= inner.config.max_imports {
                         return Err(VulkanError::TooManyAllocations {
                             count,
@@ -589,46 +505,19 @@ impl VulkanMirror {
                         // Another fault imported around here meanwhile: use what it mapped.
                         Some(_) if g.occupied(chunk) => None,
                         Some(i) => Some(i.addr),
-                        None => match g.chunks.get(&chunk.start()) {
-                            Some(c) if c.range == chunk => Some(c.addr),
-                            _ => None,
-                        },
+                        None => g.chunk_base(chunk),
                     };
                     let Some(base) = base else {
                         garbage.borrow_mut().extend(import);
                         return Ok(false);
                     };
-                    let mut result = Ok(());
-                    for (i, &e) in req.entries.iter().enumerate() {
-                        if !entry::is_valid(e) || e & entry::DEVICE_PRIVATE != 0 {
-                            continue;
-                        }
-                        let off = i as u64 * PAGE_SIZE;
-                        let flags = if entry::is_writable(e) {
-                            VALID | WRITE
-                        } else {
-                            VALID
-                        };
-                        result = g.table.set(chunk.start() + off, (base + off) | flags);
-                        if result.is_err() {
-                            break;
-                        }
-                    }
-                    if let Err(e) = result {
-                        // Fail closed: nothing of this chunk stays mapped, and its import goes
+                    if let Err((e, gone)) = g.map_chunk(chunk, base, req.entries, import) {
+                        // Fail closed: nothing of this chunk stays mapped, and its imports go
                         // once work in flight, which may have seen the entries just written,
                         // is done.
-                        g.table.clear(chunk, true);
-                        let mut gone = garbage.borrow_mut();
-                        match import {
-                            Some(i) => gone.push(i),
-                            None => gone.extend(g.take_chunks(chunk, true).0),
-                        }
+                        garbage.borrow_mut().extend(gone);
                         inner.drain(g);
                         return Err(e);
-                    }
-                    if let Some(i) = import {
-                        g.chunks.insert(chunk.start(), i);
                     }
                     Ok(true)
                 },
@@ -726,10 +615,7 @@ impl svmirror_core::Mirror for VulkanMirror {
                 let g = self.inner.state.lock();
                 (range.start()..range.end())
                     .step_by(PAGE_SIZE as usize)
-                    .all(|p| {
-                        let e = g.table.get(p);
-                        e & VALID != 0 && (!write || e & WRITE != 0)
-                    })
+                    .all(|p| g.maps(p, write))
             };
             if mapped {
                 return Ok(svmirror_core::InFlight::new(held));
