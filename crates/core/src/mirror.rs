@@ -11,8 +11,10 @@ use crate::counters::CounterSnapshot;
 use crate::error::Error;
 use crate::range::{Owner, Range};
 
-/// The errors every backend shares at the [`Mirror`] contract. A backend's own error type
-/// keeps the detail; this is what a caller holding a `dyn Mirror` can act on.
+/// The errors every backend shares: the one vocabulary for what is not specific to a device.
+/// Each backend's own error type embeds it (a `Mirror` variant) rather than repeating these
+/// cases, and converts into it, so a caller holding a `dyn Mirror` matches the same variants
+/// whatever the backend; what is specific to a device arrives as [`Device`](Self::Device).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MirrorError {
@@ -23,6 +25,23 @@ pub enum MirrorError {
         addr: u64,
         /// The mirrored range.
         range: Range,
+    },
+    /// A range asked for is empty, unaligned or overflows.
+    #[error("address range at {addr:#x} with length {len:#x} is invalid")]
+    InvalidRange {
+        /// Requested start.
+        addr: u64,
+        /// Requested length.
+        len: u64,
+        /// What the range check said.
+        #[source]
+        source: Error,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong.
+        reason: &'static str,
     },
     /// The core refused: the page cannot be mapped that way (a hole, a write to a read-only
     /// mapping), the fault kept racing invalidations past its time limit, the address space
@@ -49,6 +68,17 @@ pub enum MirrorError {
 }
 
 impl MirrorError {
+    /// A [`Core`](Self::Core) error maker for `op` on `range`, for `map_err`.
+    pub fn refused(op: &'static str, range: Range) -> impl FnOnce(Error) -> MirrorError {
+        move |source| MirrorError::Core { op, range, source }
+    }
+
+    /// Checks `[addr, addr + len)` as a range: an [`InvalidRange`](Self::InvalidRange) error
+    /// if it is empty, unaligned or overflows.
+    pub fn range(addr: u64, len: u64) -> Result<Range, MirrorError> {
+        Range::with_len(addr, len).map_err(|source| MirrorError::InvalidRange { addr, len, source })
+    }
+
     /// The core's error underneath, if the core refused.
     pub fn core(&self) -> Option<&Error> {
         match self {

@@ -1,7 +1,7 @@
 //! svmirror-vulkan's one error type.
 
 use ash::vk;
-use svmirror_core::Range;
+use svmirror_core::{MirrorError, Range};
 
 /// Result with the crate's [`VulkanError`].
 pub type Result<T, E = VulkanError> = std::result::Result<T, E>;
@@ -40,31 +40,10 @@ pub enum VulkanError {
         /// What it lacks (extensions, features).
         missing: Vec<&'static str>,
     },
-    /// A configuration value is out of range.
-    #[error("invalid configuration: {reason}")]
-    InvalidConfig {
-        /// What is wrong.
-        reason: &'static str,
-    },
-    /// A pointer range is empty, unaligned or overflows.
-    #[error("address range at {addr:#x} with length {len:#x} is invalid")]
-    InvalidRange {
-        /// Requested start.
-        addr: u64,
-        /// Requested length.
-        len: u64,
-        /// What the range check said.
-        #[source]
-        source: svmirror_core::Error,
-    },
-    /// An address lies outside the mirrored range.
-    #[error("address {addr:#x} is outside the mirrored range {range}")]
-    OutsideMirror {
-        /// The address.
-        addr: u64,
-        /// The mirrored range.
-        range: Range,
-    },
+    /// What every backend can say (an invalid range or configuration, an address outside the
+    /// mirror, the core refusing): the shared vocabulary, [`MirrorError`].
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
     /// The device faulted on an address no mapping backs, or one it may not access that way.
     #[error("device fault at {addr:#x} (write: {write}) cannot be resolved")]
     Fault {
@@ -72,17 +51,6 @@ pub enum VulkanError {
         addr: u64,
         /// Whether it was a write.
         write: bool,
-        /// What the core said.
-        #[source]
-        source: svmirror_core::Error,
-    },
-    /// The core refused an operation (subscription, fault loop).
-    #[error("{op} of {range} failed in the core")]
-    Core {
-        /// What was being done.
-        op: &'static str,
-        /// The range.
-        range: Range,
         /// What the core said.
         #[source]
         source: svmirror_core::Error,

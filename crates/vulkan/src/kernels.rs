@@ -12,6 +12,7 @@ use ash::vk;
 use crate::conv::vk_err;
 use crate::device::Gpu;
 use crate::error::{Result, VulkanError};
+use svmirror_core::MirrorError;
 
 /// A kernel the backend can dispatch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -249,9 +250,9 @@ impl Pipelines {
         };
         for m in Module::ALL {
             let code = ash::util::read_spv(&mut std::io::Cursor::new(m.spirv())).map_err(|_| {
-                VulkanError::InvalidConfig {
+                VulkanError::Mirror(MirrorError::InvalidConfig {
                     reason: "committed SPIR-V is malformed (run cargo xtask shaders)",
-                }
+                })
             })?;
             let mi = vk::ShaderModuleCreateInfo::default().code(&code);
             // SAFETY: `code` is SPIR-V that passed spirv-val in `cargo xtask shaders --check`.

@@ -14,6 +14,7 @@ use gpu_allocator::vulkan::{Allocation, AllocationCreateDesc, AllocationScheme};
 use crate::conv::{alloc_err, vk_err};
 use crate::device::{Gpu, InjectedFailure};
 use crate::error::{Result, VulkanError};
+use svmirror_core::MirrorError;
 
 /// A buffer with its own gpu-allocator allocation, usable as a storage buffer by device address
 /// and as a copy source and destination. Freed on drop.
@@ -49,9 +50,9 @@ impl GpuBuffer {
         name: &str,
     ) -> Result<Self> {
         if size == 0 {
-            return Err(VulkanError::InvalidConfig {
+            return Err(VulkanError::Mirror(MirrorError::InvalidConfig {
                 reason: "buffer size must not be zero",
-            });
+            }));
         }
         if gpu.take_injected(InjectedFailure::OutOfDeviceMemory) {
             return Err(VulkanError::OutOfDeviceMemory { bytes: size });

@@ -16,6 +16,7 @@ use std::sync::{Arc, Weak};
 
 use gpu_allocator::MemoryLocation;
 use svmirror_core::DevicePages;
+use svmirror_core::MirrorError;
 use svmirror_core::{Owner, PAGE_SIZE, PageSource, Range};
 
 use crate::error::{Result, VulkanError};
@@ -253,21 +254,13 @@ impl VulkanMirror {
         let moved = self
             .mm
             .migrate_to_device(range, self.device_memory.clone())
-            .map_err(|source| VulkanError::Core {
-                op: "migrate to device",
-                range,
-                source,
-            })?;
+            .map_err(MirrorError::refused("migrate to device", range))?;
         // Each page as writable as its device-private entry: the PTE it replaced was
         // (mm/migrate_device.c), and its mapping still is.
         let mut ptes = vec![svmirror_core::CpuPte::None; range.pages() as usize];
         self.mm
             .snapshot(range.start(), &mut ptes)
-            .map_err(|source| VulkanError::Core {
-                op: "look up the migrated pages",
-                range,
-                source,
-            })?;
+            .map_err(MirrorError::refused("look up the migrated pages", range))?;
         let writable = |a: u64| {
             range.contains(a)
                 && matches!(
@@ -283,13 +276,13 @@ impl VulkanMirror {
     /// many came back.
     pub fn migrate_to_ram(&self, addr: u64, len: u64) -> Result<u64> {
         let range = self.check_range(addr, len)?;
-        self.mm
-            .migrate_to_ram(range)
-            .map_err(|source| VulkanError::Core {
+        self.mm.migrate_to_ram(range).map_err(|source| {
+            VulkanError::Mirror(MirrorError::Core {
                 op: "migrate to RAM",
                 range,
                 source,
             })
+        })
     }
 
     /// Pages now in device-local memory, in runs.

@@ -231,14 +231,14 @@ impl VulkanMirror {
                 .iter()
                 .any(|s| !s.is_power_of_two() || *s < PAGE_SIZE || *s > crate::page_table::BLOCK)
         {
-            return Err(VulkanError::InvalidConfig {
+            return Err(VulkanError::Mirror(MirrorError::InvalidConfig {
                 reason: "chunk sizes must be powers of two from 4 KiB to 2 MiB",
-            });
+            }));
         }
         if config.fault_capacity == 0 || config.max_passes == 0 {
-            return Err(VulkanError::InvalidConfig {
+            return Err(VulkanError::Mirror(MirrorError::InvalidConfig {
                 reason: "fault capacity and passes must not be zero",
-            });
+            }));
         }
         let mut config = config;
         config.chunk_sizes.sort_unstable_by(|a, b| b.cmp(a));
@@ -255,11 +255,7 @@ impl VulkanMirror {
         let sub = mm
             .notifier()
             .insert(range, inner.clone())
-            .map_err(|source| VulkanError::Core {
-                op: "subscribe",
-                range,
-                source,
-            })?;
+            .map_err(MirrorError::refused("subscribe", range))?;
         let device_memory = crate::migrate::DeviceMemory::new(&inner);
         tracing::debug!(%range, device = %gpu.info.name, "vulkan mirror ready");
         Ok(VulkanMirror {
@@ -346,12 +342,12 @@ impl VulkanMirror {
             (_, Some(end)) => Range::new(start, end),
             (_, None) => Range::with_len(addr, len),
         }
-        .map_err(|source| VulkanError::InvalidRange { addr, len, source })?;
+        .map_err(|source| VulkanError::Mirror(MirrorError::InvalidRange { addr, len, source }))?;
         if r.start() < self.inner.range.start() || r.end() > self.inner.range.end() {
-            return Err(VulkanError::OutsideMirror {
+            return Err(VulkanError::Mirror(MirrorError::OutsideMirror {
                 addr,
                 range: self.inner.range,
-            });
+            }));
         }
         Ok(r)
     }
@@ -363,10 +359,10 @@ impl VulkanMirror {
         let window = Range::with_len(page & !(block - 1), block)
             .ok()
             .and_then(|w| w.intersect(&self.inner.range))
-            .ok_or(VulkanError::OutsideMirror {
+            .ok_or(VulkanError::Mirror(MirrorError::OutsideMirror {
                 addr: page,
                 range: self.inner.range,
-            })?;
+            }))?;
         let mut at = window.start();
         loop {
             let a = self
@@ -402,10 +398,10 @@ impl VulkanMirror {
         let inner = &*self.inner;
         let page = page & !(PAGE_SIZE - 1);
         if !inner.range.contains(page) {
-            return Err(VulkanError::OutsideMirror {
+            return Err(VulkanError::Mirror(MirrorError::OutsideMirror {
                 addr: page,
                 range: inner.range,
-            });
+            }));
         }
         let _span = tracing::trace_span!("vulkan.fault", page, write).entered();
         let started = Instant::now();
@@ -651,10 +647,7 @@ impl svmirror_core::Mirror for VulkanMirror {
 impl From<VulkanError> for MirrorError {
     fn from(e: VulkanError) -> Self {
         match e {
-            VulkanError::OutsideMirror { addr, range } => {
-                MirrorError::OutsideMirror { addr, range }
-            }
-            VulkanError::Core { op, range, source } => MirrorError::Core { op, range, source },
+            VulkanError::Mirror(m) => m,
             VulkanError::Fault {
                 addr,
                 write,

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use gpu_allocator::MemoryLocation;
+use svmirror_core::MirrorError;
 use svmirror_core::{PAGE_SHIFT, PAGE_SIZE, Range};
 
 use crate::device::Gpu;
@@ -65,9 +66,9 @@ impl PageTable {
     /// A table of `leaf_count` leaves (each maps 2 MiB) and a directory twice that size.
     pub(crate) fn new(gpu: &Arc<Gpu>, leaf_count: u32) -> Result<Self> {
         if leaf_count == 0 || leaf_count > 1 << 20 {
-            return Err(VulkanError::InvalidConfig {
+            return Err(VulkanError::Mirror(MirrorError::InvalidConfig {
                 reason: "page table leaves must be 1 to 2^20",
-            });
+            }));
         }
         let slots = (u64::from(leaf_count) * 2).next_power_of_two();
         let dir = GpuBuffer::new(gpu, slots * 16, MemoryLocation::CpuToGpu, "svm page dir")?;

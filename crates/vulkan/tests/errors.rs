@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use svmirror_core::MirrorError;
 use svmirror_vulkan::{
     Dispatch, Gpu, GpuConfig, InjectedFailure, Kernel, MirrorConfig, VulkanError, VulkanMirror,
 };
@@ -22,23 +23,30 @@ fn bad_ranges_are_typed_errors() {
     let buf = anon(&rig.mm, 2);
     assert!(matches!(
         m.prefetch(buf.start(), 0, false),
-        Err(VulkanError::InvalidRange { len: 0, .. })
+        Err(VulkanError::Mirror(MirrorError::InvalidRange {
+            len: 0,
+            ..
+        }))
     ));
     assert!(matches!(
         m.prefetch(u64::MAX - 10, 100, false),
-        Err(VulkanError::InvalidRange { .. }) | Err(VulkanError::OutsideMirror { .. })
+        Err(VulkanError::Mirror(MirrorError::InvalidRange { .. }))
+            | Err(VulkanError::Mirror(MirrorError::OutsideMirror { .. }))
     ));
     assert!(matches!(
         m.prefetch(0, PAGE, false),
-        Err(VulkanError::OutsideMirror { addr: 0, .. })
+        Err(VulkanError::Mirror(MirrorError::OutsideMirror {
+            addr: 0,
+            ..
+        }))
     ));
     assert!(matches!(
         m.prefetch(1 << 50, PAGE, false),
-        Err(VulkanError::OutsideMirror { .. })
+        Err(VulkanError::Mirror(MirrorError::OutsideMirror { .. }))
     ));
     assert!(matches!(
         m.migrate_to_device(buf.start(), 0),
-        Err(VulkanError::InvalidRange { .. })
+        Err(VulkanError::Mirror(MirrorError::InvalidRange { .. }))
     ));
     assert!(matches!(
         Dispatch::new(Kernel::Stream, 1, &[0; 10]),
@@ -109,7 +117,10 @@ fn bad_configurations_are_refused() {
     ] {
         let r = VulkanMirror::new(gpu.clone(), mm(), range, config.clone());
         assert!(
-            matches!(r, Err(VulkanError::InvalidConfig { .. })),
+            matches!(
+                r,
+                Err(VulkanError::Mirror(MirrorError::InvalidConfig { .. }))
+            ),
             "{config:?}"
         );
     }
