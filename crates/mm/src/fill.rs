@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use svmirror_core::{Error, NotifierRange, PAGE_SIZE, Range};
 
-use crate::process::{BackCause, Shared, bump, source_err};
+use crate::book::BackCause;
+use crate::buffers::Bounce;
+use crate::shared::{Shared, bump, source_err};
 
 /// How long a fill waits for queued events to be read before it gives up (the page stays where
 /// it was: on the device, or missing, and its waiters are woken to fault again).
@@ -276,7 +278,7 @@ impl Shared {
         if pages.is_empty() {
             return Ok(0);
         }
-        let bounce = crate::monitor::Bounce::new().map_err(|e| source_err(range.start(), e))?;
+        let bounce = Bounce::new().map_err(|e| source_err(range.start(), e))?;
         let mut back = 0;
         for page in pages {
             if self.bring_back(page, bounce.ptr(), Caller::Other, cause)? == Back::Landed {

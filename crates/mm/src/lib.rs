@@ -61,7 +61,10 @@
 //! ```
 #![cfg(target_os = "linux")]
 
+mod book;
+mod buffers;
 mod error;
+mod events;
 mod fill;
 mod limits;
 mod maps;
@@ -70,8 +73,11 @@ mod monitor;
 mod pagemap;
 mod populate;
 mod process;
+mod queue;
+mod register;
 #[cfg(feature = "scenarios")]
 pub mod scenarios;
+mod shared;
 mod svm;
 mod uapi;
 mod uffd;
@@ -80,6 +86,7 @@ mod zap;
 
 use svmirror_core::{Area, AreaKind, CpuPte, Error, PAGE_SHIFT, PAGE_SIZE, PageSource, Range};
 
+pub use crate::book::DevicePages;
 pub use crate::error::MmError;
 pub use crate::limits::{
     MemlockLimit, VM_PIN_SETTLE, memlock_limit, raise_memlock_limit, settled_vm_pinned_bytes,
@@ -87,7 +94,8 @@ pub use crate::limits::{
 };
 use crate::maps::Maps;
 use crate::pagemap::Pagemap;
-pub use crate::process::{DevicePages, MmFeatures, MmStats, ProcessMm, Unregistrable};
+pub use crate::process::{MmFeatures, MmStats, ProcessMm};
+pub use crate::register::Unregistrable;
 pub use crate::svm::{Advice, Protection};
 pub use crate::uffd::{UffdAccess, feature as uffd_feature};
 pub use crate::zap::{ZAP_SUSPECT_WAIT, ZAP_WAIT};

@@ -20,8 +20,9 @@ use std::sync::Arc;
 
 use svmirror_core::{CpuPte, PAGE_SHIFT, PageSource, Range};
 
+use crate::book::{BackCause, DevicePages};
 use crate::error::MmError;
-use crate::process::{BackCause, DevicePages, ProcessMm};
+use crate::process::ProcessMm;
 use crate::uffd::{self, MODE_MISSING, MODE_WP};
 
 impl ProcessMm {
@@ -174,7 +175,8 @@ mod tests {
     use svmirror_core::testing::TestMirror;
     use svmirror_core::{Error, Event, Owner, PAGE_SIZE, Range};
 
-    use crate::process::{DevicePages, ProcessMm};
+    use crate::book::DevicePages;
+    use crate::process::ProcessMm;
     use crate::svm::Protection;
 
     /// Test double for a backend's device memory: pages by the address they left from, and

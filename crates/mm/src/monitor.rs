@@ -16,382 +16,38 @@
 //! never touches monitored memory: its read buffer and the queue's ring live in mappings of
 //! its own that no device ever faults (so they are never registered). Messages stay in the
 //! ring until handled, so a thread bringing a page back can see every event that has been read
-//! and not yet handled ([`Queue::pending_change`]). The ring holds [`RING`] messages; every
-//! unhandled message has a thread waiting on it (a faulting thread, or an event's thread until
-//! the read), so the ring fills only with that many threads blocked at once, and then the
-//! reader waits for room.
+//! and not yet handled ([`Queue::pending_change`](crate::queue::Queue::pending_change)). The
+//! ring holds [`RING`] messages; every unhandled message has a thread waiting on it (a faulting
+//! thread, or an event's thread until the read), so the ring fills only with that many threads
+//! blocked at once, and then the reader waits for room.
+//!
+//! Above the event handling: the handler hands each message to `events.rs` (UNMAP, REMAP,
+//! FORK, REMOVE), `zap.rs` (the REMOVE holds it keeps) or `fill.rs` (missing faults), and the
+//! threads reach the queue and the shared state through [`Shared`]. Only the API
+//! (`process.rs`) imports this module: it starts and stops the monitor. The whole graph is in
+//! `process.rs`.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use svmirror_core::PAGE_SIZE;
 
+use crate::buffers::{Bounce, Buffers, PrivateMap};
 use crate::error::MmError;
 use crate::fill::Caller;
-use crate::process::Shared;
+use crate::queue::{BATCH, EMPTY_READ, RING};
+use crate::shared::Shared;
 use crate::uffd::{self, UffdMsg};
-use crate::zap::{LAZY_AT_READ, PendingZap, SUSPECT_POLL};
+use crate::zap::{PendingZap, SUSPECT_POLL};
 
 /// How often the handler looks at pending zaps while no message arrives.
 const ZAP_POLL: Duration = Duration::from_micros(100);
-
-/// Messages read per `read(2)`.
-const BATCH: usize = 64;
-/// Messages read and not yet handled, at most.
-pub(crate) const RING: usize = 1024;
-/// Pages the reader records, over all REMOVE events read and not yet handled (`zap.rs`): the
-/// frames present when the event was read, before its caller can zap them.
-const SNAP: usize = 8192;
-
-/// The `event` of a ring entry that closes an empty read: no message, only the batch count.
-const EMPTY_READ: u8 = 0;
-
-/// A private anonymous mapping of `len` bytes that the kernel never merges into a neighbour
-/// (so a device fault next door, which registers its whole VMA, never registers it).
-struct PrivateMap {
-    base: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is owned outright (nothing else has the pointer); what is stored in it is
-// accessed under the rules of its owner (`Buffers`: one thread; `Queue`: its mutex).
-unsafe impl Send for PrivateMap {}
-// SAFETY: as above; shared access goes through `Queue`'s mutex.
-unsafe impl Sync for PrivateMap {}
-
-impl PrivateMap {
-    fn new(len: usize) -> io::Result<Self> {
-        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        // A VMA flag its neighbours lack keeps the kernel from merging this mapping into an
-        // adjacent anonymous one: merged, a device fault next door could register it with the
-        // userfaultfd, and the monitor's own munmap of it would then wait for the monitor.
-        // SAFETY: MADV_DONTFORK on our own fresh mapping changes a VMA flag, not its contents.
-        let rc = unsafe { libc::madvise(p, len, libc::MADV_DONTFORK) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            // SAFETY: the mapping made above, unmapped once.
-            unsafe { libc::munmap(p, len) };
-            return Err(e);
-        }
-        Ok(PrivateMap {
-            base: p.cast(),
-            len,
-        })
-    }
-}
-
-impl Drop for PrivateMap {
-    fn drop(&mut self) {
-        // SAFETY: `base`/`len` are exactly the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
-    }
-}
-
-/// The queue between the reader and the handler: a ring of messages in a mapping of its own.
-pub(crate) struct Queue {
-    state: Mutex<QueueState>,
-    /// Signalled when messages arrive, or the queue closes or fails.
-    ready: Condvar,
-    /// Signalled (to all) when the handler is done with a message: the reader waits for room,
-    /// [`Queue::settle`] for the changes it found.
-    room: Condvar,
-    /// `RING` messages, then `RING` bytes: whether the message ends a read's batch.
-    ring: PrivateMap,
-    /// `RING` snapshot references (one per message slot), then `SNAP` (address, frame) pairs.
-    snaps: PrivateMap,
-}
-
-/// Where a REMOVE message's page snapshot lies in the snapshot ring.
-#[derive(Clone, Copy, Debug, Default)]
-struct SnapRef {
-    start: u64,
-    len: u32,
-    /// 1 if the snapshot was taken (it did not fit, or pagemap failed, otherwise).
-    ok: u32,
-}
-
-pub(crate) struct QueueState {
-    /// The oldest message not yet handled (it may be being handled now).
-    head: u64,
-    /// Where the next message read goes.
-    tail: u64,
-    /// The reader has stopped: nothing more will arrive.
-    closed: bool,
-    /// The reader saw the userfaultfd fail (or a failure was injected): the handler fails
-    /// closed. Static, so the reader never allocates.
-    failure: Option<&'static str>,
-    /// The snapshot ring's oldest entry still owned by an unhandled message, and its end.
-    snap_head: u64,
-    snap_tail: u64,
-}
-
-impl Queue {
-    pub(crate) fn new() -> io::Result<Self> {
-        let len = RING * (std::mem::size_of::<UffdMsg>() + 1);
-        Ok(Queue {
-            state: Mutex::new(QueueState {
-                head: 0,
-                tail: 0,
-                closed: false,
-                failure: None,
-                snap_head: 0,
-                snap_tail: 0,
-            }),
-            ready: Condvar::new(),
-            room: Condvar::new(),
-            ring: PrivateMap::new(len.next_multiple_of(PAGE_SIZE as usize))?,
-            snaps: PrivateMap::new(
-                (RING * std::mem::size_of::<SnapRef>() + SNAP * 16)
-                    .next_multiple_of(PAGE_SIZE as usize),
-            )?,
-        })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn slot(&self, i: u64) -> (*mut UffdMsg, *mut u8) {
-        let i = (i % RING as u64) as usize;
-        let msgs = self.ring.base.cast::<UffdMsg>();
-        let ends = self
-            .ring
-            .base
-            .wrapping_add(RING * std::mem::size_of::<UffdMsg>());
-        (msgs.wrapping_add(i), ends.wrapping_add(i))
-    }
-
-    /// The entry at `i`; the caller holds the lock and `head <= i < tail`.
-    fn get(&self, _held: &QueueState, i: u64) -> (UffdMsg, bool) {
-        let (m, e) = self.slot(i);
-        // SAFETY: `slot` points into our ring mapping, aligned (page aligned base, whole
-        // messages); the lock (proved by `_held`) orders this read after the reader's write.
-        let msg = unsafe { m.read() };
-        // SAFETY: as above, for the entry's end-of-batch byte.
-        let end = unsafe { e.read() };
-        (msg, end != 0)
-    }
-
-    /// Stores an entry at `tail`; the caller holds the lock and made sure there is room.
-    fn put(&self, st: &mut QueueState, m: &UffdMsg, end: bool) {
-        let (p, e) = self.slot(st.tail);
-        // SAFETY: as in `get`; the slot at `tail` is free (`tail - head < RING`).
-        unsafe { p.write(*m) };
-        // SAFETY: as above, for the entry's end-of-batch byte.
-        unsafe { e.write(u8::from(end)) };
-        st.tail += 1;
-    }
-
-    fn snap_ref(&self, i: u64) -> *mut SnapRef {
-        let i = (i % RING as u64) as usize;
-        self.snaps.base.cast::<SnapRef>().wrapping_add(i)
-    }
-
-    fn snap_pair(&self, j: u64) -> *mut [u64; 2] {
-        let j = (j % SNAP as u64) as usize;
-        self.snaps
-            .base
-            .wrapping_add(RING * std::mem::size_of::<SnapRef>())
-            .cast::<[u64; 2]>()
-            .wrapping_add(j)
-    }
-
-    /// On the reader, for the REMOVE just stored at `tail - 1`: records the frames present in
-    /// its range now, before the thread the read released can zap them. No allocation.
-    ///
-    /// Where frame flags are readable, a page that is lazy-free already (an earlier MADV_FREE
-    /// marked it) is recorded with [`LAZY_AT_READ`]: being lazy-free then says nothing about
-    /// this REMOVE's zap, which may be a DONTNEED still to come.
-    fn snapshot_remove(
-        &self,
-        st: &mut QueueState,
-        source: &crate::ProcessPageSource,
-        flags: Option<&crate::pagemap::PageFlags>,
-        m: &UffdMsg,
-    ) {
-        let slot = st.tail - 1;
-        let start = st.snap_tail;
-        let mut len = 0u64;
-        let mut fits = true;
-        // A range with more pages than there is room for is not read at all (the handler
-        // reads it when it gets to it).
-        let room = SNAP as u64 - (st.snap_tail - st.snap_head);
-        let r = svmirror_core::Range::new(m.arg[0], m.arg[1])
-            .ok()
-            .filter(|r| r.pages() <= room)
-            .ok_or(svmirror_core::Error::EmptyRange {
-                start: m.arg[0],
-                end: m.arg[1],
-            });
-        let read = r.map_err(|_| ()).and_then(|r| {
-            source
-                .each_present(r, |addr, pfn| {
-                    if start + len - st.snap_head >= SNAP as u64 {
-                        fits = false;
-                        return;
-                    }
-                    // SAFETY: a pair inside our snapshot mapping, aligned; under the queue
-                    // lock (held by the caller), and free (`snap_tail - snap_head < SNAP`).
-                    unsafe { self.snap_pair(start + len).write([addr, pfn]) };
-                    len += 1;
-                })
-                .map_err(|_| ())
-        });
-        let ok = read.is_ok() && fits;
-        if ok {
-            if let Some(flags) = flags {
-                self.mark_lazy_at_read(flags, start, len);
-            }
-            st.snap_tail = start + len;
-        }
-        let rf = SnapRef {
-            start,
-            len: if ok { len as u32 } else { 0 },
-            ok: u32::from(ok),
-        };
-        // SAFETY: the reference slot of message `slot`, inside our mapping; under the lock.
-        unsafe { self.snap_ref(slot).write(rf) };
-    }
-
-    /// Sets [`LAZY_AT_READ`] on the snapshot pairs `start .. start + len` whose frames are
-    /// lazy-free now. The caller holds the lock. No allocation.
-    fn mark_lazy_at_read(&self, flags: &crate::pagemap::PageFlags, start: u64, len: u64) {
-        crate::zap::each_lazy(
-            flags,
-            len as usize,
-            // SAFETY: pairs written just now under the lock the caller holds.
-            |i| unsafe { self.snap_pair(start + i as u64).read() }[1],
-            |i| {
-                let pair = self.snap_pair(start + i as u64);
-                // SAFETY: as above; the pair is ours to rewrite under the lock.
-                unsafe { (*pair)[1] |= LAZY_AT_READ };
-            },
-        );
-    }
-
-    /// On the handler, for the REMOVE at `head`: its snapshot (`None` if it was not taken),
-    /// and the snapshot space it held given back. The caller holds the lock.
-    fn take_snapshot(&self, st: &mut QueueState, head: u64) -> Option<Vec<(u64, u64)>> {
-        // SAFETY: the reference slot of message `head`, written by the reader under the lock.
-        let rf = unsafe { self.snap_ref(head).read() };
-        if rf.ok == 0 {
-            return None;
-        }
-        let pages = (rf.start..rf.start + u64::from(rf.len))
-            .map(|j| {
-                // SAFETY: pairs the reader wrote under the lock, still owned by this message.
-                let [a, f] = unsafe { self.snap_pair(j).read() };
-                (a, f)
-            })
-            .collect();
-        st.snap_head = rf.start + u64::from(rf.len);
-        Some(pages)
-    }
-
-    /// Whether a message read and not yet handled (the one being handled included) changes
-    /// what is mapped at `page`: an UNMAP or REMOVE over it, or a REMAP of it. A page coming
-    /// back from a device must not land there: the change was already made (or is being made)
-    /// by the thread the read released. The caller holds the lock.
-    pub(crate) fn pending_change(&self, st: &QueueState, page: u64) -> bool {
-        (st.head..st.tail).any(|i| changes(&self.get(st, i).0, page, page + PAGE_SIZE))
-    }
-
-    /// Locks the queue: while held, the reader reads nothing, so every event that has been
-    /// read is in the ring.
-    pub(crate) fn hold(&self) -> MutexGuard<'_, QueueState> {
-        self.lock()
-    }
-
-    /// Waits until no message read and not yet handled changes what is mapped in `[start,
-    /// end)` (an UNMAP or REMOVE over part of it, or a REMAP of part of it), or the queue
-    /// closed. A change read after this returns is one whose syscall had not returned when
-    /// this was called.
-    ///
-    /// Returns the count of messages read so far, for [`Queue::changed_since`].
-    pub(crate) fn settle(&self, start: u64, end: u64) -> (u64, bool) {
-        let mut st = self.lock();
-        let mut waited = false;
-        loop {
-            let last = (st.head..st.tail)
-                .rev()
-                .find(|&i| changes(&self.get(&st, i).0, start, end));
-            let Some(last) = last else {
-                return (st.tail, waited);
-            };
-            waited = true;
-            while st.head <= last && !st.closed {
-                st = self.room.wait(st).unwrap_or_else(PoisonError::into_inner);
-            }
-            if st.closed {
-                return (st.tail, waited);
-            }
-        }
-    }
-
-    /// Whether a message read since `since` (a count from [`Queue::settle`]) changes what is
-    /// mapped in `[start, end)`. Handled messages stay readable in the ring until it wraps;
-    /// past that the answer is a conservative `true`.
-    pub(crate) fn changed_since(&self, since: u64, start: u64, end: u64) -> bool {
-        let st = self.lock();
-        if st.tail.saturating_sub(since) > RING as u64 - BATCH as u64 {
-            return true;
-        }
-        (since..st.tail).any(|i| changes(&self.get(&st, i).0, start, end))
-    }
-
-    fn fail(&self, why: &'static str) {
-        self.lock().failure = Some(why);
-        self.ready.notify_all();
-    }
-
-    fn close(&self) {
-        self.lock().closed = true;
-        self.ready.notify_all();
-        self.room.notify_all();
-    }
-}
-
-/// Whether `m` changes what is mapped in `[start, end)`: an UNMAP or REMOVE over part of it,
-/// or a REMAP of part of it.
-fn changes(m: &UffdMsg, start: u64, end: u64) -> bool {
-    match m.event {
-        uffd::EVENT_UNMAP | uffd::EVENT_REMOVE => m.arg[0] < end && start < m.arg[1],
-        uffd::EVENT_REMAP => m.arg[0] < end && start < m.arg[0].saturating_add(m.arg[2]),
-        _ => false,
-    }
-}
-
-/// The handler's page-sized bounce buffer, in a mapping of its own.
-struct Buffers(PrivateMap);
-
-impl Buffers {
-    fn new() -> io::Result<Self> {
-        PrivateMap::new(PAGE_SIZE as usize).map(Buffers)
-    }
-
-    fn page(&self) -> *mut u8 {
-        self.0.base
-    }
-}
 
 /// The reader's read buffer, in a mapping of its own.
 struct ReadBuf(PrivateMap);
@@ -406,20 +62,6 @@ impl ReadBuf {
         // SAFETY: the mapping holds at least BATCH messages, page aligned, and only the reader
         // thread (which owns `self`) uses it; `&mut self` makes this the only view.
         unsafe { std::slice::from_raw_parts_mut(self.0.base.cast::<UffdMsg>(), BATCH) }
-    }
-}
-
-/// A page-sized bounce buffer in a mapping of its own, for bringing a page back from a device
-/// outside the monitor.
-pub(crate) struct Bounce(Buffers);
-
-impl Bounce {
-    pub(crate) fn new() -> io::Result<Self> {
-        Buffers::new().map(Bounce)
-    }
-
-    pub(crate) fn ptr(&self) -> *mut u8 {
-        self.0.page()
     }
 }
 

@@ -1,6 +1,11 @@
 //! Write tracking: which pages the CPU wrote, through userfaultfd's asynchronous write-protect
-//! mode (WP_ASYNC) and PAGEMAP_SCAN. This kernel has no soft-dirty bits; the written ranges are
-//! reported as `SoftDirty` invalidations, which backends ignore and dirty-tracking users consume.
+//! mode (WP_ASYNC) and PAGEMAP_SCAN, which reports the pages written (`PAGE_IS_WRITTEN`: their
+//! protection is gone) and protects them again in the same call. Not through soft-dirty bits:
+//! nothing here reads or clears them (pagemap bit 55, /proc/self/clear_refs); they exist only
+//! with CONFIG_MEM_SOFT_DIRTY (not set on the 6.18 test kernel) and are cleared for the whole
+//! process at once. The written ranges are reported as `SoftDirty` invalidations (as the
+//! kernel's soft-dirty reset notifies `MMU_NOTIFY_SOFT_DIRTY`), which backends ignore and
+//! dirty-tracking users consume.
 
 use std::fs::File;
 use std::io;

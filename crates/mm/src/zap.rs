@@ -37,52 +37,16 @@
 //! - a MADV_FREE's marks show only once the batch they went through drains on the CPU that
 //!   made the call, which no system call does for another CPU: the handler visits each CPU it
 //!   may run on and frees a page of its own there ([`drain_lru_batches`]) while pages wait.
+//!
+//! [`Suspects`]: crate::book::Suspects
 
-use std::collections::BTreeMap;
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use svmirror_core::{Error, Event, Invalidation, NotifierRange, Range};
 
-use crate::pagemap::{PageFlags, lazy_free};
-use crate::process::{Shared, bump};
-
-/// Set on a recorded frame number whose page was lazy-free already when the REMOVE was read
-/// (an earlier MADV_FREE marked it): that it is lazy-free says nothing about this REMOVE's own
-/// zap, which may be a DONTNEED still to come. Frame numbers are below 2^55 (pagemap's PFN
-/// field), so the top bit is free.
-pub(crate) const LAZY_AT_READ: u64 = 1 << 63;
-
-/// Calls `lazy(i)` for each `i < n` whose frame `frame(i)` is lazy-free now, reading the
-/// flags of each run of consecutive frames (a huge page, a populated range) in one read. No
-/// allocation: the monitor's reader calls it.
-pub(crate) fn each_lazy(
-    flags: &PageFlags,
-    n: usize,
-    frame: impl Fn(usize) -> u64,
-    mut lazy: impl FnMut(usize),
-) {
-    const RUN: usize = 512;
-    let mut buf = [0u64; RUN];
-    let mut i = 0;
-    while i < n {
-        let first = frame(i);
-        let mut len = 1;
-        while len < RUN && i + len < n && frame(i + len) == first + len as u64 {
-            len += 1;
-        }
-        let run = &mut buf[..len];
-        // Frame 0 is what a hidden frame number reads as: nothing to look up.
-        if first != 0 && flags.flags_run(first, run).is_ok() {
-            for (k, &f) in run.iter().enumerate() {
-                if lazy_free(f) {
-                    lazy(i + k);
-                }
-            }
-        }
-        i += len;
-    }
-}
+use crate::queue::{LAZY_AT_READ, each_lazy};
+use crate::shared::{Shared, bump};
 
 /// How long a REMOVE invalidation waits for its zap to be seen, at most, after it last saw a
 /// page of it zapped.
@@ -95,56 +59,6 @@ pub const ZAP_SUSPECT_WAIT: Duration = Duration::from_millis(50);
 
 /// How often the monitor's handler looks at the suspect pages again.
 pub(crate) const SUSPECT_POLL: Duration = Duration::from_millis(1);
-
-/// Pages a REMOVE hold left unexplained when its time limit ended it: present, with the
-/// frame they had when the event was read, not marked lazy-free (or lazy-free already then).
-///
-/// The event does not say whether it was a DONTNEED (whose zap is sure to come, however late
-/// its caller runs) or a MADV_FREE that marks nothing (pages lazy-free already, a large folio
-/// it could not split), so the hold cannot wait long: every device fault in the subscription
-/// waits while it is open. Instead the hold ends, and only faults that would report one of
-/// these pages wait ([`ProcessMm`](crate::ProcessMm)'s `snapshot` calls [`Suspects::wait`]),
-/// until the handler sees the page zapped, replaced or marked lazy-free, or for
-/// [`ZAP_SUSPECT_WAIT`] more. Faults elsewhere go on.
-#[derive(Default)]
-pub(crate) struct Suspects {
-    /// page → (frame recorded at the read, possibly with [`LAZY_AT_READ`]; deadline).
-    pages: Mutex<BTreeMap<u64, (u64, Instant)>>,
-    cleared: Condvar,
-}
-
-impl Suspects {
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, (u64, Instant)>> {
-        self.pages.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Whether any page is suspect.
-    pub(crate) fn any(&self) -> bool {
-        !self.lock().is_empty()
-    }
-
-    /// Waits until no page of `[start, end)` is suspect (or every suspect there has expired).
-    /// Called by device faults, with no lock held.
-    pub(crate) fn wait(&self, start: u64, end: u64) {
-        let mut pages = self.lock();
-        loop {
-            let now = Instant::now();
-            let Some(until) = pages
-                .range(start..end)
-                .map(|(_, &(_, d))| d)
-                .filter(|&d| d > now)
-                .max()
-            else {
-                return;
-            };
-            pages = self
-                .cleared
-                .wait_timeout(pages, until - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-    }
-}
 
 /// While pages stay unexplained, the per-CPU LRU batches are drained at most this often (see
 /// [`drain_lru_batches`]), so a MADV_FREE's lazy-free mark becomes visible.

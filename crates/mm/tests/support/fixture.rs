@@ -256,3 +256,8 @@ pub fn populated_at(hint: u64, len: u64) -> Range {
     assert_eq!(sys_madvise(hint, len, libc::MADV_POPULATE_WRITE), 0);
     Range::with_len(hint, len).unwrap()
 }
+
+/// The kernel wait channel of thread `tid` of this process.
+pub fn wchan(tid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan")).unwrap_or_default()
+}
