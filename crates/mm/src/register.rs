@@ -45,7 +45,7 @@ impl Shared {
     /// `mremap` refuses an old range that spans two VMAs with EFAULT (mm/mremap.c,
     /// `vma_to_resize`). Registering part of a program's mapping would therefore make the
     /// program's own `mremap` of it fail. Registering is not mapping: only what a device asks
-    /// for is pinned and mapped ([`crate::Prefetch`] is about that), the rest of the VMA only
+    /// for is pinned and mapped (svmirror-iommu's `Prefetch` is about that), the rest of the VMA only
     /// sends events. Registering an already registered range again is harmless.
     ///
     /// Records are kept exact by the events themselves: every change that can end a

@@ -90,8 +90,9 @@ pub(crate) struct Shared {
     pub(crate) returned: Condvar,
     /// [`Unregistrable`](crate::Unregistrable), as a `u8`.
     pub(crate) unregistrable: AtomicU8,
-    /// MODE_WP is offered by the kernel (`PAGEFAULT_FLAG_WP`); cleared when a registration
-    /// shows the mapping kind cannot take it.
+    /// MODE_WP is offered by the kernel (`PAGEFAULT_FLAG_WP`). Never cleared: a mapping kind
+    /// that cannot take it is registered without it, one registration at a time (counted in
+    /// `registered_without_wp`).
     pub(crate) wp: AtomicBool,
     /// [`ProcessMm::track_writes`] was called: some pages may be write-protected, and a pin
     /// of a huge page must lift that first (`before_pin`). Never cleared (a stale `true`
