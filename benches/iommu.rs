@@ -1,5 +1,5 @@
-//! svmirror-iommu: the simulated IOMMU's fault path, DMA copies and dmirror migration, each
-//! measured against its baseline in the same run.
+//! svmirror-iommu: the simulated IOMMU's fault path, DMA copies and dmirror migration (the test
+//! device of svmirror-dmirror), each measured against its baseline in the same run.
 //!
 //! `cargo bench --bench iommu`. Targets from the svmirror-iommu issue:
 //!
@@ -36,8 +36,9 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use svmirror::core::{Event, Notifier, NotifierRange, PAGE_SIZE, Range};
 use svmirror::mm::{Advice, ProcessMm, Protection};
+use svmirror_dmirror::Dmirror;
 use svmirror_iommu::testing::AnonMap;
-use svmirror_iommu::{DmaCommand, DmaConfig, Dmirror, IommuMirror, MirrorConfig, PinPoolConfig};
+use svmirror_iommu::{DmaCommand, DmaConfig, IommuMirror, MirrorConfig, PinPoolConfig};
 
 /// The C library call and Linux constants the benchmark uses (x86-64 and arm64 values).
 mod sys {

@@ -1,5 +1,5 @@
-//! svmirror-iommu: the simulated IOMMU, svmirror's embedded default backend and its test device
-//! (the role `lib/test_hmm.c` plays for the kernel).
+//! svmirror-iommu: the simulated IOMMU, svmirror's embedded default backend. svmirror's test
+//! device (the role `lib/test_hmm.c` plays for the kernel) is built on it, in svmirror-dmirror.
 //!
 //! | piece | module | what it is |
 //! |---|---|---|
@@ -9,7 +9,6 @@
 //! | [`PinPool`] | `pin` | physical access through io_uring registered buffers (kernel pins) |
 //! | [`DmaEngine`] | `dma` | a device thread running copy / fill / atomic commands, with fences, faults and page requests |
 //! | [`IommuMirror`] | `mirror` | the backend: subscribes a range to the core's notifier, resolves page requests, invalidates |
-//! | [`Dmirror`] | `dmirror` | the test device of the hmm selftests (`lib/test_hmm.c`) over an [`IommuMirror`] and a `ProcessMm` |
 //!
 //! # What it guarantees
 //!
@@ -73,7 +72,6 @@
 
 mod command;
 pub mod dma;
-pub mod dmirror;
 mod error;
 pub mod iotlb;
 pub mod kernel;
@@ -87,7 +85,6 @@ pub use dma::{
     Access, Completion, DmaCommand, DmaConfig, DmaEngine, DmaHandle, DmaStats, FaultMode,
     FaultReason, FaultRecord, Fence, Injection, PageRequest, PageRequestHandler,
 };
-pub use dmirror::{Dmirror, DmirrorCmd, DmirrorError};
 pub use error::{IommuError, Result};
 pub use iotlb::{DEFAULT_IOTLB_ENTRIES, Iotlb, IotlbStats, Violation};
 pub use kernel::{DeviceKernel, KernelCtx, KernelError, KernelResult, KernelRun, KernelStats};

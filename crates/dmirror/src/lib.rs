@@ -1,15 +1,16 @@
-//! [`Dmirror`]: the userspace counterpart of the kernel's test device (`lib/test_hmm.c`), built on
-//! an [`IommuMirror`] and a [`ProcessMm`], so that the kernel's hmm selftests can be ported.
+//! svmirror-dmirror: [`Dmirror`], the userspace counterpart of the kernel's test device
+//! (`lib/test_hmm.c`), built on an [`IommuMirror`] of svmirror-iommu and a [`ProcessMm`] of
+//! svmirror-mm, so that the kernel's hmm selftests can be ported (this crate's `tests/`).
 //!
 //! # What it is made of
 //!
 //! - **One IOMMU mirror over the whole user address space** (`[4 KiB, 128 TiB)`), as the kernel's
 //!   dmirror subscribes one range over everything. Its page source is the [`ProcessMm`], so
 //!   userfaultfd events and the SVM API invalidate the device. The mirror resolves faults on
-//!   demand ([`Prefetch::Demand`](crate::Prefetch)): the pages a fault pass asks for, at most
-//!   a [`FAULT_CHUNK_PAGES`]-page aligned window at a time (or the whole huge page where the
-//!   CPU maps one), clamped to the mapping; nothing the command did not ask for is registered
-//!   or pinned.
+//!   demand ([`Prefetch::Demand`](svmirror_iommu::Prefetch)): the pages a fault pass asks for,
+//!   at most a [`FAULT_CHUNK_PAGES`]-page aligned window at a time (or the whole huge page
+//!   where the CPU maps one), clamped to the mapping; nothing the command did not ask for is
+//!   registered or pinned.
 //! - **A snapshot subscription** on the same notifier, used only to run `range_fault` in
 //!   snapshot mode for [`Dmirror::snapshot`].
 //! - **Device memory**: a map of page address → boxed page, the [`DevicePages`] that
@@ -60,6 +61,14 @@
 //!
 //! Dropping the device brings its pages back to RAM, then tears the mirror down (every pin
 //! released).
+//!
+//! # What is the caller's job
+//!
+//! - Touch memory the device may write through raw pointers only ([`Dmirror::open`] is
+//!   `unsafe` for this), and do not write a range while it migrates.
+//! - Run as root, or with what [`ProcessMm::new`] needs (userfaultfd) and what the simulated
+//!   IOMMU needs (io_uring, locked memory for the pins).
+#![cfg(target_os = "linux")]
 
 mod error;
 mod memory;
@@ -75,11 +84,10 @@ use svmirror_core::{
 };
 use svmirror_mm::{ProcessMm, ProcessPageSource};
 
+use svmirror_iommu::{DmaCommand, IommuError, IommuMirror, MirrorConfig};
+
 pub use self::error::{DmirrorError, ExclusiveRefusal};
 use self::memory::{DeviceMemory, Kind};
-use crate::dma::DmaCommand;
-use crate::error::IommuError;
-use crate::mirror::{IommuMirror, MirrorConfig};
 
 /// Pages faulted at a time, as the kernel's dmirror does.
 pub const FAULT_CHUNK_PAGES: u64 = 32;

@@ -7,14 +7,14 @@
 mod hmm_common;
 use hmm_common::*;
 
-use svmirror_iommu::dmirror::prot;
+use svmirror_dmirror::prot;
 use svmirror_mm::Protection;
 
 /// Pages of the protection test: the last `RO` of `NP` are made read-only.
 const NP: u64 = 72;
 const RO: u64 = 35;
 
-fn check_protection_kept(dev: &svmirror_iommu::Dmirror, buf: svmirror_core::Range, what: &str) {
+fn check_protection_kept(dev: &svmirror_dmirror::Dmirror, buf: svmirror_core::Range, what: &str) {
     let mut snap = vec![0u8; NP as usize];
     dev.snapshot(buf.start(), NP, &mut snap).unwrap();
     for (i, &p) in snap.iter().enumerate() {
