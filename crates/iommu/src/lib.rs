@@ -91,9 +91,9 @@ pub use kernel::{DeviceKernel, KernelCtx, KernelError, KernelResult, KernelRun, 
 pub use mirror::{IommuMirror, MirrorConfig, MirrorStats, Prefetch};
 pub use mmu::{Mmu, MmuConfig, MmuState};
 pub use page_table::{
-    IOVA_BITS, IOVA_END, LeafSize, PageTable, PageTableStats, Perms, Target, Translation, Unmapped,
+    IOVA_BITS, IOVA_END, LeafSize, PageTable, PageTableStats, Perms, Translation, Unmapped,
 };
-pub use pin::{MAX_PIN_LEN, MAX_SLOTS, Pin, PinId, PinPool, PinPoolConfig, PinStats};
+pub use pin::{MAX_PIN_LEN, MAX_SLOTS, Pin, PinId, PinPool, PinPoolConfig, PinStats, Target};
 /// Pin accounting and RLIMIT_MEMLOCK live in svmirror-mm (every backend pins); re-exported
 /// here for the simulated IOMMU's users.
 pub use svmirror_mm::{

@@ -1,4 +1,9 @@
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use svmirror_core::PAGE_SIZE;
+
 use super::*;
+use crate::error::IommuError;
 use crate::testing::AnonMap;
 use svmirror_mm::{
     VM_PIN_SETTLE, memlock_limit, raise_memlock_limit, settled_vm_pinned_bytes, vm_pinned_bytes,

@@ -1,4 +1,5 @@
 use std::sync::MutexGuard;
+use std::time::Instant;
 
 use svmirror_core::{Error as CoreError, Notifier};
 
