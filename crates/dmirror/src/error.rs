@@ -151,7 +151,6 @@ pub(crate) fn iommu_errno(e: &IommuError) -> i32 {
         | IommuError::PinSize { .. } => libc::EINVAL,
         IommuError::MemlockLimit { .. } | IommuError::PinSlotsExhausted { .. } => libc::ENOMEM,
         IommuError::PinFailed { source, .. } => source.raw_os_error().unwrap_or(libc::EFAULT),
-        IommuError::PageSource { source } => mm_errno(source),
         _ => libc::EIO,
     }
 }

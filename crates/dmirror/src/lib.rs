@@ -241,14 +241,14 @@ impl Dmirror {
             fault_window: FAULT_CHUNK_PAGES * PAGE_SIZE,
             ..MirrorConfig::checked()
         };
-        let source = Box::new(mm.clone());
-        // SAFETY: this function's contract is the same as `with_page_source`'s.
-        let mirror = unsafe { IommuMirror::with_page_source(mm.notifier(), range, config, source) }
-            .map_err(|source| DmirrorError::Iommu {
+        // SAFETY: this function's contract is the same as `IommuMirror::new`'s.
+        let mirror = unsafe { IommuMirror::new(mm.clone(), range, config) }.map_err(|source| {
+            DmirrorError::Iommu {
                 op: "open",
                 range,
                 source,
-            })?;
+            }
+        })?;
         let exclusive = DeviceMemory::new(Kind::Exclusive);
         let ops = Arc::new(DeviceOps {
             lock: UpdateLock::new(()),

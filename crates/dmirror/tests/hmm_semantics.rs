@@ -201,15 +201,7 @@ fn a_prefetch_window_does_not_bring_back_another_devices_pages() {
         ..svmirror_iommu::MirrorConfig::checked()
     };
     // SAFETY: the buffer is touched by the CPU through raw pointers only.
-    let b = unsafe {
-        svmirror_iommu::IommuMirror::with_page_source(
-            env.mm.notifier(),
-            buf,
-            config,
-            Box::new(env.mm.clone()),
-        )
-    }
-    .unwrap();
+    let b = unsafe { svmirror_iommu::IommuMirror::new(env.mm.clone(), buf, config) }.unwrap();
     let mut m = mirror_buf(20);
     assert_eq!(
         a.migrate_to_dev(buf.start(), 20, &mut m).unwrap().cpages,

@@ -11,6 +11,7 @@ use svmirror_iommu::{
     DmaCommand, DmaConfig, DmaEngine, IOVA_END, IommuError, IommuMirror, MirrorConfig, Mmu,
     MmuConfig, PageTable, Perms, PinPool, PinPoolConfig,
 };
+use svmirror_mm::ProcessPageSource;
 
 const PAGE: u64 = PAGE_SIZE;
 
@@ -104,8 +105,10 @@ fn pins_reject_bad_ranges() {
 }
 
 fn mirror_over(notifier: &Notifier, range: Range) -> IommuMirror {
+    let source = Box::new(ProcessPageSource::new().unwrap());
     // SAFETY: test memory is touched through raw pointers only.
-    unsafe { IommuMirror::new(notifier, range, MirrorConfig::checked()) }.unwrap()
+    unsafe { IommuMirror::with_page_source(notifier, range, MirrorConfig::checked(), source) }
+        .unwrap()
 }
 
 #[test]

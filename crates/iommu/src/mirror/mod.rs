@@ -49,11 +49,10 @@ use std::time::Duration;
 use svmirror_core::MirrorError;
 use svmirror_core::teardown::Action;
 use svmirror_core::{
-    CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, IntervalNotifierOps, InvalidateCtx,
-    Notifier, NotifierRange, Owner, PAGE_SIZE, PageSource, Pass, Range, Teardown, UpdateGuard,
-    UpdateLock, WouldBlock,
+    AddressSpace, CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, IntervalNotifierOps,
+    InvalidateCtx, Notifier, NotifierRange, Owner, PAGE_SIZE, PageSource, Pass, Range, Teardown,
+    UpdateGuard, UpdateLock, WouldBlock,
 };
-use svmirror_mm::ProcessPageSource;
 
 use self::resolve::Resolver;
 use crate::dma::{DmaCommand, DmaConfig, DmaEngine, DmaHandle, Fence};
@@ -84,9 +83,9 @@ pub struct MirrorConfig {
     pub fault_timeout: Duration,
 }
 
-/// What a page request maps (and so pins, and has its page source register for events: a
-/// [`ProcessMm`](svmirror_mm::ProcessMm) registers with its userfaultfd whatever range the
-/// mirror looks up) besides the pages the device asked for.
+/// What a page request maps (and so pins, and has its page source register for events:
+/// svmirror-mm's `ProcessMm` registers with its userfaultfd whatever range the mirror looks up)
+/// besides the pages the device asked for.
 ///
 /// The **demand part** is always mapped: the pages of `[iova, iova + len)` of the
 /// [`PageRequest`] (the access the device attempted), or of [`IommuMirror::fault`]'s range,
@@ -370,8 +369,10 @@ impl std::fmt::Debug for IommuMirror {
 
 impl IommuMirror {
     /// Creates the IOMMU, its pins and its DMA device, and subscribes `range` (IOVA = virtual
-    /// address; it must lie in the 48-bit IOVA space) to `notifier`, which must be fed every
-    /// change to this process's address space that should reach the device.
+    /// address; it must lie in the 48-bit IOVA space) to `space`'s notifier; page requests read
+    /// the CPU page table through `space`, which the mirror keeps alive. `space` must be this
+    /// process's address space (svmirror-mm's `ProcessMm`): pins are taken at the addresses it
+    /// reports.
     ///
     /// # Safety
     ///
@@ -379,16 +380,22 @@ impl IommuMirror {
     /// that the kernel writes behind Rust's back. The caller must ensure no memory a command
     /// writes is accessed through Rust references while the device may write it (STYLE.md
     /// rule 6): DMA buffers are touched by the CPU through raw pointers only.
-    pub unsafe fn new(notifier: &Notifier, range: Range, config: MirrorConfig) -> Result<Self> {
-        let source =
-            ProcessPageSource::new().map_err(|source| IommuError::PageSource { source })?;
+    pub unsafe fn new(
+        space: Arc<dyn AddressSpace>,
+        range: Range,
+        config: MirrorConfig,
+    ) -> Result<Self> {
+        let source: Box<dyn PageSource + Send + Sync> = Box::new(space.clone());
         // SAFETY: the caller upholds this function's contract, which is the same.
-        unsafe { Self::with_page_source(notifier, range, config, Box::new(source)) }
+        unsafe { Self::with_page_source(space.notifier(), range, config, source) }
     }
 
-    /// As [`new`](Self::new), with the CPU page table read through `source` instead of this
-    /// process's own (a wrapper that injects races or failures, in tests). The source must
-    /// describe this process: pins are taken at the addresses it reports.
+    /// As [`new`](Self::new), subscribed to `notifier` and with the CPU page table read
+    /// through `source`: a notifier of its own, fed by hand (tests, benchmarks), with
+    /// svmirror-mm's raw `ProcessPageSource`, or a wrapper around a page source that injects
+    /// races or failures (tests). `notifier` must be fed every change to this process's address
+    /// space that should reach the device, and `source` must describe this process: pins are
+    /// taken at the addresses it reports.
     ///
     /// # Safety
     ///

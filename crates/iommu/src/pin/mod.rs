@@ -67,12 +67,13 @@
 //! - A process without `CAP_IPC_LOCK` (when the pool is created) has every pinned page charged to
 //!   its user's `RLIMIT_MEMLOCK` (`ulimit -l`); a pin past it fails with
 //!   [`IommuError::MemlockLimit`]. Such a user needs `ulimit -l` at least as large as everything
-//!   pinned at once (see [`raise_memlock_limit`](svmirror_mm::raise_memlock_limit)). Root, with `CAP_IPC_LOCK`, is not limited.
+//!   pinned at once (svmirror-mm's `raise_memlock_limit` raises the soft limit up to the hard
+//!   one). Root, with `CAP_IPC_LOCK`, is not limited.
 //! - Pins are taken for writing: a read-only or PROT_NONE mapping cannot be pinned
 //!   ([`IommuError::PinFailed`] with `EFAULT`). Pinning an untouched or copy-on-write page makes
 //!   the CPU's mapping a private writable page first, as any long-term pin does.
 //! - Pinned pages show in `VmPin` of /proc/self/status
-//!   ([`vm_pinned_bytes`](svmirror_mm::vm_pinned_bytes)).
+//!   (svmirror-mm's `vm_pinned_bytes`).
 //!
 //! # Where the pieces are
 //!

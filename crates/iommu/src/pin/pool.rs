@@ -12,7 +12,7 @@ use io_uring::IoUring;
 use io_uring::types::CloneBuffersFlags;
 use svmirror_core::{InnerGuard, InnerLock, PAGE_SIZE, might_fault, might_sleep};
 
-use super::limits::has_cap_ipc_lock;
+use super::limits::{has_cap_ipc_lock, memlock_soft_limit};
 use super::staging::{CopyPipe, Staging, copy_pipes};
 use super::{MAX_COPY_PIPES, MAX_PIN_LEN, MAX_SLOTS, Pin, PinId, Target};
 use crate::error::{IommuError, Result};
@@ -333,11 +333,10 @@ impl PinPool {
 
     fn pin_error(&self, addr: u64, len: u64, source: io::Error) -> IommuError {
         if self.accounted && source.raw_os_error() == Some(libc::ENOMEM) {
-            let limit = svmirror_mm::memlock_limit().map_or(0, |l| l.soft);
             return IommuError::MemlockLimit {
                 addr,
                 len,
-                limit,
+                limit: memlock_soft_limit(),
                 source,
             };
         }

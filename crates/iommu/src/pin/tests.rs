@@ -286,6 +286,7 @@ fn pin_keeps_its_pool_alive_until_released() {
 fn memlock_limit_reads_and_raise_to_current_is_noop() {
     let cur = memlock_limit().unwrap();
     assert!(cur.soft <= cur.hard);
+    assert_eq!(limits::memlock_soft_limit(), cur.soft);
     assert_eq!(raise_memlock_limit(cur.soft.min(PAGE_SIZE)).unwrap(), cur);
 }
 
