@@ -1,5 +1,5 @@
-//! svmirror-iommu: the simulated IOMMU's fault path, DMA copies and dmirror migration, each
-//! measured against its baseline in the same run.
+//! svmirror-iommu: the simulated IOMMU's fault path, DMA copies and dmirror migration (the test
+//! device of svmirror-dmirror), each measured against its baseline in the same run.
 //!
 //! `cargo bench --bench iommu`. Targets from the svmirror-iommu issue:
 //!
@@ -35,9 +35,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use svmirror::core::{Event, Notifier, NotifierRange, PAGE_SIZE, Range};
-use svmirror::mm::{Advice, ProcessMm, Protection};
+use svmirror::mm::{Advice, ProcessMm, ProcessPageSource, Protection};
+use svmirror_dmirror::Dmirror;
 use svmirror_iommu::testing::AnonMap;
-use svmirror_iommu::{DmaCommand, DmaConfig, Dmirror, IommuMirror, MirrorConfig, PinPoolConfig};
+use svmirror_iommu::{DmaCommand, DmaConfig, IommuMirror, MirrorConfig, PinPoolConfig};
 
 /// The C library call and Linux constants the benchmark uses (x86-64 and arm64 values).
 mod sys {
@@ -59,6 +60,18 @@ fn advise(m: &AnonMap, advice: std::ffi::c_int) {
     // never which addresses are mapped or what any byte holds.
     let rc = unsafe { sys::madvise(m.addr() as *mut std::ffi::c_void, m.len(), advice) };
     assert_eq!(rc, 0, "madvise: {}", std::io::Error::last_os_error());
+}
+
+/// A mirror of `range` subscribed to `notifier`, which the benchmark feeds by hand, reading
+/// this process's page table raw (no userfaultfd monitor in the way).
+///
+/// # Safety
+///
+/// As for [`IommuMirror::new`].
+unsafe fn raw_mirror(notifier: &Notifier, range: Range, config: MirrorConfig) -> IommuMirror {
+    let source = Box::new(ProcessPageSource::new().unwrap());
+    // SAFETY: this function's contract, passed on.
+    unsafe { IommuMirror::with_page_source(notifier, range, config, source) }.unwrap()
 }
 
 /// Notifier, mirror and buffer of one fault benchmark.
@@ -84,7 +97,7 @@ impl FaultSetup {
         buf.fill(0x5a);
         let range = Range::with_len(buf.addr(), len as u64).unwrap();
         // SAFETY: the device only reads `buf`, which the CPU touches through raw pointers only.
-        let mirror = unsafe { IommuMirror::new(&notifier, range, config) }.unwrap();
+        let mirror = unsafe { raw_mirror(&notifier, range, config) };
         FaultSetup {
             notifier,
             buf,
@@ -202,7 +215,7 @@ fn dma_copy(c: &mut Criterion) {
     let range = Range::with_len(buf.addr(), 2 * max as u64).unwrap();
     // SAFETY: the device writes the second half of `buf`, which the CPU touches through raw
     // pointers only, never while a command runs.
-    let mirror = unsafe { IommuMirror::new(&notifier, range, MirrorConfig::default()) }.unwrap();
+    let mirror = unsafe { raw_mirror(&notifier, range, MirrorConfig::default()) };
     mirror.fault(range.start(), range.len(), true).unwrap();
     // Diagnostic: the same device copying through a pipe instead of the staging memfd.
     let pipe_config = MirrorConfig {
@@ -213,7 +226,7 @@ fn dma_copy(c: &mut Criterion) {
         ..MirrorConfig::default()
     };
     // SAFETY: as for `mirror`.
-    let pipe = unsafe { IommuMirror::new(&notifier, range, pipe_config) }.unwrap();
+    let pipe = unsafe { raw_mirror(&notifier, range, pipe_config) };
     pipe.fault(range.start(), range.len(), true).unwrap();
     let leaf = mirror.mmu().translate(buf.addr()).unwrap().size;
     eprintln!("iommu_dma_copy: device leaf {leaf:?}");

@@ -6,8 +6,8 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use svmirror::core::{Mirror, MirrorError, Range};
-use svmirror::iommu::{IommuMirror, MirrorConfig, VM_PIN_SETTLE, settled_vm_pinned_bytes};
-use svmirror::mm::{ProcessMm, scenarios, vm_pinned_bytes};
+use svmirror::iommu::{IommuMirror, MirrorConfig};
+use svmirror::mm::{ProcessMm, VM_PIN_SETTLE, scenarios, settled_vm_pinned_bytes, vm_pinned_bytes};
 use svmirror::vulkan::{Gpu, GpuConfig, VulkanMirror};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -43,14 +43,7 @@ fn the_simulated_iommu_passes_the_backend_scenarios() {
     let mm = Arc::new(ProcessMm::new().expect("userfaultfd available (run as root)"));
     let open = |mm: &Arc<ProcessMm>, range: Range| -> Result<Box<dyn Mirror>, MirrorError> {
         // SAFETY: the scenarios touch their buffers through raw pointers only.
-        let m = unsafe {
-            IommuMirror::with_page_source(
-                mm.notifier(),
-                range,
-                MirrorConfig::checked(),
-                Box::new(mm.clone()),
-            )
-        }?;
+        let m = unsafe { IommuMirror::new(mm.clone(), range, MirrorConfig::checked()) }?;
         Ok(Box::new(m))
     };
     run("iommu", &mm, &open);

@@ -6,10 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use svmirror::core::Range;
-use svmirror::iommu::{
-    DeviceKernel, IommuMirror, MirrorConfig, settled_vm_pinned_bytes, vm_pinned_bytes,
-};
-use svmirror::mm::ProcessMm;
+use svmirror::iommu::{DeviceKernel, IommuMirror, MirrorConfig};
+use svmirror::mm::{ProcessMm, settled_vm_pinned_bytes, vm_pinned_bytes};
 
 #[test]
 fn readme_quick_tour() -> Result<(), Box<dyn Error>> {
@@ -21,14 +19,7 @@ fn readme_quick_tour() -> Result<(), Box<dyn Error>> {
     // A device mirroring the whole user address space (IOVA = the CPU's virtual address).
     let user = Range::new(0x1000, 1 << 47)?;
     // SAFETY: while the device may write memory, the CPU touches it only through raw pointers.
-    let dev = unsafe {
-        IommuMirror::with_page_source(
-            mm.notifier(),
-            user,
-            MirrorConfig::default(),
-            Box::new(mm.clone()),
-        )?
-    };
+    let dev = unsafe { IommuMirror::new(mm.clone(), user, MirrorConfig::default())? };
 
     // Ordinary Rust data built by the CPU: a Vec of pointers to boxed values.
     let values: Vec<Box<u64>> = (1..=1000).map(Box::new).collect();

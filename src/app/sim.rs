@@ -13,7 +13,7 @@ use svmirror_iommu::testing::AnonMap;
 use svmirror_iommu::{
     DeviceKernel, DmaCommand, IommuError, IommuMirror, KernelError, KernelStats, MirrorConfig,
 };
-use svmirror_mm::ProcessMm;
+use svmirror_mm::{ProcessMm, ProcessPageSource};
 
 use super::report::Figure;
 use super::{
@@ -74,13 +74,10 @@ impl SimBackend {
         // Unprivileged pins count against RLIMIT_MEMLOCK: take what the hard limit allows.
         let _ = svmirror_mm::raise_memlock_limit(u64::MAX);
         let range = Range::new(USER_START, USER_END).expect("user space is a range");
-        let source = Box::new(mm.clone());
         // SAFETY: the apps touch memory the device writes through raw pointers only, and only
         // when no device call on it is running (the `Backend` methods' contracts).
-        let mirror = unsafe {
-            IommuMirror::with_page_source(mm.notifier(), range, MirrorConfig::checked(), source)
-        }
-        .map_err(|e| unavailable(&e))?;
+        let mirror = unsafe { IommuMirror::new(mm.clone(), range, MirrorConfig::checked()) }
+            .map_err(|e| unavailable(&e))?;
         Ok(SimBackend { mirror, _mm: mm })
     }
 
@@ -349,13 +346,18 @@ fn median(mut v: Vec<Duration>) -> f64 {
     v.get(v.len() / 2).map_or(0.0, Duration::as_secs_f64)
 }
 
-/// A mirror of its own over `buf`, on a notifier of its own.
+/// A mirror of its own over `buf`, on a notifier of its own, reading this process's page table
+/// raw (no userfaultfd monitor in the way).
 fn bench_mirror(notifier: &Notifier, buf: &AnonMap) -> Result<IommuMirror> {
     let range = Range::with_len(buf.addr(), buf.len() as u64)
         .map_err(|e| AppError::device("bench", BackendKind::Sim, "range", e))?;
+    let source = ProcessPageSource::new()
+        .map_err(|e| AppError::device("bench", BackendKind::Sim, "page source", e))?;
     // SAFETY: the benchmark touches `buf` through raw pointers only (AnonMap's methods).
-    unsafe { IommuMirror::new(notifier, range, MirrorConfig::default()) }
-        .map_err(bench_err("mirror"))
+    unsafe {
+        IommuMirror::with_page_source(notifier, range, MirrorConfig::default(), Box::new(source))
+    }
+    .map_err(bench_err("mirror"))
 }
 
 fn advise(buf: &AnonMap, advice: libc::c_int) {

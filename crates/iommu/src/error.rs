@@ -223,11 +223,4 @@ pub enum IommuError {
         /// The address.
         iova: u64,
     },
-    /// The process page source could not be opened.
-    #[error("cannot open the process page source")]
-    PageSource {
-        /// What svmirror-mm said.
-        #[source]
-        source: svmirror_mm::MmError,
-    },
 }

@@ -241,8 +241,8 @@ impl Iotlb {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::page_table::{Perms, Target};
-    use crate::pin::PinId;
+    use crate::page_table::Perms;
+    use crate::pin::{PinId, Target};
 
     fn target(pin: u32, offset: u64) -> Target {
         Target {

@@ -1,5 +1,5 @@
-//! svmirror-iommu: the simulated IOMMU, svmirror's embedded default backend and its test device
-//! (the role `lib/test_hmm.c` plays for the kernel).
+//! svmirror-iommu: the simulated IOMMU, svmirror's embedded default backend. svmirror's test
+//! device (the role `lib/test_hmm.c` plays for the kernel) is built on it, in svmirror-dmirror.
 //!
 //! | piece | module | what it is |
 //! |---|---|---|
@@ -9,7 +9,6 @@
 //! | [`PinPool`] | `pin` | physical access through io_uring registered buffers (kernel pins) |
 //! | [`DmaEngine`] | `dma` | a device thread running copy / fill / atomic commands, with fences, faults and page requests |
 //! | [`IommuMirror`] | `mirror` | the backend: subscribes a range to the core's notifier, resolves page requests, invalidates |
-//! | [`Dmirror`] | `dmirror` | the test device of the hmm selftests (`lib/test_hmm.c`) over an [`IommuMirror`] and a `ProcessMm` |
 //!
 //! # What it guarantees
 //!
@@ -31,16 +30,19 @@
 //! - **Treat device-written memory as DMA memory** ([`IommuMirror::new`] and [`PinPool::pin`] are
 //!   `unsafe` for this): touch it through raw pointers, never through Rust references, while the
 //!   device may write it (STYLE.md rule 6).
-//! - **Feed the notifier.** The mirror is only as coherent as the invalidations it is sent: a
-//!   change made without one is memory-safe (pins) but the device sees the old page until the
-//!   invalidation arrives.
+//! - **Give it the address space, and feed its notifier.** [`IommuMirror::new`] takes the
+//!   [`AddressSpace`] it mirrors (svmirror-mm's `ProcessMm` is this process's, its notifier fed
+//!   by a userfaultfd monitor and the SVM API); [`IommuMirror::with_page_source`] takes a
+//!   notifier and a page source apart (a notifier fed by hand, in tests). The mirror is only as
+//!   coherent as the invalidations it is sent: a change made without one is memory-safe (pins)
+//!   but the device sees the old page until the invalidation arrives.
 //! - **Let io_uring pin.** io_uring must be enabled (`kernel.io_uring_disabled` = 0). Root has
 //!   `CAP_IPC_LOCK` and no limit; any other user has every pinned page charged to
 //!   RLIMIT_MEMLOCK, so `ulimit -l` must cover everything pinned at once (this crate's tests pin
 //!   up to about 10 MiB at a time: give them at least 16 MiB, e.g. `ulimit -l 16384` or a
 //!   `memlock` line in /etc/security/limits.conf). A pin past the limit fails with
-//!   [`IommuError::MemlockLimit`]; [`raise_memlock_limit`] raises the soft limit up to the hard
-//!   one.
+//!   [`IommuError::MemlockLimit`]; svmirror-mm's `raise_memlock_limit` raises the soft limit
+//!   up to the hard one, and its `vm_pinned_bytes` reads what is pinned.
 //! - **Mirror what io_uring can pin.** Pins are long-term and taken for writing: anonymous,
 //!   shmem/memfd and hugetlbfs memory work; a read-only mapping cannot be mirrored by this
 //!   backend ([`IommuError::ReadOnlyMemory`]), nor can a file mapping whose filesystem tracks
@@ -50,13 +52,19 @@
 //! use svmirror_core::{Event, Notifier, NotifierRange, Range};
 //! use svmirror_iommu::testing::AnonMap;
 //! use svmirror_iommu::{DmaCommand, IommuMirror, MirrorConfig};
+//! use svmirror_mm::ProcessPageSource;
 //!
+//! // A notifier fed by hand and this process's page table, read raw (a `ProcessMm` is both, its
+//! // notifier fed by its userfaultfd monitor: `IommuMirror::new(mm, range, config)`).
 //! let notifier = Notifier::new();
+//! let source = Box::new(ProcessPageSource::new()?);
 //! let buf = AnonMap::new(2 * 4096)?;
 //! buf.fill(0xab);
 //! let range = Range::with_len(buf.addr(), 2 * 4096)?;
 //! // SAFETY: `buf` is touched only through raw pointers.
-//! let mirror = unsafe { IommuMirror::new(&notifier, range, MirrorConfig::checked()) }?;
+//! let mirror = unsafe {
+//!     IommuMirror::with_page_source(&notifier, range, MirrorConfig::checked(), source)
+//! }?;
 //!
 //! // The device reads the buffer at its own address: a page request maps it first.
 //! let done = mirror.submit(DmaCommand::Read { src: buf.addr(), len: 16 })?.wait()?;
@@ -73,7 +81,6 @@
 
 mod command;
 pub mod dma;
-pub mod dmirror;
 mod error;
 pub mod iotlb;
 pub mod kernel;
@@ -87,19 +94,14 @@ pub use dma::{
     Access, Completion, DmaCommand, DmaConfig, DmaEngine, DmaHandle, DmaStats, FaultMode,
     FaultReason, FaultRecord, Fence, Injection, PageRequest, PageRequestHandler,
 };
-pub use dmirror::{Dmirror, DmirrorCmd, DmirrorError};
 pub use error::{IommuError, Result};
 pub use iotlb::{DEFAULT_IOTLB_ENTRIES, Iotlb, IotlbStats, Violation};
 pub use kernel::{DeviceKernel, KernelCtx, KernelError, KernelResult, KernelRun, KernelStats};
 pub use mirror::{IommuMirror, MirrorConfig, MirrorStats, Prefetch};
 pub use mmu::{Mmu, MmuConfig, MmuState};
 pub use page_table::{
-    IOVA_BITS, IOVA_END, LeafSize, PageTable, PageTableStats, Perms, Target, Translation, Unmapped,
+    IOVA_BITS, IOVA_END, LeafSize, PageTable, PageTableStats, Perms, Translation, Unmapped,
 };
-pub use pin::{MAX_PIN_LEN, MAX_SLOTS, Pin, PinId, PinPool, PinPoolConfig, PinStats};
-/// Pin accounting and RLIMIT_MEMLOCK live in svmirror-mm (every backend pins); re-exported
-/// here for the simulated IOMMU's users.
-pub use svmirror_mm::{
-    MemlockLimit, VM_PIN_SETTLE, memlock_limit, raise_memlock_limit, settled_vm_pinned_bytes,
-    vm_pinned_bytes,
-};
+pub use pin::{MAX_PIN_LEN, MAX_SLOTS, Pin, PinId, PinPool, PinPoolConfig, PinStats, Target};
+#[doc(no_inline)]
+pub use svmirror_core::AddressSpace;

@@ -28,7 +28,8 @@ use svmirror_core::{AtomicSection, InnerGuard, InnerLock, Range, might_sleep};
 
 use crate::command::{Access, FaultReason};
 use crate::iotlb::Iotlb;
-use crate::page_table::{IOVA_END, PageTable, Target, Translation};
+use crate::page_table::{IOVA_END, PageTable, Translation};
+use crate::pin::Target;
 
 /// How to build an [`Mmu`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -181,32 +181,28 @@ pub(crate) fn pin_test_lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Test double: this process's real page table ([`ProcessPageSource`]), with `hook` run once,
-/// right after the first snapshot of a fault loop: the moment where a CPU change races a page
-/// request (an invalidation through the notifier, a munmap behind its back). A fault loop
-/// always looks the mapping up (`area`) before its snapshot; a snapshot with no lookup before
-/// it (the mirror's look at the faulting page for a huge page) does not fire the hook.
-/// Everything else is passed through unchanged.
-///
-/// [`ProcessPageSource`]: svmirror_mm::ProcessPageSource
-pub struct RaceAfterSnapshot<F: Fn() + Send + Sync> {
-    inner: svmirror_mm::ProcessPageSource,
+/// Test double: a page source (this process's real page table, say svmirror-mm's
+/// `ProcessPageSource`) with `hook` run once, right after the first snapshot of a fault loop:
+/// the moment where a CPU change races a page request (an invalidation through the notifier, a
+/// munmap behind its back). A fault loop always looks the mapping up (`area`) before its
+/// snapshot; a snapshot with no lookup before it (the mirror's look at the faulting page for a
+/// huge page) does not fire the hook. Everything else is passed through unchanged.
+pub struct RaceAfterSnapshot<S: svmirror_core::PageSource, F: Fn() + Send + Sync> {
+    inner: S,
     hook: F,
     armed: std::sync::atomic::AtomicBool,
     fired: std::sync::atomic::AtomicBool,
 }
 
-impl<F: Fn() + Send + Sync> RaceAfterSnapshot<F> {
-    /// Wraps this process's page table with `hook`.
-    pub fn new(hook: F) -> io::Result<Self> {
-        let inner = svmirror_mm::ProcessPageSource::new()
-            .map_err(|e| io::Error::other(format!("page source: {e}")))?;
-        Ok(RaceAfterSnapshot {
+impl<S: svmirror_core::PageSource, F: Fn() + Send + Sync> RaceAfterSnapshot<S, F> {
+    /// Wraps `inner` with `hook`.
+    pub fn new(inner: S, hook: F) -> Self {
+        RaceAfterSnapshot {
             inner,
             hook,
             armed: std::sync::atomic::AtomicBool::new(false),
             fired: std::sync::atomic::AtomicBool::new(false),
-        })
+        }
     }
 
     /// Whether the hook has run.
@@ -215,7 +211,9 @@ impl<F: Fn() + Send + Sync> RaceAfterSnapshot<F> {
     }
 }
 
-impl<F: Fn() + Send + Sync> svmirror_core::PageSource for RaceAfterSnapshot<F> {
+impl<S: svmirror_core::PageSource, F: Fn() + Send + Sync> svmirror_core::PageSource
+    for RaceAfterSnapshot<S, F>
+{
     fn area(&self, addr: u64, limit: u64) -> svmirror_core::Result<svmirror_core::Area> {
         self.armed.store(true, std::sync::atomic::Ordering::Relaxed);
         self.inner.area(addr, limit)

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{PAGE, mirror_with};
+use std::sync::Arc;
+
+use common::{PAGE, mirror_with, mm_mirror, raw_source};
 use svmirror_core::{Event, FaultSize, Notifier, NotifierRange, Range, counters::EVENT_NAMES};
 use svmirror_iommu::testing::{AnonMap, RaceAfterSnapshot, clear_through};
 use svmirror_iommu::{DmaCommand, IommuMirror, MirrorConfig, Prefetch};
@@ -79,8 +81,8 @@ fn a_2m_window_fault_counts_in_the_2m_class() {
 
 #[test]
 fn munmap_through_the_svm_api_counts_an_unmap_invalidation() {
-    let mm = ProcessMm::new().expect("userfaultfd available (run as root)");
-    let m = mirror_with(mm.notifier(), MirrorConfig::checked());
+    let mm = Arc::new(ProcessMm::new().expect("userfaultfd available (run as root)"));
+    let m = mm_mirror(&mm, MirrorConfig::checked());
     let (all, range) = isolated(&mm, 4);
     m.fault(range.start(), range.len(), true).unwrap();
     let before = m.counters();
@@ -105,8 +107,8 @@ fn munmap_through_the_svm_api_counts_an_unmap_invalidation() {
 
 #[test]
 fn mprotect_through_the_svm_api_counts_a_protection_invalidation_and_keeps_the_mapping() {
-    let mm = ProcessMm::new().expect("userfaultfd available (run as root)");
-    let m = mirror_with(mm.notifier(), MirrorConfig::checked());
+    let mm = Arc::new(ProcessMm::new().expect("userfaultfd available (run as root)"));
+    let m = mm_mirror(&mm, MirrorConfig::checked());
     let (all, range) = isolated(&mm, 2);
     m.fault(range.start(), range.len(), true).unwrap();
     let before = m.counters();
@@ -163,7 +165,7 @@ fn a_fault_raced_by_an_invalidation_counts_one_retry_and_one_fault() {
     let b = AnonMap::aligned(2 * PAGE as usize, 2 << 20).unwrap();
     b.fill(4);
     let range = Range::with_len(b.addr(), b.len() as u64).unwrap();
-    let source = RaceAfterSnapshot::new(clear_through(&notifier, range)).unwrap();
+    let source = RaceAfterSnapshot::new(raw_source(), clear_through(&notifier, range));
     // SAFETY: test memory is touched only through raw pointers.
     let m = unsafe {
         IommuMirror::with_page_source(&notifier, range, MirrorConfig::checked(), Box::new(source))
@@ -208,12 +210,11 @@ fn a_fault_whose_mapping_shrinks_under_it_retries_and_maps_what_is_left() {
     // The last page goes behind the notifier's back (a plain munmap whose event is still on
     // its way) right after the first snapshot.
     let victim = b.addr() + 3 * PAGE;
-    let source = RaceAfterSnapshot::new(move || {
+    let source = RaceAfterSnapshot::new(raw_source(), move || {
         // SAFETY: the test's own page, never referenced; the device has not mapped it.
         let rc = unsafe { libc::munmap(victim as *mut libc::c_void, PAGE as usize) };
         assert_eq!(rc, 0);
-    })
-    .unwrap();
+    });
     // SAFETY: test memory is touched only through raw pointers.
     let m = unsafe { IommuMirror::with_page_source(&notifier, range, window, Box::new(source)) }
         .unwrap();

@@ -7,10 +7,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use common::{PAGE, mirror};
 use svmirror_core::{Notifier, Range};
-use svmirror_iommu::{
-    Access, DeviceKernel, KernelError, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes,
-};
-use svmirror_mm::{ProcessMm, Protection};
+use svmirror_iommu::{Access, DeviceKernel, KernelError};
+use svmirror_mm::{ProcessMm, Protection, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
 
 /// The tests compare the process-wide `VmPin`: they run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());

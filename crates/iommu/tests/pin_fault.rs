@@ -19,10 +19,11 @@ use svmirror_core::{
     WouldBlock,
 };
 use svmirror_iommu::testing::AnonMap;
-use svmirror_iommu::{
-    Pin, PinPool, PinPoolConfig, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes,
+use svmirror_iommu::{Pin, PinPool, PinPoolConfig};
+use svmirror_mm::{
+    DevicePages, ProcessMm, Protection, UffdAccess, VM_PIN_SETTLE, settled_vm_pinned_bytes,
+    vm_pinned_bytes,
 };
-use svmirror_mm::{DevicePages, ProcessMm, Protection, UffdAccess};
 
 /// How long a pin may take before the test calls it a deadlock.
 const WATCHDOG: Duration = Duration::from_secs(10);

@@ -2,10 +2,8 @@
 //! it lowers the process's RLIMIT_MEMLOCK.
 
 use svmirror_iommu::testing::AnonMap;
-use svmirror_iommu::{
-    IommuError, PinPool, PinPoolConfig, VM_PIN_SETTLE, memlock_limit, settled_vm_pinned_bytes,
-    vm_pinned_bytes,
-};
+use svmirror_iommu::{IommuError, PinPool, PinPoolConfig};
+use svmirror_mm::{VM_PIN_SETTLE, memlock_limit, settled_vm_pinned_bytes, vm_pinned_bytes};
 
 #[repr(C)]
 struct CapHeader {

@@ -5,8 +5,9 @@ mod common;
 
 use common::{PAGE, mirror};
 use svmirror_core::{Event, Notifier, NotifierRange, Range};
+use svmirror_iommu::DmaCommand;
 use svmirror_iommu::testing::AnonMap;
-use svmirror_iommu::{DmaCommand, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
+use svmirror_mm::{VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
 
 #[test]
 fn vm_pin_returns_to_start_after_dropping_everything() {

@@ -3,29 +3,39 @@
 
 use std::alloc::Layout;
 
+use std::sync::Arc;
+
 use svmirror_core::{Notifier, Range};
 use svmirror_iommu::{IommuMirror, MirrorConfig};
+use svmirror_mm::{ProcessMm, ProcessPageSource};
 
 pub const PAGE: u64 = 4096;
 
-/// A mirror over the whole user address space below 2^47, IOTLB checking on.
+/// A mirror over the whole user address space below 2^47, IOTLB checking on, subscribed to
+/// `notifier` (which the test feeds by hand) and reading this process's page table raw.
 pub fn mirror(notifier: &Notifier) -> IommuMirror {
     mirror_with(notifier, MirrorConfig::checked())
 }
 
 pub fn mirror_with(notifier: &Notifier, config: MirrorConfig) -> IommuMirror {
     let range = Range::new(PAGE, 1 << 47).unwrap();
+    let source = Box::new(raw_source());
     // SAFETY: the tests touch device-written memory only through raw pointers.
-    unsafe { IommuMirror::new(notifier, range, config) }.unwrap()
+    unsafe { IommuMirror::with_page_source(notifier, range, config, source) }.unwrap()
 }
 
-/// A mirror over the whole user address space whose page source is `mm`: faults register what
-/// they map with `mm`'s userfaultfd, as the dmirror device and the app's backend do.
-pub fn mm_mirror(mm: &std::sync::Arc<svmirror_mm::ProcessMm>, config: MirrorConfig) -> IommuMirror {
+/// This process's page table, read raw: no userfaultfd, no waiting for settles.
+pub fn raw_source() -> ProcessPageSource {
+    ProcessPageSource::new().expect("the process page source opens")
+}
+
+/// A mirror over the whole user address space of `mm`: invalidations come from its notifier,
+/// and faults register what they map with its userfaultfd, as the dmirror device and the app's
+/// backend do.
+pub fn mm_mirror(mm: &Arc<ProcessMm>, config: MirrorConfig) -> IommuMirror {
     let range = Range::new(PAGE, 1 << 47).unwrap();
     // SAFETY: the tests touch device-written memory only through raw pointers.
-    unsafe { IommuMirror::with_page_source(mm.notifier(), range, config, Box::new(mm.clone())) }
-        .unwrap()
+    unsafe { IommuMirror::new(mm.clone(), range, config) }.unwrap()
 }
 
 /// A page-aligned buffer from the Rust global allocator, touched through raw pointers only.

@@ -10,10 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use svmirror_core::{Event, NotifierRange, Range};
-use svmirror_iommu::{
-    IommuMirror, MirrorConfig, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes,
-};
-use svmirror_mm::ProcessMm;
+use svmirror_iommu::{IommuMirror, MirrorConfig};
+use svmirror_mm::{ProcessMm, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
 
 use crate::model::{BASE, Map, REGION_LEN, Region, Tags, lock};
 use crate::rng::Rng;
@@ -593,14 +591,7 @@ pub fn run(cfg: Config) -> Report {
             let range = Range::new(4096, 1 << 47).expect("user space");
             // SAFETY: device writes land only in the region's slots (write leases), which the
             // CPU touches through raw pointers only.
-            let m = unsafe {
-                IommuMirror::with_page_source(
-                    mm.notifier(),
-                    range,
-                    MirrorConfig::checked(),
-                    Box::new(mm.clone()),
-                )
-            };
+            let m = unsafe { IommuMirror::new(mm.clone(), range, MirrorConfig::checked()) };
             Arc::new(m.expect("mirror"))
         })
         .collect();

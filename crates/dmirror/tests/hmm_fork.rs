@@ -16,8 +16,7 @@ use std::sync::Arc;
 
 use hmm_common::*;
 use svmirror_core::Range;
-use svmirror_iommu::Dmirror;
-use svmirror_iommu::dmirror::prot;
+use svmirror_dmirror::{Dmirror, prot};
 use svmirror_mm::{Advice, ProcessMm, Protection};
 
 /// The child's side of `anon_write_child*`: it sees the parent's data, then its own device

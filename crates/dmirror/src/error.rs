@@ -1,12 +1,10 @@
 //! The dmirror device's error, with the errno the kernel's `lib/test_hmm.c` would return.
 
 use svmirror_core::Range;
+use svmirror_iommu::{FaultReason, IommuError};
 use svmirror_mm::MmError;
 
-use crate::command::FaultReason;
-use crate::error::IommuError;
-
-/// Why a [`Dmirror`](super::Dmirror) command failed. [`errno`](Self::errno) gives the code the
+/// Why a [`Dmirror`](crate::Dmirror) command failed. [`errno`](Self::errno) gives the code the
 /// kernel's test device returns for the same condition, so tests can assert as the selftests do.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -153,7 +151,6 @@ pub(crate) fn iommu_errno(e: &IommuError) -> i32 {
         | IommuError::PinSize { .. } => libc::EINVAL,
         IommuError::MemlockLimit { .. } | IommuError::PinSlotsExhausted { .. } => libc::ENOMEM,
         IommuError::PinFailed { source, .. } => source.raw_os_error().unwrap_or(libc::EFAULT),
-        IommuError::PageSource { source } => mm_errno(source),
         _ => libc::EIO,
     }
 }

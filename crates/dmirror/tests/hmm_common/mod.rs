@@ -6,8 +6,10 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use svmirror_core::{PAGE_SIZE, Range};
-use svmirror_iommu::{Dmirror, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
-use svmirror_mm::{Advice, ProcessMm, Protection};
+use svmirror_dmirror::Dmirror;
+use svmirror_mm::{
+    Advice, ProcessMm, Protection, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes,
+};
 
 /// The kernel tests' HMM_BUFFER_SIZE in pages.
 pub const NPAGES: u64 = 1024;

@@ -1,4 +1,9 @@
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use svmirror_core::PAGE_SIZE;
+
 use super::*;
+use crate::error::IommuError;
 use crate::testing::AnonMap;
 use svmirror_mm::{
     VM_PIN_SETTLE, memlock_limit, raise_memlock_limit, settled_vm_pinned_bytes, vm_pinned_bytes,
@@ -281,6 +286,7 @@ fn pin_keeps_its_pool_alive_until_released() {
 fn memlock_limit_reads_and_raise_to_current_is_noop() {
     let cur = memlock_limit().unwrap();
     assert!(cur.soft <= cur.hard);
+    assert_eq!(limits::memlock_soft_limit(), cur.soft);
     assert_eq!(raise_memlock_limit(cur.soft.min(PAGE_SIZE)).unwrap(), cur);
 }
 

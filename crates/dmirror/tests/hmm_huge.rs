@@ -14,7 +14,7 @@ mod hmm_common;
 
 use hmm_common::*;
 use svmirror_core::Range;
-use svmirror_iommu::dmirror::{FLAG_FAIL_ALLOC, prot};
+use svmirror_dmirror::{FLAG_FAIL_ALLOC, prot};
 use svmirror_mm::{Advice, Protection};
 
 /// `hmm.compound`: a hugetlb page snapshots as WRITE|PMD on every page, READ|PMD after it is

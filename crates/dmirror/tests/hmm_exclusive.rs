@@ -10,8 +10,7 @@ use std::sync::Arc;
 use hmm_common::*;
 use svmirror_core::testing::TestMirror;
 use svmirror_core::{Event, Owner, PAGE_SIZE, Range};
-use svmirror_iommu::DmirrorError;
-use svmirror_iommu::dmirror::{ExclusiveRefusal, FLAG_FAIL_ALLOC};
+use svmirror_dmirror::{DmirrorError, ExclusiveRefusal, FLAG_FAIL_ALLOC};
 use svmirror_mm::Protection;
 
 /// `hmm.exclusive`: the device takes exclusive access and reads the data; the CPU's accesses

@@ -7,14 +7,14 @@
 mod hmm_common;
 use hmm_common::*;
 
-use svmirror_iommu::dmirror::prot;
+use svmirror_dmirror::prot;
 use svmirror_mm::Protection;
 
 /// Pages of the protection test: the last `RO` of `NP` are made read-only.
 const NP: u64 = 72;
 const RO: u64 = 35;
 
-fn check_protection_kept(dev: &svmirror_iommu::Dmirror, buf: svmirror_core::Range, what: &str) {
+fn check_protection_kept(dev: &svmirror_dmirror::Dmirror, buf: svmirror_core::Range, what: &str) {
     let mut snap = vec![0u8; NP as usize];
     dev.snapshot(buf.start(), NP, &mut snap).unwrap();
     for (i, &p) in snap.iter().enumerate() {
@@ -201,15 +201,7 @@ fn a_prefetch_window_does_not_bring_back_another_devices_pages() {
         ..svmirror_iommu::MirrorConfig::checked()
     };
     // SAFETY: the buffer is touched by the CPU through raw pointers only.
-    let b = unsafe {
-        svmirror_iommu::IommuMirror::with_page_source(
-            env.mm.notifier(),
-            buf,
-            config,
-            Box::new(env.mm.clone()),
-        )
-    }
-    .unwrap();
+    let b = unsafe { svmirror_iommu::IommuMirror::new(env.mm.clone(), buf, config) }.unwrap();
     let mut m = mirror_buf(20);
     assert_eq!(
         a.migrate_to_dev(buf.start(), 20, &mut m).unwrap().cpages,

@@ -1,4 +1,5 @@
 use std::sync::MutexGuard;
+use std::time::Instant;
 
 use svmirror_core::{Error as CoreError, Notifier};
 
@@ -6,9 +7,29 @@ use super::*;
 use crate::dma::{FaultMode, FaultReason, Injection};
 use crate::page_table::LeafSize;
 use crate::testing::{AnonMap, RaceAfterSnapshot, clear_through};
-use svmirror_mm::{VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
+use svmirror_mm::{ProcessPageSource, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
 
 const PAGE: u64 = PAGE_SIZE;
+
+/// This process's page table, read raw (svmirror-mm's `ProcessPageSource`).
+fn raw_source() -> ProcessPageSource {
+    ProcessPageSource::new().expect("the process page source opens")
+}
+
+/// A mirror of `range` subscribed to `notifier`, which the test feeds by hand, reading this
+/// process's page table raw.
+///
+/// # Safety
+///
+/// As for [`IommuMirror::new`].
+unsafe fn raw_mirror(
+    notifier: &Notifier,
+    range: Range,
+    config: MirrorConfig,
+) -> Result<IommuMirror> {
+    // SAFETY: this function's contract, passed on.
+    unsafe { IommuMirror::with_page_source(notifier, range, config, Box::new(raw_source())) }
+}
 
 struct Rig {
     mirror: IommuMirror,
@@ -22,7 +43,7 @@ fn rig_with(config: MirrorConfig) -> Rig {
     let notifier = Notifier::new();
     let range = Range::new(PAGE, 1 << 47).unwrap();
     // SAFETY: tests touch device-written memory only through `AnonMap`'s raw pointers.
-    let mirror = unsafe { IommuMirror::new(&notifier, range, config) }.unwrap();
+    let mirror = unsafe { raw_mirror(&notifier, range, config) }.unwrap();
     Rig {
         mirror,
         notifier,
@@ -368,7 +389,7 @@ fn access_outside_the_mirror_fails() {
     let b = AnonMap::new(2 * PAGE as usize).unwrap();
     let range = Range::with_len(b.addr(), PAGE).unwrap();
     // SAFETY: test memory is touched only through raw pointers.
-    let m = unsafe { IommuMirror::new(&notifier, range, MirrorConfig::checked()) }.unwrap();
+    let m = unsafe { raw_mirror(&notifier, range, MirrorConfig::checked()) }.unwrap();
     let err = m
         .submit(DmaCommand::Read {
             src: b.addr() + PAGE,
@@ -489,7 +510,7 @@ fn drop_releases_every_pin() {
     let b = AnonMap::new(8 * PAGE as usize).unwrap();
     // SAFETY: test memory is touched only through raw pointers.
     let m = unsafe {
-        IommuMirror::new(
+        raw_mirror(
             &notifier,
             Range::new(PAGE, 1 << 47).unwrap(),
             MirrorConfig::checked(),
@@ -528,7 +549,7 @@ fn invalidation_racing_a_page_request_makes_it_retry() {
     let b = placed(2 * PAGE as usize);
     b.fill(4);
     let range = Range::with_len(b.addr(), b.len() as u64).unwrap();
-    let source = RaceAfterSnapshot::new(clear_through(&notifier, range)).unwrap();
+    let source = RaceAfterSnapshot::new(raw_source(), clear_through(&notifier, range));
     // SAFETY: test memory is touched only through raw pointers.
     let m = unsafe {
         IommuMirror::with_page_source(&notifier, range, MirrorConfig::checked(), Box::new(source))
@@ -560,8 +581,8 @@ fn bad_fault_window_is_refused() {
     let mut config = MirrorConfig::checked();
     config.fault_window = 3 * PAGE;
     // SAFETY: refused before anything is mapped.
-    let err = unsafe { IommuMirror::new(&notifier, Range::new(PAGE, 2 * PAGE).unwrap(), config) }
-        .unwrap_err();
+    let err =
+        unsafe { raw_mirror(&notifier, Range::new(PAGE, 2 * PAGE).unwrap(), config) }.unwrap_err();
     assert!(matches!(err, IommuError::InvalidConfig { .. }), "{err}");
 }
 
@@ -570,7 +591,7 @@ fn range_beyond_iova_space_is_refused() {
     let notifier = Notifier::new();
     let range = Range::new(PAGE, IOVA_END + PAGE).unwrap();
     // SAFETY: refused before anything is mapped.
-    let err = unsafe { IommuMirror::new(&notifier, range, MirrorConfig::checked()) }.unwrap_err();
+    let err = unsafe { raw_mirror(&notifier, range, MirrorConfig::checked()) }.unwrap_err();
     assert!(matches!(err, IommuError::OutsideIovaSpace { .. }), "{err}");
 }
 

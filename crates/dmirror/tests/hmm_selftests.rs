@@ -13,7 +13,7 @@ mod hmm_common;
 
 use hmm_common::*;
 use svmirror_core::Range;
-use svmirror_iommu::dmirror::prot;
+use svmirror_dmirror::prot;
 use svmirror_mm::{Advice, Protection};
 
 /// `hmm.open_close`: the device opens and closes, several at once, leaving nothing pinned.

@@ -32,25 +32,30 @@
 //! One pin per resolved run, shared by the leaves that map it and released when the last of
 //! them goes. Dropping the mirror stops the device, removes the subscription, tears everything
 //! down and releases every pin (DESIGN.md invariant 7).
+//!
+//! The fault path lives in `resolve` (the resolver the DMA engine hands page requests to);
+//! this module holds the configuration, the state under the update lock, the invalidation and
+//! the [`IommuMirror`] itself.
+//!
+//! [`fault_prepare_and_program`]: svmirror_core::fault_prepare_and_program
+
+mod resolve;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use svmirror_core::MirrorError;
 use svmirror_core::teardown::Action;
 use svmirror_core::{
-    AreaKind, CounterSnapshot, Counters, CpuPte, DEFAULT_FAULT_TIMEOUT, Event, FaultRequest,
-    FaultSteps, IntervalNotifierOps, InvalidateCtx, Notifier, NotifierRange, Owner, PAGE_SIZE,
-    PageSource, Pass, Range, Subscription, Teardown, UpdateGuard, UpdateLock, WouldBlock, entry,
-    fault_prepare_and_program,
+    AddressSpace, CounterSnapshot, Counters, DEFAULT_FAULT_TIMEOUT, Event, IntervalNotifierOps,
+    InvalidateCtx, Notifier, NotifierRange, Owner, PAGE_SIZE, PageSource, Pass, Range, Teardown,
+    UpdateGuard, UpdateLock, WouldBlock,
 };
-use svmirror_mm::ProcessPageSource;
 
-use crate::dma::{
-    Access, DmaCommand, DmaConfig, DmaEngine, DmaHandle, Fence, PageRequest, PageRequestHandler,
-};
+use self::resolve::Resolver;
+use crate::dma::{DmaCommand, DmaConfig, DmaEngine, DmaHandle, Fence};
 use crate::error::{IommuError, Result};
 use crate::iotlb::Violation;
 use crate::mmu::{Mmu, MmuConfig};
@@ -78,9 +83,9 @@ pub struct MirrorConfig {
     pub fault_timeout: Duration,
 }
 
-/// What a page request maps (and so pins, and has its page source register for events: a
-/// [`ProcessMm`](svmirror_mm::ProcessMm) registers with its userfaultfd whatever range the
-/// mirror looks up) besides the pages the device asked for.
+/// What a page request maps (and so pins, and has its page source register for events:
+/// svmirror-mm's `ProcessMm` registers with its userfaultfd whatever range the mirror looks up)
+/// besides the pages the device asked for.
 ///
 /// The **demand part** is always mapped: the pages of `[iova, iova + len)` of the
 /// [`PageRequest`] (the access the device attempted), or of [`IommuMirror::fault`]'s range,
@@ -97,6 +102,8 @@ pub struct MirrorConfig {
 /// inside it, which makes the kernel split the CPU's huge mapping (and userfaultfd refuses a
 /// hugetlb range that is not huge-page aligned). It is why a THP-backed 2 MiB region is mapped
 /// as one 2 MiB leaf on its first fault.
+///
+/// [`PageRequest`]: crate::PageRequest
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Prefetch {
     /// Only the demand part and the huge-page extension: the mirror never maps, pins or has
@@ -339,348 +346,8 @@ impl Teardown for MirrorInner {
     }
 }
 
-/// The driver side of page requests: the subscription and the CPU page table.
-struct Resolver {
-    inner: Arc<MirrorInner>,
-    sub: Subscription,
-    source: Box<dyn PageSource + Send + Sync>,
-}
-
 fn core_err(op: &'static str, range: Range) -> impl FnOnce(svmirror_core::Error) -> IommuError {
     move |source| IommuError::Core { op, range, source }
-}
-
-/// The pages `[iova, iova + len)` touches, if that is a range at all.
-fn pages_of(iova: u64, len: u64) -> Option<Range> {
-    let start = iova & !(PAGE_SIZE - 1);
-    let end = iova.saturating_add(len.max(1)).next_multiple_of(PAGE_SIZE);
-    Range::new(start, end).ok()
-}
-
-impl PageRequestHandler for Resolver {
-    fn page_request(&self, req: &PageRequest) -> Result<()> {
-        self.resolve(req.iova, req.len, req.access == Access::Write)
-    }
-
-    fn settle(&self, iova: u64, len: u64) -> Result<u64> {
-        let Some(r) = pages_of(iova, len) else {
-            // Outside any address a CPU change can name: the access faults and says why.
-            return Ok(0);
-        };
-        self.source
-            .settle(r)
-            .map_err(core_err("settle before a device access", r))
-    }
-
-    fn changed_since(&self, iova: u64, len: u64, since: u64) -> bool {
-        pages_of(iova, len).is_some_and(|r| self.source.changed_since(r, since))
-    }
-}
-
-impl Resolver {
-    /// Maps the run of pages at `iova` that is not mapped (or not writable, for a write): the
-    /// pages of `[iova, iova + len)` in the fault window, widened as [`Prefetch`] says.
-    fn resolve(&self, iova: u64, len: u64, write: bool) -> Result<()> {
-        let inner = &*self.inner;
-        let _span = tracing::trace_span!("iommu.fault", iova, write).entered();
-        let page = iova & !(PAGE_SIZE - 1);
-        let outside = || IommuError::OutsideMirror {
-            iova,
-            range: inner.range,
-        };
-        if !inner.range.contains(page) || page >= IOVA_END {
-            return Err(outside());
-        }
-        let win = inner.config.fault_window;
-        let window = Range::with_len(page & !(win - 1), win)
-            .ok()
-            .and_then(|w| self.mirrored(w))
-            .ok_or_else(outside)?;
-        let requested = Instant::now();
-        let demand = {
-            let end = iova.saturating_add(len.max(1)).min(window.end());
-            Range::new(page, end.next_multiple_of(PAGE_SIZE)).map_err(|_| outside())?
-        };
-        let bounds = match inner.config.prefetch {
-            Prefetch::Window if !self.window_brings_back(window, demand) => window,
-            _ => demand,
-        };
-        let bounds = match self.huge_page_at(page, bounds, write) {
-            Some(h) => Range::new(h.start().min(bounds.start()), h.end().max(bounds.end()))
-                .map_err(|_| outside())?,
-            None => bounds,
-        };
-        let mut vma = self.vma_run(bounds, page, write)?;
-        let started = Instant::now();
-        let mut retries = 0;
-        loop {
-            let run = inner.mmu.with(|s| {
-                let pt = s.page_table();
-                let needs = |p: u64| pt.translate(p).is_none_or(|t| write && !t.perms.writable());
-                if !needs(page) {
-                    return None;
-                }
-                let (mut s, mut e) = (page, page + PAGE_SIZE);
-                while s > vma.start() && needs(s - PAGE_SIZE) {
-                    s -= PAGE_SIZE;
-                }
-                while e < vma.end() && needs(e) {
-                    e += PAGE_SIZE;
-                }
-                Range::new(s, e).ok()
-            });
-            let Some(run) = run else {
-                return Ok(());
-            };
-            let left = inner.config.fault_timeout.saturating_sub(started.elapsed());
-            if retries > 0 && left.is_zero() {
-                let elapsed = started.elapsed();
-                return Err(core_err("fault", run)(svmirror_core::Error::Timeout {
-                    range: run,
-                    retries,
-                    elapsed,
-                }));
-            }
-            let mut entries = vec![0u64; run.pages() as usize];
-            let mut req = FaultRequest::fault_all(run, &mut entries, write).with_owner(inner.owner);
-            // The core's loop: snapshot and fault, pin outside the update lock (see the module
-            // documentation), then publish under it unless an invalidation raced the pass.
-            let steps = FaultSteps {
-                prepare: |_: &FaultRequest<'_>| {
-                    // The page source first makes the run's huge pages pinnable whole (the pin
-                    // is taken for writing, even for a device that only reads: see
-                    // `PageSource::before_pin`).
-                    let huge = self
-                        .source
-                        .before_pin(run)
-                        .map_err(core_err("fault", run))?;
-                    // SAFETY: `IommuMirror::new`'s contract covers device writes anywhere in
-                    // the mirrored range, which `run` lies in.
-                    let pinned = unsafe { inner.pins.pin(run.start(), run.len()) };
-                    self.source.after_pin(&huge);
-                    pinned
-                },
-                undo: |_: &mut UpdateGuard<'_, MirrorState>, pin: Result<Pin>| drop(pin),
-                program: |g: &mut UpdateGuard<'_, MirrorState>,
-                          req: &FaultRequest<'_>,
-                          pin: Result<Pin>| {
-                    let pin = pin?;
-                    drop(std::mem::take(&mut g.deferred));
-                    self.program(g, pin, run, req.entries, write)
-                },
-            };
-            let outcome = fault_prepare_and_program(
-                &self.sub,
-                &inner.state,
-                &*self.source,
-                &mut req,
-                left,
-                steps,
-            );
-            let raced = svmirror_core::FaultStats::retries_in(&outcome);
-            inner.counters.record_retries(raced);
-            retries += raced;
-            match outcome {
-                Ok((Ok(()), _)) => {}
-                // The run was cut to the mapping as it was before the fault; a neighbour
-                // munmapped or protected since (its event may still be on its way) makes the
-                // run fail (its fault, or its pin) where the faulting page would not: cut it
-                // again and retry.
-                Ok((Err(e), _)) if self.vma_moved(bounds, page, write, &mut vma) => {
-                    tracing::debug!(%run, error = %e, "mapping changed under a pin: retrying");
-                    retries += 1;
-                    inner.counters.record_retry();
-                    continue;
-                }
-                Ok((Err(e), _)) => return Err(e),
-                Err(e @ svmirror_core::Error::Timeout { .. }) => {
-                    return Err(core_err("fault", run)(e));
-                }
-                Err(e) if self.vma_moved(bounds, page, write, &mut vma) => {
-                    tracing::debug!(%run, error = %e, "mapping changed under a fault: retrying");
-                    retries += 1;
-                    inner.counters.record_retry();
-                    continue;
-                }
-                Err(e) => return Err(core_err("fault", run)(e)),
-            }
-            inner.stat(|s| {
-                s.faults += 1;
-                s.fault_retries += retries;
-            });
-            inner.counters.record_fault(run.len(), requested.elapsed());
-            return Ok(());
-        }
-    }
-
-    /// Whether prefetching `window` around `demand` would bring home pages that live in
-    /// another device's memory: a fault brings back only the pages the device asked for (the
-    /// kernel's `migrate_to_ram` moves the one faulting page, lib/test_hmm.c
-    /// `dmirror_devmem_fault`), so the window is used only where it is all in RAM (or
-    /// absent, or this mirror's own). When unsure (the snapshot failed), it would.
-    fn window_brings_back(&self, window: Range, demand: Range) -> bool {
-        let mut ptes = vec![CpuPte::None; window.pages() as usize];
-        if self.source.snapshot(window.start(), &mut ptes).is_err() {
-            return true;
-        }
-        ptes.iter().enumerate().any(|(i, p)| {
-            let addr = window.start() + i as u64 * PAGE_SIZE;
-            !demand.contains(addr)
-                && matches!(p, CpuPte::DevicePrivate { owner, .. } if *owner != self.inner.owner)
-        })
-    }
-
-    /// `r` cut to the mirrored range and the IOVA space.
-    fn mirrored(&self, r: Range) -> Option<Range> {
-        r.intersect(&self.inner.range)?
-            .intersect(&Range::new(0, IOVA_END).ok()?)
-    }
-
-    /// The CPU's huge page around `page`, cut to the mirrored range, when the CPU maps `page`
-    /// huge and `bounds` does not already cover the 2 MiB around it ([`Prefetch`]'s huge-page
-    /// extension). Looks before the run is looked up (so registered): registering part of a
-    /// huge mapping would split it. A page not present is faulted in first (the fault loop
-    /// would fault it anyway), so that a THP or hugetlb area gets its huge page now. A hint
-    /// only: the fault loop checks what it maps.
-    fn huge_page_at(&self, page: u64, bounds: Range, write: bool) -> Option<Range> {
-        const PMD: u64 = 2 << 20;
-        let pmd = Range::with_len(page & !(PMD - 1), PMD).ok()?;
-        if bounds.start() <= pmd.start() && pmd.end() <= bounds.end() {
-            return None;
-        }
-        let mut pte = [CpuPte::None];
-        self.source.snapshot(page, &mut pte).ok()?;
-        if pte[0] == CpuPte::None {
-            let one = Range::with_len(page, PAGE_SIZE).ok()?;
-            // An error (a hole, a protection) is the fault loop's to report.
-            self.source.fault(one, write).ok()?;
-            self.source.snapshot(page, &mut pte).ok()?;
-        }
-        match pte[0] {
-            CpuPte::Present { order, .. } if order > 0 => {
-                let size = PAGE_SIZE.checked_shl(u32::from(order))?;
-                self.mirrored(Range::with_len(page & !(size - 1), size).ok()?)
-            }
-            _ => None,
-        }
-    }
-
-    /// Whether the mapping at `page` no longer covers exactly `vma` (and, if so, makes `vma`
-    /// what it covers now). False when it cannot be looked up: the caller's error stands.
-    fn vma_moved(&self, window: Range, page: u64, write: bool, vma: &mut Range) -> bool {
-        match self.vma_run(window, page, write) {
-            Ok(now) if now != *vma => {
-                *vma = now;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// The part of `window` covered by the mapping at `page`, which must be one the device may
-    /// use for `write`. Looks up (so has the page source register) the mappings from the start
-    /// of `window` to the end of that one.
-    fn vma_run(&self, window: Range, page: u64, write: bool) -> Result<Range> {
-        let mut at = window.start();
-        loop {
-            let a = self
-                .source
-                .area(at, window.end())
-                .map_err(core_err("fault", window))?;
-            if page < a.end {
-                return match a.kind {
-                    AreaKind::Mapped {
-                        read: true,
-                        write: true,
-                    } => Range::new(at, a.end).map_err(core_err("fault", window)),
-                    AreaKind::Mapped { read: true, .. } if write => Err(core_err("fault", window)(
-                        svmirror_core::Error::WriteToReadOnly { addr: page },
-                    )),
-                    AreaKind::Mapped { read: true, .. } => {
-                        Err(IommuError::ReadOnlyMemory { iova: page })
-                    }
-                    _ => Err(core_err("fault", window)(
-                        svmirror_core::Error::BadAddress { addr: page },
-                    )),
-                };
-            }
-            at = a.end;
-        }
-    }
-
-    /// Maps `run` from the current `entries` through `pin`, under the update lock.
-    fn program(
-        &self,
-        g: &mut UpdateGuard<'_, MirrorState>,
-        pin: Pin,
-        run: Range,
-        entries: &[u64],
-        write: bool,
-    ) -> Result<()> {
-        let inner = &*self.inner;
-        let want = |e: u64| {
-            if entry::is_writable(e) {
-                Some(Perms::ReadWrite)
-            } else if entry::is_valid(e) {
-                Some(Perms::Read)
-            } else {
-                None
-            }
-        };
-        // Pages to (re)map: (start, end, perms). Read-only leaves are replaced for a write.
-        let outcome = inner.mmu.with(|s| {
-            let pt = s.page_table_mut();
-            let mut pieces: Vec<(u64, u64, Perms, bool)> = Vec::new();
-            for (i, &e) in entries.iter().enumerate() {
-                let p = run.start() + i as u64 * PAGE_SIZE;
-                let Some(perms) = want(e) else { continue };
-                let replace = match pt.translate(p) {
-                    None => false,
-                    Some(t) if write && !t.perms.writable() && perms.writable() => true,
-                    Some(_) => continue,
-                };
-                match pieces.last_mut() {
-                    Some(l) if l.1 == p && l.2 == perms && l.3 == replace => l.1 += PAGE_SIZE,
-                    _ => pieces.push((p, p + PAGE_SIZE, perms, replace)),
-                }
-            }
-            let mut removed = Vec::new();
-            let mut mapped = 0;
-            let mut result = Ok(());
-            for &(s0, e0, perms, replace) in &pieces {
-                let r = Range::new(s0, e0).expect("page-aligned piece");
-                if replace {
-                    removed.extend(pt.unmap_present(r, false));
-                }
-                let t = pin.target_of(s0).expect("piece lies in the pinned run");
-                // Both locks are held and every page was checked free: a failure is a bug,
-                // reported without leaving a leaf on a pin that is not tracked.
-                result = pt.map(s0, e0 - s0, t, perms);
-                if result.is_err() {
-                    break;
-                }
-                mapped += e0 - s0;
-            }
-            for u in &removed {
-                let r = Range::with_len(u.iova, u.len).expect("unmapped piece");
-                s.iotlb_mut().invalidate_range(r);
-            }
-            (removed, mapped, result)
-        });
-        let (removed, mapped, result) = outcome;
-        inner.counters.record_map(mapped);
-        inner
-            .counters
-            .record_unmap(removed.iter().map(|u| u.len).sum());
-        if mapped > 0 {
-            g.pins.insert(pin.id(), Backing { pin, mapped });
-        }
-        let freed = g.unback(&removed);
-        if !freed.is_empty() {
-            inner.release_after_drain(g, run, freed);
-        }
-        result
-    }
 }
 
 /// The simulated IOMMU mirroring one range of this process's address space, with its DMA device.
@@ -702,8 +369,10 @@ impl std::fmt::Debug for IommuMirror {
 
 impl IommuMirror {
     /// Creates the IOMMU, its pins and its DMA device, and subscribes `range` (IOVA = virtual
-    /// address; it must lie in the 48-bit IOVA space) to `notifier`, which must be fed every
-    /// change to this process's address space that should reach the device.
+    /// address; it must lie in the 48-bit IOVA space) to `space`'s notifier; page requests read
+    /// the CPU page table through `space`, which the mirror keeps alive. `space` must be this
+    /// process's address space (svmirror-mm's `ProcessMm`): pins are taken at the addresses it
+    /// reports.
     ///
     /// # Safety
     ///
@@ -711,16 +380,22 @@ impl IommuMirror {
     /// that the kernel writes behind Rust's back. The caller must ensure no memory a command
     /// writes is accessed through Rust references while the device may write it (STYLE.md
     /// rule 6): DMA buffers are touched by the CPU through raw pointers only.
-    pub unsafe fn new(notifier: &Notifier, range: Range, config: MirrorConfig) -> Result<Self> {
-        let source =
-            ProcessPageSource::new().map_err(|source| IommuError::PageSource { source })?;
+    pub unsafe fn new(
+        space: Arc<dyn AddressSpace>,
+        range: Range,
+        config: MirrorConfig,
+    ) -> Result<Self> {
+        let source: Box<dyn PageSource + Send + Sync> = Box::new(space.clone());
         // SAFETY: the caller upholds this function's contract, which is the same.
-        unsafe { Self::with_page_source(notifier, range, config, Box::new(source)) }
+        unsafe { Self::with_page_source(space.notifier(), range, config, source) }
     }
 
-    /// As [`new`](Self::new), with the CPU page table read through `source` instead of this
-    /// process's own (a wrapper that injects races or failures, in tests). The source must
-    /// describe this process: pins are taken at the addresses it reports.
+    /// As [`new`](Self::new), subscribed to `notifier` and with the CPU page table read
+    /// through `source`: a notifier of its own, fed by hand (tests, benchmarks), with
+    /// svmirror-mm's raw `ProcessPageSource`, or a wrapper around a page source that injects
+    /// races or failures (tests). `notifier` must be fed every change to this process's address
+    /// space that should reach the device, and `source` must describe this process: pins are
+    /// taken at the addresses it reports.
     ///
     /// # Safety
     ///
@@ -864,7 +539,6 @@ impl Drop for IommuMirror {
 }
 
 #[cfg(test)]
-#[path = "mirror_tests.rs"]
 mod tests;
 
 /// The contract every backend keeps ([`svmirror_core::Mirror`]).

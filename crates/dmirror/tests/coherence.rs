@@ -24,8 +24,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use svmirror_core::{PAGE_SIZE, Range};
-use svmirror_iommu::{Dmirror, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
-use svmirror_mm::{Advice, MmStats, ProcessMm, Protection};
+use svmirror_dmirror::Dmirror;
+use svmirror_mm::{
+    Advice, MmStats, ProcessMm, Protection, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes,
+};
 
 const PAGE: u64 = PAGE_SIZE;
 /// Pages in the test region.

@@ -1,0 +1,361 @@
+//! How bytes move through pins: the staging memfd and the copy pipes, and the transfers
+//! through them (see "How an access works" in the [module documentation](super)).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+
+use io_uring::{opcode, squeue, types};
+use svmirror_core::{PAGE_SIZE, might_sleep};
+
+use super::pool::{PoolInner, RING_ENTRIES};
+use super::{PinId, PinPool, Target};
+use crate::error::{IommuError, Result};
+
+/// The staging memfd's mapping. Owned by [`Staging`] and touched only under the pool's lock, so
+/// the pointer may move between threads (STYLE.md rule 7).
+struct StagingPtr(NonNull<u8>);
+
+// SAFETY: the mapping is private to the pool; every access goes through `PoolInner`, which the
+// pool's mutex serializes.
+unsafe impl Send for StagingPtr {}
+
+/// A memfd of `len` bytes mapped shared into the process: device-local memory the kernel copies
+/// pinned pages into and out of.
+pub(super) struct Staging {
+    fd: OwnedFd,
+    map: StagingPtr,
+    len: usize,
+}
+
+impl Staging {
+    pub(super) fn new(len: usize) -> io::Result<Staging> {
+        // SAFETY: the name is a NUL-terminated literal; the returned descriptor is checked.
+        let raw =
+            unsafe { libc::memfd_create(c"svmirror-iommu-staging".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: plain syscall on a descriptor we own.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new shared mapping of our own memfd; the result is checked for MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let map = NonNull::new(p.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
+        Ok(Staging {
+            fd,
+            map: StagingPtr(map),
+            len,
+        })
+    }
+}
+
+/// A pipe that pin-to-pin copies go through, emptied by every copy that completes. After a
+/// failed transfer it may hold bytes, so it is replaced.
+pub(super) struct CopyPipe {
+    rd: OwnedFd,
+    wr: OwnedFd,
+    /// The pipe's capacity: the most one linked pair moves.
+    cap: usize,
+}
+
+impl CopyPipe {
+    /// A pipe of about `want` bytes (as large as the kernel allows, at least a page).
+    fn new(want: usize) -> io::Result<CopyPipe> {
+        let mut fds = [0i32; 2];
+        // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `pipe2` just created both descriptors; nothing else owns them.
+        let rd = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+        // SAFETY: as above.
+        let wr = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+        // SAFETY: plain fcntl on a descriptor we own; a failure leaves the default size.
+        unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, want as libc::c_int) };
+        // SAFETY: plain fcntl on a descriptor we own.
+        let cap = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        if cap < PAGE_SIZE as i32 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(CopyPipe {
+            rd,
+            wr,
+            cap: cap as usize,
+        })
+    }
+}
+/// `n` pipes of about `want` bytes, or none if one cannot be made.
+pub(super) fn copy_pipes(n: usize, want: usize) -> Vec<CopyPipe> {
+    let pipes: io::Result<Vec<CopyPipe>> = (0..n).map(|_| CopyPipe::new(want)).collect();
+    pipes
+        .inspect_err(|e| tracing::debug!(%e, "no copy pipes; copies use the staging memfd"))
+        .unwrap_or_default()
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made; nothing refers to it any more.
+        unsafe { libc::munmap(self.map.0.as_ptr().cast(), self.len) };
+    }
+}
+fn io_err(res: i32) -> io::Error {
+    io::Error::from_raw_os_error(-res)
+}
+impl PinPool {
+    /// Copies `dst.len()` bytes of pinned memory at `at` into device memory `dst`.
+    pub fn read(&self, at: Target, dst: &mut [u8]) -> Result<()> {
+        might_sleep("PinPool::read");
+        let mut g = self.lock();
+        let addr = g.resolve(at, dst.len() as u64)?;
+        let chunk = g.staging.len;
+        let mut done = 0;
+        while done < dst.len() {
+            let n = (dst.len() - done).min(chunk);
+            let e = opcode::WriteFixed::new(
+                types::Fd(g.staging.fd.as_raw_fd()),
+                (addr + done as u64) as *const u8,
+                n as u32,
+                at.pin.slot as u16,
+            )
+            .offset(0)
+            .build();
+            let [res, _] = g.submit(&[e])?;
+            check("read", at.pin, res, n)?;
+            // SAFETY: the staging mapping holds at least `chunk >= n` bytes, the kernel has
+            // finished writing them (its completion was reaped), and `dst[done..done + n]` is
+            // a distinct, valid slice.
+            unsafe {
+                std::ptr::copy_nonoverlapping(g.staging.map.0.as_ptr(), dst[done..].as_mut_ptr(), n)
+            };
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Copies device memory `src` into pinned memory at `at`.
+    pub fn write(&self, at: Target, src: &[u8]) -> Result<()> {
+        might_sleep("PinPool::write");
+        let mut g = self.lock();
+        let addr = g.resolve(at, src.len() as u64)?;
+        let chunk = g.staging.len;
+        let mut done = 0;
+        while done < src.len() {
+            let n = (src.len() - done).min(chunk);
+            // SAFETY: the staging mapping holds at least `chunk >= n` bytes and no I/O uses it
+            // now (transfers complete under the lock we hold).
+            unsafe {
+                std::ptr::copy_nonoverlapping(src[done..].as_ptr(), g.staging.map.0.as_ptr(), n)
+            };
+            let e = opcode::ReadFixed::new(
+                types::Fd(g.staging.fd.as_raw_fd()),
+                (addr + done as u64) as *mut u8,
+                n as u32,
+                at.pin.slot as u16,
+            )
+            .offset(0)
+            .build();
+            let [res, _] = g.submit(&[e])?;
+            check("write", at.pin, res, n)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Copies `len` bytes of pinned memory from `src` to `dst` (which may be the same pin), in
+    /// the kernel: each chunk is a fixed-buffer write into staging linked to a fixed-buffer read
+    /// out of it.
+    pub fn copy(&self, src: Target, dst: Target, len: u64) -> Result<()> {
+        might_sleep("PinPool::copy");
+        let mut g = self.lock();
+        let from = g.resolve(src, len)?;
+        let to = g.resolve(dst, len)?;
+        if !g.pipes.is_empty() {
+            let r = g.copy_through_pipes(src, dst, from, to, len);
+            if r.is_err() {
+                g.replace_pipes();
+            }
+            return r;
+        }
+        let chunk = g.staging.len as u64;
+        let fd = types::Fd(g.staging.fd.as_raw_fd());
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk);
+            let out = opcode::WriteFixed::new(
+                fd,
+                (from + done) as *const u8,
+                n as u32,
+                src.pin.slot as u16,
+            )
+            .offset(0)
+            .build()
+            .flags(squeue::Flags::IO_LINK);
+            let back =
+                opcode::ReadFixed::new(fd, (to + done) as *mut u8, n as u32, dst.pin.slot as u16)
+                    .offset(0)
+                    .build();
+            let [r1, r2] = g.submit(&[out, back])?;
+            check("copy", src.pin, r1, n as usize)?;
+            check("copy", dst.pin, r2, n as usize)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+fn check(op: &'static str, pin: PinId, res: i32, want: usize) -> Result<()> {
+    if res < 0 {
+        return Err(IommuError::Transfer {
+            op,
+            pin,
+            source: io_err(res),
+        });
+    }
+    if res as usize != want {
+        return Err(IommuError::ShortTransfer {
+            op,
+            pin,
+            done: res as u64,
+            len: want as u64,
+        });
+    }
+    Ok(())
+}
+impl PoolInner {
+    /// [`PinPool::copy`] through the pipes: per pipe-full, a fixed-buffer write into a pipe
+    /// linked to a fixed-buffer read out of it; up to one such chain per pipe at once, in
+    /// parallel on io_uring's workers when there are several. `from` and `to` are the resolved
+    /// addresses.
+    fn copy_through_pipes(
+        &mut self,
+        src: Target,
+        dst: Target,
+        from: u64,
+        to: u64,
+        len: u64,
+    ) -> Result<()> {
+        let chunk = self.pipes.iter().map(|p| p.cap).min().unwrap_or(0) as u64;
+        if chunk == 0 {
+            return Ok(());
+        }
+        let mut done = 0;
+        while done < len {
+            let mut entries = Vec::with_capacity(2 * self.pipes.len());
+            let mut sizes = Vec::with_capacity(self.pipes.len());
+            let lanes = (len - done).div_ceil(chunk).min(self.pipes.len() as u64) as usize;
+            for pipe in &self.pipes[..lanes] {
+                let n = (len - done).min(chunk);
+                let mut first = squeue::Flags::IO_LINK;
+                if lanes > 1 {
+                    first |= squeue::Flags::ASYNC;
+                }
+                entries.push(
+                    opcode::WriteFixed::new(
+                        types::Fd(pipe.wr.as_raw_fd()),
+                        (from + done) as *const u8,
+                        n as u32,
+                        src.pin.slot as u16,
+                    )
+                    .offset(0)
+                    .build()
+                    .flags(first),
+                );
+                entries.push(
+                    opcode::ReadFixed::new(
+                        types::Fd(pipe.rd.as_raw_fd()),
+                        (to + done) as *mut u8,
+                        n as u32,
+                        dst.pin.slot as u16,
+                    )
+                    .offset(0)
+                    .build(),
+                );
+                sizes.push(n as usize);
+                done += n;
+            }
+            let res = self.submit_all(&entries)?;
+            for (i, n) in sizes.into_iter().enumerate() {
+                check("copy", src.pin, res[2 * i], n)?;
+                check("copy", dst.pin, res[2 * i + 1], n)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the copy pipes after a failed transfer (they may hold bytes); without new ones,
+    /// copies fall back to the staging memfd.
+    fn replace_pipes(&mut self) {
+        let want = self.pipes.first().map_or(0, |p| p.cap);
+        self.pipes = copy_pipes(self.pipes.len(), want);
+    }
+    /// Submits one or two entries (the second linked to the first) and waits for all of them.
+    /// Returns each one's result in order (the unused second is 0).
+    fn submit(&mut self, entries: &[squeue::Entry]) -> Result<[i32; 2]> {
+        debug_assert!(!entries.is_empty() && entries.len() <= 2);
+        let r = self.submit_all(entries)?;
+        Ok([r[0], r.get(1).copied().unwrap_or(0)])
+    }
+
+    /// Submits `entries` (at most the ring's size) and waits for all of them. Returns each
+    /// one's result in order.
+    fn submit_all(&mut self, entries: &[squeue::Entry]) -> Result<Vec<i32>> {
+        debug_assert!(!entries.is_empty() && entries.len() <= RING_ENTRIES as usize);
+        let mut sq = self.ring.submission();
+        for (i, e) in entries.iter().enumerate() {
+            let e = e.clone().user_data(i as u64);
+            // SAFETY: the buffers the entries name are registered buffers (pinned by the kernel)
+            // and the staging mapping, which outlives the submission: we wait for every
+            // completion below, under the pool lock.
+            unsafe { sq.push(&e) }.map_err(|_| IommuError::Transfer {
+                op: "submit",
+                pin: PinId {
+                    slot: 0,
+                    generation: 0,
+                },
+                source: io::Error::from_raw_os_error(libc::EBUSY),
+            })?;
+        }
+        drop(sq);
+        let mut res = vec![0i32; entries.len()];
+        let mut seen = 0;
+        while seen < entries.len() {
+            if let Err(source) = self.ring.submit_and_wait(entries.len() - seen) {
+                if source.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(IommuError::Transfer {
+                    op: "submit",
+                    pin: PinId {
+                        slot: 0,
+                        generation: 0,
+                    },
+                    source,
+                });
+            }
+            for cqe in self.ring.completion() {
+                if let Some(r) = res.get_mut(cqe.user_data() as usize) {
+                    *r = cqe.result();
+                    seen += 1;
+                }
+            }
+        }
+        self.stats.submissions += 1;
+        Ok(res)
+    }
+}
