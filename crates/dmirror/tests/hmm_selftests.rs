@@ -461,7 +461,13 @@ fn hmm_anon_teardown() {
                     assert_eq!(mirror_int(&m, i), i as u32 + c, "round {c}, int {i}");
                 }
             }
-            Err(e) => assert_eq!(e.errno(), libc::EFAULT, "round {c}: {e}"),
+            // The read lost the race: the pages went (EFAULT), or they kept going while the
+            // fault loop retried (EBUSY, `NoProgress`: the kernel's `hmm_range_fault` returns
+            // -EBUSY the same way). hmm-tests.c's anon_teardown checks only a read that won.
+            Err(e) => assert!(
+                [libc::EFAULT, libc::EBUSY].contains(&e.errno()),
+                "round {c}: {e}"
+            ),
         }
         unmapper.join().unwrap();
         env.unmap(Range::new(buf.start(), half.start()).unwrap());
