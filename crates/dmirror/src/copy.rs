@@ -1,6 +1,7 @@
 //! READ and WRITE: the copy loop, which copies what the device can reach and faults the rest
 //! in chunks of [`FAULT_CHUNK_PAGES`] pages.
 
+use svmirror_core::MirrorError;
 use svmirror_core::{CpuPte, DevicePages, PAGE_SIZE, PageSource, Range};
 use svmirror_iommu::{DmaCommand, IommuError};
 
@@ -95,11 +96,7 @@ impl Dmirror {
         let mut ptes = vec![CpuPte::None; n];
         self.mm
             .snapshot(range.start(), &mut ptes)
-            .map_err(|source| DmirrorError::Core {
-                op: "device access",
-                range,
-                source,
-            })?;
+            .map_err(MirrorError::refused("device access", range))?;
         let mine = [self.owner(), self.exclusive.owner()];
         Ok(ptes
             .iter()

@@ -1,5 +1,6 @@
 //! The dmirror device's error, with the errno the kernel's `lib/test_hmm.c` would return.
 
+use svmirror_core::MirrorError;
 use svmirror_core::Range;
 use svmirror_iommu::{FaultReason, IommuError};
 use svmirror_mm::MmError;
@@ -41,17 +42,10 @@ pub enum DmirrorError {
         #[source]
         source: MmError,
     },
-    /// The core (subscription, `range_fault`) failed.
-    #[error("{op} of {range} failed")]
-    Core {
-        /// The command.
-        op: &'static str,
-        /// The pages it worked on.
-        range: Range,
-        /// The core's error.
-        #[source]
-        source: svmirror_core::Error,
-    },
+    /// The core refused (subscription, `range_fault`), in the vocabulary every backend
+    /// shares.
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
     /// A page to migrate lives in another device's memory (ENOENT).
     #[error("page {addr:#x} lives in another device's memory")]
     OnOtherDevice {
@@ -117,7 +111,7 @@ impl DmirrorError {
             DmirrorError::InvalidCommand { .. } => libc::EINVAL,
             DmirrorError::Iommu { source, .. } => iommu_errno(source),
             DmirrorError::Mm { source, .. } => mm_errno(source),
-            DmirrorError::Core { source, .. } => source.errno(),
+            DmirrorError::Mirror(m) => mirror_errno(m),
             DmirrorError::OnOtherDevice { .. } => libc::ENOENT,
             DmirrorError::NoProgress { .. } => libc::EBUSY,
             DmirrorError::StillExclusive { .. } => libc::EPERM,
@@ -130,10 +124,19 @@ impl DmirrorError {
     }
 }
 
+/// The errno of an error every backend shares.
+fn mirror_errno(e: &MirrorError) -> i32 {
+    match e {
+        MirrorError::Core { source, .. } => source.errno(),
+        MirrorError::OutsideMirror { .. } => libc::EFAULT,
+        _ => libc::EINVAL,
+    }
+}
+
 /// The errno of a backend error.
 pub(crate) fn iommu_errno(e: &IommuError) -> i32 {
     match e {
-        IommuError::Core { source, .. } => source.errno(),
+        IommuError::Mirror(m) => mirror_errno(m),
         IommuError::DeviceFault {
             source: Some(s), ..
         } => iommu_errno(s),
@@ -141,14 +144,9 @@ pub(crate) fn iommu_errno(e: &IommuError) -> i32 {
             FaultReason::ReadOnly => libc::EPERM,
             FaultReason::NotMapped | FaultReason::OutsideIovaSpace => libc::EFAULT,
         },
-        IommuError::OutsideMirror { .. }
-        | IommuError::OutsideIovaSpace { .. }
-        | IommuError::NotMapped { .. } => libc::EFAULT,
+        IommuError::OutsideIovaSpace { .. } | IommuError::NotMapped { .. } => libc::EFAULT,
         IommuError::ReadOnlyMemory { .. } => libc::EOPNOTSUPP,
-        IommuError::InvalidConfig { .. }
-        | IommuError::InvalidRange { .. }
-        | IommuError::InvalidCommand { .. }
-        | IommuError::PinSize { .. } => libc::EINVAL,
+        IommuError::InvalidCommand { .. } | IommuError::PinSize { .. } => libc::EINVAL,
         IommuError::MemlockLimit { .. } | IommuError::PinSlotsExhausted { .. } => libc::ENOMEM,
         IommuError::PinFailed { source, .. } => source.raw_os_error().unwrap_or(libc::EFAULT),
         _ => libc::EIO,

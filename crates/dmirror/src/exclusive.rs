@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use svmirror_core::MirrorError;
 use svmirror_core::{DevicePages, PAGE_SIZE, Range};
 
 use crate::{Dmirror, DmirrorCmd, DmirrorError, ExclusiveRefusal, check};
@@ -63,10 +64,12 @@ impl Dmirror {
     /// Checks `range` for EXCLUSIVE: private, writable, readable mappings only. Returns the
     /// pieces of `range` in each mapping.
     fn check_exclusive_able(&self, range: Range) -> Result<Vec<Range>, DmirrorError> {
-        let core = |source| DmirrorError::Core {
-            op: "exclusive",
-            range,
-            source,
+        let core = |source| {
+            DmirrorError::Mirror(MirrorError::Core {
+                op: "exclusive",
+                range,
+                source,
+            })
         };
         let mut pieces = Vec::new();
         let mut at = range.start();

@@ -86,6 +86,7 @@ mod snapshot;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use svmirror_core::MirrorError;
 use svmirror_core::{
     DevicePages, IntervalNotifierOps, InvalidateCtx, NotifierRange, PAGE_SIZE, Pass, Range,
     Subscription, UpdateLock, WouldBlock,
@@ -197,14 +198,10 @@ impl Dmirror {
             lock: UpdateLock::new(()),
             exclusive: exclusive.clone(),
         });
-        let snap =
-            mm.notifier()
-                .insert(range, ops.clone())
-                .map_err(|source| DmirrorError::Core {
-                    op: "open",
-                    range,
-                    source,
-                })?;
+        let snap = mm
+            .notifier()
+            .insert(range, ops.clone())
+            .map_err(MirrorError::refused("open", range))?;
         let maps = ProcessPageSource::new().map_err(|source| DmirrorError::Mm {
             op: "open",
             range,

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use svmirror_core::MirrorError;
 use svmirror_core::{AreaKind, CpuPte, DevicePages, PAGE_SIZE, PageSource, Range};
 
 use crate::{Dmirror, DmirrorCmd, DmirrorError, FLAG_FAIL_ALLOC, PMD_PAGES, check};
@@ -66,10 +67,12 @@ impl Dmirror {
     /// window from its start and, once faulted in for reading, that window is one PMD mapping
     /// (a THP, or the huge zero page of an untouched THP area).
     fn injected_alloc_failure(&self, range: Range) -> Result<(), DmirrorError> {
-        let core = |source| DmirrorError::Core {
-            op: "migrate to device",
-            range,
-            source,
+        let core = |source| {
+            DmirrorError::Mirror(MirrorError::Core {
+                op: "migrate to device",
+                range,
+                source,
+            })
         };
         let huge_window =
             range.start() % (PMD_PAGES * PAGE_SIZE) == 0 && range.pages() >= PMD_PAGES;
@@ -154,10 +157,12 @@ impl Dmirror {
     /// the kernel migrates system memory only). Returns the pieces of `range` in each mapping,
     /// and whether a page lives in this device's memory already.
     fn check_migratable(&self, range: Range) -> Result<(Vec<Range>, bool), DmirrorError> {
-        let core = |source| DmirrorError::Core {
-            op: "migrate to device",
-            range,
-            source,
+        let core = |source| {
+            DmirrorError::Mirror(MirrorError::Core {
+                op: "migrate to device",
+                range,
+                source,
+            })
         };
         let mine = [self.owner(), self.exclusive.owner()];
         let mut own = false;

@@ -1,6 +1,7 @@
 //! SNAPSHOT: one `HMM_DMIRROR_PROT_*` byte per page, taken through the core's loop without
 //! faulting.
 
+use svmirror_core::MirrorError;
 use svmirror_core::{DEFAULT_FAULT_TIMEOUT, FaultRequest, entry, fault_and_program};
 
 use crate::{Dmirror, DmirrorCmd, DmirrorError, check};
@@ -62,10 +63,12 @@ impl Dmirror {
     ) -> Result<DmirrorCmd, DmirrorError> {
         let _span = tracing::debug_span!("dmirror.snapshot", addr, npages).entered();
         let range = check(addr, npages, out.len() as u64, 1)?;
-        let core = |source| DmirrorError::Core {
-            op: "snapshot",
-            range,
-            source,
+        let core = |source| {
+            DmirrorError::Mirror(MirrorError::Core {
+                op: "snapshot",
+                range,
+                source,
+            })
         };
         let mut entries = vec![0u64; npages as usize];
         let mut req = FaultRequest::snapshot(range, &mut entries).with_owner(self.owner());

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use svmirror_core::MirrorError;
 use svmirror_core::{PAGE_SIZE, Range};
 use svmirror_dmirror::{Dmirror, DmirrorCmd, DmirrorError};
 use svmirror_mm::{ProcessMm, Protection};
@@ -40,12 +41,18 @@ fn commands_on_a_released_address_space_fail() {
     assert!(released(&e), "{e:?}");
     let e = dev.migrate_to_dev(buf.start(), 4, &mut m).unwrap_err();
     assert!(
-        matches!(e, DmirrorError::Core { .. } | DmirrorError::Mm { .. }),
+        matches!(
+            e,
+            DmirrorError::Mirror(MirrorError::Core { .. }) | DmirrorError::Mm { .. }
+        ),
         "{e:?}"
     );
     let e = dev.exclusive(buf.start(), 4, &mut m).unwrap_err();
     assert!(
-        matches!(e, DmirrorError::Core { .. } | DmirrorError::Mm { .. }),
+        matches!(
+            e,
+            DmirrorError::Mirror(MirrorError::Core { .. }) | DmirrorError::Mm { .. }
+        ),
         "{e:?}"
     );
     drop(dev);

@@ -3,7 +3,7 @@
 use std::io;
 use std::time::Duration;
 
-use svmirror_core::Range;
+use svmirror_core::{MirrorError, Range};
 
 use crate::command::{Access, FaultReason};
 use crate::pin::PinId;
@@ -17,23 +17,10 @@ pub type Result<T, E = IommuError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum IommuError {
-    /// A configuration value is out of range.
-    #[error("invalid configuration: {reason}")]
-    InvalidConfig {
-        /// What is wrong.
-        reason: &'static str,
-    },
-    /// An IOVA range is empty, not page aligned, or overflows 64 bits.
-    #[error("IOVA range at {iova:#x} with length {len:#x} is invalid")]
-    InvalidRange {
-        /// Requested start.
-        iova: u64,
-        /// Requested length.
-        len: u64,
-        /// What the range validation said.
-        #[source]
-        source: svmirror_core::Error,
-    },
+    /// What every backend can say (an invalid range or configuration, an address outside the
+    /// mirror, the core refusing): the shared vocabulary, [`MirrorError`].
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
     /// An IOVA range reaches past the 48-bit IOVA space.
     #[error("IOVA range {range} is outside the 48-bit IOVA space")]
     OutsideIovaSpace {
@@ -196,25 +183,6 @@ pub enum IommuError {
         /// What the OS answered.
         #[source]
         source: io::Error,
-    },
-    /// A call from the core (subscribe, fault) failed.
-    #[error("{op} of {range} failed")]
-    Core {
-        /// The operation.
-        op: &'static str,
-        /// The range concerned.
-        range: Range,
-        /// What the core said.
-        #[source]
-        source: svmirror_core::Error,
-    },
-    /// A page request for an address outside the mirrored range.
-    #[error("IOVA {iova:#x} is outside the mirrored range {range}")]
-    OutsideMirror {
-        /// The address.
-        iova: u64,
-        /// The mirrored range.
-        range: Range,
     },
     /// A read of read-only memory: io_uring pins pages for writing, so this backend cannot
     /// mirror a mapping without write permission.

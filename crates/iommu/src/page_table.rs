@@ -15,6 +15,7 @@
 
 use std::fmt;
 
+use svmirror_core::MirrorError;
 use svmirror_core::{PAGE_SIZE, Range};
 
 use crate::error::{IommuError, Result};
@@ -196,10 +197,12 @@ impl fmt::Debug for PageTable {
 
 /// Validates `[iova, iova + len)` as a page-aligned range inside the IOVA space.
 pub fn iova_range(iova: u64, len: u64) -> Result<Range> {
-    let range = Range::with_len(iova, len).map_err(|source| IommuError::InvalidRange {
-        iova,
-        len,
-        source,
+    let range = Range::with_len(iova, len).map_err(|source| {
+        IommuError::Mirror(MirrorError::InvalidRange {
+            addr: iova,
+            len,
+            source,
+        })
     })?;
     check_iova_space(range)
 }

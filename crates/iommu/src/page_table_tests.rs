@@ -1,5 +1,6 @@
 use super::*;
 use crate::pin::PinId;
+use svmirror_core::MirrorError;
 
 const K4: u64 = 4 << 10;
 const M2: u64 = 2 << 20;
@@ -79,7 +80,10 @@ fn bad_ranges_are_typed_errors() {
     let mut pt = PageTable::new();
     for (iova, len) in [(0x1001, K4), (0x1000, 0x10), (0x1000, 0), (!0xfff, 2 * K4)] {
         let err = pt.map(iova, len, t(0), Perms::Read).unwrap_err();
-        assert!(matches!(err, IommuError::InvalidRange { .. }), "{err}");
+        assert!(
+            matches!(err, IommuError::Mirror(MirrorError::InvalidRange { .. })),
+            "{err}"
+        );
     }
     let err = pt
         .map(IOVA_END - K4, 2 * K4, t(0), Perms::Read)
@@ -87,7 +91,7 @@ fn bad_ranges_are_typed_errors() {
     assert!(matches!(err, IommuError::OutsideIovaSpace { .. }), "{err}");
     assert!(matches!(
         pt.unmap(0x1000, 0),
-        Err(IommuError::InvalidRange { .. })
+        Err(IommuError::Mirror(MirrorError::InvalidRange { .. }))
     ));
 }
 

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use svmirror_core::MirrorError;
 use svmirror_core::{Notifier, PAGE_SIZE, Range};
 use svmirror_iommu::testing::AnonMap;
 use svmirror_iommu::{
@@ -38,7 +39,7 @@ fn page_table_map_rejects_unaligned_zero_and_overflowing_ranges() {
     ] {
         let e = pt.map(iova, len, t, Perms::ReadWrite).unwrap_err();
         assert!(
-            matches!(e, IommuError::InvalidRange { .. }),
+            matches!(e, IommuError::Mirror(MirrorError::InvalidRange { .. })),
             "{what}: {e:?}"
         );
     }
@@ -124,12 +125,15 @@ fn mirror_fault_rejects_bad_ranges() {
     ] {
         let e = m.fault(iova, len, false).unwrap_err();
         assert!(
-            matches!(e, IommuError::InvalidRange { .. }),
+            matches!(e, IommuError::Mirror(MirrorError::InvalidRange { .. })),
             "{iova:#x}+{len}: {e:?}"
         );
     }
     let e = m.fault(buf.addr(), 8 * PAGE, false).unwrap_err();
-    assert!(matches!(e, IommuError::OutsideMirror { .. }), "{e:?}");
+    assert!(
+        matches!(e, IommuError::Mirror(MirrorError::OutsideMirror { .. })),
+        "{e:?}"
+    );
     assert_eq!(m.pins().live(), 0, "nothing was pinned");
 }
 

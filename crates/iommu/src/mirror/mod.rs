@@ -346,8 +346,10 @@ impl Teardown for MirrorInner {
     }
 }
 
+/// [`MirrorError::refused`] as an [`IommuError`], for the places that build the error as a
+/// value rather than through `?`.
 fn core_err(op: &'static str, range: Range) -> impl FnOnce(svmirror_core::Error) -> IommuError {
-    move |source| IommuError::Core { op, range, source }
+    move |source| MirrorError::refused(op, range)(source).into()
 }
 
 /// The simulated IOMMU mirroring one range of this process's address space, with its DMA device.
@@ -409,9 +411,9 @@ impl IommuMirror {
         check_iova_space(range)?;
         let win = config.fault_window;
         if !win.is_power_of_two() || !(PAGE_SIZE..=MAX_PIN_LEN).contains(&win) {
-            return Err(IommuError::InvalidConfig {
+            return Err(IommuError::Mirror(MirrorError::InvalidConfig {
                 reason: "fault window must be a power of two from 4 KiB to 1 GiB",
-            });
+            }));
         }
         let pins = PinPool::new(config.pins)?;
         let mmu = Arc::new(Mmu::new(config.mmu));
@@ -482,10 +484,10 @@ impl IommuMirror {
     pub fn fault(&self, iova: u64, len: u64, write: bool) -> Result<()> {
         let r = iova_range(iova, len)?;
         if r.start() < self.inner.range.start() || r.end() > self.inner.range.end() {
-            return Err(IommuError::OutsideMirror {
-                iova,
+            return Err(IommuError::Mirror(MirrorError::OutsideMirror {
+                addr: iova,
                 range: self.inner.range,
-            });
+            }));
         }
         let mut at = r.start();
         while at < r.end() {
@@ -612,10 +614,7 @@ impl svmirror_core::Mirror for IommuMirror {
 impl From<IommuError> for MirrorError {
     fn from(e: IommuError) -> Self {
         match e {
-            IommuError::OutsideMirror { iova, range } => {
-                MirrorError::OutsideMirror { addr: iova, range }
-            }
-            IommuError::Core { op, range, source } => MirrorError::Core { op, range, source },
+            IommuError::Mirror(m) => m,
             e => MirrorError::Device {
                 backend: "iommu",
                 source: Box::new(e),

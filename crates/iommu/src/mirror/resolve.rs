@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use svmirror_core::MirrorError;
 use svmirror_core::{
     AreaKind, CpuPte, FaultRequest, FaultSteps, PAGE_SIZE, PageSource, Range, Subscription,
     UpdateGuard, entry, fault_prepare_and_program,
@@ -58,9 +59,11 @@ impl Resolver {
         let inner = &*self.inner;
         let _span = tracing::trace_span!("iommu.fault", iova, write).entered();
         let page = iova & !(PAGE_SIZE - 1);
-        let outside = || IommuError::OutsideMirror {
-            iova,
-            range: inner.range,
+        let outside = || {
+            IommuError::Mirror(MirrorError::OutsideMirror {
+                addr: iova,
+                range: inner.range,
+            })
         };
         if !inner.range.contains(page) || page >= IOVA_END {
             return Err(outside());

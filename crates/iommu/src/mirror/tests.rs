@@ -1,6 +1,7 @@
 use std::sync::MutexGuard;
 use std::time::Instant;
 
+use svmirror_core::MirrorError;
 use svmirror_core::{Error as CoreError, Notifier};
 
 use super::*;
@@ -314,10 +315,10 @@ fn write_to_read_only_memory_fails_with_eperm_cause() {
     assert!(
         matches!(
             **cause,
-            IommuError::Core {
+            IommuError::Mirror(MirrorError::Core {
                 source: CoreError::WriteToReadOnly { .. },
                 ..
-            }
+            })
         ),
         "{cause}"
     );
@@ -373,10 +374,10 @@ fn assert_efault(r: Result<crate::dma::Completion>) {
     assert!(
         matches!(
             **cause,
-            IommuError::Core {
+            IommuError::Mirror(MirrorError::Core {
                 source: CoreError::BadAddress { .. },
                 ..
-            }
+            })
         ),
         "{cause}"
     );
@@ -583,7 +584,10 @@ fn bad_fault_window_is_refused() {
     // SAFETY: refused before anything is mapped.
     let err =
         unsafe { raw_mirror(&notifier, Range::new(PAGE, 2 * PAGE).unwrap(), config) }.unwrap_err();
-    assert!(matches!(err, IommuError::InvalidConfig { .. }), "{err}");
+    assert!(
+        matches!(err, IommuError::Mirror(MirrorError::InvalidConfig { .. })),
+        "{err}"
+    );
 }
 
 #[test]

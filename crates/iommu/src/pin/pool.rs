@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use io_uring::IoUring;
 use io_uring::types::CloneBuffersFlags;
+use svmirror_core::MirrorError;
 use svmirror_core::{InnerGuard, InnerLock, PAGE_SIZE, might_fault, might_sleep};
 
 use super::limits::{has_cap_ipc_lock, memlock_soft_limit};
@@ -122,9 +123,9 @@ impl PinPool {
             || config.staging_bytes > MAX_PIN_LEN
             || config.copy_pipes > MAX_COPY_PIPES
         {
-            return Err(IommuError::InvalidConfig {
+            return Err(IommuError::Mirror(MirrorError::InvalidConfig {
                 reason: "pin slots must be 1 to 16384, staging whole pages up to 1 GiB, and copy pipes at most 4",
-            });
+            }));
         }
         let accounted = !has_cap_ipc_lock();
         let ring = IoUring::new(RING_ENTRIES).map_err(|source| IommuError::RingSetup { source })?;

@@ -1,5 +1,6 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use svmirror_core::MirrorError;
 use svmirror_core::PAGE_SIZE;
 
 use super::*;
@@ -366,6 +367,9 @@ fn zero_or_oversized_pool_configuration_is_refused() {
         },
     ] {
         let err = PinPool::new(config).unwrap_err();
-        assert!(matches!(err, IommuError::InvalidConfig { .. }), "{err}");
+        assert!(
+            matches!(err, IommuError::Mirror(MirrorError::InvalidConfig { .. })),
+            "{err}"
+        );
     }
 }
