@@ -199,6 +199,30 @@ impl CounterSnapshot {
         self.invalidations.iter().sum()
     }
 
+    /// Adds `other` to `self`: the counters of several mirrors of one device (a device with
+    /// one mirror per IOVA window, say) as one.
+    pub fn add(&mut self, other: &CounterSnapshot) {
+        let arr = |a: &mut [u64], b: &[u64]| {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x = x.saturating_add(*y);
+            }
+        };
+        arr(&mut self.faults, &other.faults);
+        arr(&mut self.invalidations, &other.invalidations);
+        arr(&mut self.skipped, &other.skipped);
+        arr(
+            &mut self.fault_latency.buckets,
+            &other.fault_latency.buckets,
+        );
+        self.fault_bytes = self.fault_bytes.saturating_add(other.fault_bytes);
+        self.retries = self.retries.saturating_add(other.retries);
+        self.invalidated_bytes = self
+            .invalidated_bytes
+            .saturating_add(other.invalidated_bytes);
+        self.bytes_mapped = self.bytes_mapped.saturating_add(other.bytes_mapped);
+        self.bytes_unmapped = self.bytes_unmapped.saturating_add(other.bytes_unmapped);
+    }
+
     /// What happened between `earlier` and `self` (counters saturate at 0 if `earlier` is not
     /// earlier).
     pub fn since(&self, earlier: &CounterSnapshot) -> CounterSnapshot {
@@ -359,5 +383,27 @@ mod tests {
         assert_eq!(d.retries, 1);
         assert_eq!(d.fault_latency.buckets[LATENCY_BUCKETS - 1], 1);
         assert_eq!(a.since(&c.snapshot()).bytes_mapped, 0);
+    }
+
+    #[test]
+    fn add_sums_every_counter_and_undoes_since() {
+        let a = Counters::default();
+        a.record_fault(4096, Duration::from_micros(3));
+        a.record_invalidation(&Event::Unmap, 4096, true);
+        a.record_map(4096);
+        let b = Counters::default();
+        b.record_fault(2 << 20, Duration::from_micros(40));
+        b.record_retry();
+        b.record_unmap(8192);
+        let mut sum = a.snapshot();
+        sum.add(&b.snapshot());
+        assert_eq!(sum.total_faults(), 2);
+        assert_eq!(sum.fault_bytes, 4096 + (2 << 20));
+        assert_eq!(sum.retries, 1);
+        assert_eq!(sum.total_invalidations(), 1);
+        assert_eq!(sum.bytes_mapped, 4096);
+        assert_eq!(sum.bytes_unmapped, 8192);
+        assert_eq!(sum.fault_latency.count(), 2);
+        assert_eq!(sum.since(&b.snapshot()), a.snapshot());
     }
 }
