@@ -31,6 +31,9 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vfio_bindings::bindings::vfio::{
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+};
 use vfio_ioctls::{VfioContainer, VfioDevice};
 
 use crate::error::{Result, VfioError};
@@ -38,11 +41,8 @@ use crate::mapper::VfioMapper;
 
 const VENDOR: u16 = 0x1234;
 const DEVICE: u16 = 0x11e8;
-const BAR0: u32 = 0;
-/// `VFIO_PCI_CONFIG_REGION_INDEX`.
-const CONFIG: u32 = 7;
-/// `VFIO_REGION_INFO_FLAG_MMAP`.
-const VFIO_REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
+const BAR0: u32 = VFIO_PCI_BAR0_REGION_INDEX;
+const CONFIG: u32 = VFIO_PCI_CONFIG_REGION_INDEX;
 const PCI_COMMAND: u64 = 0x04;
 const PCI_COMMAND_MEMORY: u16 = 1 << 1;
 const PCI_COMMAND_MASTER: u16 = 1 << 2;
