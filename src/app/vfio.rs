@@ -1,5 +1,6 @@
 //! The VFIO backend for the app: QEMU's `edu` PCI device behind a real IOMMU (an emulated
-//! Intel VT-d in the guest that `cargo xtask vfio-vm` boots), through `svmirror-vfio`.
+//! Intel VT-d in the guest that `cargo xtask vfio-vm` boots), through `svmirror-vfio` and the
+//! edu driver of `svmirror-edu`.
 //!
 //! # What the device does, and what it does not
 //!
@@ -40,8 +41,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use svmirror_core::{CounterSnapshot, Event, NotifierRange, PAGE_SIZE, Range};
+use svmirror_edu::{EduDevice, EduError};
 use svmirror_mm::{ProcessMm, Protection};
-use svmirror_vfio::{EduDevice, IovaMode, MapperConfig, VfioContainer, VfioError, VfioMapper};
+use svmirror_vfio::{IovaMode, MapperConfig, VfioContainer, VfioError, VfioMapper};
 
 use super::report::Figure;
 use super::{
@@ -111,9 +113,17 @@ fn unavailable(missing: String) -> AppError {
     }
 }
 
-/// Whether a VFIO error means the device may not use that memory (nothing mapped there, a
+/// Whether a device error means the device may not use that memory (nothing mapped there, a
 /// write to read-only memory, outside every mirror), rather than a failure of the device.
-fn is_refusal(e: &VfioError) -> bool {
+fn is_refusal(e: &EduError) -> bool {
+    match e {
+        EduError::Access { source, .. } => is_vfio_refusal(source),
+        _ => false,
+    }
+}
+
+/// [`is_refusal`] for what the mapper reported.
+fn is_vfio_refusal(e: &VfioError) -> bool {
     match e {
         VfioError::NotMapped { .. }
         | VfioError::OutsideMirror { .. }
@@ -186,7 +196,7 @@ impl VfioBackend {
     pub fn open(mm: Arc<ProcessMm>) -> Result<VfioBackend> {
         let path = EduDevice::find().map_err(|e| {
             unavailable(match e {
-                VfioError::WrongDevice { .. } => {
+                EduError::WrongDevice { .. } => {
                     "no QEMU edu device (1234:11e8) in /sys/bus/pci/devices".into()
                 }
                 e => format!("the PCI devices cannot be listed ({})", chain(&e)),
@@ -315,19 +325,23 @@ struct Engine<'a> {
 impl Engine<'_> {
     /// The mapper holding `addr`, and how many of `len` bytes from it one transfer may move
     /// (to the end of the mirror or of the chunk, whichever comes first).
-    fn locate(&self, addr: u64, len: u64) -> std::result::Result<(&VfioMapper, u64), VfioError> {
+    fn locate(&self, addr: u64, len: u64) -> std::result::Result<(&VfioMapper, u64), EduError> {
         let m = self
             .mappers
             .iter()
             .find(|m| m.range().start() <= addr && addr < m.range().end())
-            .ok_or(VfioError::NotMapped { addr })?;
+            .ok_or(EduError::Access {
+                addr,
+                len,
+                source: VfioError::NotMapped { addr },
+            })?;
         let g = m.granule();
         let chunk_end = (addr | (g - 1)).saturating_add(1);
         Ok((m, len.min(chunk_end.min(m.range().end()) - addr)))
     }
 
     /// The device reads `len` bytes at `addr` into its buffer at `offset`.
-    fn dma_in(&mut self, addr: u64, len: u64, offset: u64) -> std::result::Result<(), VfioError> {
+    fn dma_in(&mut self, addr: u64, len: u64, offset: u64) -> std::result::Result<(), EduError> {
         let mut done = 0;
         while done < len {
             let (m, n) = self.locate(addr + done, len - done)?;
@@ -342,7 +356,7 @@ impl Engine<'_> {
     }
 
     /// The device writes `len` bytes of its buffer at `offset` to `addr`.
-    fn dma_out(&mut self, offset: u64, addr: u64, len: u64) -> std::result::Result<(), VfioError> {
+    fn dma_out(&mut self, offset: u64, addr: u64, len: u64) -> std::result::Result<(), EduError> {
         let mut done = 0;
         while done < len {
             let (m, n) = self.locate(addr + done, len - done)?;
@@ -360,7 +374,7 @@ impl Engine<'_> {
 
     /// The device fetches `out.len()` bytes at `addr` (through its buffer into the staging
     /// page, from which the CPU copies them).
-    fn fetch(&mut self, addr: u64, out: &mut [u8]) -> std::result::Result<(), VfioError> {
+    fn fetch(&mut self, addr: u64, out: &mut [u8]) -> std::result::Result<(), EduError> {
         let staging = self.dev.staging.start();
         let mut done = 0usize;
         while done < out.len() {
@@ -388,7 +402,7 @@ impl Engine<'_> {
     fn write_back(
         &mut self,
         stores: &[Store],
-    ) -> std::result::Result<Vec<std::result::Result<(), VfioError>>, VfioError> {
+    ) -> std::result::Result<Vec<std::result::Result<(), EduError>>, EduError> {
         let staging = self.dev.staging.start();
         let mut out = Vec::with_capacity(stores.len());
         let mut i = 0;
@@ -402,7 +416,7 @@ impl Engine<'_> {
                 batch_end += 1;
             }
             if batch_end == i {
-                return Err(VfioError::DmaOutOfBounds {
+                return Err(EduError::DmaOutOfBounds {
                     offset: 0,
                     len: stores[i].bytes.len() as u64,
                     limit: MAX_TRANSFER,
@@ -460,7 +474,7 @@ impl Lines {
         e: &mut Engine<'_>,
         addr: u64,
         out: &mut [u8],
-    ) -> std::result::Result<(), VfioError> {
+    ) -> std::result::Result<(), EduError> {
         let mut done = 0usize;
         while done < out.len() {
             let at = addr + done as u64;
@@ -486,7 +500,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-fn dev_err(app: &'static str, what: &'static str) -> impl FnOnce(VfioError) -> AppError {
+fn dev_err(app: &'static str, what: &'static str) -> impl FnOnce(EduError) -> AppError {
     move |e| AppError::device(app, BackendKind::Vfio, what, e)
 }
 
@@ -705,6 +719,9 @@ fn bench(b: &VfioBackend, dev: &Device, buf: Range, quick: bool) -> Result<Vec<F
     let err = |what: &'static str| {
         move |e: VfioError| AppError::device("bench", BackendKind::Vfio, what, e)
     };
+    let dev_err = |what: &'static str| {
+        move |e: EduError| AppError::device("bench", BackendKind::Vfio, what, e)
+    };
     let chunk = Range::with_len(buf.start().next_multiple_of(MIRROR_ALIGN), MIRROR_ALIGN)
         .map_err(|e| AppError::device("bench", BackendKind::Vfio, "range", e))?;
     // SAFETY: the benchmark's own fresh mapping, `chunk` inside it; no device uses it yet and
@@ -719,7 +736,7 @@ fn bench(b: &VfioBackend, dev: &Device, buf: Range, quick: bool) -> Result<Vec<F
     let mut e = b.engine(dev);
     let (m, _) = e
         .locate(chunk.start(), chunk.len())
-        .map_err(err("locate"))?;
+        .map_err(dev_err("locate"))?;
     m.fault(chunk.start(), chunk.len(), true)
         .map_err(err("fault"))?;
     let iters = if quick { 8 } else { 40 };
@@ -752,8 +769,8 @@ fn bench(b: &VfioBackend, dev: &Device, buf: Range, quick: bool) -> Result<Vec<F
     let mut dma = Vec::with_capacity(copies);
     for _ in 0..copies {
         let t = Instant::now();
-        e.dma_in(src, MAX_TRANSFER, 0).map_err(err("DMA"))?;
-        e.dma_out(0, dst, MAX_TRANSFER).map_err(err("DMA"))?;
+        e.dma_in(src, MAX_TRANSFER, 0).map_err(dev_err("DMA"))?;
+        e.dma_out(0, dst, MAX_TRANSFER).map_err(dev_err("DMA"))?;
         dma.push(t.elapsed());
     }
     let reps = 1000;
@@ -803,8 +820,17 @@ mod tests {
 
     #[test]
     fn refusals_are_told_from_device_failures() {
-        assert!(is_refusal(&VfioError::NotMapped { addr: 0x1000 }));
-        assert!(!is_refusal(&VfioError::DmaTimeout {
+        assert!(is_refusal(&EduError::Access {
+            addr: 0x1000,
+            len: 8,
+            source: VfioError::NotMapped { addr: 0x1000 },
+        }));
+        assert!(!is_refusal(&EduError::Access {
+            addr: 0x1000,
+            len: 8,
+            source: VfioError::IovaExhausted { len: 8 },
+        }));
+        assert!(!is_refusal(&EduError::DmaTimeout {
             iova: 0,
             len: 8,
             millis: 5

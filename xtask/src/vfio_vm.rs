@@ -11,7 +11,7 @@
 //! 2. extracts the kernel as an uncompressed `vmlinux` (qboot boots it through its PVH entry,
 //!    about twice as fast as SeaBIOS with a bzImage) and the vfio modules with everything they
 //!    depend on (read from each module's `depends=`);
-//! 3. builds `svmirror-vfio`'s `vfio-guest-tests` and the `svmirror` command statically
+//! 3. builds `svmirror-edu`'s `vfio-guest-tests` and the `svmirror` command statically
 //!    (`+crt-static`, one cargo run) and packs them, busybox, the modules and an `/init` script
 //!    into an initramfs;
 //! 4. boots `-machine q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on
@@ -54,7 +54,7 @@ const QBOOT: &str = "/usr/share/qemu/qboot.rom";
 /// Modules to load, with their dependencies resolved from the kernel package.
 const ROOT_MODULES: &[&str] = &["vfio_iommu_type1", "vfio_pci"];
 /// The test binary's package and name.
-const TEST_PACKAGE: &str = "svmirror-vfio";
+const TEST_PACKAGE: &str = "svmirror-edu";
 const TEST_BIN: &str = "vfio-guest-tests";
 /// The example app's package and binary, run on the VFIO backend after the tests.
 const APP_PACKAGE: &str = "svmirror";
@@ -519,7 +519,7 @@ fn build_guest_binaries() -> Result<(PathBuf, PathBuf), String> {
         "--bin",
         TEST_BIN,
         "--features",
-        "svmirror-vfio/guest-tests",
+        "svmirror-edu/guest-tests",
         "-p",
         APP_PACKAGE,
         "--bin",

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use svmirror_core::{Event, PAGE_SIZE, Range};
+use svmirror_edu::{Direction, EduError};
 use svmirror_mm::{Advice, Protection};
-use svmirror_vfio::{Direction, IovaMode, MapperConfig, VfioError, VfioMapper};
+use svmirror_vfio::{IovaMode, MapperConfig, VfioError, VfioMapper};
 
 mod support;
 
@@ -568,7 +569,7 @@ fn bad_input(env: &Env) -> Res {
     ensure!(
         matches!(
             env.edu.copy_to_device(&m, buf.start(), 4096, 0),
-            Err(VfioError::DmaOutOfBounds { .. })
+            Err(EduError::DmaOutOfBounds { .. })
         ),
         "a 4096-byte transfer was accepted"
     );

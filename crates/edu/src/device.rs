@@ -36,8 +36,9 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_ioctls::{VfioContainer, VfioDevice};
 
-use crate::error::{Result, VfioError};
-use crate::mapper::VfioMapper;
+use svmirror_vfio::VfioMapper;
+
+use crate::error::{EduError, Result};
 
 const VENDOR: u16 = 0x1234;
 const DEVICE: u16 = 0x11e8;
@@ -134,8 +135,8 @@ impl std::fmt::Debug for EduDevice {
     }
 }
 
-fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> VfioError {
-    move |source| VfioError::Io { op, source }
+fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> EduError {
+    move |source| EduError::Io { op, source }
 }
 
 impl EduDevice {
@@ -158,7 +159,7 @@ impl EduDevice {
         paths
             .into_iter()
             .find(|p| id(p, "vendor") == Some(VENDOR) && id(p, "device") == Some(DEVICE))
-            .ok_or(VfioError::WrongDevice {
+            .ok_or(EduError::WrongDevice {
                 path: dir.to_path_buf(),
                 expected: "edu (1234:11e8)",
             })
@@ -168,15 +169,13 @@ impl EduDevice {
     /// its group (which sets the container's IOMMU), checks its identity, and enables memory
     /// space and bus mastering.
     pub fn open(path: &Path, container: Arc<VfioContainer>) -> Result<Self> {
-        let device = VfioDevice::new(path, container, false).map_err(|source| VfioError::Open {
-            what: "device",
-            source,
-        })?;
+        let device =
+            VfioDevice::new(path, container, false).map_err(|source| EduError::Open { source })?;
         let fd = device.as_raw_fd();
         if device.get_region_flags(BAR0) & VFIO_REGION_INFO_FLAG_MMAP == 0
             || device.get_region_size(BAR0) < BAR_MAP_LEN as u64
         {
-            return Err(VfioError::WrongDevice {
+            return Err(EduError::WrongDevice {
                 path: path.to_path_buf(),
                 expected: "edu (BAR0 mappable, at least 4 KiB)",
             });
@@ -195,7 +194,7 @@ impl EduDevice {
         let vendor = u16::from_le_bytes([id[0], id[1]]);
         let dev = u16::from_le_bytes([id[2], id[3]]);
         if (vendor, dev) != (VENDOR, DEVICE) {
-            return Err(VfioError::WrongDevice {
+            return Err(EduError::WrongDevice {
                 path: path.to_path_buf(),
                 expected: "edu (1234:11e8)",
             });
@@ -205,14 +204,14 @@ impl EduDevice {
         let cmd = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
         edu.pwrite(cfg + PCI_COMMAND, &cmd.to_le_bytes())?;
         if edu.read32(REG_ID)? & 0xff != 0xed {
-            return Err(VfioError::WrongDevice {
+            return Err(EduError::WrongDevice {
                 path: path.to_path_buf(),
                 expected: "edu (ID register 0x..ed)",
             });
         }
         edu.write32(REG_LIVENESS, 0x1234_5678)?;
         if edu.read32(REG_LIVENESS)? != !0x1234_5678 {
-            return Err(VfioError::WrongDevice {
+            return Err(EduError::WrongDevice {
                 path: path.to_path_buf(),
                 expected: "edu (liveness register inverts)",
             });
@@ -236,7 +235,7 @@ impl EduDevice {
             )
         };
         if n != buf.len() as isize {
-            return Err(VfioError::Io {
+            return Err(EduError::Io {
                 op: "edu register read",
                 source: std::io::Error::last_os_error(),
             });
@@ -248,7 +247,7 @@ impl EduDevice {
         // SAFETY: `buf` is a readable buffer of `buf.len()` bytes; the fd is the device's.
         let n = unsafe { libc::pwrite(self.fd, buf.as_ptr().cast(), buf.len(), at as libc::off_t) };
         if n != buf.len() as isize {
-            return Err(VfioError::Io {
+            return Err(EduError::Io {
                 op: "edu register write",
                 source: std::io::Error::last_os_error(),
             });
@@ -294,7 +293,7 @@ impl EduDevice {
         len: u64,
     ) -> Result<()> {
         if len == 0 || len > Self::MAX_TRANSFER || offset + len > Self::BUFFER_LEN {
-            return Err(VfioError::DmaOutOfBounds {
+            return Err(EduError::DmaOutOfBounds {
                 offset,
                 len,
                 limit: Self::MAX_TRANSFER,
@@ -317,7 +316,7 @@ impl EduDevice {
         let started = Instant::now();
         while self.read64(REG_CMD)? & CMD_RUN != 0 {
             if started.elapsed() > self.timeout {
-                return Err(VfioError::DmaTimeout {
+                return Err(EduError::DmaTimeout {
                     iova,
                     len,
                     millis: self.timeout.as_millis() as u64,
@@ -363,7 +362,7 @@ impl EduDevice {
         offset: u64,
     ) -> Result<()> {
         if len == 0 || len > Self::MAX_TRANSFER || offset + len > Self::BUFFER_LEN {
-            return Err(VfioError::DmaOutOfBounds {
+            return Err(EduError::DmaOutOfBounds {
                 offset,
                 len,
                 limit: Self::MAX_TRANSFER,
@@ -375,7 +374,13 @@ impl EduDevice {
         while done < len {
             let at = addr + done;
             let n = (len - done).min(g - (at & (g - 1)));
-            let access = mapper.access(at, n, dir == Direction::FromDevice)?;
+            let access = mapper
+                .access(at, n, dir == Direction::FromDevice)
+                .map_err(|source| EduError::Access {
+                    addr: at,
+                    len: n,
+                    source,
+                })?;
             // SAFETY: the memory lies in the mapper's range, which its creator opened to
             // device writes (`VfioMapper::new`'s contract), and stays mapped while `access`
             // lives.
