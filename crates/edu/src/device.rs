@@ -135,6 +135,22 @@ impl std::fmt::Debug for EduDevice {
     }
 }
 
+/// Checks a transfer of `len` bytes at `offset` in the device's buffer: at least one byte, at
+/// most [`EduDevice::MAX_TRANSFER`], inside the buffer (an offset near `u64::MAX` included).
+fn check_transfer(offset: u64, len: u64) -> Result<()> {
+    let inside = offset
+        .checked_add(len)
+        .is_some_and(|end| end <= EduDevice::BUFFER_LEN);
+    if len == 0 || len > EduDevice::MAX_TRANSFER || !inside {
+        return Err(EduError::DmaOutOfBounds {
+            offset,
+            len,
+            limit: EduDevice::MAX_TRANSFER,
+        });
+    }
+    Ok(())
+}
+
 fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> EduError {
     move |source| EduError::Io { op, source }
 }
@@ -292,13 +308,7 @@ impl EduDevice {
         offset: u64,
         len: u64,
     ) -> Result<()> {
-        if len == 0 || len > Self::MAX_TRANSFER || offset + len > Self::BUFFER_LEN {
-            return Err(EduError::DmaOutOfBounds {
-                offset,
-                len,
-                limit: Self::MAX_TRANSFER,
-            });
-        }
+        check_transfer(offset, len)?;
         let _span = tracing::trace_span!("edu.dma", iova, len, ?dir).entered();
         let (src, dst, cmd) = match dir {
             Direction::ToDevice => (iova, BUFFER_BUS + offset, CMD_RUN),
@@ -361,13 +371,7 @@ impl EduDevice {
         len: u64,
         offset: u64,
     ) -> Result<()> {
-        if len == 0 || len > Self::MAX_TRANSFER || offset + len > Self::BUFFER_LEN {
-            return Err(EduError::DmaOutOfBounds {
-                offset,
-                len,
-                limit: Self::MAX_TRANSFER,
-            });
-        }
+        check_transfer(offset, len)?;
         // One transfer per chunk piece: allocated IOVAs are contiguous only within a chunk.
         let g = mapper.granule();
         let mut done = 0;
@@ -389,5 +393,36 @@ impl EduDevice {
             done += n;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transfers_inside_the_buffer_are_accepted() {
+        assert!(check_transfer(0, EduDevice::MAX_TRANSFER).is_ok());
+        assert!(check_transfer(EduDevice::BUFFER_LEN - 1, 1).is_ok());
+    }
+
+    #[test]
+    fn empty_oversized_and_outside_transfers_are_typed_errors() {
+        for (offset, len) in [
+            (0, 0),
+            (0, EduDevice::BUFFER_LEN),
+            (2, EduDevice::MAX_TRANSFER),
+            (EduDevice::BUFFER_LEN, 1),
+            (u64::MAX, 1),
+            (u64::MAX - 1, u64::MAX),
+        ] {
+            assert!(
+                matches!(
+                    check_transfer(offset, len),
+                    Err(EduError::DmaOutOfBounds { limit: 4095, .. })
+                ),
+                "{offset:#x}+{len:#x}"
+            );
+        }
     }
 }
