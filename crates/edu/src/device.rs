@@ -1,28 +1,6 @@
 //! [`EduDevice`]: a userspace driver for QEMU's `edu` PCI device (1234:11e8) through VFIO, the
-//! real DMA device the tests and the example app use.
-//!
-//! edu has a 4 KiB buffer and a DMA engine that copies between it and a bus address: BAR0
-//! registers `0x80` source, `0x88` destination, `0x90` count, `0x98` command (bit 0 run, bit 1
-//! direction: 0 = memory to the buffer, 1 = the buffer to memory). The buffer sits at bus
-//! address `0x40000` on the device side. The driver sets memory-space and bus-master enable in
-//! the PCI command register, programs a transfer and polls the run bit. Its accesses go through
-//! the IOMMU: an IOVA that is not mapped is blocked there (a DMAR fault in the kernel log),
-//! the device's buffer or memory is left unchanged, and the transfer still "completes".
-//!
-//! Quirks of the QEMU in Debian 12 (7.2), which the driver works within:
-//!
-//! - a transfer of exactly 4096 bytes aborts QEMU: transfers are at most
-//!   [`EduDevice::MAX_TRANSFER`] (4095) bytes;
-//! - edu masks DMA addresses to 28 bits unless its `dma_mask` property is set
-//!   (`-device edu,dma_mask=0xffffffffffffffff`): virtual addresses need the full mask;
-//! - each transfer completes on a 100 ms timer of virtual time.
-//!
-//! BAR0 is mapped into the process (`mmap` of the device fd at the region's offset) and its
-//! registers are accessed with volatile loads and stores of their own width. Not through
-//! vfio-ioctls' `region_read`/`region_write` (pread/pwrite): those log and drop I/O errors, and
-//! the Linux 6.1 vfio-pci splits an 8-byte pwrite into two 4-byte writes, which edu takes as a
-//! write of the low half only, truncating every DMA address to 32 bits. PCI config space is
-//! read and written with pread/pwrite on the config region.
+//! real DMA device the tests and the example app use. The device, and the quirks the driver
+//! works within, are described in the crate documentation.
 
 use std::fs;
 use std::os::fd::{AsRawFd, RawFd};
@@ -117,7 +95,7 @@ impl Drop for Bar {
     }
 }
 
-/// QEMU's edu device, opened through VFIO. See the [module documentation](self).
+/// QEMU's edu device, opened through VFIO. See the [crate documentation](crate).
 pub struct EduDevice {
     // Field order is drop order: the BAR mapping goes before the device fd.
     bar: Bar,

@@ -343,7 +343,8 @@ impl std::fmt::Debug for Inner {
 }
 
 /// A range of this process's address space mirrored into a VFIO type1 container. See the
-/// [module documentation](self).
+/// [crate documentation](crate), and the notes at the top of `mapper.rs` (chunks, IOVAs, the
+/// fault path, invalidation).
 ///
 /// ```no_run
 /// use std::path::Path;
