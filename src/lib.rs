@@ -13,6 +13,8 @@
 //! - [`iommu`]: the simulated IOMMU, the embedded default backend.
 //! - [`vfio`]: the VFIO backend (a real device behind an IOMMU, through rust-vmm's
 //!   `vfio-ioctls`).
+//! - [`edu`]: the VFIO backend's test device, a driver for QEMU's `edu` DMA device (the device
+//!   of the app's VFIO backend).
 //! - [`vulkan`]: the Vulkan backend (a GPU page table walked by compute shaders).
 //!
 //! and adds [`app`], the example SVM compute app that the `svmirror` command runs: a device
@@ -61,6 +63,7 @@
 pub mod app;
 
 pub use svmirror_core as core;
+pub use svmirror_edu as edu;
 pub use svmirror_iommu as iommu;
 pub use svmirror_mm as mm;
 pub use svmirror_vfio as vfio;

@@ -1,5 +1,6 @@
 //! The VFIO backend for the app: QEMU's `edu` PCI device behind a real IOMMU (an emulated
-//! Intel VT-d in the guest that `cargo xtask vfio-vm` boots), through `svmirror-vfio`.
+//! Intel VT-d in the guest that `cargo xtask vfio-vm` boots), through `svmirror-vfio` and the
+//! edu driver of `svmirror-edu`.
 //!
 //! # What the device does, and what it does not
 //!
@@ -32,21 +33,31 @@
 //! space and cut to 2 MiB), each with IOVA = virtual address, all on the [`ProcessMm`]'s
 //! notifier: every SVM API call and every userfaultfd event reaches them. Where no identity
 //! mapping is possible, one mapper over the whole user address space with allocated IOVAs.
+//!
+//! # Layout
+//!
+//! This file opens the device and the mirrors and runs the apps on them; `engine` does the
+//! device work of one call (transfers, staging, write-back), `bench` the micro-benchmarks.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
 
-use svmirror_core::{CounterSnapshot, Event, NotifierRange, PAGE_SIZE, Range};
+use svmirror_core::{CounterSnapshot, PAGE_SIZE, Range};
+use svmirror_edu::{EduDevice, EduError};
 use svmirror_mm::{ProcessMm, Protection};
-use svmirror_vfio::{EduDevice, IovaMode, MapperConfig, VfioContainer, VfioError, VfioMapper};
+use svmirror_vfio::{IovaMode, MapperConfig, VfioContainer, VfioError, VfioMapper};
 
 use super::report::Figure;
 use super::{
     AppError, Backend, BackendKind, DeviceWork, Node, Progress, Result, SlotRef, SlotResult,
 };
+
+mod bench;
+mod engine;
+
+use bench::bench;
+use engine::{Lines, Stores};
 
 /// The lowest address mirrored (page 0 is never mapped).
 const USER_START: u64 = PAGE_SIZE;
@@ -54,8 +65,6 @@ const USER_START: u64 = PAGE_SIZE;
 const USER_END: u64 = 1 << 47;
 /// Identity mirrors are cut to this alignment (the largest chunk).
 const MIRROR_ALIGN: u64 = 2 << 20;
-/// The BFS's read cache line: aligned, so a line never leaves the page of the bytes asked for.
-const LINE: u64 = 2048;
 /// Most bytes one edu transfer moves.
 const MAX_TRANSFER: u64 = EduDevice::MAX_TRANSFER;
 
@@ -111,9 +120,17 @@ fn unavailable(missing: String) -> AppError {
     }
 }
 
-/// Whether a VFIO error means the device may not use that memory (nothing mapped there, a
+/// Whether a device error means the device may not use that memory (nothing mapped there, a
 /// write to read-only memory, outside every mirror), rather than a failure of the device.
-fn is_refusal(e: &VfioError) -> bool {
+fn is_refusal(e: &EduError) -> bool {
+    match e {
+        EduError::Access { source, .. } => is_vfio_refusal(source),
+        _ => false,
+    }
+}
+
+/// [`is_refusal`] for what the mapper reported.
+fn is_vfio_refusal(e: &VfioError) -> bool {
     match e {
         VfioError::NotMapped { .. }
         | VfioError::OutsideMirror { .. }
@@ -186,7 +203,7 @@ impl VfioBackend {
     pub fn open(mm: Arc<ProcessMm>) -> Result<VfioBackend> {
         let path = EduDevice::find().map_err(|e| {
             unavailable(match e {
-                VfioError::WrongDevice { .. } => {
+                EduError::WrongDevice { .. } => {
                     "no QEMU edu device (1234:11e8) in /sys/bus/pci/devices".into()
                 }
                 e => format!("the PCI devices cannot be listed ({})", chain(&e)),
@@ -263,26 +280,6 @@ impl VfioBackend {
     fn lock(&self) -> MutexGuard<'_, Device> {
         self.device.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    fn engine<'a>(&'a self, dev: &'a Device) -> Engine<'a> {
-        Engine {
-            mappers: &self.mappers,
-            dev,
-            work: DeviceWork::default(),
-            started: Instant::now(),
-            faults_before: self.counters().total_faults(),
-        }
-    }
-
-    fn finish(&self, e: Engine<'_>) -> DeviceWork {
-        let mut work = e.work;
-        work.elapsed = e.started.elapsed();
-        work.page_requests = self
-            .counters()
-            .total_faults()
-            .saturating_sub(e.faults_before);
-        work
-    }
 }
 
 impl Drop for VfioBackend {
@@ -296,197 +293,11 @@ impl Drop for VfioBackend {
     }
 }
 
-/// One result for the device to write back: `bytes` at `addr`.
-struct Store {
-    addr: u64,
-    bytes: Vec<u8>,
-}
-
-/// One backend call's use of the device: transfers split at mirror and chunk boundaries, the
-/// staging page, and the work done.
-struct Engine<'a> {
-    mappers: &'a [VfioMapper],
-    dev: &'a Device,
-    work: DeviceWork,
-    started: Instant,
-    faults_before: u64,
-}
-
-impl Engine<'_> {
-    /// The mapper holding `addr`, and how many of `len` bytes from it one transfer may move
-    /// (to the end of the mirror or of the chunk, whichever comes first).
-    fn locate(&self, addr: u64, len: u64) -> std::result::Result<(&VfioMapper, u64), VfioError> {
-        let m = self
-            .mappers
-            .iter()
-            .find(|m| m.range().start() <= addr && addr < m.range().end())
-            .ok_or(VfioError::NotMapped { addr })?;
-        let g = m.granule();
-        let chunk_end = (addr | (g - 1)).saturating_add(1);
-        Ok((m, len.min(chunk_end.min(m.range().end()) - addr)))
-    }
-
-    /// The device reads `len` bytes at `addr` into its buffer at `offset`.
-    fn dma_in(&mut self, addr: u64, len: u64, offset: u64) -> std::result::Result<(), VfioError> {
-        let mut done = 0;
-        while done < len {
-            let (m, n) = self.locate(addr + done, len - done)?;
-            self.dev
-                .edu
-                .copy_to_device(m, addr + done, n, offset + done)?;
-            self.work.commands += 1;
-            self.work.bytes_read += n;
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// The device writes `len` bytes of its buffer at `offset` to `addr`.
-    fn dma_out(&mut self, offset: u64, addr: u64, len: u64) -> std::result::Result<(), VfioError> {
-        let mut done = 0;
-        while done < len {
-            let (m, n) = self.locate(addr + done, len - done)?;
-            self.dev
-                .edu
-                .copy_from_device(m, offset + done, addr + done, n)?;
-            self.work.commands += 1;
-            self.work.bytes_written += n;
-            done += n;
-        }
-        // The CPU reads what the device wrote only after the transfer completed.
-        fence(Ordering::SeqCst);
-        Ok(())
-    }
-
-    /// The device fetches `out.len()` bytes at `addr` (through its buffer into the staging
-    /// page, from which the CPU copies them).
-    fn fetch(&mut self, addr: u64, out: &mut [u8]) -> std::result::Result<(), VfioError> {
-        let staging = self.dev.staging.start();
-        let mut done = 0usize;
-        while done < out.len() {
-            let n = (out.len() - done).min(MAX_TRANSFER as usize);
-            self.dma_in(addr + done as u64, n as u64, 0)?;
-            self.dma_out(0, staging, n as u64)?;
-            // SAFETY: the staging page holds `n` <= 4095 bytes the device just wrote; no
-            // transfer runs (the device is ours while `dev` is borrowed) and no Rust reference
-            // covers the page.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    staging as usize as *const u8,
-                    out[done..].as_mut_ptr(),
-                    n,
-                );
-            }
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// Writes `stores` back by device DMA: up to 4095 bytes of results at a time go from the
-    /// staging page into the device's buffer (one transfer), then each to its own address.
-    /// The outer error is the device failing; the inner ones say which stores were refused.
-    fn write_back(
-        &mut self,
-        stores: &[Store],
-    ) -> std::result::Result<Vec<std::result::Result<(), VfioError>>, VfioError> {
-        let staging = self.dev.staging.start();
-        let mut out = Vec::with_capacity(stores.len());
-        let mut i = 0;
-        while i < stores.len() {
-            let mut batch_end = i;
-            let mut bytes = 0u64;
-            while batch_end < stores.len()
-                && bytes + stores[batch_end].bytes.len() as u64 <= MAX_TRANSFER
-            {
-                bytes += stores[batch_end].bytes.len() as u64;
-                batch_end += 1;
-            }
-            if batch_end == i {
-                return Err(VfioError::DmaOutOfBounds {
-                    offset: 0,
-                    len: stores[i].bytes.len() as u64,
-                    limit: MAX_TRANSFER,
-                });
-            }
-            let mut at = 0u64;
-            for s in &stores[i..batch_end] {
-                // SAFETY: `at + len <= 4095`, inside the staging page, which no transfer uses
-                // now and no Rust reference covers.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        s.bytes.as_ptr(),
-                        (staging + at) as usize as *mut u8,
-                        s.bytes.len(),
-                    );
-                }
-                at += s.bytes.len() as u64;
-            }
-            fence(Ordering::SeqCst);
-            self.dma_in(staging, bytes, 0)?;
-            let mut off = 0u64;
-            for s in &stores[i..batch_end] {
-                let len = s.bytes.len() as u64;
-                out.push(self.dma_out(off, s.addr, len));
-                off += len;
-            }
-            i = batch_end;
-        }
-        Ok(out)
-    }
-}
-
-/// Results to write back, split so that each fits one transfer.
-#[derive(Default)]
-struct Stores(Vec<Store>);
-
-impl Stores {
-    fn push(&mut self, addr: u64, bytes: &[u8]) {
-        for (k, part) in bytes.chunks(MAX_TRANSFER as usize).enumerate() {
-            self.0.push(Store {
-                addr: addr + (k as u64) * MAX_TRANSFER,
-                bytes: part.to_vec(),
-            });
-        }
-    }
-}
-
-/// The BFS's per-call read cache of aligned [`LINE`]-byte lines the device fetched.
-#[derive(Default)]
-struct Lines(HashMap<u64, Box<[u8]>>);
-
-impl Lines {
-    fn read(
-        &mut self,
-        e: &mut Engine<'_>,
-        addr: u64,
-        out: &mut [u8],
-    ) -> std::result::Result<(), VfioError> {
-        let mut done = 0usize;
-        while done < out.len() {
-            let at = addr + done as u64;
-            let line = at & !(LINE - 1);
-            let within = (at - line) as usize;
-            let n = (out.len() - done).min(LINE as usize - within);
-            let data = match self.0.entry(line) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let mut data = vec![0u8; LINE as usize].into_boxed_slice();
-                    e.fetch(line, &mut data)?;
-                    v.insert(data)
-                }
-            };
-            out[done..done + n].copy_from_slice(&data[within..within + n]);
-            done += n;
-        }
-        Ok(())
-    }
-}
-
 fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-fn dev_err(app: &'static str, what: &'static str) -> impl FnOnce(VfioError) -> AppError {
+fn dev_err(app: &'static str, what: &'static str) -> impl FnOnce(EduError) -> AppError {
     move |e| AppError::device(app, BackendKind::Vfio, what, e)
 }
 
@@ -693,96 +504,6 @@ impl Backend for VfioBackend {
     }
 }
 
-fn median(mut v: Vec<Duration>) -> f64 {
-    v.sort();
-    v.get(v.len() / 2).map_or(0.0, Duration::as_secs_f64)
-}
-
-/// Fault-to-mapped latency of one 2 MiB chunk (populated memory) against the same fault when
-/// it is already mapped, and the device's copy rate (4095 bytes, two transfers through its
-/// buffer) against memcpy of the same bytes.
-fn bench(b: &VfioBackend, dev: &Device, buf: Range, quick: bool) -> Result<Vec<Figure>> {
-    let err = |what: &'static str| {
-        move |e: VfioError| AppError::device("bench", BackendKind::Vfio, what, e)
-    };
-    let chunk = Range::with_len(buf.start().next_multiple_of(MIRROR_ALIGN), MIRROR_ALIGN)
-        .map_err(|e| AppError::device("bench", BackendKind::Vfio, "range", e))?;
-    // SAFETY: the benchmark's own fresh mapping, `chunk` inside it; no device uses it yet and
-    // no Rust reference covers it.
-    unsafe {
-        std::ptr::write_bytes(
-            chunk.start() as usize as *mut u8,
-            0x5a,
-            chunk.len() as usize,
-        )
-    };
-    let mut e = b.engine(dev);
-    let (m, _) = e
-        .locate(chunk.start(), chunk.len())
-        .map_err(err("locate"))?;
-    m.fault(chunk.start(), chunk.len(), true)
-        .map_err(err("fault"))?;
-    let iters = if quick { 8 } else { 40 };
-    let mut cold = Vec::with_capacity(iters);
-    let mut warm = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        b.mm.notifier()
-            .invalidate_range_start(NotifierRange::new(chunk, Event::Clear))
-            .map_err(|e| AppError::device("bench", BackendKind::Vfio, "invalidate", e))?
-            .end();
-        let t = Instant::now();
-        m.fault(chunk.start(), chunk.len(), true)
-            .map_err(err("fault"))?;
-        cold.push(t.elapsed());
-        let t = Instant::now();
-        m.fault(chunk.start(), chunk.len(), true)
-            .map_err(err("fault"))?;
-        warm.push(t.elapsed());
-    }
-    let mut figs = vec![Figure::latency(
-        "vfio",
-        "fault → mapped, one 2 MiB chunk",
-        median(cold),
-        "the same fault, already mapped",
-        median(warm),
-    )];
-
-    let (src, dst) = (chunk.start(), chunk.start() + PAGE_SIZE);
-    let copies = if quick { 3 } else { 10 };
-    let mut dma = Vec::with_capacity(copies);
-    for _ in 0..copies {
-        let t = Instant::now();
-        e.dma_in(src, MAX_TRANSFER, 0).map_err(err("DMA"))?;
-        e.dma_out(0, dst, MAX_TRANSFER).map_err(err("DMA"))?;
-        dma.push(t.elapsed());
-    }
-    let reps = 1000;
-    let t = Instant::now();
-    for _ in 0..reps {
-        // SAFETY: two distinct pages of the benchmark's mapping, 4095 bytes each; no transfer
-        // runs.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                src as usize as *const u8,
-                dst as usize as *mut u8,
-                MAX_TRANSFER as usize,
-            );
-        }
-        std::hint::black_box(dst);
-    }
-    let memcpy = t.elapsed().as_secs_f64() / f64::from(reps);
-    let bytes = MAX_TRANSFER as f64;
-    figs.push(Figure::rate(
-        "vfio",
-        "DMA copy, 4095 B through edu's buffer",
-        bytes / median(dma).max(1e-12),
-        "B/s",
-        "memcpy",
-        bytes / memcpy.max(1e-12),
-    ));
-    Ok(figs)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -803,22 +524,21 @@ mod tests {
 
     #[test]
     fn refusals_are_told_from_device_failures() {
-        assert!(is_refusal(&VfioError::NotMapped { addr: 0x1000 }));
-        assert!(!is_refusal(&VfioError::DmaTimeout {
+        assert!(is_refusal(&EduError::Access {
+            addr: 0x1000,
+            len: 8,
+            source: VfioError::NotMapped { addr: 0x1000 },
+        }));
+        assert!(!is_refusal(&EduError::Access {
+            addr: 0x1000,
+            len: 8,
+            source: VfioError::IovaExhausted { len: 8 },
+        }));
+        assert!(!is_refusal(&EduError::DmaTimeout {
             iova: 0,
             len: 8,
             millis: 5
         }));
-    }
-
-    #[test]
-    fn stores_are_split_to_fit_one_transfer() {
-        let mut s = Stores::default();
-        s.push(0x1000, &vec![7u8; 5000]);
-        assert_eq!(s.0.len(), 2);
-        assert_eq!(s.0[0].bytes.len(), 4095);
-        assert_eq!(s.0[1].addr, 0x1000 + 4095);
-        assert_eq!(s.0[1].bytes.len(), 905);
     }
 
     // The micro-benchmarks run against the real edu device in the guest of `cargo xtask

@@ -135,7 +135,7 @@ fn ci() -> Result<(), Vec<String>> {
                 "--all-targets",
                 // The VFIO guest test binary needs it (it runs the backend scenario suite).
                 "--features",
-                "svmirror-vfio/guest-tests",
+                "svmirror-edu/guest-tests",
                 "--",
                 "-D",
                 "warnings",

@@ -1,23 +1,13 @@
 //! The crate's error type.
 
 use std::io;
-use std::path::PathBuf;
 
 use svmirror_core::Range;
 
 /// Everything that can go wrong in svmirror-vfio.
 #[derive(Debug, thiserror::Error)]
 pub enum VfioError {
-    /// Opening the VFIO container, the device's group or the device failed.
-    #[error("cannot open VFIO {what}")]
-    Open {
-        /// Container, group or device.
-        what: &'static str,
-        /// What vfio-ioctls reported.
-        #[source]
-        source: vfio_ioctls::VfioError,
-    },
-    /// A system call on the container, the device or sysfs failed.
+    /// A system call on the container failed.
     #[error("{op} failed")]
     Io {
         /// The operation.
@@ -149,36 +139,6 @@ pub enum VfioError {
         /// The core's error.
         #[source]
         source: svmirror_core::Error,
-    },
-    /// No PCI device at this sysfs path, or it is not the device expected.
-    #[error("{path} is not a usable {expected} device")]
-    WrongDevice {
-        /// The sysfs path.
-        path: PathBuf,
-        /// The device expected.
-        expected: &'static str,
-    },
-    /// A device DMA parameter is out of bounds.
-    #[error(
-        "device DMA of {len} bytes at buffer offset {offset:#x} is out of bounds ({limit} bytes max)"
-    )]
-    DmaOutOfBounds {
-        /// Offset into the device's buffer.
-        offset: u64,
-        /// Length asked for.
-        len: u64,
-        /// The most the device allows.
-        limit: u64,
-    },
-    /// The device did not finish a DMA in time.
-    #[error("device DMA at IOVA {iova:#x}+{len:#x} did not finish within {millis} ms")]
-    DmaTimeout {
-        /// IOVA of the transfer.
-        iova: u64,
-        /// Its length.
-        len: u64,
-        /// How long it was given.
-        millis: u64,
     },
 }
 

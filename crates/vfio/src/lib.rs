@@ -7,8 +7,11 @@
 //!   IOVA = virtual address where the IOMMU's IOVA ranges allow it, an [`IovaAllocator`]
 //!   otherwise; tracks the container's mapping budget (`dma_avail`); turns kernel errors into
 //!   typed [`VfioError`]s and rolls back a partial map.
-//! - [`EduDevice`]: a userspace driver for QEMU's `edu` DMA device, the real device the tests
-//!   run against (`cargo xtask vfio-vm` boots a guest with an emulated Intel IOMMU for it).
+//!
+//! The crate knows no device: a device's driver opens it in the container (which attaches its
+//! group and sets the IOMMU) and programs it with the IOVAs of [`DeviceAccess`] guards.
+//! `svmirror-edu` is one, for QEMU's `edu` DMA device, the real device the tests run against
+//! (`cargo xtask vfio-vm` boots a guest with an emulated Intel IOMMU for it).
 //!
 //! # What is the caller's job
 //!
@@ -20,9 +23,9 @@
 //!   source); change memory through its SVM API to be coherent before the call returns.
 //! - **Touch DMA memory through raw pointers only** while it is mapped ([`VfioMapper::new`] is
 //!   `unsafe` for this reason).
-//! - **Hold a [`DeviceAccess`]** (or use [`EduDevice::copy_to_device`] /
-//!   [`EduDevice::copy_from_device`], which do) for the duration of a DMA: an invalidation
-//!   waits for it; without one, a DMA racing an invalidation is blocked by the IOMMU.
+//! - **Hold a [`DeviceAccess`]** ([`VfioMapper::access`]; svmirror-edu's copies do) for the
+//!   duration of a DMA: an invalidation waits for it; without one, a DMA racing an
+//!   invalidation is blocked by the IOMMU.
 //!
 //! # Locks
 //!
@@ -38,13 +41,11 @@
 
 mod chunk;
 mod conv;
-mod edu;
 mod error;
 mod mapper;
 mod uapi;
 
 pub use crate::chunk::{Budget, IovaAllocator, MAX_GRANULE, chunk_granule, identity_fits};
-pub use crate::edu::{Direction, EduDevice};
 pub use crate::error::{Result, VfioError};
 pub use crate::mapper::{DeviceAccess, IovaMode, MapperConfig, MapperStats, VfioMapper};
 pub use crate::uapi::IommuInfo;

@@ -343,21 +343,32 @@ impl std::fmt::Debug for Inner {
 }
 
 /// A range of this process's address space mirrored into a VFIO type1 container. See the
-/// [module documentation](self).
+/// [crate documentation](crate), and the notes at the top of `mapper.rs` (chunks, IOVAs, the
+/// fault path, invalidation).
 ///
 /// ```no_run
+/// use std::path::Path;
 /// use std::sync::Arc;
 /// use svmirror_mm::ProcessMm;
-/// use svmirror_vfio::{EduDevice, MapperConfig, VfioContainer, VfioMapper};
+/// use svmirror_vfio::{MapperConfig, VfioContainer, VfioMapper};
+/// # fn program_dma(_device: &vfio_ioctls::VfioDevice, _iova: u64, _len: u64) {}
 ///
 /// let mm = Arc::new(ProcessMm::new()?);
-/// let container = Arc::new(VfioContainer::new(None).map_err(|e| format!("{e}"))?);
-/// let edu = EduDevice::open(&EduDevice::find()?, container.clone())?;
+/// let container = Arc::new(VfioContainer::new(None)?);
+/// // Opening a device bound to vfio-pci attaches its group, which sets the container's IOMMU
+/// // (svmirror-edu's `EduDevice::open` does this for QEMU's edu device).
+/// let device = vfio_ioctls::VfioDevice::new(
+///     Path::new("/sys/bus/pci/devices/0000:00:03.0"),
+///     container.clone(),
+///     false,
+/// )?;
 /// let buf = mm.mmap_anonymous(64 << 10, svmirror_mm::Protection::READ_WRITE)?;
 /// // SAFETY: `buf` is touched through raw pointers only while mapped.
 /// let mapper = unsafe { VfioMapper::new(mm.notifier(), mm.clone(), container, buf, MapperConfig::default())? };
-/// edu.copy_to_device(&mapper, buf.start(), 1024, 0)?; // device reads the CPU's memory
-/// edu.copy_from_device(&mapper, 0, buf.start() + 4096, 1024)?; // and writes it back
+/// // Faulted in for a device read, and held mapped while the device works.
+/// let access = mapper.access(buf.start(), 4096, false)?;
+/// program_dma(&device, access.iova(), 4096); // the device's own driver
+/// drop(access); // invalidations of the range may go on
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct VfioMapper {
@@ -379,7 +390,7 @@ impl std::fmt::Debug for VfioMapper {
 
 impl VfioMapper {
     /// Mirrors `range` of this process into `container` (whose IOMMU must be set: at least one
-    /// device's group attached, e.g. by [`EduDevice::open`](crate::EduDevice::open)), reading
+    /// device's group attached, as opening a `vfio_ioctls::VfioDevice` in it does), reading
     /// the CPU page table through `source` and subscribing to `notifier`, which must be fed
     /// every change to the address space (a `ProcessMm` is both).
     ///

@@ -1,60 +1,20 @@
-//! `cargo xtask vfio-vm`: the VFIO tests, run for real inside a QEMU guest.
-//!
-//! This machine has no VFIO, but QEMU under software emulation (TCG) has one: a q35 guest with
-//! an emulated Intel IOMMU and QEMU's `edu` PCI device (a small DMA engine) runs a stock Debian
-//! kernel's vfio-pci in a few seconds. The task:
-//!
-//! 1. fetches what it needs from Debian: QEMU (`qemu-system-x86`, installed with apt-get when
-//!    missing and running as root; `cargo xtask ci` installs it with the other suites'
-//!    packages), and with `apt-get download` the kernel package that `linux-image-amd64` points
-//!    to and `busybox-static`, once, into `target/vfio-vm/`;
-//! 2. extracts the kernel as an uncompressed `vmlinux` (qboot boots it through its PVH entry,
-//!    about twice as fast as SeaBIOS with a bzImage) and the vfio modules with everything they
-//!    depend on (read from each module's `depends=`);
-//! 3. builds `svmirror-vfio`'s `vfio-guest-tests` and the `svmirror` command statically
-//!    (`+crt-static`, one cargo run) and packs them, busybox, the modules and an `/init` script
-//!    into an initramfs;
-//! 4. boots `-machine q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on
-//!    -device edu` (with `aw-bits=48` so the IOMMU takes the process's virtual addresses as
-//!    IOVAs, and edu's `dma_mask` opened to 64 bits); `/init` loads the modules, binds edu
-//!    (1234:11e8) to vfio-pci, runs the tests, then the example app on the VFIO backend
-//!    (`svmirror run --backend vfio` with sizes made for edu's 100 ms per DMA: [`APP_ARGS`]; a
-//!    mismatch against the CPU reference exits 1 and fails the run), and reports through
-//!    `isa-debug-exit`: QEMU exits with 1 when everything passed, 3 when something failed;
-//!    anything else (a kernel panic, a crash) is a failed run, and a hang is killed after the
-//!    timeout (`VFIO_VM_TIMEOUT`, seconds, default 180).
-//!
-//! `cargo xtask vfio-vm --also BINARY [ARGS...]` also runs another statically linked program in
-//! the guest after the tests (the example app on the VFIO backend, say): it finds edu bound to
-//! vfio-pci and the modules loaded, runs as root, and its failure fails the run.
-//!
-//! The serial log goes to `target/vfio-vm/serial.log`; a failed run's is kept as
-//! `serial-failed.log`. The guest's DMAR fault lines (the IOMMU blocking DMA to unmapped
-//! chunks) are printed on success too. A missing QEMU or a failed download fails the task.
+//! The guest image of `cargo xtask vfio-vm`: the Debian kernel and busybox (downloaded once
+//! into the cache), the vfio modules with their dependencies, the statically linked test
+//! binary and `svmirror`, the `/init` script, and the initramfs that holds them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::env;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use crate::DebianPackage;
+use super::{is_root, output};
 
-/// Debian packages the guest run needs installed on the host (the guest's kernel and busybox
-/// are downloaded, not installed).
-pub(crate) const DEBIAN_PACKAGES: &[DebianPackage] = &[
-    ("qemu-system-x86", "command -v qemu-system-x86_64"),
-    ("xz-utils", "command -v xz"),
-];
-
-/// The firmware: qboot, shipped with QEMU (qemu-system-data).
-const QBOOT: &str = "/usr/share/qemu/qboot.rom";
 /// Modules to load, with their dependencies resolved from the kernel package.
 const ROOT_MODULES: &[&str] = &["vfio_iommu_type1", "vfio_pci"];
 /// The test binary's package and name.
-const TEST_PACKAGE: &str = "svmirror-vfio";
+const TEST_PACKAGE: &str = "svmirror-edu";
 const TEST_BIN: &str = "vfio-guest-tests";
 /// The example app's package and binary, run on the VFIO backend after the tests.
 const APP_PACKAGE: &str = "svmirror";
@@ -88,114 +48,6 @@ const BENCH_ARGS: &[&str] = &[
     "--quiet",
 ];
 const TARGET: &str = "x86_64-unknown-linux-gnu";
-
-/// Builds and boots the guest and runs the VFIO tests inside it.
-pub(crate) fn run(args: &[String]) -> Result<(), String> {
-    let also = match args {
-        [] => None,
-        [flag, bin, rest @ ..] if flag == "--also" => {
-            let bin = PathBuf::from(bin);
-            check_static(&bin)?;
-            Some((bin, rest.to_vec()))
-        }
-        _ => {
-            return Err(format!(
-                "usage: cargo xtask vfio-vm [--also STATIC-BINARY [ARGS...]] (got `{}`)",
-                args.join(" ")
-            ));
-        }
-    };
-    let started = Instant::now();
-    let cache = crate::root().join("target/vfio-vm");
-    fs::create_dir_all(&cache).map_err(|e| format!("creating {}: {e}", cache.display()))?;
-    let qemu = check_qemu()?;
-    let kernel = fetch_kernel(&cache)?;
-    let busybox = fetch_busybox(&cache)?;
-    let (test_bin, app_bin) = build_guest_binaries()?;
-    let initrd = cache.join("initrd.cpio");
-    let bins = GuestBinaries {
-        tests: &test_bin,
-        app: &app_bin,
-        also: also.as_ref(),
-    };
-    write_initramfs(&initrd, &busybox, &bins, &kernel.modules)?;
-    eprintln!(
-        "xtask: vfio-vm: guest ready in {:.1}s (kernel {}), booting",
-        started.elapsed().as_secs_f64(),
-        kernel.version
-    );
-    boot(&qemu, &cache, &kernel.vmlinux, &initrd)?;
-    eprintln!(
-        "xtask: vfio-vm: PASS in {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
-fn is_root() -> bool {
-    output("id -u", Command::new("id").arg("-u"))
-        .is_ok_and(|o| String::from_utf8_lossy(&o).trim() == "0")
-}
-
-/// Finds QEMU, installing Debian's `qemu-system-x86` first when it is missing and we are root.
-fn check_qemu() -> Result<PathBuf, String> {
-    let qemu = PathBuf::from("qemu-system-x86_64");
-    let present = || {
-        Command::new(&qemu)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !present() && is_root() {
-        eprintln!("xtask: vfio-vm: installing qemu-system-x86 from Debian");
-        let install = || {
-            output(
-                "apt-get install qemu-system-x86",
-                Command::new("apt-get")
-                    .args([
-                        "install",
-                        "-y",
-                        "--no-install-recommends",
-                        "qemu-system-x86",
-                    ])
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-            )
-        };
-        if install().is_err() {
-            output("apt-get update", Command::new("apt-get").arg("update"))?;
-            install()?;
-        }
-    }
-    if !present() {
-        return Err(
-            "vfio-vm: qemu-system-x86_64 not found: install Debian's qemu-system-x86 \
-             (`sudo apt-get install qemu-system-x86`; `cargo xtask ci` does it as root)"
-                .into(),
-        );
-    }
-    if !Path::new(QBOOT).exists() {
-        return Err(format!(
-            "vfio-vm: {QBOOT} not found (Debian's qemu-system-data ships it)"
-        ));
-    }
-    Ok(qemu)
-}
-
-/// Runs `cmd`, returning its stdout, or an error naming `what` with its stderr.
-fn output(what: &str, cmd: &mut Command) -> Result<Vec<u8>, String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("vfio-vm: {what}: could not start: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "vfio-vm: {what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(out.stdout)
-}
 
 /// Downloads `package`'s .deb into `dir` with apt-get (running `apt-get update` once first
 /// when the package lists do not know it and we are root); returns its path.
@@ -232,14 +84,14 @@ fn apt_download(dir: &Path, package: &str) -> Result<PathBuf, String> {
 }
 
 /// The guest kernel, extracted.
-struct Kernel {
-    version: String,
-    vmlinux: PathBuf,
+pub(super) struct Kernel {
+    pub(super) version: String,
+    pub(super) vmlinux: PathBuf,
     /// Module files in load order (dependencies first).
-    modules: Vec<PathBuf>,
+    pub(super) modules: Vec<PathBuf>,
 }
 
-fn fetch_kernel(cache: &Path) -> Result<Kernel, String> {
+pub(super) fn fetch_kernel(cache: &Path) -> Result<Kernel, String> {
     let dir = cache.join("kernel");
     let ready = dir.join("ready");
     if let Ok(text) = fs::read_to_string(&ready) {
@@ -440,7 +292,7 @@ fn copy_module(src: &Path, dst: &Path) -> Result<(), String> {
     fs::write(dst, data).map_err(|e| format!("writing {}: {e}", dst.display()))
 }
 
-fn fetch_busybox(cache: &Path) -> Result<PathBuf, String> {
+pub(super) fn fetch_busybox(cache: &Path) -> Result<PathBuf, String> {
     let out = cache.join("busybox");
     if out.exists() {
         return Ok(out);
@@ -462,7 +314,7 @@ fn fetch_busybox(cache: &Path) -> Result<PathBuf, String> {
 
 /// Checks that `bin` is an x86-64 ELF executable with no program interpreter (statically
 /// linked), as the guest has no shared libraries.
-fn check_static(bin: &Path) -> Result<(), String> {
+pub(super) fn check_static(bin: &Path) -> Result<(), String> {
     let data = fs::read(bin).map_err(|e| format!("vfio-vm: reading {}: {e}", bin.display()))?;
     let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
     let u64_at = |o: usize| {
@@ -500,7 +352,7 @@ fn check_static(bin: &Path) -> Result<(), String> {
 
 /// Builds the guest test binary and the example app, statically linked (one cargo run), and
 /// returns their paths.
-fn build_guest_binaries() -> Result<(PathBuf, PathBuf), String> {
+pub(super) fn build_guest_binaries() -> Result<(PathBuf, PathBuf), String> {
     let mut c = crate::cargo();
     let flags = env::var("RUSTFLAGS").unwrap_or_default();
     // Debug assertions on: the guest tests then run the lock-order checks (`might_fault`
@@ -519,7 +371,7 @@ fn build_guest_binaries() -> Result<(PathBuf, PathBuf), String> {
         "--bin",
         TEST_BIN,
         "--features",
-        "svmirror-vfio/guest-tests",
+        "svmirror-edu/guest-tests",
         "-p",
         APP_PACKAGE,
         "--bin",
@@ -551,10 +403,10 @@ fn build_guest_binaries() -> Result<(PathBuf, PathBuf), String> {
 }
 
 /// The programs the guest runs.
-struct GuestBinaries<'a> {
-    tests: &'a Path,
-    app: &'a Path,
-    also: Option<&'a (PathBuf, Vec<String>)>,
+pub(super) struct GuestBinaries<'a> {
+    pub(super) tests: &'a Path,
+    pub(super) app: &'a Path,
+    pub(super) also: Option<&'a (PathBuf, Vec<String>)>,
 }
 
 /// Single-quotes `args` for the guest's shell.
@@ -654,7 +506,7 @@ fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u3
     out.resize(out.len().next_multiple_of(4), 0);
 }
 
-fn write_initramfs(
+pub(super) fn write_initramfs(
     path: &Path,
     busybox: &Path,
     bins: &GuestBinaries<'_>,
@@ -708,142 +560,6 @@ fn write_initramfs(
     }
     add(&mut out, "TRAILER!!!", 0, (0, 0), &[]);
     fs::write(path, out).map_err(|e| format!("writing {}: {e}", path.display()))
-}
-
-/// Boots the guest, streams the test output, and turns QEMU's exit code into the result.
-fn boot(qemu: &Path, cache: &Path, vmlinux: &Path, initrd: &Path) -> Result<(), String> {
-    let timeout = env::var("VFIO_VM_TIMEOUT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map_or(Duration::from_secs(180), Duration::from_secs);
-    let mut child = Command::new(qemu)
-        .args([
-            "-machine",
-            "q35,kernel-irqchip=split",
-            "-accel",
-            "tcg",
-            "-m",
-            "1024",
-            "-smp",
-            "1",
-            "-bios",
-            QBOOT,
-            "-device",
-            "intel-iommu,intremap=on,caching-mode=on,aw-bits=48",
-            "-device",
-            "edu,dma_mask=0xffffffffffffffff",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-monitor",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(vmlinux)
-        .arg("-initrd")
-        .arg(initrd)
-        .args([
-            "-append",
-            "console=ttyS0 intel_iommu=on panic=-1 quiet loglevel=4",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("vfio-vm: starting QEMU: {e}"))?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let reader = std::thread::spawn(move || {
-        let mut log = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let line = line.trim_end_matches('\r').to_owned();
-            // Test output live; the kernel's own lines go to the log only.
-            if !line.starts_with('[') && !line.starts_with('<') {
-                println!("guest: {line}");
-            }
-            log.push(line);
-        }
-        log
-    });
-    let err_reader = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
-    let started = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if started.elapsed() > timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(format!("vfio-vm: waiting for QEMU: {e}")),
-        }
-    };
-    let log = reader.join().unwrap_or_default();
-    let qemu_err = err_reader.join().unwrap_or_default();
-    let mut text = log.join("\n");
-    if !qemu_err.is_empty() {
-        text.push_str("\n--- QEMU stderr ---\n");
-        text.push_str(&qemu_err.join("\n"));
-    }
-    let serial = cache.join("serial.log");
-    fs::write(&serial, &text).map_err(|e| format!("writing {}: {e}", serial.display()))?;
-    let verdict = match status.and_then(|s| s.code()) {
-        Some(1) => Ok(()),
-        Some(3) => Err("the VFIO tests (or the --also binary) failed in the guest".to_owned()),
-        Some(5) => Err("guest setup failed".to_owned()),
-        Some(c) => Err(format!(
-            "the guest ended without reporting a result (QEMU exit code {c}: kernel panic or crash?)"
-        )),
-        None if status.is_some() => Err("QEMU was killed by a signal".to_owned()),
-        None => Err(format!(
-            "the guest hung: killed after {}s (VFIO_VM_TIMEOUT)",
-            timeout.as_secs()
-        )),
-    };
-    match verdict {
-        Ok(()) => {
-            println!("xtask: vfio-vm: the guest's DMAR fault lines (DMA blocked by the IOMMU):");
-            let mut seen = BTreeSet::new();
-            for l in log
-                .iter()
-                .filter(|l| l.starts_with('[') && l.contains("DMAR") && l.contains("fault addr"))
-            {
-                if seen.insert(l.as_str()) {
-                    println!("  {l}");
-                }
-            }
-            Ok(())
-        }
-        Err(e) => {
-            let kept = cache.join("serial-failed.log");
-            let _ = fs::copy(&serial, &kept);
-            eprintln!("xtask: vfio-vm: last lines of the serial log:");
-            for l in log
-                .iter()
-                .rev()
-                .take(40)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-            {
-                eprintln!("  {l}");
-            }
-            Err(format!(
-                "vfio-vm: {e}; serial log kept in {}",
-                kept.display()
-            ))
-        }
-    }
 }
 
 #[cfg(test)]

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use svmirror_core::{PAGE_SIZE, Range};
+use svmirror_edu::EduDevice;
 use svmirror_mm::{ProcessMm, Protection};
-use svmirror_vfio::{EduDevice, MapperConfig, VfioContainer, VfioMapper};
+use svmirror_vfio::{MapperConfig, VfioContainer, VfioMapper};
 
 use crate::Res;
 

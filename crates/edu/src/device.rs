@@ -1,28 +1,6 @@
 //! [`EduDevice`]: a userspace driver for QEMU's `edu` PCI device (1234:11e8) through VFIO, the
-//! real DMA device the tests and the example app use.
-//!
-//! edu has a 4 KiB buffer and a DMA engine that copies between it and a bus address: BAR0
-//! registers `0x80` source, `0x88` destination, `0x90` count, `0x98` command (bit 0 run, bit 1
-//! direction: 0 = memory to the buffer, 1 = the buffer to memory). The buffer sits at bus
-//! address `0x40000` on the device side. The driver sets memory-space and bus-master enable in
-//! the PCI command register, programs a transfer and polls the run bit. Its accesses go through
-//! the IOMMU: an IOVA that is not mapped is blocked there (a DMAR fault in the kernel log),
-//! the device's buffer or memory is left unchanged, and the transfer still "completes".
-//!
-//! Quirks of the QEMU in Debian 12 (7.2), which the driver works within:
-//!
-//! - a transfer of exactly 4096 bytes aborts QEMU: transfers are at most
-//!   [`EduDevice::MAX_TRANSFER`] (4095) bytes;
-//! - edu masks DMA addresses to 28 bits unless its `dma_mask` property is set
-//!   (`-device edu,dma_mask=0xffffffffffffffff`): virtual addresses need the full mask;
-//! - each transfer completes on a 100 ms timer of virtual time.
-//!
-//! BAR0 is mapped into the process (`mmap` of the device fd at the region's offset) and its
-//! registers are accessed with volatile loads and stores of their own width. Not through
-//! vfio-ioctls' `region_read`/`region_write` (pread/pwrite): those log and drop I/O errors, and
-//! the Linux 6.1 vfio-pci splits an 8-byte pwrite into two 4-byte writes, which edu takes as a
-//! write of the low half only, truncating every DMA address to 32 bits. PCI config space is
-//! read and written with pread/pwrite on the config region.
+//! real DMA device the tests and the example app use. The device, and the quirks the driver
+//! works within, are described in the crate documentation.
 
 use std::fs;
 use std::os::fd::{AsRawFd, RawFd};
@@ -31,18 +9,19 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vfio_bindings::bindings::vfio::{
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+};
 use vfio_ioctls::{VfioContainer, VfioDevice};
 
-use crate::error::{Result, VfioError};
-use crate::mapper::VfioMapper;
+use svmirror_vfio::VfioMapper;
+
+use crate::error::{EduError, Result};
 
 const VENDOR: u16 = 0x1234;
 const DEVICE: u16 = 0x11e8;
-const BAR0: u32 = 0;
-/// `VFIO_PCI_CONFIG_REGION_INDEX`.
-const CONFIG: u32 = 7;
-/// `VFIO_REGION_INFO_FLAG_MMAP`.
-const VFIO_REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
+const BAR0: u32 = VFIO_PCI_BAR0_REGION_INDEX;
+const CONFIG: u32 = VFIO_PCI_CONFIG_REGION_INDEX;
 const PCI_COMMAND: u64 = 0x04;
 const PCI_COMMAND_MEMORY: u16 = 1 << 1;
 const PCI_COMMAND_MASTER: u16 = 1 << 2;
@@ -116,7 +95,7 @@ impl Drop for Bar {
     }
 }
 
-/// QEMU's edu device, opened through VFIO. See the [module documentation](self).
+/// QEMU's edu device, opened through VFIO. See the [crate documentation](crate).
 pub struct EduDevice {
     // Field order is drop order: the BAR mapping goes before the device fd.
     bar: Bar,
@@ -134,8 +113,24 @@ impl std::fmt::Debug for EduDevice {
     }
 }
 
-fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> VfioError {
-    move |source| VfioError::Io { op, source }
+/// Checks a transfer of `len` bytes at `offset` in the device's buffer: at least one byte, at
+/// most [`EduDevice::MAX_TRANSFER`], inside the buffer (an offset near `u64::MAX` included).
+fn check_transfer(offset: u64, len: u64) -> Result<()> {
+    let inside = offset
+        .checked_add(len)
+        .is_some_and(|end| end <= EduDevice::BUFFER_LEN);
+    if len == 0 || len > EduDevice::MAX_TRANSFER || !inside {
+        return Err(EduError::DmaOutOfBounds {
+            offset,
+            len,
+            limit: EduDevice::MAX_TRANSFER,
+        });
+    }
+    Ok(())
+}
+
+fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> EduError {
+    move |source| EduError::Io { op, source }
 }
 
 impl EduDevice {
@@ -158,7 +153,7 @@ impl EduDevice {
         paths
             .into_iter()
             .find(|p| id(p, "vendor") == Some(VENDOR) && id(p, "device") == Some(DEVICE))
-            .ok_or(VfioError::WrongDevice {
+            .ok_or(EduError::WrongDevice {
                 path: dir.to_path_buf(),
                 expected: "edu (1234:11e8)",
             })
@@ -168,15 +163,13 @@ impl EduDevice {
     /// its group (which sets the container's IOMMU), checks its identity, and enables memory
     /// space and bus mastering.
     pub fn open(path: &Path, container: Arc<VfioContainer>) -> Result<Self> {
-        let device = VfioDevice::new(path, container, false).map_err(|source| VfioError::Open {
-            what: "device",
-            source,
-        })?;
+        let device =
+            VfioDevice::new(path, container, false).map_err(|source| EduError::Open { source })?;
         let fd = device.as_raw_fd();
         if device.get_region_flags(BAR0) & VFIO_REGION_INFO_FLAG_MMAP == 0
             || device.get_region_size(BAR0) < BAR_MAP_LEN as u64
         {
-            return Err(VfioError::WrongDevice {
+            return Err(EduError::WrongDevice {
                 path: path.to_path_buf(),
                 expected: "edu (BAR0 mappable, at least 4 KiB)",
             });
@@ -195,7 +188,7 @@ impl EduDevice {
         let vendor = u16::from_le_bytes([id[0], id[1]]);
         let dev = u16::from_le_bytes([id[2], id[3]]);
         if (vendor, dev) != (VENDOR, DEVICE) {
-            return Err(VfioError::WrongDevice {
+            return Err(EduError::WrongDevice {
                 path: path.to_path_buf(),
                 expected: "edu (1234:11e8)",
             });
@@ -205,14 +198,14 @@ impl EduDevice {
         let cmd = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
         edu.pwrite(cfg + PCI_COMMAND, &cmd.to_le_bytes())?;
         if edu.read32(REG_ID)? & 0xff != 0xed {
-            return Err(VfioError::WrongDevice {
+            return Err(EduError::WrongDevice {
                 path: path.to_path_buf(),
                 expected: "edu (ID register 0x..ed)",
             });
         }
         edu.write32(REG_LIVENESS, 0x1234_5678)?;
         if edu.read32(REG_LIVENESS)? != !0x1234_5678 {
-            return Err(VfioError::WrongDevice {
+            return Err(EduError::WrongDevice {
                 path: path.to_path_buf(),
                 expected: "edu (liveness register inverts)",
             });
@@ -236,7 +229,7 @@ impl EduDevice {
             )
         };
         if n != buf.len() as isize {
-            return Err(VfioError::Io {
+            return Err(EduError::Io {
                 op: "edu register read",
                 source: std::io::Error::last_os_error(),
             });
@@ -248,7 +241,7 @@ impl EduDevice {
         // SAFETY: `buf` is a readable buffer of `buf.len()` bytes; the fd is the device's.
         let n = unsafe { libc::pwrite(self.fd, buf.as_ptr().cast(), buf.len(), at as libc::off_t) };
         if n != buf.len() as isize {
-            return Err(VfioError::Io {
+            return Err(EduError::Io {
                 op: "edu register write",
                 source: std::io::Error::last_os_error(),
             });
@@ -293,13 +286,7 @@ impl EduDevice {
         offset: u64,
         len: u64,
     ) -> Result<()> {
-        if len == 0 || len > Self::MAX_TRANSFER || offset + len > Self::BUFFER_LEN {
-            return Err(VfioError::DmaOutOfBounds {
-                offset,
-                len,
-                limit: Self::MAX_TRANSFER,
-            });
-        }
+        check_transfer(offset, len)?;
         let _span = tracing::trace_span!("edu.dma", iova, len, ?dir).entered();
         let (src, dst, cmd) = match dir {
             Direction::ToDevice => (iova, BUFFER_BUS + offset, CMD_RUN),
@@ -317,7 +304,7 @@ impl EduDevice {
         let started = Instant::now();
         while self.read64(REG_CMD)? & CMD_RUN != 0 {
             if started.elapsed() > self.timeout {
-                return Err(VfioError::DmaTimeout {
+                return Err(EduError::DmaTimeout {
                     iova,
                     len,
                     millis: self.timeout.as_millis() as u64,
@@ -362,20 +349,20 @@ impl EduDevice {
         len: u64,
         offset: u64,
     ) -> Result<()> {
-        if len == 0 || len > Self::MAX_TRANSFER || offset + len > Self::BUFFER_LEN {
-            return Err(VfioError::DmaOutOfBounds {
-                offset,
-                len,
-                limit: Self::MAX_TRANSFER,
-            });
-        }
+        check_transfer(offset, len)?;
         // One transfer per chunk piece: allocated IOVAs are contiguous only within a chunk.
         let g = mapper.granule();
         let mut done = 0;
         while done < len {
             let at = addr + done;
             let n = (len - done).min(g - (at & (g - 1)));
-            let access = mapper.access(at, n, dir == Direction::FromDevice)?;
+            let access = mapper
+                .access(at, n, dir == Direction::FromDevice)
+                .map_err(|source| EduError::Access {
+                    addr: at,
+                    len: n,
+                    source,
+                })?;
             // SAFETY: the memory lies in the mapper's range, which its creator opened to
             // device writes (`VfioMapper::new`'s contract), and stays mapped while `access`
             // lives.
@@ -384,5 +371,36 @@ impl EduDevice {
             done += n;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transfers_inside_the_buffer_are_accepted() {
+        assert!(check_transfer(0, EduDevice::MAX_TRANSFER).is_ok());
+        assert!(check_transfer(EduDevice::BUFFER_LEN - 1, 1).is_ok());
+    }
+
+    #[test]
+    fn empty_oversized_and_outside_transfers_are_typed_errors() {
+        for (offset, len) in [
+            (0, 0),
+            (0, EduDevice::BUFFER_LEN),
+            (2, EduDevice::MAX_TRANSFER),
+            (EduDevice::BUFFER_LEN, 1),
+            (u64::MAX, 1),
+            (u64::MAX - 1, u64::MAX),
+        ] {
+            assert!(
+                matches!(
+                    check_transfer(offset, len),
+                    Err(EduError::DmaOutOfBounds { limit: 4095, .. })
+                ),
+                "{offset:#x}+{len:#x}"
+            );
+        }
     }
 }
