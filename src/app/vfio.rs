@@ -43,6 +43,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use svmirror_core::MirrorError;
 use svmirror_core::{CounterSnapshot, PAGE_SIZE, Range};
 use svmirror_edu::{EduDevice, EduError};
 use svmirror_mm::{ProcessMm, Protection};
@@ -133,9 +134,9 @@ fn is_refusal(e: &EduError) -> bool {
 fn is_vfio_refusal(e: &VfioError) -> bool {
     match e {
         VfioError::NotMapped { .. }
-        | VfioError::OutsideMirror { .. }
+        | VfioError::Mirror(MirrorError::OutsideMirror { .. })
         | VfioError::BadAddress { .. } => true,
-        VfioError::Core { source, .. } => matches!(
+        VfioError::Mirror(MirrorError::Core { source, .. }) => matches!(
             source,
             svmirror_core::Error::WriteToReadOnly { .. } | svmirror_core::Error::BadAddress { .. }
         ),

@@ -2,11 +2,15 @@
 
 use std::io;
 
-use svmirror_core::Range;
+use svmirror_core::{MirrorError, Range};
 
 /// Everything that can go wrong in svmirror-vfio.
 #[derive(Debug, thiserror::Error)]
 pub enum VfioError {
+    /// What every backend can say (an invalid range or configuration, an address outside the
+    /// mirror, the core refusing): the shared vocabulary, [`MirrorError`].
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
     /// A system call on the container failed.
     #[error("{op} failed")]
     Io {
@@ -107,38 +111,11 @@ pub enum VfioError {
         /// The size asked for.
         len: u64,
     },
-    /// The address is not inside the mirrored range.
-    #[error("address {addr:#x}+{len:#x} is outside the mirrored range {range}")]
-    OutsideMirror {
-        /// The address asked for.
-        addr: u64,
-        /// The length asked for.
-        len: u64,
-        /// The mirrored range.
-        range: Range,
-    },
     /// Part of the range has no page a device may use (a hole, PROT_NONE, an I/O mapping).
     #[error("no memory a device may use at {addr:#x}")]
     NotMapped {
         /// The first page without one.
         addr: u64,
-    },
-    /// The mapper's configuration or the container does not allow a mapping.
-    #[error("invalid configuration: {reason}")]
-    InvalidConfig {
-        /// What is wrong.
-        reason: &'static str,
-    },
-    /// The core refused an operation.
-    #[error("{op} of {range} failed")]
-    Core {
-        /// The operation.
-        op: &'static str,
-        /// The range it was for.
-        range: Range,
-        /// The core's error.
-        #[source]
-        source: svmirror_core::Error,
     },
 }
 

@@ -408,9 +408,9 @@ impl VfioMapper {
     ) -> Result<Self> {
         let fd = container.as_raw_fd();
         let info = uapi::iommu_info(fd).map_err(|e| match e.raw_os_error() {
-            Some(libc::EINVAL) => VfioError::InvalidConfig {
+            Some(libc::EINVAL) => VfioError::Mirror(MirrorError::InvalidConfig {
                 reason: "the container has no IOMMU set: attach a device's group first",
-            },
+            }),
             _ => VfioError::Io {
                 op: "VFIO_IOMMU_GET_INFO",
                 source: e,
@@ -425,9 +425,9 @@ impl VfioMapper {
             1 << info.page_sizes.trailing_zeros()
         };
         if !granule.is_power_of_two() || granule < min_page.max(PAGE_SIZE) || granule > 1 << 30 {
-            return Err(VfioError::InvalidConfig {
+            return Err(VfioError::Mirror(MirrorError::InvalidConfig {
                 reason: "granule must be a power of two from the IOMMU's smallest page to 1 GiB",
-            });
+            }));
         }
         let fits = identity_fits(&info.iova_ranges, range.widen_to(granule));
         let identity = match config.iova {
@@ -472,11 +472,7 @@ impl VfioMapper {
         });
         let sub = notifier
             .insert(range, inner.clone())
-            .map_err(|source| VfioError::Core {
-                op: "subscribe",
-                range,
-                source,
-            })?;
+            .map_err(MirrorError::refused("subscribe", range))?;
         tracing::debug!(%range, granule, identity, "vfio mapper ready");
         Ok(VfioMapper { inner, sub, source })
     }
@@ -581,11 +577,7 @@ impl VfioMapper {
         let r = self.sub.remove();
         self.inner.teardown_all();
         let stats = self.stats();
-        r.map_err(|source| VfioError::Core {
-            op: "unsubscribe",
-            range: self.inner.range,
-            source,
-        })?;
+        r.map_err(MirrorError::refused("unsubscribe", self.inner.range))?;
         Ok(stats)
     }
 }
@@ -662,10 +654,7 @@ impl svmirror_core::Mirror for VfioMapper {
 impl From<VfioError> for MirrorError {
     fn from(e: VfioError) -> Self {
         match e {
-            VfioError::OutsideMirror { addr, range, .. } => {
-                MirrorError::OutsideMirror { addr, range }
-            }
-            VfioError::Core { op, range, source } => MirrorError::Core { op, range, source },
+            VfioError::Mirror(m) => m,
             e => MirrorError::Device {
                 backend: "vfio",
                 source: Box::new(e),

@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use svmirror_core::MirrorError;
 use svmirror_core::{
     AreaKind, FaultRequest, FaultSteps, PAGE_SIZE, Range, UpdateGuard, entry,
     fault_prepare_and_program,
@@ -38,11 +39,11 @@ impl Inner {
         let mut guard = self.lock_state();
         let g = &mut *guard;
         if g.released {
-            return Err(VfioError::Core {
+            return Err(VfioError::Mirror(MirrorError::Core {
                 op: "fault",
                 range: run,
                 source: svmirror_core::Error::Released,
-            });
+            }));
         }
         if !g.chunks.contains_key(&key) {
             let iova = match g.alloc.as_mut() {
@@ -209,10 +210,12 @@ impl Drop for DeviceAccess<'_> {
 
 impl VfioMapper {
     fn check(&self, addr: u64, len: u64) -> Result<Range> {
-        let outside = || VfioError::OutsideMirror {
-            addr,
-            len,
-            range: self.inner.range,
+        // An empty or overflowing request is outside the mirror too.
+        let outside = || {
+            VfioError::Mirror(MirrorError::OutsideMirror {
+                addr,
+                range: self.inner.range,
+            })
         };
         let r = Range::new(
             addr & !(PAGE_SIZE - 1),
@@ -262,7 +265,8 @@ impl VfioMapper {
         write: bool,
         touched: &mut Vec<u64>,
     ) -> Result<()> {
-        let core = |op, range| move |source| VfioError::Core { op, range, source };
+        let core =
+            |op, range| move |source| VfioError::Mirror(MirrorError::Core { op, range, source });
         let mut at = w.start();
         while at < w.end() {
             let area = self.source.area(at, w.end()).map_err(core("fault", w))?;
@@ -276,11 +280,11 @@ impl VfioMapper {
                 _ => return Err(VfioError::NotMapped { addr: need.start() }),
             };
             if write && !vma_write {
-                return Err(VfioError::Core {
+                return Err(VfioError::Mirror(MirrorError::Core {
                     op: "fault",
                     range: need,
                     source: svmirror_core::Error::WriteToReadOnly { addr: need.start() },
-                });
+                }));
             }
             if self.run_mapped(run, vma_write) {
                 continue;
@@ -354,11 +358,7 @@ impl VfioMapper {
                 },
             },
         )
-        .map_err(|source| VfioError::Core {
-            op: "fault",
-            range: run,
-            source,
-        })?;
+        .map_err(MirrorError::refused("fault", run))?;
         inner.counters.record_retries(stats.retries);
         let bytes = res?;
         inner.counters.record_fault(bytes, started.elapsed());
@@ -371,9 +371,9 @@ impl VfioMapper {
     pub fn access(&self, addr: u64, len: u64, write: bool) -> Result<DeviceAccess<'_>> {
         let r = self.check(addr, len)?;
         if !self.inner.identity && self.inner.key(r.start()) != self.inner.key(r.last()) {
-            return Err(VfioError::InvalidConfig {
+            return Err(VfioError::Mirror(MirrorError::InvalidConfig {
                 reason: "an access through allocated IOVAs must stay within one chunk",
-            });
+            }));
         }
         let started = Instant::now();
         loop {
@@ -424,7 +424,7 @@ impl VfioMapper {
             }
             drop(g);
             if started.elapsed() > self.inner.config.fault_timeout {
-                return Err(VfioError::Core {
+                return Err(VfioError::Mirror(MirrorError::Core {
                     op: "access",
                     range: r,
                     source: svmirror_core::Error::Timeout {
@@ -432,7 +432,7 @@ impl VfioMapper {
                         retries: 0,
                         elapsed: started.elapsed(),
                     },
-                });
+                }));
             }
         }
     }

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use svmirror_core::MirrorError;
 use svmirror_core::{Event, PAGE_SIZE, Range};
 use svmirror_edu::{Direction, EduError};
 use svmirror_mm::{Advice, Protection};
@@ -246,10 +247,10 @@ fn partial_invalidation_and_remap(env: &Env) -> Res {
         "mprotect did not unmap the chunk"
     );
     match m.fault(a, 512, true) {
-        Err(VfioError::Core {
+        Err(VfioError::Mirror(MirrorError::Core {
             source: svmirror_core::Error::WriteToReadOnly { .. },
             ..
-        }) => {}
+        })) => {}
         r => return Err(format!("write fault on read-only memory: {r:?}")),
     }
     env.edu
@@ -555,14 +556,14 @@ fn bad_input(env: &Env) -> Res {
     ensure!(
         matches!(
             m.fault(buf.end(), 1, true),
-            Err(VfioError::OutsideMirror { .. })
+            Err(VfioError::Mirror(MirrorError::OutsideMirror { .. }))
         ),
         "fault past the end"
     );
     ensure!(
         matches!(
             m.fault(u64::MAX - 10, 100, true),
-            Err(VfioError::OutsideMirror { .. })
+            Err(VfioError::Mirror(MirrorError::OutsideMirror { .. }))
         ),
         "overflowing fault"
     );
