@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use svmirror_core::CounterSnapshot;
+use svmirror_core::{CounterSnapshot, Mirror};
 use svmirror_mm::ProcessMm;
 
 pub use report::{AppOutcome, RunReport};
@@ -406,9 +406,20 @@ pub trait Backend: Send + Sync {
         n: usize,
     ) -> Result<(Vec<SlotResult>, DeviceWork)>;
 
-    /// The mirror's counters (faults by size, retries, invalidations by reason, bytes mapped,
-    /// fault latency).
-    fn counters(&self) -> CounterSnapshot;
+    /// The backend's mirrors of this address space, as the core's one contract: every
+    /// backend's counters, translations and faults are read through these. Most backends have
+    /// one; VFIO has one per IOVA window.
+    fn mirrors(&self) -> Vec<&dyn Mirror>;
+
+    /// The mirrors' counters together (faults by size, retries, invalidations by reason,
+    /// bytes mapped, fault latency).
+    fn counters(&self) -> CounterSnapshot {
+        let mut c = CounterSnapshot::default();
+        for m in self.mirrors() {
+            c.add(&m.counters());
+        }
+        c
+    }
 
     /// The backend's own micro-benchmarks, each against its baseline (fault → replay latency,
     /// DMA copy rate): see `svmirror bench`.
@@ -427,16 +438,9 @@ pub fn open_backend(kind: BackendKind, mm: &Arc<ProcessMm>) -> Result<Box<dyn Ba
 /// Opens the process's address space monitor, or says what it needs.
 pub fn open_mm() -> Result<Arc<ProcessMm>> {
     ProcessMm::new().map(Arc::new).map_err(|e| {
-        let mut why = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            why.push_str(": ");
-            why.push_str(&s.to_string());
-            src = s.source();
-        }
         AppError::BackendUnavailable {
             backend: BackendKind::Sim,
-            missing: format!("userfaultfd is not usable ({why})"),
+            missing: format!("userfaultfd is not usable ({})", error_chain(&e)),
             fix: "run as root, or allow it: sysctl vm.unprivileged_userfaultfd=1 (or access to /dev/userfaultfd); see svmirror info".into(),
         }
     })
@@ -470,6 +474,24 @@ pub fn run_apps(
         &mm_before,
         &mm.stats(),
     ))
+}
+
+/// `e` with its chain of causes, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// The median of `v`, in seconds (0 for none): what the backends' micro-benchmarks report.
+pub(crate) fn median(mut v: Vec<Duration>) -> f64 {
+    v.sort();
+    v.get(v.len() / 2).map_or(0.0, Duration::as_secs_f64)
 }
 
 /// MemAvailable from /proc/meminfo, in bytes (`u64::MAX` when it cannot be read).

@@ -4,20 +4,22 @@
 //! command through the IOMMU. The IOTLB checking mode is on: a device access through a
 //! translation that should have been flushed fails the run.
 
+mod bench;
+
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use svmirror_core::{CounterSnapshot, Event, Notifier, NotifierRange, PAGE_SIZE, Range};
-use svmirror_iommu::testing::AnonMap;
+use svmirror_core::{Mirror, PAGE_SIZE, Range};
 use svmirror_iommu::{
     DeviceKernel, DmaCommand, IommuError, IommuMirror, KernelError, KernelStats, MirrorConfig,
 };
-use svmirror_mm::{ProcessMm, ProcessPageSource};
+use svmirror_mm::ProcessMm;
 
 use super::report::Figure;
 use super::{
     AppError, Backend, BackendKind, DeviceWork, Node, Progress, Result, SlotRef, SlotResult,
+    error_chain,
 };
 
 /// Elements of one saxpy block (1 MiB of f32): two loads and one store per block.
@@ -31,8 +33,6 @@ const USER_END: u64 = 1 << 47;
 /// The simulated-IOMMU backend. See the [module documentation](self).
 pub struct SimBackend {
     mirror: IommuMirror,
-    /// Kept so the address space outlives the mirror subscribed to it.
-    _mm: Arc<ProcessMm>,
 }
 
 impl std::fmt::Debug for SimBackend {
@@ -54,16 +54,9 @@ fn work(s: &KernelStats) -> DeviceWork {
 }
 
 fn unavailable(e: &IommuError) -> AppError {
-    let mut why = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        why.push_str(": ");
-        why.push_str(&s.to_string());
-        src = s.source();
-    }
     AppError::BackendUnavailable {
         backend: BackendKind::Sim,
-        missing: format!("the simulated IOMMU cannot start ({why})"),
+        missing: format!("the simulated IOMMU cannot start ({})", error_chain(e)),
         fix: "it pins memory through io_uring: set sysctl kernel.io_uring_disabled=0 and give it locked memory (run as root, or ulimit -l unlimited); see svmirror info".into(),
     }
 }
@@ -76,9 +69,10 @@ impl SimBackend {
         let range = Range::new(USER_START, USER_END).expect("user space is a range");
         // SAFETY: the apps touch memory the device writes through raw pointers only, and only
         // when no device call on it is running (the `Backend` methods' contracts).
-        let mirror = unsafe { IommuMirror::new(mm.clone(), range, MirrorConfig::checked()) }
+        // The mirror keeps the address space alive.
+        let mirror = unsafe { IommuMirror::new(mm, range, MirrorConfig::checked()) }
             .map_err(|e| unavailable(&e))?;
-        Ok(SimBackend { mirror, _mm: mm })
+        Ok(SimBackend { mirror })
     }
 
     /// The mirror underneath: for device kernels ([`DeviceKernel::new`]), DMA commands
@@ -226,36 +220,12 @@ impl Backend for SimBackend {
         Ok((run.value, work(&run.stats)))
     }
 
-    fn counters(&self) -> CounterSnapshot {
-        self.mirror.counters()
+    fn mirrors(&self) -> Vec<&dyn Mirror> {
+        vec![&self.mirror]
     }
 
     fn micro_benchmarks(&self, quick: bool) -> Result<Vec<Figure>> {
-        let iters = if quick { 40 } else { 400 };
-        let mut figs = Vec::new();
-        for (name, len, huge, target) in [
-            ("fault → replay, 4 KiB", PAGE_SIZE as usize, false, 10e-6),
-            ("fault → replay, 2 MiB", 2 << 20, true, 100e-6),
-        ] {
-            let (fault, warm) = fault_replay(len, huge, iters)?;
-            let t = if target < 1e-4 {
-                "≤ 10 µs"
-            } else {
-                "≤ 100 µs"
-            };
-            figs.push(
-                Figure::latency("sim", name, fault, "the same read, already mapped", warm)
-                    .with_target(t, fault <= target),
-            );
-        }
-        let len = if quick { 4 << 20 } else { 16 << 20 };
-        let (dma, memcpy) = dma_copy(len, if quick { 5 } else { 30 })?;
-        let name = format!("DMA copy, {} MiB, warm IOTLB", len >> 20);
-        figs.push(
-            Figure::rate("sim", &name, dma, "B/s", "memcpy", memcpy)
-                .with_target("≥ 0.5× memcpy", dma >= 0.5 * memcpy),
-        );
-        Ok(figs)
+        bench::micro_benchmarks(quick)
     }
 }
 
@@ -331,120 +301,4 @@ impl<'m> Pipeline<'m> {
     fn store(&mut self, addr: u64, v: u64) -> Result<()> {
         self.stores(std::iter::once((addr, v)))
     }
-}
-
-fn bench_err(what: &'static str) -> impl FnOnce(IommuError) -> AppError {
-    move |e| AppError::device("bench", BackendKind::Sim, what, e)
-}
-
-fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> AppError {
-    move |e| AppError::device("bench", BackendKind::Sim, what, e)
-}
-
-fn median(mut v: Vec<Duration>) -> f64 {
-    v.sort();
-    v.get(v.len() / 2).map_or(0.0, Duration::as_secs_f64)
-}
-
-/// A mirror of its own over `buf`, on a notifier of its own, reading this process's page table
-/// raw (no userfaultfd monitor in the way).
-fn bench_mirror(notifier: &Notifier, buf: &AnonMap) -> Result<IommuMirror> {
-    let range = Range::with_len(buf.addr(), buf.len() as u64)
-        .map_err(|e| AppError::device("bench", BackendKind::Sim, "range", e))?;
-    let source = ProcessPageSource::new()
-        .map_err(|e| AppError::device("bench", BackendKind::Sim, "page source", e))?;
-    // SAFETY: the benchmark touches `buf` through raw pointers only (AnonMap's methods).
-    unsafe {
-        IommuMirror::with_page_source(notifier, range, MirrorConfig::default(), Box::new(source))
-    }
-    .map_err(bench_err("mirror"))
-}
-
-fn advise(buf: &AnonMap, advice: libc::c_int) {
-    // SAFETY: HUGEPAGE/NOHUGEPAGE change a flag of the benchmark's own mapping, never its
-    // contents. Failure (no THP) only makes the 2 MiB case use 4 KiB pages.
-    unsafe { libc::madvise(buf.addr() as usize as *mut libc::c_void, buf.len(), advice) };
-}
-
-/// Median device read latency when every read faults (the mapping is dropped before each),
-/// and when the translation is in place.
-fn fault_replay(len: usize, huge: bool, iters: usize) -> Result<(f64, f64)> {
-    let notifier = Notifier::new();
-    let buf = AnonMap::aligned(len, 2 << 20).map_err(io_err("mmap"))?;
-    advise(
-        &buf,
-        if huge {
-            libc::MADV_HUGEPAGE
-        } else {
-            libc::MADV_NOHUGEPAGE
-        },
-    );
-    buf.fill(0x5a);
-    let m = bench_mirror(&notifier, &buf)?;
-    let range = m.range();
-    let src = buf.addr() + len as u64 / 2;
-    let read = || -> Result<(Duration, u32)> {
-        let t = Instant::now();
-        let done = m
-            .submit(DmaCommand::Read { src, len: 8 })
-            .and_then(|f| f.wait())
-            .map_err(bench_err("read"))?;
-        Ok((t.elapsed(), done.page_requests))
-    };
-    read()?;
-    let mut faults = Vec::with_capacity(iters);
-    let mut warm = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        notifier
-            .invalidate_range_start(NotifierRange::new(range, Event::Clear))
-            .map_err(|e| AppError::device("bench", BackendKind::Sim, "invalidate", e))?
-            .end();
-        let (t, requests) = read()?;
-        if requests == 1 {
-            faults.push(t);
-        }
-        warm.push(read()?.0);
-    }
-    Ok((median(faults), median(warm)))
-}
-
-/// Device copy rate between two pre-faulted halves of one buffer, and memcpy's, in bytes per
-/// second.
-fn dma_copy(len: usize, iters: usize) -> Result<(f64, f64)> {
-    let notifier = Notifier::new();
-    let buf = AnonMap::aligned(2 * len, 2 << 20).map_err(io_err("mmap"))?;
-    advise(&buf, libc::MADV_HUGEPAGE);
-    buf.fill(0x11);
-    let m = bench_mirror(&notifier, &buf)?;
-    let (src, dst) = (buf.addr(), buf.addr() + len as u64);
-    m.fault(buf.addr(), 2 * len as u64, true)
-        .map_err(bench_err("fault"))?;
-    let copy = || {
-        m.submit(DmaCommand::Copy {
-            src,
-            dst,
-            len: len as u64,
-        })
-        .and_then(|f| f.wait())
-        .map_err(bench_err("copy"))
-    };
-    copy()?;
-    let mut dma = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let t = Instant::now();
-        copy()?;
-        dma.push(t.elapsed());
-    }
-    let mut cpu = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let t = Instant::now();
-        // SAFETY: the two halves of one mapping, `len` bytes each, not overlapping; no device
-        // command runs.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src as usize as *const u8, dst as usize as *mut u8, len);
-        }
-        cpu.push(t.elapsed());
-    }
-    std::hint::black_box(buf.read(len, 8));
-    Ok((len as f64 / median(dma), len as f64 / median(cpu)))
 }

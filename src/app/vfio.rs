@@ -44,7 +44,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use svmirror_core::MirrorError;
-use svmirror_core::{CounterSnapshot, PAGE_SIZE, Range};
+use svmirror_core::{Mirror, PAGE_SIZE, Range};
 use svmirror_edu::{EduDevice, EduError};
 use svmirror_mm::{ProcessMm, Protection};
 use svmirror_vfio::{IovaMode, MapperConfig, VfioContainer, VfioError, VfioMapper};
@@ -52,6 +52,7 @@ use svmirror_vfio::{IovaMode, MapperConfig, VfioContainer, VfioError, VfioMapper
 use super::report::Figure;
 use super::{
     AppError, Backend, BackendKind, DeviceWork, Node, Progress, Result, SlotRef, SlotResult,
+    error_chain,
 };
 
 mod bench;
@@ -100,17 +101,6 @@ impl std::fmt::Debug for VfioBackend {
             .field("mappers", &self.mappers)
             .finish()
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut why = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        why.push_str(": ");
-        why.push_str(&s.to_string());
-        src = s.source();
-    }
-    why
 }
 
 fn unavailable(missing: String) -> AppError {
@@ -180,24 +170,6 @@ fn staging_region(mm: &ProcessMm) -> std::result::Result<Range, svmirror_mm::MmE
     Ok(keep)
 }
 
-/// Adds two mirrors' counters.
-fn add_counters(a: &mut CounterSnapshot, b: &CounterSnapshot) {
-    let add = |x: &mut [u64], y: &[u64]| {
-        for (x, y) in x.iter_mut().zip(y) {
-            *x += y;
-        }
-    };
-    add(&mut a.faults, &b.faults);
-    add(&mut a.invalidations, &b.invalidations);
-    add(&mut a.skipped, &b.skipped);
-    add(&mut a.fault_latency.buckets, &b.fault_latency.buckets);
-    a.fault_bytes += b.fault_bytes;
-    a.retries += b.retries;
-    a.invalidated_bytes += b.invalidated_bytes;
-    a.bytes_mapped += b.bytes_mapped;
-    a.bytes_unmapped += b.bytes_unmapped;
-}
-
 impl VfioBackend {
     /// Opens the first edu device bound to vfio-pci and mirrors all of `mm`'s user address
     /// space into its IOMMU; says what is missing when there is none.
@@ -207,20 +179,20 @@ impl VfioBackend {
                 EduError::WrongDevice { .. } => {
                     "no QEMU edu device (1234:11e8) in /sys/bus/pci/devices".into()
                 }
-                e => format!("the PCI devices cannot be listed ({})", chain(&e)),
+                e => format!("the PCI devices cannot be listed ({})", error_chain(&e)),
             })
         })?;
         let container = VfioContainer::new(None).map(Arc::new).map_err(|e| {
             unavailable(format!(
                 "/dev/vfio/vfio cannot be opened ({}; is vfio-pci loaded?)",
-                chain(&e)
+                error_chain(&e)
             ))
         })?;
         let edu = EduDevice::open(&path, container.clone()).map_err(|e| {
             unavailable(format!(
                 "the edu device {} cannot be opened through VFIO ({}; is it bound to vfio-pci, and is /dev/vfio/N writable?)",
                 path.display(),
-                chain(&e)
+                error_chain(&e)
             ))
         })?;
         // Type1 charges pinned pages to locked memory: take what the hard limit allows.
@@ -228,7 +200,7 @@ impl VfioBackend {
         let mirror_err = |e: VfioError| {
             unavailable(format!(
                 "the address space cannot be mirrored into the IOMMU ({})",
-                chain(&e)
+                error_chain(&e)
             ))
         };
         let user = Range::new(USER_START, USER_END).expect("user space is a range");
@@ -266,7 +238,7 @@ impl VfioBackend {
             }
         };
         let staging = staging_region(&mm)
-            .map_err(|e| unavailable(format!("no staging page ({})", chain(&e))))?;
+            .map_err(|e| unavailable(format!("no staging page ({})", error_chain(&e))))?;
         tracing::debug!(path = %path.display(), mirrors = mappers.len(), identity, "vfio backend ready");
         Ok(VfioBackend {
             mappers,
@@ -481,12 +453,8 @@ impl Backend for VfioBackend {
         Ok((results, self.finish(e)))
     }
 
-    fn counters(&self) -> CounterSnapshot {
-        let mut c = CounterSnapshot::default();
-        for m in &self.mappers {
-            add_counters(&mut c, &m.counters());
-        }
-        c
+    fn mirrors(&self) -> Vec<&dyn Mirror> {
+        self.mappers.iter().map(|m| m as &dyn Mirror).collect()
     }
 
     fn micro_benchmarks(&self, quick: bool) -> Result<Vec<Figure>> {

@@ -16,19 +16,22 @@
 //! With `SVMIRROR_VK_VALIDATION=1` the Khronos validation layer is on: every call fails if it
 //! reported an error, and errors it reports at teardown are printed.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod bench;
 
-use svmirror_core::CounterSnapshot;
+use std::sync::Arc;
+use std::time::Instant;
+
+use svmirror_core::Mirror;
 use svmirror_mm::ProcessMm;
 use svmirror_vulkan::{
     Dispatch, DispatchStats, FrontierCounters, GraphNode, Kernel, ScratchBuffer, SlotStatus,
-    StagedStream, VALIDATION_ENV, ValidationCounts, VulkanError, VulkanMirror,
+    VALIDATION_ENV, ValidationCounts, VulkanError, VulkanMirror,
 };
 
 use super::report::Figure;
 use super::{
     AppError, Backend, BackendKind, DeviceWork, Node, Progress, Result, SlotRef, SlotResult,
+    error_chain,
 };
 
 /// Elements of one saxpy dispatch (4 MiB of f32 per vector).
@@ -73,18 +76,6 @@ impl std::fmt::Debug for VulkanBackend {
     }
 }
 
-/// `e` with its chain of causes, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
-
 /// What is missing and how to get it, for a mirror that cannot open.
 fn unavailable(e: &VulkanError) -> AppError {
     let fix = match e {
@@ -109,7 +100,7 @@ fn unavailable(e: &VulkanError) -> AppError {
     };
     AppError::BackendUnavailable {
         backend: BackendKind::Vulkan,
-        missing: format!("no usable Vulkan device ({})", chain(e)),
+        missing: format!("no usable Vulkan device ({})", error_chain(e)),
         fix,
     }
 }
@@ -409,93 +400,15 @@ impl Backend for VulkanBackend {
         Ok((out, w))
     }
 
-    fn counters(&self) -> CounterSnapshot {
-        self.mirror.counters()
+    fn mirrors(&self) -> Vec<&dyn Mirror> {
+        vec![&self.mirror]
     }
 
     fn micro_benchmarks(&self, quick: bool) -> Result<Vec<Figure>> {
-        let iters = if quick { 5 } else { 30 };
-        let (n, mib) = (1usize << 20, 4);
-        let t = stream_times(&self.mirror, n, iters)?;
-        let name = |what: &str| format!("saxpy 2 x {mib} MiB, SVM {what}");
-        let staging = "staging copy (upload, kernel, download)";
-        let figs = vec![
-            Figure::latency("vulkan", &name("faulting"), t.faulting, staging, t.staging),
-            Figure::latency(
-                "vulkan",
-                &name("prefetched"),
-                t.prefetched,
-                staging,
-                t.staging,
-            ),
-            Figure::latency("vulkan", &name("mapped"), t.mapped, staging, t.staging),
-            Figure::latency(
-                "vulkan",
-                &name("faulting"),
-                t.faulting,
-                "SVM prefetched",
-                t.prefetched,
-            ),
-        ];
+        let figs = bench::micro_benchmarks(&self.mirror, quick)?;
         self.check_validation("bench")?;
         Ok(figs)
     }
-}
-
-/// Median seconds of one saxpy over `n` elements in each way.
-struct StreamTimes {
-    faulting: f64,
-    prefetched: f64,
-    mapped: f64,
-    staging: f64,
-}
-
-fn median(mut v: Vec<Duration>) -> f64 {
-    v.sort();
-    v.get(v.len() / 2).map_or(0.0, Duration::as_secs_f64)
-}
-
-fn stream_times(m: &VulkanMirror, n: usize, iters: usize) -> Result<StreamTimes> {
-    let err = |what| device_err("bench", what);
-    let x = vec![1.0f32; n];
-    let mut y = vec![2.0f32; n];
-    let bytes = (n * 4) as u64;
-    let (mut faulting, mut prefetched, mut mapped, mut staging) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let staged = StagedStream::new(m.gpu(), n as u32).map_err(err("staging buffers"))?;
-    m.saxpy(0.5, &x, &mut y).map_err(err("warm-up"))?;
-    for _ in 0..iters {
-        m.evict_all();
-        let t = Instant::now();
-        m.saxpy(0.5, &x, &mut y).map_err(err("saxpy"))?;
-        faulting.push(t.elapsed());
-
-        m.evict_all();
-        let t = Instant::now();
-        m.prefetch(x.as_ptr() as u64, bytes, false)
-            .map_err(err("prefetch"))?;
-        m.prefetch(y.as_mut_ptr() as u64, bytes, true)
-            .map_err(err("prefetch"))?;
-        m.saxpy(0.5, &x, &mut y).map_err(err("saxpy"))?;
-        prefetched.push(t.elapsed());
-
-        let t = Instant::now();
-        m.saxpy(0.5, &x, &mut y).map_err(err("saxpy"))?;
-        mapped.push(t.elapsed());
-
-        let t = Instant::now();
-        staged
-            .run(m, &x, &mut y, 0.5)
-            .map_err(err("staging copy"))?;
-        staging.push(t.elapsed());
-    }
-    std::hint::black_box(&y);
-    Ok(StreamTimes {
-        faulting: median(faulting),
-        prefetched: median(prefetched),
-        mapped: median(mapped),
-        staging: median(staging),
-    })
 }
 
 #[cfg(test)]

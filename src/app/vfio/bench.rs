@@ -1,7 +1,7 @@
 //! The VFIO backend's micro-benchmarks (`svmirror bench --backend vfio --micro`), run against
 //! the real edu device in the guest of `cargo xtask vfio-vm`.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use svmirror_core::{Event, NotifierRange, PAGE_SIZE, Range};
 use svmirror_edu::EduError;
@@ -9,12 +9,7 @@ use svmirror_vfio::VfioError;
 
 use super::{Device, MAX_TRANSFER, MIRROR_ALIGN, VfioBackend};
 use crate::app::report::Figure;
-use crate::app::{AppError, BackendKind, Result};
-
-fn median(mut v: Vec<Duration>) -> f64 {
-    v.sort();
-    v.get(v.len() / 2).map_or(0.0, Duration::as_secs_f64)
-}
+use crate::app::{AppError, BackendKind, Result, median};
 
 /// Fault-to-mapped latency of one 2 MiB chunk (populated memory) against the same fault when
 /// it is already mapped, and the device's copy rate (4095 bytes, two transfers through its
