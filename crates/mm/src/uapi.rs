@@ -9,10 +9,10 @@ use std::io;
 use std::mem::size_of;
 use std::os::fd::AsRawFd;
 
-/// `_IOWR(ty, nr, size)` as `asm-generic/ioctl.h` encodes it (x86-64 and arm64 alike).
-const fn iowr(ty: u8, nr: u8, size: usize) -> u64 {
-    const IOC_READ_WRITE: u64 = 3;
-    (IOC_READ_WRITE << 30) | ((size as u64) << 16) | ((ty as u64) << 8) | nr as u64
+/// `_IOWR(ty, nr, T)`, encoded by vmm-sys-util (`asm-generic/ioctl.h`: x86-64 and arm64 alike).
+const fn iowr<T>(ty: u8, nr: u32) -> u64 {
+    use vmm_sys_util::ioctl::{_IOC_READ, _IOC_WRITE, ioctl_expr};
+    ioctl_expr(_IOC_READ | _IOC_WRITE, ty as u32, nr, size_of::<T>() as u32) as u64
 }
 
 /// `struct procmap_query` (Linux 6.11): one VMA of /proc/PID/maps, asked for by address.
@@ -52,7 +52,7 @@ pub(crate) struct ProcmapQuery {
 }
 
 /// `PROCMAP_QUERY`: `_IOWR('f', 17, struct procmap_query)` on an fd of /proc/PID/maps.
-pub(crate) const PROCMAP_QUERY: u64 = iowr(b'f', 17, size_of::<ProcmapQuery>());
+pub(crate) const PROCMAP_QUERY: u64 = iowr::<ProcmapQuery>(b'f', 17);
 const _: () = assert!(size_of::<ProcmapQuery>() == 104 && PROCMAP_QUERY == 0xc068_6611);
 
 /// The VMA is readable (`VM_READ`).
@@ -107,7 +107,7 @@ pub(crate) struct PageRegion {
 }
 
 /// `PAGEMAP_SCAN`: `_IOWR('f', 16, struct pm_scan_arg)` on an fd of /proc/PID/pagemap.
-pub(crate) const PAGEMAP_SCAN: u64 = iowr(b'f', 16, size_of::<PmScanArg>());
+pub(crate) const PAGEMAP_SCAN: u64 = iowr::<PmScanArg>(b'f', 16);
 const _: () = assert!(size_of::<PmScanArg>() == 96 && PAGEMAP_SCAN == 0xc060_6610);
 const _: () = assert!(size_of::<PageRegion>() == 24);
 

@@ -11,28 +11,38 @@ use std::mem::size_of;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use svmirror_core::{PAGE_SIZE, Range};
+use vmm_sys_util::ioctl::{_IOC_NONE, _IOC_READ, _IOC_WRITE, ioctl_expr};
 
 use crate::error::MmError;
 
 /// `UFFD_API`.
 const UFFD_API: u64 = 0xAA;
-const UFFDIO: u64 = 0xAA;
+/// The ioctl type of userfaultfd (`include/uapi/linux/userfaultfd.h`).
+const UFFDIO: u32 = 0xAA;
 
-const fn ioc(dir: u64, nr: u64, size: usize) -> libc::c_ulong {
-    ((dir << 30) | ((size as u64) << 16) | (UFFDIO << 8) | nr) as libc::c_ulong
+/// `_IOWR(UFFDIO, nr, T)`, encoded by vmm-sys-util.
+const fn uffdio_rw<T>(nr: u32) -> libc::c_ulong {
+    ioctl_expr(_IOC_READ | _IOC_WRITE, UFFDIO, nr, size_of::<T>() as u32)
 }
-const IOC_WRITE: u64 = 1;
-const IOC_READ: u64 = 2;
 
-const UFFDIO_API: libc::c_ulong = ioc(IOC_READ | IOC_WRITE, 0x3F, size_of::<UffdioApi>());
-const UFFDIO_REGISTER: libc::c_ulong = ioc(IOC_READ | IOC_WRITE, 0x00, size_of::<UffdioRegister>());
-const UFFDIO_COPY: libc::c_ulong = ioc(IOC_READ | IOC_WRITE, 0x03, size_of::<UffdioCopy>());
-const UFFDIO_ZEROPAGE: libc::c_ulong = ioc(IOC_READ | IOC_WRITE, 0x04, size_of::<UffdioZeropage>());
-const UFFDIO_WAKE: libc::c_ulong = ioc(IOC_READ, 0x02, size_of::<UffdioRange>());
-const UFFDIO_WRITEPROTECT: libc::c_ulong =
-    ioc(IOC_READ | IOC_WRITE, 0x06, size_of::<UffdioWriteprotect>());
+const UFFDIO_API: libc::c_ulong = uffdio_rw::<UffdioApi>(0x3F);
+const UFFDIO_REGISTER: libc::c_ulong = uffdio_rw::<UffdioRegister>(0x00);
+const UFFDIO_COPY: libc::c_ulong = uffdio_rw::<UffdioCopy>(0x03);
+const UFFDIO_ZEROPAGE: libc::c_ulong = uffdio_rw::<UffdioZeropage>(0x04);
+/// `_IOR(UFFDIO, 0x02, struct uffdio_range)`.
+const UFFDIO_WAKE: libc::c_ulong =
+    ioctl_expr(_IOC_READ, UFFDIO, 0x02, size_of::<UffdioRange>() as u32);
+const UFFDIO_WRITEPROTECT: libc::c_ulong = uffdio_rw::<UffdioWriteprotect>(0x06);
 /// `USERFAULTFD_IOC_NEW` on /dev/userfaultfd: `_IO(0xAA, 0x00)`.
-const USERFAULTFD_IOC_NEW: libc::c_ulong = (UFFDIO << 8) as libc::c_ulong;
+const USERFAULTFD_IOC_NEW: libc::c_ulong = ioctl_expr(_IOC_NONE, UFFDIO, 0x00, 0);
+// The numbers the kernel headers give (x86-64 and arm64 alike).
+const _: () = assert!(
+    UFFDIO_API == 0xc018_aa3f
+        && UFFDIO_REGISTER == 0xc020_aa00
+        && UFFDIO_COPY == 0xc028_aa03
+        && UFFDIO_WAKE == 0x8010_aa02
+        && USERFAULTFD_IOC_NEW == 0xaa00
+);
 /// `UFFD_USER_MODE_ONLY`: handle faults from user mode only (what an unprivileged process gets).
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 
