@@ -20,7 +20,7 @@ use svmirror_core::MirrorError;
 use svmirror_core::{Owner, PAGE_SIZE, PageSource, Range};
 
 use crate::error::{Result, VulkanError};
-use crate::memory::{GpuBuffer, Submission};
+use crate::memory::{GpuBuffer, HostBuffer, Submission};
 use crate::mirror::{Inner, VulkanMirror};
 use crate::state::DevicePage;
 
@@ -67,13 +67,13 @@ impl DeviceMemory {
         if pending.is_empty() {
             return Ok(());
         }
-        let staging = GpuBuffer::new(
+        let staging = HostBuffer::new(
             gpu,
             pending.len() as u64 * PAGE_SIZE,
             MemoryLocation::CpuToGpu,
             "migrate upload",
         )?;
-        let dst = staging.host_ptr().expect("host-visible staging");
+        let dst = staging.host_ptr();
         let mut targets = Vec::with_capacity(pending.len());
         for (i, a) in pending.iter().enumerate() {
             if let Some(DevicePage::Pending(data)) = g.device_page(*a) {
@@ -141,7 +141,7 @@ impl DeviceMemory {
     /// Reads a resident page back into `dst` (a page). Under the update lock, device drained.
     fn download(inner: &Inner, buf: &GpuBuffer, dst: *mut u8) -> Result<()> {
         let gpu = &inner.gpu;
-        let rb = GpuBuffer::new(gpu, PAGE_SIZE, MemoryLocation::GpuToCpu, "migrate readback")?;
+        let rb = HostBuffer::new(gpu, PAGE_SIZE, MemoryLocation::GpuToCpu, "migrate readback")?;
         let mut sub = Submission::begin(gpu)?;
         let region = [ash::vk::BufferCopy::default().size(PAGE_SIZE)];
         // SAFETY: `sub.cb` is recording on this thread; both buffers are a page long.
@@ -151,7 +151,7 @@ impl DeviceMemory {
         };
         sub.submit()?;
         sub.wait()?;
-        let src = rb.host_ptr().expect("host-visible readback");
+        let src = rb.host_ptr();
         // SAFETY: `src` is mapped for a page written by the finished copy; `dst` is a writable
         // page (`DevicePages::copy_back`'s contract), distinct from it.
         unsafe { std::ptr::copy_nonoverlapping(src, dst, PAGE_SIZE as usize) };

@@ -26,7 +26,7 @@ use svmirror_core::{PAGE_SHIFT, PAGE_SIZE, Range};
 
 use crate::device::Gpu;
 use crate::error::{Result, VulkanError};
-use crate::memory::GpuBuffer;
+use crate::memory::HostBuffer;
 
 /// Leaf entry: the page is mapped.
 pub const VALID: u64 = 1 << 63;
@@ -53,8 +53,8 @@ pub fn home(block: u64, mask: u32) -> u32 {
 
 /// The page table. See the [module documentation](self).
 pub(crate) struct PageTable {
-    dir: GpuBuffer,
-    leaves: GpuBuffer,
+    dir: HostBuffer,
+    leaves: HostBuffer,
     mask: u32,
     leaf_count: u32,
     /// Host shadow: block → (directory slot, leaf index, valid entries in the leaf).
@@ -71,8 +71,8 @@ impl PageTable {
             }));
         }
         let slots = (u64::from(leaf_count) * 2).next_power_of_two();
-        let dir = GpuBuffer::new(gpu, slots * 16, MemoryLocation::CpuToGpu, "svm page dir")?;
-        let leaves = GpuBuffer::new(
+        let dir = HostBuffer::new(gpu, slots * 16, MemoryLocation::CpuToGpu, "svm page dir")?;
+        let leaves = HostBuffer::new(
             gpu,
             u64::from(leaf_count) * LEAF_PAGES * 8,
             MemoryLocation::CpuToGpu,
