@@ -178,15 +178,18 @@ impl VulkanMirror {
             .dispatch_buffers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if bufs.as_ref().is_none_or(|b| b.items < items) {
-            *bufs = None;
-            *bufs = Some(DispatchBuffers::new(
-                &inner.gpu,
-                inner.config.fault_capacity,
-                items,
-            )?);
-        }
-        let b = bufs.as_ref().expect("just made");
+        let b = match &mut *bufs {
+            Some(b) if b.items >= items => &*b,
+            slot => {
+                // The old buffers go before the bigger ones are made.
+                *slot = None;
+                &*slot.insert(DispatchBuffers::new(
+                    &inner.gpu,
+                    inner.config.fault_capacity,
+                    items,
+                )?)
+            }
+        };
         let cap = inner.config.fault_capacity;
         let words = u64::from(items.div_ceil(32));
         let (dir, leaves, mask) = {

@@ -30,13 +30,9 @@ pub(crate) struct DeviceMemory {
     owner: Owner,
 }
 
-fn page_range(addr: u64) -> Range {
-    Range::with_len(addr, PAGE_SIZE).expect("a page")
-}
-
-fn to_core(addr: u64) -> impl FnOnce(VulkanError) -> svmirror_core::Error {
+fn to_core(page: Range) -> impl FnOnce(VulkanError) -> svmirror_core::Error {
     move |e| svmirror_core::Error::Source {
-        range: page_range(addr),
+        range: page,
         source: Box::new(e),
     }
 }
@@ -178,9 +174,10 @@ impl DevicePages for DeviceMemory {
 
     fn copy_out(&self, addr: u64, src: *const u8) -> std::result::Result<(), svmirror_core::Error> {
         let inner = self.inner(addr)?;
+        let page = Range::with_len(addr, PAGE_SIZE)?;
         let mut g = inner.state.lock();
         // The CPU page is about to be dropped: the chunk that imports it goes first.
-        let (imports, bytes) = g.take_chunks(page_range(addr), false);
+        let (imports, bytes) = g.take_chunks(page, false);
         if bytes > 0 {
             inner.drain(&g);
         }
@@ -215,7 +212,8 @@ impl DevicePages for DeviceMemory {
         let Some(DevicePage::Resident(buf)) = g.device_page(addr) else {
             return Err(svmirror_core::Error::BadAddress { addr });
         };
-        Self::download(&inner, buf, dst).map_err(to_core(addr))
+        let page = Range::with_len(addr, PAGE_SIZE)?;
+        Self::download(&inner, buf, dst).map_err(to_core(page))
     }
 
     fn device_pfn(&self, addr: u64) -> u64 {

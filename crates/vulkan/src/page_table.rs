@@ -170,12 +170,24 @@ impl PageTable {
     /// Clears the entries of `range`; with `free`, frees leaves left empty. Returns the number of
     /// entries that were valid.
     pub(crate) fn clear(&mut self, range: Range, free: bool) -> u64 {
+        self.clear_span(range.start(), range.end(), free)
+    }
+
+    /// Clears the entry of the page at `addr`, as [`clear`](Self::clear) does; returns 1 if it
+    /// was valid, else 0.
+    pub(crate) fn clear_page(&mut self, addr: u64, free: bool) -> u64 {
+        let page = addr & !(PAGE_SIZE - 1);
+        self.clear_span(page, page.saturating_add(PAGE_SIZE), free)
+    }
+
+    fn clear_span(&mut self, start: u64, end: u64, free: bool) -> u64 {
         let mut cleared = 0;
-        let mut addr = range.start();
-        while addr < range.end() {
+        let mut addr = start;
+        while addr < end {
             let block = addr / BLOCK;
-            let block_end = ((block + 1) * BLOCK).min(range.end());
-            if let Some(&(slot, leaf, _)) = self.blocks.get(&block) {
+            let block_end = ((block + 1) * BLOCK).min(end);
+            if let Some(b) = self.blocks.get_mut(&block) {
+                let (slot, leaf) = (b.0, b.1);
                 let mut n = 0;
                 let mut a = addr;
                 while a < block_end {
@@ -187,7 +199,6 @@ impl PageTable {
                     a += PAGE_SIZE;
                 }
                 cleared += u64::from(n);
-                let b = self.blocks.get_mut(&block).expect("present");
                 b.2 -= n;
                 if free && b.2 == 0 {
                     self.dir.write_u64(u64::from(slot) * 16, DELETED);
