@@ -513,6 +513,10 @@ impl<T> InnerGuard<'_, T> {
     /// timed out. The thread still counts as holding the lock while it waits.
     #[cfg(not(loom))]
     pub fn wait_timeout(&mut self, cv: &std::sync::Condvar, dur: std::time::Duration) -> bool {
+        #[expect(
+            clippy::expect_used,
+            reason = "`guard` is `None` only inside this function, which puts it back before returning"
+        )]
         let g = self.guard.take().expect("the guard holds its lock");
         let (g, timeout) = match cv.wait_timeout(g, dur) {
             Ok(r) => r,
@@ -525,12 +529,20 @@ impl<T> InnerGuard<'_, T> {
 
 impl<T> Deref for InnerGuard<'_, T> {
     type Target = T;
+    #[expect(
+        clippy::expect_used,
+        reason = "`guard` is `None` only inside `wait_timeout`, which holds `&mut self` throughout"
+    )]
     fn deref(&self) -> &T {
         self.guard.as_ref().expect("the guard holds its lock")
     }
 }
 
 impl<T> DerefMut for InnerGuard<'_, T> {
+    #[expect(
+        clippy::expect_used,
+        reason = "`guard` is `None` only inside `wait_timeout`, which puts it back before returning"
+    )]
     fn deref_mut(&mut self) -> &mut T {
         self.guard.as_mut().expect("the guard holds its lock")
     }

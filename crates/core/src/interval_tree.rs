@@ -179,6 +179,13 @@ impl<V> IntervalTree<V> {
                 slot
             }
             None => {
+                // A capacity limit, as `Vec`'s is: 2^32 nodes are over 200 GiB, so memory runs
+                // out first. `insert` has no error path to report it on (the notifier replays
+                // deferred inserts when an invalidation ends, where no caller is waiting).
+                #[expect(
+                    clippy::expect_used,
+                    reason = "u32 node indices: 2^32 nodes do not fit in memory"
+                )]
                 let slot = u32::try_from(self.nodes.len()).expect("interval tree above 2^32 nodes");
                 assert!(slot != NIL, "interval tree above 2^32 - 1 nodes");
                 self.nodes.push(node);

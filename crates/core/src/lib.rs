@@ -52,6 +52,11 @@
 //! # Ok::<(), svmirror_core::Error>(())
 //! ```
 
+// Library code reports what can fail as an error value (STYLE.md rule 4); an unwrap or expect
+// that stays names its invariant in an `#[expect(.., reason = "..")]` on the smallest item.
+// Unit tests (cfg(test)) and the integration tests in tests/, crates of their own, may unwrap.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 mod address_space;
 pub mod context;
 pub mod counters;
@@ -65,6 +70,11 @@ mod range;
 mod sync;
 pub mod teardown;
 #[cfg(any(test, feature = "testing"))]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test doubles, built only for tests (the `testing` feature)"
+)]
 pub mod testing;
 
 pub use address_space::AddressSpace;

@@ -75,6 +75,10 @@
 //!
 //! [`IommuError::ReadOnlyMemory`]: svmirror_iommu::IommuError::ReadOnlyMemory
 #![cfg(target_os = "linux")]
+// Library code reports what can fail as an error value (STYLE.md rule 4); an unwrap or expect
+// that stays names its invariant in an `#[expect(.., reason = "..")]` on the smallest item.
+// Unit tests (cfg(test)) and the integration tests in tests/, crates of their own, may unwrap.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod copy;
 mod error;
@@ -180,7 +184,8 @@ impl Dmirror {
     /// back, so memory a WRITE targets must not be accessed through Rust references while the
     /// command runs (touch it through raw pointers only).
     pub unsafe fn open(mm: Arc<ProcessMm>) -> Result<Self, DmirrorError> {
-        let range = Range::new(USER_SPACE.0, USER_SPACE.1).expect("user space is a valid range");
+        let (start, end) = USER_SPACE;
+        let range = MirrorError::range(start, end - start)?;
         let config = MirrorConfig {
             fault_window: FAULT_CHUNK_PAGES * PAGE_SIZE,
             ..MirrorConfig::checked()

@@ -61,7 +61,8 @@ struct Slot {
 /// The translation cache. See the [module documentation](self).
 pub struct Iotlb {
     slots: Vec<Option<Slot>>,
-    /// Slot of each cached leaf, by [`key`].
+    /// Slot of each cached leaf, by [`key`]. Every slot it names is full: `insert` indexes a
+    /// slot it has just filled; eviction and invalidation unindex a slot as they empty it.
     index: HashMap<u64, usize>,
     hand: usize,
     checking: bool,
@@ -112,6 +113,10 @@ impl Iotlb {
             .find_map(|&b| self.index.get(&key(iova, b)).copied());
         if let Some(i) = hit {
             self.stats.hits += 1;
+            #[expect(
+                clippy::expect_used,
+                reason = "every slot `index` names is full (see the field)"
+            )]
             let slot = self.slots[i].as_mut().expect("indexed slot is full");
             slot.referenced = true;
             let cached = slot.tr;

@@ -78,6 +78,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![cfg(target_os = "linux")]
+// Library code reports what can fail as an error value (STYLE.md rule 4); an unwrap or expect
+// that stays names its invariant in an `#[expect(.., reason = "..")]` on the smallest item.
+// Unit tests (cfg(test)) and the integration tests in tests/, crates of their own, may unwrap.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod command;
 pub mod dma;
@@ -88,6 +92,11 @@ pub mod mirror;
 pub mod mmu;
 pub mod page_table;
 pub mod pin;
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support (DMA buffers, race hooks), used only by tests"
+)]
 pub mod testing;
 
 pub use dma::{

@@ -273,7 +273,11 @@ pub(crate) struct AccessGrant<'a> {
 }
 
 impl AccessGrant<'_> {
-    /// The target of the `i`-th request.
+    /// The target of the `i`-th request given to `begin_access`.
+    #[expect(
+        clippy::expect_used,
+        reason = "`begin_access` sets a target for each of its requests, the only ones asked for"
+    )]
     pub(crate) fn target(&self, i: usize) -> Target {
         self.targets[i].expect("a granted request has a target")
     }

@@ -195,6 +195,16 @@ impl fmt::Debug for PageTable {
     }
 }
 
+/// The whole IOVA space, `[0, IOVA_END)`.
+#[expect(
+    clippy::expect_used,
+    reason = "IOVA_END is a non-zero multiple of the page size (asserted at compile time)"
+)]
+pub(crate) fn iova_space() -> Range {
+    const { assert!(IOVA_END > 0 && IOVA_END % PAGE_SIZE == 0) };
+    Range::new(0, IOVA_END).expect("the IOVA space is a range")
+}
+
 /// Validates `[iova, iova + len)` as a page-aligned range inside the IOVA space.
 pub fn iova_range(iova: u64, len: u64) -> Result<Range> {
     let range = Range::with_len(iova, len).map_err(|source| {

@@ -60,6 +60,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![cfg(target_os = "linux")]
+// Library code reports what can fail as an error value (STYLE.md rule 4); an unwrap or expect
+// that stays names its invariant in an `#[expect(.., reason = "..")]` on the smallest item.
+// Unit tests (cfg(test)) and the integration tests in tests/, crates of their own, may unwrap.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod book;
 mod buffers;
@@ -76,6 +80,11 @@ mod process;
 mod queue;
 mod register;
 #[cfg(feature = "scenarios")]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "the scenario suite, built only for tests (the `scenarios` feature)"
+)]
 pub mod scenarios;
 mod shared;
 mod svm;

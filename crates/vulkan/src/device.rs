@@ -21,7 +21,7 @@
 //! counts every error-severity message; [`Gpu::validation_errors`] reads the count. A missing
 //! layer is an error, never a silent downgrade.
 
-use std::ffi::{CStr, CString, c_void};
+use std::ffi::{CStr, c_void};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -341,9 +341,8 @@ impl Gpu {
             layers.push(VALIDATION_LAYER.as_ptr());
             exts.push(ash::ext::debug_utils::NAME.as_ptr());
         }
-        let app_name = CString::new("svmirror").expect("no NUL");
         let app = vk::ApplicationInfo::default()
-            .application_name(&app_name)
+            .application_name(c"svmirror")
             .api_version(vk::API_VERSION_1_2);
         let log = Arc::new(ValidationLog::default());
         let mut messenger_info = vk::DebugUtilsMessengerCreateInfoEXT::default()
@@ -373,13 +372,14 @@ impl Gpu {
         // SAFETY: every pointer in `ici` refers to locals alive across the call.
         let instance =
             unsafe { entry.create_instance(&ici, None) }.map_err(vk_err("vkCreateInstance"))?;
+        // `gpu_parts` destroys the instance (through its copy of the handle) if this function
+        // returns early; at the end it lets go, and the `Gpu` owns `instance`.
         let mut gpu_parts = Partial {
-            instance: Some(instance),
+            instance: Some(instance.clone()),
             messenger: None,
         };
-        let instance = gpu_parts.instance.as_ref().expect("just set");
         if config.validation {
-            let loader = ash::ext::debug_utils::Instance::new(&entry, instance);
+            let loader = ash::ext::debug_utils::Instance::new(&entry, &instance);
             // SAFETY: the create info points at `log`, which the `Messenger` keeps alive for as
             // long as the messenger lives.
             let handle = unsafe { loader.create_debug_utils_messenger(&messenger_info, None) }
@@ -390,14 +390,13 @@ impl Gpu {
                 log,
             });
         }
-        let instance = gpu_parts.instance.as_ref().expect("just set");
         // SAFETY: a plain query on a live instance.
         let pds = unsafe { instance.enumerate_physical_devices() }
             .map_err(vk_err("vkEnumeratePhysicalDevices"))?;
         let cands: Vec<Candidate> = pds
             .iter()
             .enumerate()
-            .map(|(i, &pd)| probe(instance, i, pd))
+            .map(|(i, &pd)| probe(&instance, i, pd))
             .collect();
         let wanted = config
             .device
@@ -461,7 +460,7 @@ impl Gpu {
         // and features were checked present in `probe`.
         let device = unsafe { instance.create_device(physical, &dci, None) }
             .map_err(vk_err("vkCreateDevice"))?;
-        let emh = ash::ext::external_memory_host::Device::new(instance, &device);
+        let emh = ash::ext::external_memory_host::Device::new(&instance, &device);
         // SAFETY: queue 0 of `family` was requested in `dci`.
         let queue = unsafe { device.get_device_queue(family, 0) };
         let pci = vk::CommandPoolCreateInfo::default()
@@ -494,7 +493,8 @@ impl Gpu {
                 return Err(VulkanError::Allocator { source: e });
             }
         };
-        let instance = gpu_parts.instance.take().expect("set above");
+        // The `Gpu` owns the instance and the messenger from here: `gpu_parts` lets go.
+        gpu_parts.instance = None;
         let messenger = gpu_parts.messenger.take();
         tracing::debug!(device = %info.name, driver = %info.driver, "vulkan device open");
         Ok(Gpu {

@@ -20,7 +20,7 @@ use gpu_allocator::MemoryLocation;
 use crate::device::Gpu;
 use crate::error::{Result, VulkanError};
 use crate::kernels::{ChaseNode, Dispatch, Kernel, Module, PUSH_SIZE, groups};
-use crate::memory::{GpuBuffer, Submission};
+use crate::memory::{GpuBuffer, HostBuffer, Submission};
 use crate::mirror::VulkanMirror;
 use crate::page_table::MAX_PROBE;
 
@@ -41,8 +41,8 @@ pub struct DispatchStats {
 
 /// The fault buffer and the two replay bitmaps, reused across dispatches.
 pub(crate) struct DispatchBuffers {
-    faults: GpuBuffer,
-    bits: [GpuBuffer; 2],
+    faults: HostBuffer,
+    bits: [HostBuffer; 2],
     items: u32,
 }
 
@@ -53,14 +53,14 @@ const FAULT_HEADER: u64 = 16 + 4 * SEEN_WORDS;
 impl DispatchBuffers {
     fn new(gpu: &Arc<Gpu>, cap: u32, items: u32) -> Result<Self> {
         let words = u64::from(items.div_ceil(32).max(1));
-        let faults = GpuBuffer::new(
+        let faults = HostBuffer::new(
             gpu,
             FAULT_HEADER + 8 * u64::from(cap),
             MemoryLocation::GpuToCpu,
             "svm faults",
         )?;
-        let a = GpuBuffer::new(gpu, words * 4, MemoryLocation::GpuToCpu, "svm replay a")?;
-        let b = GpuBuffer::new(gpu, words * 4, MemoryLocation::GpuToCpu, "svm replay b")?;
+        let a = HostBuffer::new(gpu, words * 4, MemoryLocation::GpuToCpu, "svm replay a")?;
+        let b = HostBuffer::new(gpu, words * 4, MemoryLocation::GpuToCpu, "svm replay b")?;
         Ok(DispatchBuffers {
             faults,
             bits: [a, b],
@@ -178,15 +178,18 @@ impl VulkanMirror {
             .dispatch_buffers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if bufs.as_ref().is_none_or(|b| b.items < items) {
-            *bufs = None;
-            *bufs = Some(DispatchBuffers::new(
-                &inner.gpu,
-                inner.config.fault_capacity,
-                items,
-            )?);
-        }
-        let b = bufs.as_ref().expect("just made");
+        let b = match &mut *bufs {
+            Some(b) if b.items >= items => &*b,
+            slot => {
+                // The old buffers go before the bigger ones are made.
+                *slot = None;
+                &*slot.insert(DispatchBuffers::new(
+                    &inner.gpu,
+                    inner.config.fault_capacity,
+                    items,
+                )?)
+            }
+        };
         let cap = inner.config.fault_capacity;
         let words = u64::from(items.div_ceil(32));
         let (dir, leaves, mask) = {
@@ -305,8 +308,8 @@ impl VulkanMirror {
 pub struct DeviceArray {
     gpu: Arc<Gpu>,
     device: GpuBuffer,
-    staging: GpuBuffer,
-    readback: GpuBuffer,
+    staging: HostBuffer,
+    readback: HostBuffer,
 }
 
 impl std::fmt::Debug for DeviceArray {
@@ -323,8 +326,8 @@ impl DeviceArray {
         Ok(DeviceArray {
             gpu: gpu.clone(),
             device: GpuBuffer::new(gpu, bytes, MemoryLocation::GpuOnly, "array")?,
-            staging: GpuBuffer::new(gpu, bytes, MemoryLocation::CpuToGpu, "array upload")?,
-            readback: GpuBuffer::new(gpu, bytes, MemoryLocation::GpuToCpu, "array readback")?,
+            staging: HostBuffer::new(gpu, bytes, MemoryLocation::CpuToGpu, "array upload")?,
+            readback: HostBuffer::new(gpu, bytes, MemoryLocation::GpuToCpu, "array readback")?,
         })
     }
 
@@ -346,7 +349,7 @@ impl DeviceArray {
     /// Copies `data` into the device memory (through the staging buffer, one submission).
     pub fn upload(&self, data: &[u8]) -> Result<()> {
         let n = (data.len() as u64).min(self.device.size);
-        let dst = self.staging.host_ptr().expect("host-visible staging");
+        let dst = self.staging.host_ptr();
         // SAFETY: `dst` is mapped for `size >= n` bytes and distinct from `data`.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, n as usize) };
         self.copy(&self.staging, &self.device, n)
@@ -356,7 +359,7 @@ impl DeviceArray {
     pub fn download(&self, out: &mut [u8]) -> Result<()> {
         let n = (out.len() as u64).min(self.device.size);
         self.copy(&self.device, &self.readback, n)?;
-        let src = self.readback.host_ptr().expect("host-visible readback");
+        let src = self.readback.host_ptr();
         // SAFETY: `src` is mapped for `n` bytes, written by the finished copy, distinct from
         // `out`.
         unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), n as usize) };

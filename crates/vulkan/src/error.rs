@@ -80,6 +80,13 @@ pub enum VulkanError {
         /// `maxMemoryAllocationCount`.
         limit: u32,
     },
+    /// Memory the host reads or writes came without a host mapping (a location the host does
+    /// not see).
+    #[error("device memory of {bytes:#x} bytes has no host mapping")]
+    NoHostMapping {
+        /// The buffer's size.
+        bytes: u64,
+    },
     /// Device memory is exhausted.
     #[error("out of device memory allocating {bytes:#x} bytes")]
     OutOfDeviceMemory {

@@ -278,6 +278,10 @@ impl Pipelines {
         Ok(me)
     }
 
+    #[expect(
+        clippy::expect_used,
+        reason = "`new` made a pipeline for each of `Module::ALL`, which lists every module, or failed"
+    )]
     pub(crate) fn get(&self, m: Module) -> vk::Pipeline {
         self.pipelines
             .iter()

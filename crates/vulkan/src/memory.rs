@@ -1,6 +1,7 @@
 //! Buffers from gpu-allocator and one-shot command submissions.
 //!
-//! [`GpuBuffer`] is a buffer with its own allocation and device address, freed on drop.
+//! [`GpuBuffer`] is a buffer with its own allocation and device address, freed on drop;
+//! [`HostBuffer`] is one the host also reads and writes, through its host mapping.
 //! [`Submission`] is one command buffer with its fence: recorded, submitted, then waited for
 //! (fence and command buffer freed on drop, after waiting).
 
@@ -26,7 +27,7 @@ pub(crate) struct GpuBuffer {
     pub(crate) addr: u64,
     /// Its size in bytes.
     pub(crate) size: u64,
-    /// Where the host sees it, for host-visible locations.
+    /// Where the host sees it, for host-visible locations ([`HostBuffer`] takes it).
     ptr: Option<HostPtr>,
 }
 
@@ -107,15 +108,45 @@ impl GpuBuffer {
         me.addr = unsafe { gpu.device.get_buffer_device_address(&ai) };
         Ok(me)
     }
+}
 
-    /// The host pointer of a host-visible buffer.
-    pub(crate) fn host_ptr(&self) -> Option<*mut u8> {
-        self.ptr.map(|p| p.0)
+/// A [`GpuBuffer`] the host reads and writes through its host mapping (staging and readback
+/// buffers, the GPU page table, fault records, scratch memory). Dereferences to the buffer.
+pub(crate) struct HostBuffer {
+    buf: GpuBuffer,
+    ptr: HostPtr,
+}
+
+impl std::ops::Deref for HostBuffer {
+    type Target = GpuBuffer;
+
+    fn deref(&self) -> &GpuBuffer {
+        &self.buf
+    }
+}
+
+impl HostBuffer {
+    /// Allocates `size` bytes at `location`, one the host sees (`CpuToGpu`, `GpuToCpu`:
+    /// gpu-allocator maps those for the host).
+    pub(crate) fn new(
+        gpu: &Arc<Gpu>,
+        size: u64,
+        location: MemoryLocation,
+        name: &str,
+    ) -> Result<Self> {
+        let buf = GpuBuffer::new(gpu, size, location, name)?;
+        let ptr = buf.ptr.ok_or(VulkanError::NoHostMapping { bytes: size })?;
+        Ok(HostBuffer { buf, ptr })
     }
 
-    /// Writes `v` at byte `offset` of a host-visible buffer (volatile: the device reads it).
+    /// The host pointer of the buffer's first byte.
+    pub(crate) fn host_ptr(&self) -> *mut u8 {
+        self.ptr.0
+    }
+
+    /// Writes `v` at byte `offset` (volatile: the device reads it).
     pub(crate) fn write_u64(&self, offset: u64, v: u64) {
-        let p = self.host_ptr().expect("host-visible buffer");
+        let p = self.host_ptr();
         assert!(
             offset + 8 <= self.size && offset % 8 == 0,
             "write in bounds"
@@ -128,9 +159,9 @@ impl GpuBuffer {
         };
     }
 
-    /// Reads the u64 at byte `offset` of a host-visible buffer.
+    /// Reads the u64 at byte `offset`.
     pub(crate) fn read_u64(&self, offset: u64) -> u64 {
-        let p = self.host_ptr().expect("host-visible buffer");
+        let p = self.host_ptr();
         assert!(offset + 8 <= self.size && offset % 8 == 0, "read in bounds");
         // SAFETY: in bounds and aligned (asserted); the mapping is live while `self` is.
         unsafe {
@@ -140,9 +171,9 @@ impl GpuBuffer {
         }
     }
 
-    /// Writes `v` at byte `offset` of a host-visible buffer.
+    /// Writes `v` at byte `offset`.
     pub(crate) fn write_u32(&self, offset: u64, v: u32) {
-        let p = self.host_ptr().expect("host-visible buffer");
+        let p = self.host_ptr();
         assert!(
             offset + 4 <= self.size && offset % 4 == 0,
             "write in bounds"
@@ -155,9 +186,9 @@ impl GpuBuffer {
         };
     }
 
-    /// Reads the u32 at byte `offset` of a host-visible buffer.
+    /// Reads the u32 at byte `offset`.
     pub(crate) fn read_u32(&self, offset: u64) -> u32 {
-        let p = self.host_ptr().expect("host-visible buffer");
+        let p = self.host_ptr();
         assert!(offset + 4 <= self.size && offset % 4 == 0, "read in bounds");
         // SAFETY: in bounds and aligned (asserted); the mapping is live while `self` is.
         unsafe {
@@ -167,9 +198,9 @@ impl GpuBuffer {
         }
     }
 
-    /// Zeroes `len` bytes at `offset` of a host-visible buffer.
+    /// Zeroes `len` bytes at `offset`.
     pub(crate) fn zero(&self, offset: u64, len: u64) {
-        let p = self.host_ptr().expect("host-visible buffer");
+        let p = self.host_ptr();
         assert!(offset + len <= self.size, "zero in bounds");
         // SAFETY: in bounds (asserted); the mapping is live while `self` is.
         unsafe { std::ptr::write_bytes(p.wrapping_add(offset as usize), 0, len as usize) };

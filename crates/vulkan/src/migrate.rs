@@ -20,7 +20,7 @@ use svmirror_core::MirrorError;
 use svmirror_core::{Owner, PAGE_SIZE, PageSource, Range};
 
 use crate::error::{Result, VulkanError};
-use crate::memory::{GpuBuffer, Submission};
+use crate::memory::{GpuBuffer, HostBuffer, Submission};
 use crate::mirror::{Inner, VulkanMirror};
 use crate::state::DevicePage;
 
@@ -30,13 +30,9 @@ pub(crate) struct DeviceMemory {
     owner: Owner,
 }
 
-fn page_range(addr: u64) -> Range {
-    Range::with_len(addr, PAGE_SIZE).expect("a page")
-}
-
-fn to_core(addr: u64) -> impl FnOnce(VulkanError) -> svmirror_core::Error {
+fn to_core(page: Range) -> impl FnOnce(VulkanError) -> svmirror_core::Error {
     move |e| svmirror_core::Error::Source {
-        range: page_range(addr),
+        range: page,
         source: Box::new(e),
     }
 }
@@ -67,13 +63,13 @@ impl DeviceMemory {
         if pending.is_empty() {
             return Ok(());
         }
-        let staging = GpuBuffer::new(
+        let staging = HostBuffer::new(
             gpu,
             pending.len() as u64 * PAGE_SIZE,
             MemoryLocation::CpuToGpu,
             "migrate upload",
         )?;
-        let dst = staging.host_ptr().expect("host-visible staging");
+        let dst = staging.host_ptr();
         let mut targets = Vec::with_capacity(pending.len());
         for (i, a) in pending.iter().enumerate() {
             if let Some(DevicePage::Pending(data)) = g.device_page(*a) {
@@ -141,7 +137,7 @@ impl DeviceMemory {
     /// Reads a resident page back into `dst` (a page). Under the update lock, device drained.
     fn download(inner: &Inner, buf: &GpuBuffer, dst: *mut u8) -> Result<()> {
         let gpu = &inner.gpu;
-        let rb = GpuBuffer::new(gpu, PAGE_SIZE, MemoryLocation::GpuToCpu, "migrate readback")?;
+        let rb = HostBuffer::new(gpu, PAGE_SIZE, MemoryLocation::GpuToCpu, "migrate readback")?;
         let mut sub = Submission::begin(gpu)?;
         let region = [ash::vk::BufferCopy::default().size(PAGE_SIZE)];
         // SAFETY: `sub.cb` is recording on this thread; both buffers are a page long.
@@ -151,7 +147,7 @@ impl DeviceMemory {
         };
         sub.submit()?;
         sub.wait()?;
-        let src = rb.host_ptr().expect("host-visible readback");
+        let src = rb.host_ptr();
         // SAFETY: `src` is mapped for a page written by the finished copy; `dst` is a writable
         // page (`DevicePages::copy_back`'s contract), distinct from it.
         unsafe { std::ptr::copy_nonoverlapping(src, dst, PAGE_SIZE as usize) };
@@ -178,9 +174,10 @@ impl DevicePages for DeviceMemory {
 
     fn copy_out(&self, addr: u64, src: *const u8) -> std::result::Result<(), svmirror_core::Error> {
         let inner = self.inner(addr)?;
+        let page = Range::with_len(addr, PAGE_SIZE)?;
         let mut g = inner.state.lock();
         // The CPU page is about to be dropped: the chunk that imports it goes first.
-        let (imports, bytes) = g.take_chunks(page_range(addr), false);
+        let (imports, bytes) = g.take_chunks(page, false);
         if bytes > 0 {
             inner.drain(&g);
         }
@@ -215,7 +212,8 @@ impl DevicePages for DeviceMemory {
         let Some(DevicePage::Resident(buf)) = g.device_page(addr) else {
             return Err(svmirror_core::Error::BadAddress { addr });
         };
-        Self::download(&inner, buf, dst).map_err(to_core(addr))
+        let page = Range::with_len(addr, PAGE_SIZE)?;
+        Self::download(&inner, buf, dst).map_err(to_core(page))
     }
 
     fn device_pfn(&self, addr: u64) -> u64 {

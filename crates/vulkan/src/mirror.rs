@@ -273,7 +273,7 @@ impl VulkanMirror {
     /// GPU pointers into any of its memory wants.
     pub fn open(mm: Arc<dyn AddressSpace>) -> Result<Self> {
         let gpu = Arc::new(Gpu::new(&crate::GpuConfig::default())?);
-        let range = Range::new(1 << 16, 1 << 47).expect("the user address space");
+        let range = MirrorError::range(1 << 16, (1 << 47) - (1 << 16))?;
         Self::new(gpu, mm, range, MirrorConfig::default())
     }
 
@@ -408,7 +408,7 @@ impl VulkanMirror {
         let mut retries = 0u64;
         loop {
             if retries > 0 && started.elapsed() > inner.config.fault_timeout {
-                let range = Range::with_len(page, PAGE_SIZE).expect("page");
+                let range = Range::with_len(page, PAGE_SIZE).map_err(fault_err(page, write))?;
                 return Err(fault_err(page, write)(svmirror_core::Error::Timeout {
                     range,
                     retries,

@@ -26,7 +26,7 @@ use svmirror_core::{PAGE_SHIFT, PAGE_SIZE, Range};
 
 use crate::device::Gpu;
 use crate::error::{Result, VulkanError};
-use crate::memory::GpuBuffer;
+use crate::memory::HostBuffer;
 
 /// Leaf entry: the page is mapped.
 pub const VALID: u64 = 1 << 63;
@@ -53,8 +53,8 @@ pub fn home(block: u64, mask: u32) -> u32 {
 
 /// The page table. See the [module documentation](self).
 pub(crate) struct PageTable {
-    dir: GpuBuffer,
-    leaves: GpuBuffer,
+    dir: HostBuffer,
+    leaves: HostBuffer,
     mask: u32,
     leaf_count: u32,
     /// Host shadow: block → (directory slot, leaf index, valid entries in the leaf).
@@ -71,8 +71,8 @@ impl PageTable {
             }));
         }
         let slots = (u64::from(leaf_count) * 2).next_power_of_two();
-        let dir = GpuBuffer::new(gpu, slots * 16, MemoryLocation::CpuToGpu, "svm page dir")?;
-        let leaves = GpuBuffer::new(
+        let dir = HostBuffer::new(gpu, slots * 16, MemoryLocation::CpuToGpu, "svm page dir")?;
+        let leaves = HostBuffer::new(
             gpu,
             u64::from(leaf_count) * LEAF_PAGES * 8,
             MemoryLocation::CpuToGpu,
@@ -170,12 +170,24 @@ impl PageTable {
     /// Clears the entries of `range`; with `free`, frees leaves left empty. Returns the number of
     /// entries that were valid.
     pub(crate) fn clear(&mut self, range: Range, free: bool) -> u64 {
+        self.clear_span(range.start(), range.end(), free)
+    }
+
+    /// Clears the entry of the page at `addr`, as [`clear`](Self::clear) does; returns 1 if it
+    /// was valid, else 0.
+    pub(crate) fn clear_page(&mut self, addr: u64, free: bool) -> u64 {
+        let page = addr & !(PAGE_SIZE - 1);
+        self.clear_span(page, page.saturating_add(PAGE_SIZE), free)
+    }
+
+    fn clear_span(&mut self, start: u64, end: u64, free: bool) -> u64 {
         let mut cleared = 0;
-        let mut addr = range.start();
-        while addr < range.end() {
+        let mut addr = start;
+        while addr < end {
             let block = addr / BLOCK;
-            let block_end = ((block + 1) * BLOCK).min(range.end());
-            if let Some(&(slot, leaf, _)) = self.blocks.get(&block) {
+            let block_end = ((block + 1) * BLOCK).min(end);
+            if let Some(b) = self.blocks.get_mut(&block) {
+                let (slot, leaf) = (b.0, b.1);
                 let mut n = 0;
                 let mut a = addr;
                 while a < block_end {
@@ -187,7 +199,6 @@ impl PageTable {
                     a += PAGE_SIZE;
                 }
                 cleared += u64::from(n);
-                let b = self.blocks.get_mut(&block).expect("present");
                 b.2 -= n;
                 if free && b.2 == 0 {
                     self.dir.write_u64(u64::from(slot) * 16, DELETED);

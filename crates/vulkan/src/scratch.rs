@@ -8,14 +8,14 @@ use gpu_allocator::MemoryLocation;
 
 use crate::device::Gpu;
 use crate::error::{Result, VulkanError};
-use crate::memory::GpuBuffer;
+use crate::memory::HostBuffer;
 
 /// A host-visible device buffer with a device address, freed on drop. Kernels take its
 /// [`device_addr`](Self::device_addr) as an argument and use it untranslated; the host reads
 /// and writes it between dispatches (never while one that uses it runs: the mirror's
 /// dispatches wait for completion, so between two calls is always safe).
 pub struct ScratchBuffer {
-    buf: GpuBuffer,
+    buf: HostBuffer,
 }
 
 impl std::fmt::Debug for ScratchBuffer {
@@ -30,7 +30,7 @@ impl std::fmt::Debug for ScratchBuffer {
 impl ScratchBuffer {
     /// `bytes` (more than zero) of host-visible device memory, zeroed.
     pub fn new(gpu: &Arc<Gpu>, bytes: u64) -> Result<Self> {
-        let buf = GpuBuffer::new(gpu, bytes, MemoryLocation::GpuToCpu, "scratch")?;
+        let buf = HostBuffer::new(gpu, bytes, MemoryLocation::GpuToCpu, "scratch")?;
         buf.zero(0, bytes);
         Ok(ScratchBuffer { buf })
     }

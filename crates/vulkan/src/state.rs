@@ -48,10 +48,6 @@ fn flags(writable: bool) -> u64 {
     if writable { VALID | WRITE } else { VALID }
 }
 
-fn page_range(addr: u64) -> Range {
-    Range::with_len(addr, PAGE_SIZE).expect("a page-aligned address inside the user space")
-}
-
 impl State {
     /// An empty state over `table`.
     pub(crate) fn new(table: PageTable) -> Self {
@@ -249,13 +245,13 @@ impl State {
     /// Takes the entry of the device page at `page` away (the page itself stays); returns
     /// how many entries it cleared (0 or 1).
     pub(crate) fn unmap_device_page(&mut self, page: u64, free_leaves: bool) -> u64 {
-        self.table.clear(page_range(page), free_leaves)
+        self.table.clear_page(page, free_leaves)
     }
 
     /// Removes the device page at `page` with its entry.
     pub(crate) fn remove_device_page(&mut self, page: u64) -> Option<DevicePage> {
         let p = self.device_pages.remove(&page)?;
-        self.table.clear(page_range(page), false);
+        self.table.clear_page(page, false);
         Some(p)
     }
 
@@ -263,7 +259,7 @@ impl State {
     pub(crate) fn take_device_pages(&mut self) -> BTreeMap<u64, DevicePage> {
         let pages = std::mem::take(&mut self.device_pages);
         for &a in pages.keys() {
-            self.table.clear(page_range(a), true);
+            self.table.clear_page(a, true);
         }
         pages
     }

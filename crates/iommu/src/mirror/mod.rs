@@ -59,7 +59,7 @@ use crate::dma::{DmaCommand, DmaConfig, DmaEngine, DmaHandle, Fence};
 use crate::error::{IommuError, Result};
 use crate::iotlb::Violation;
 use crate::mmu::{Mmu, MmuConfig};
-use crate::page_table::{IOVA_END, Perms, Unmapped, check_iova_space, iova_range};
+use crate::page_table::{Perms, Unmapped, check_iova_space, iova_range, iova_space};
 use crate::pin::{MAX_PIN_LEN, Pin, PinId, PinPool, PinPoolConfig};
 
 /// How to build an [`IommuMirror`].
@@ -242,9 +242,8 @@ impl MirrorInner {
     /// Tears everything down and releases every pin (or leaks them if the device hung).
     fn teardown_all(&self, device_hung: bool) {
         let mut g = self.state.lock();
-        let all = Range::new(0, IOVA_END).expect("the IOVA space is a range");
         let removed = self.mmu.with(|s| {
-            let u = s.page_table_mut().unmap_present(all, true);
+            let u = s.page_table_mut().unmap_present(iova_space(), true);
             s.iotlb_mut().invalidate_all();
             u
         });
@@ -292,7 +291,7 @@ impl Teardown for MirrorInner {
     }
 
     fn clamp(&self, r: Range) -> Option<Range> {
-        r.intersect(&Range::new(0, IOVA_END).expect("IOVA space"))
+        r.intersect(&iova_space())
     }
 
     fn skipped(&self) {

@@ -15,7 +15,7 @@ use svmirror_core::{
 use super::{Backing, MirrorInner, MirrorState, Prefetch, core_err};
 use crate::dma::{Access, PageRequest, PageRequestHandler};
 use crate::error::{IommuError, Result};
-use crate::page_table::{IOVA_END, Perms};
+use crate::page_table::{IOVA_END, Perms, iova_space};
 use crate::pin::Pin;
 
 /// The driver side of page requests: the subscription and the CPU page table.
@@ -209,8 +209,7 @@ impl Resolver {
 
     /// `r` cut to the mirrored range and the IOVA space.
     fn mirrored(&self, r: Range) -> Option<Range> {
-        r.intersect(&self.inner.range)?
-            .intersect(&Range::new(0, IOVA_END).ok()?)
+        r.intersect(&self.inner.range)?.intersect(&iova_space())
     }
 
     /// The CPU's huge page around `page`, cut to the mirrored range, when the CPU maps `page`
@@ -325,10 +324,18 @@ impl Resolver {
             let mut mapped = 0;
             let mut result = Ok(());
             for &(s0, e0, perms, replace) in &pieces {
+                #[expect(
+                    clippy::expect_used,
+                    reason = "a piece is one or more whole pages of `run`, built just above"
+                )]
                 let r = Range::new(s0, e0).expect("page-aligned piece");
                 if replace {
                     removed.extend(pt.unmap_present(r, false));
                 }
+                #[expect(
+                    clippy::expect_used,
+                    reason = "`pin` covers `run` exactly (`prepare` pinned it) and the piece lies in `run`"
+                )]
                 let t = pin.target_of(s0).expect("piece lies in the pinned run");
                 // Both locks are held and every page was checked free: a failure is a bug,
                 // reported without leaving a leaf on a pin that is not tracked.
@@ -339,6 +346,10 @@ impl Resolver {
                 mapped += e0 - s0;
             }
             for u in &removed {
+                #[expect(
+                    clippy::expect_used,
+                    reason = "what the page table unmapped is leaves, merged: whole pages, never empty"
+                )]
                 let r = Range::with_len(u.iova, u.len).expect("unmapped piece");
                 s.iotlb_mut().invalidate_range(r);
             }

@@ -6,7 +6,7 @@ use svmirror_core::{Error as CoreError, Notifier};
 
 use super::*;
 use crate::dma::{FaultMode, FaultReason, Injection};
-use crate::page_table::LeafSize;
+use crate::page_table::{IOVA_END, LeafSize};
 use crate::testing::{AnonMap, RaceAfterSnapshot, clear_through};
 use svmirror_mm::{ProcessPageSource, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
 

@@ -259,11 +259,8 @@ impl PinPool {
             1,
             CloneBuffersFlags::DST_REPLACE,
         );
-        let id = match cloned {
-            Ok(()) => Some(g.publish(slot, addr, len)),
-            Err(_) => None,
-        };
-        if id.is_some() {
+        let id = cloned.map(|()| g.publish(slot, addr, len));
+        if id.is_ok() {
             self.live.fetch_add(1, Ordering::Relaxed);
         }
         drop(g);
@@ -282,9 +279,9 @@ impl PinPool {
             // Closing the ring drops its reference instead.
             Err(e) => tracing::debug!(error = %e, "dropping a pinning ring"),
         }
-        let Some(id) = id else {
-            let source = cloned.expect_err("no id only when the clone failed");
-            return Err(give_back(source));
+        let id = match id {
+            Ok(id) => id,
+            Err(source) => return Err(give_back(source)),
         };
         tracing::trace!(addr, len, %id, "pinned");
         Ok(Pin {
