@@ -114,7 +114,7 @@ impl fmt::Debug for PinPool {
 impl PinPool {
     /// Creates the io_uring instance with an empty table of `config.slots` pins and the staging
     /// memory. Errors: [`IommuError::RingSetup`], [`IommuError::Staging`], and
-    /// [`IommuError::InvalidConfig`] for a zero or oversized configuration.
+    /// [`MirrorError::InvalidConfig`] for a zero or oversized configuration.
     pub fn new(config: PinPoolConfig) -> Result<Arc<PinPool>> {
         if config.slots == 0
             || config.slots > MAX_SLOTS
