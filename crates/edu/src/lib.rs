@@ -45,6 +45,10 @@
 //!   Rust's back ([`EduDevice::transfer_iova`] is `unsafe` for this reason).
 
 #![cfg(target_os = "linux")]
+// Library code reports what can fail as an error value (STYLE.md rule 4); an unwrap or expect
+// that stays names its invariant in an `#[expect(.., reason = "..")]` on the smallest item.
+// Unit tests (cfg(test)) and the integration tests in tests/, crates of their own, may unwrap.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod device;
 mod error;

@@ -38,6 +38,10 @@
 //! that no invalidation takes.
 
 #![cfg(target_os = "linux")]
+// Library code reports what can fail as an error value (STYLE.md rule 4); an unwrap or expect
+// that stays names its invariant in an `#[expect(.., reason = "..")]` on the smallest item.
+// Unit tests (cfg(test)) and the integration tests in tests/, crates of their own, may unwrap.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod chunk;
 mod conv;

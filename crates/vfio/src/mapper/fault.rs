@@ -137,6 +137,11 @@ impl Inner {
     /// invalidation ran since the entries were read (so the chunk and its IOVA are as
     /// planned: only an invalidation takes them away, and faults are serialized by
     /// `fault_lock`).
+    #[expect(
+        clippy::expect_used,
+        reason = "read_retry said no invalidation ran since the plan, and only an invalidation \
+                  removes a chunk"
+    )]
     fn publish(&self, g: &mut State, p: Planned) -> u64 {
         let bytes: u64 = p.pieces.iter().map(|piece| piece.len).sum();
         let chunk = g
@@ -241,7 +246,12 @@ impl VfioMapper {
         let mut touched = Vec::new();
         let mut at = r.start();
         while at < r.end() {
-            let w = window(at, self.inner.granule, self.inner.range).expect("inside the mirror");
+            let w = window(at, self.inner.granule, self.inner.range).ok_or(
+                MirrorError::OutsideMirror {
+                    addr: at,
+                    range: self.inner.range,
+                },
+            )?;
             if let Err(e) = self.fault_window(w, r, write, &mut touched) {
                 // Roll back: the chunks this call mapped into go (a chunk is the unit of
                 // invalidation, so earlier pieces in them go too and are refaulted later).
@@ -333,16 +343,15 @@ impl VfioMapper {
             &mut req,
             inner.config.fault_timeout,
             FaultSteps {
-                prepare: |req: &FaultRequest<'_>| {
-                    let mut planned = inner.plan(key, run, req.entries, write)?;
-                    if let Some(p) = planned.as_mut() {
-                        if let Err(e) = inner.map_planned(p) {
-                            let p = planned.take().expect("just mapped");
+                prepare: |req: &FaultRequest<'_>| match inner.plan(key, run, req.entries, write)? {
+                    None => Ok(None),
+                    Some(mut p) => match inner.map_planned(&mut p) {
+                        Ok(()) => Ok(Some(p)),
+                        Err(e) => {
                             inner.undo_planned(&mut inner.lock_state(), p);
-                            return Err(e);
+                            Err(e)
                         }
-                    }
-                    Ok(planned)
+                    },
                 },
                 undo: |g: &mut UpdateGuard<'_, State>, prepared: Result<Option<Planned>>| {
                     if let Ok(Some(p)) = prepared {
