@@ -242,4 +242,7 @@ pub struct DmaStats {
     /// Reads made again because a CPU change the driver learns of only after it is made
     /// overlapped them ([`PageRequestHandler::changed_since`]).
     pub reads_retried: u64,
+    /// Commands the waiter of their fence ran itself, the device being idle
+    /// ([`Fence::wait`](crate::Fence::wait)): no hand-off to the device thread and back.
+    pub run_by_waiter: u64,
 }

@@ -454,3 +454,72 @@ fn fence_wait_at_page_level_panics_naming_the_rule() {
     let _atomic = svmirror_core::AtomicSection::enter();
     let _ = f.wait();
 }
+
+/// A waiter runs its own command only when it is next and the device idle: then no hand-off
+/// to the device thread and back (`DmaStats::run_by_waiter`). A command queued behind another
+/// is never run out of order: its waiter sleeps, and the device thread runs it after the one
+/// before. The idle case is made deterministic by parking the device thread first: with no
+/// spin it parks on `changed` when it finds the device taken, and the test frees the device
+/// without waking it. (Without `run_if_next`, `run_by_waiter` stays 0 and the first assert
+/// fails.)
+#[test]
+fn the_waiter_runs_its_command_when_the_device_is_idle_and_never_out_of_order() {
+    let mut r = rig(DmaConfig {
+        spin: Duration::ZERO,
+        ..DmaConfig::default()
+    });
+    let b = buf(1);
+    r.map(&b, Perms::ReadWrite);
+    let sh = r.dma.handle.shared.clone();
+    // The device taken by someone else: the device thread cannot pop what comes next.
+    relock(&sh.state).current = Some(FenceSlot::new());
+    let f = r
+        .dma
+        .submit(DmaCommand::Write {
+            dst: b.addr(),
+            data: vec![7],
+        })
+        .unwrap();
+    // Let the device thread find the device taken and park.
+    std::thread::sleep(Duration::from_millis(50));
+    relock(&sh.state).current = None;
+    f.wait().unwrap();
+    assert_eq!(b.read(0, 1), vec![7]);
+    assert_eq!(
+        r.dma.stats().run_by_waiter,
+        1,
+        "the idle device's waiter ran it"
+    );
+
+    // Busy: a stall runs on the device thread, two writes queue behind it; waiting for the
+    // second first must not run it before the first.
+    let stall = r
+        .dma
+        .submit(DmaCommand::Inject(Injection::Stall(Duration::from_millis(
+            30,
+        ))))
+        .unwrap();
+    let first = r
+        .dma
+        .submit(DmaCommand::Write {
+            dst: b.addr(),
+            data: vec![1],
+        })
+        .unwrap();
+    let second = r
+        .dma
+        .submit(DmaCommand::Write {
+            dst: b.addr(),
+            data: vec![2],
+        })
+        .unwrap();
+    second.wait().unwrap();
+    assert!(
+        first.is_done(),
+        "the second write completed before the first"
+    );
+    first.wait().unwrap();
+    stall.wait().unwrap();
+    assert_eq!(b.read(0, 1), vec![2], "the writes ran in submission order");
+    assert_eq!(r.dma.stats().run_by_waiter, 1, "nothing ran out of turn");
+}
