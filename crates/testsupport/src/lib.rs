@@ -11,8 +11,8 @@
 //! | [`Rng`] | splitmix64, a small seeded generator for randomized tests |
 //!
 //! The private anonymous mapping guard that tests and benchmarks put device buffers in is
-//! `svmirror_mm::AnonMap`, not here: the app's simulated backend uses it too, and the app must
-//! not link a test crate.
+//! `svmirror_mm::testing::AnonMap`, not here: the app's simulated backend uses it too, and the
+//! app must not link a test crate.
 //!
 //! # What is the caller's job
 //!
