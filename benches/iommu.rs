@@ -26,8 +26,6 @@
 //! halted, each hand-off can cost tens of µs; `resolve_only` does not. The device thread and the
 //! fence waiter spin for `DmaConfig::spin` (50 µs, yielding) before they park, which takes most hand-offs
 //! off that path.
-//!
-//! The root package has no `libc` dependency, so `madvise` is declared in [`sys`].
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -37,30 +35,10 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use svmirror::core::{Event, Notifier, NotifierRange, PAGE_SIZE, Range};
 use svmirror::mm::{Advice, ProcessMm, ProcessPageSource, Protection};
 use svmirror_dmirror::Dmirror;
-use svmirror_iommu::testing::AnonMap;
 use svmirror_iommu::{DmaCommand, DmaConfig, IommuMirror, MirrorConfig, PinPoolConfig};
-
-/// The C library call and Linux constants the benchmark uses (x86-64 and arm64 values).
-mod sys {
-    use std::ffi::{c_int, c_void};
-
-    pub const MADV_HUGEPAGE: c_int = 14;
-    pub const MADV_NOHUGEPAGE: c_int = 15;
-
-    unsafe extern "C" {
-        pub unsafe fn madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int;
-    }
-}
+use svmirror_mm::testing::AnonMap;
 
 const HUGE: usize = 2 << 20;
-
-/// `madvise(advice)` over all of `m`, which must succeed.
-fn advise(m: &AnonMap, advice: std::ffi::c_int) {
-    // SAFETY: `m` is a mapping this benchmark owns; HUGEPAGE/NOHUGEPAGE only change a VMA flag,
-    // never which addresses are mapped or what any byte holds.
-    let rc = unsafe { sys::madvise(m.addr() as *mut std::ffi::c_void, m.len(), advice) };
-    assert_eq!(rc, 0, "madvise: {}", std::io::Error::last_os_error());
-}
 
 /// A mirror of `range` subscribed to `notifier`, which the benchmark feeds by hand, reading
 /// this process's page table raw (no userfaultfd monitor in the way).
@@ -86,14 +64,12 @@ impl FaultSetup {
     fn new(len: usize, huge: bool, config: MirrorConfig) -> FaultSetup {
         let notifier = Notifier::new();
         let buf = AnonMap::aligned(len, HUGE).unwrap();
-        advise(
-            &buf,
-            if huge {
-                sys::MADV_HUGEPAGE
-            } else {
-                sys::MADV_NOHUGEPAGE
-            },
-        );
+        buf.advise(if huge {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        })
+        .expect("madvise");
         buf.fill(0x5a);
         let range = Range::with_len(buf.addr(), len as u64).unwrap();
         // SAFETY: the device only reads `buf`, which the CPU touches through raw pointers only.
@@ -210,7 +186,7 @@ fn dma_copy(c: &mut Criterion) {
     let max = 16 << 20;
     let notifier = Notifier::new();
     let buf = AnonMap::aligned(2 * max, HUGE).unwrap();
-    advise(&buf, sys::MADV_HUGEPAGE);
+    buf.advise(libc::MADV_HUGEPAGE).expect("madvise");
     buf.fill(0x33);
     let range = Range::with_len(buf.addr(), 2 * max as u64).unwrap();
     // SAFETY: the device writes the second half of `buf`, which the CPU touches through raw

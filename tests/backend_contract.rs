@@ -1,22 +1,17 @@
 //! One scenario suite (`svmirror_mm::scenarios`), written once against the core's `Mirror`
 //! contract, run on every backend this machine has: the simulated IOMMU, and Vulkan on Mesa's
 //! lavapipe (installed by `cargo xtask ci`; missing, the test fails, it does not skip). VFIO
-//! runs the same suite inside the `cargo xtask vfio-vm` guest.
+//! runs the same suite inside the `cargo xtask vfio-vm` guest. One backend at a time
+//! ([`serial`]): each opens the process's userfaultfd monitor, and the scenarios use fixed
+//! addresses.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use svmirror::core::{Mirror, MirrorError, Range};
 use svmirror::iommu::{IommuMirror, MirrorConfig};
 use svmirror::mm::{ProcessMm, VM_PIN_SETTLE, scenarios, settled_vm_pinned_bytes, vm_pinned_bytes};
 use svmirror::vulkan::{Gpu, GpuConfig, VulkanMirror};
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// One backend at a time: each opens the process's userfaultfd monitor, and the scenarios use
-/// fixed addresses.
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
+use svmirror_testsupport::serial;
 
 /// Runs the suite, prints the list of scenarios it ran, fails naming every scenario that
 /// failed, and checks that no pin outlived the mirrors.

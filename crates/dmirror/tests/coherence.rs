@@ -20,7 +20,7 @@
 //! after a plain munmap succeeded). So after a plain munmap/madvise the test waits until
 //! `ProcessMm::stats()` counts the event and the monitor has handled it (`Harness::settle`).
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use svmirror_core::{PAGE_SIZE, Range};
@@ -28,6 +28,7 @@ use svmirror_dmirror::Dmirror;
 use svmirror_mm::{
     Advice, MmStats, ProcessMm, Protection, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes,
 };
+use svmirror_testsupport::{Rng, poll_until, serial};
 
 const PAGE: u64 = PAGE_SIZE;
 /// Pages in the test region.
@@ -39,34 +40,11 @@ const MAX_RUN: usize = 8;
 const STEPS: u32 = 2000;
 const DEFAULT_SEED: u64 = 0x5eed_c0de_2026_1121;
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// splitmix64: small, deterministic, good enough to drive the test.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// A run `[start, start + len)` of the region.
-    fn run(&mut self) -> (usize, usize) {
-        let start = self.below(NPAGES);
-        let len = 1 + self.below(MAX_RUN.min(NPAGES - start));
-        (start, len)
-    }
+/// A random run `[start, start + len)` of the region.
+fn random_run(rng: &mut Rng) -> (usize, usize) {
+    let start = rng.below(NPAGES);
+    let len = 1 + rng.below(MAX_RUN.min(NPAGES - start));
+    (start, len)
 }
 
 /// What a page of the region should be.
@@ -85,7 +63,7 @@ fn range_of(start: usize, len: usize) -> Range {
 }
 
 fn pattern(rng: &mut Rng) -> Vec<u8> {
-    let seed = rng.next();
+    let seed = rng.next_u64();
     (0..PAGE)
         .map(|i| (seed.rotate_left((i % 64) as u32) as u8) ^ (i as u8))
         .collect()
@@ -154,16 +132,15 @@ impl Harness {
     /// move, an SVM API madvise of a scratch page serves as the barrier: it returns only once
     /// the monitor has handled every event it has read.
     fn settle(&self, want: impl Fn(&MmStats) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !want(&self.stats()) {
-            assert!(
-                Instant::now() < deadline,
-                "step {}: userfaultfd event not seen: {:?}",
-                self.step,
-                self.stats()
-            );
-            std::thread::sleep(Duration::from_micros(50));
-        }
+        let seen = poll_until(Duration::from_secs(10), Duration::from_micros(50), || {
+            want(&self.stats())
+        });
+        assert!(
+            seen,
+            "step {}: userfaultfd event not seen: {:?}",
+            self.step,
+            self.stats()
+        );
         // SAFETY: the scratch page holds nothing and nothing refers into it.
         unsafe { self.mm.madvise(self.scratch, Advice::DontNeed) }.unwrap();
     }
@@ -203,7 +180,7 @@ impl Harness {
     }
 
     fn op_plain_munmap(&mut self) {
-        let (start, len) = self.rng.run();
+        let (start, len) = random_run(&mut self.rng);
         let any_mapped = self.model[start..start + len].iter().any(Option::is_some);
         let before = self.stats().unmap_events;
         // SAFETY: nothing in Rust refers into the region.
@@ -218,7 +195,7 @@ impl Harness {
     }
 
     fn op_api_munmap(&mut self) {
-        let (start, len) = self.rng.run();
+        let (start, len) = random_run(&mut self.rng);
         if !self.mapped(start, len) {
             return;
         }
@@ -244,7 +221,7 @@ impl Harness {
 
     fn op_madvise(&mut self, api: bool) {
         if api {
-            let (start, len) = self.rng.run();
+            let (start, len) = random_run(&mut self.rng);
             if !self.mapped(start, len) {
                 return;
             }
@@ -275,7 +252,7 @@ impl Harness {
     }
 
     fn op_mprotect(&mut self) {
-        let (start, len) = self.rng.run();
+        let (start, len) = random_run(&mut self.rng);
         if !self.mapped(start, len) {
             return;
         }
@@ -298,7 +275,7 @@ impl Harness {
     /// unmaps the tail even where the run spans several mappings). Growing or moving is left
     /// out: it does not fit the fixed-address model.
     fn op_mremap(&mut self) {
-        let (start, len) = self.rng.run();
+        let (start, len) = random_run(&mut self.rng);
         if len < 2 || !self.mapped(start, len) {
             return;
         }
@@ -336,7 +313,7 @@ impl Harness {
     /// translation, downgraded to read-only by the mprotect) or fail with EOPNOTSUPP (this
     /// backend cannot pin read-only memory to fault it in).
     fn op_dev_read(&mut self) {
-        let (start, len) = self.rng.run();
+        let (start, len) = random_run(&mut self.rng);
         let mut buf = vec![0x5au8; len * PAGE as usize];
         self.log.push(format!("dev read {start}+{len}"));
         let res = self.dev.read(addr_of(start), len as u64, &mut buf);
@@ -405,7 +382,7 @@ impl Harness {
     }
 
     fn op_dev_write(&mut self) {
-        let (start, len) = self.rng.run();
+        let (start, len) = random_run(&mut self.rng);
         if !self.mapped(start, len) {
             return;
         }
@@ -496,7 +473,7 @@ fn coherence_random_ops() {
             NPAGES
         ],
         scratch,
-        rng: Rng(seed),
+        rng: Rng::new(seed),
         step: 0,
         dev_ok: 0,
         dev_failed: 0,

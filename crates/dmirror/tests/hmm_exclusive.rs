@@ -12,6 +12,7 @@ use svmirror_core::testing::TestMirror;
 use svmirror_core::{Event, Owner, PAGE_SIZE, Range};
 use svmirror_dmirror::{DmirrorError, ExclusiveRefusal, FLAG_FAIL_ALLOC};
 use svmirror_mm::Protection;
+use svmirror_testsupport::serial;
 
 /// `hmm.exclusive`: the device takes exclusive access and reads the data; the CPU's accesses
 /// revoke it and see the data, and CHECK_EXCLUSIVE then finds no exclusive page left.

@@ -18,6 +18,7 @@ use hmm_common::*;
 use svmirror_core::Range;
 use svmirror_dmirror::{Dmirror, prot};
 use svmirror_mm::{Advice, ProcessMm, Protection};
+use svmirror_testsupport::serial;
 
 /// The child's side of `anon_write_child*`: it sees the parent's data, then its own device
 /// writes `-i` into the buffer in one fault pass.

@@ -16,6 +16,8 @@ use hmm_common::*;
 use svmirror_core::Range;
 use svmirror_dmirror::{FLAG_FAIL_ALLOC, prot};
 use svmirror_mm::{Advice, Protection};
+use svmirror_testsupport::hugetlb::{HugetlbPool, map_2m};
+use svmirror_testsupport::serial;
 
 /// `hmm.compound`: a hugetlb page snapshots as WRITE|PMD on every page, READ|PMD after it is
 /// made read-only.
@@ -24,10 +26,10 @@ use svmirror_mm::{Advice, Protection};
 #[test]
 fn hmm_compound() {
     let _s = serial();
-    let _pool = HugetlbPool::reserve(1);
+    let _pool = HugetlbPool::reserve(1).expect("a 2 MiB hugetlb page (run as root)");
     let env = Env::new();
     let dev = env.open();
-    let buf = hugetlb_map(TWO_MEG);
+    let buf = map_2m(TWO_MEG).expect("MAP_HUGETLB mmap");
     let npages = buf.pages();
     fill_ints(buf);
 
@@ -56,10 +58,10 @@ fn hmm_compound() {
 #[test]
 fn hmm_anon_write_hugetlbfs() {
     let _s = serial();
-    let _pool = HugetlbPool::reserve(1);
+    let _pool = HugetlbPool::reserve(1).expect("a 2 MiB hugetlb page (run as root)");
     let env = Env::new();
     let dev = env.open();
-    let buf = hugetlb_map(TWO_MEG);
+    let buf = map_2m(TWO_MEG).expect("MAP_HUGETLB mmap");
     let npages = buf.pages();
     let mut m = mirror_buf(npages);
     for i in 0..ints(buf) {

@@ -15,6 +15,7 @@ use hmm_common::*;
 use svmirror_core::Range;
 use svmirror_dmirror::prot;
 use svmirror_mm::{Advice, Protection};
+use svmirror_testsupport::{MONITOR_WAIT, eventually, serial};
 
 /// `hmm.open_close`: the device opens and closes, several at once, leaving nothing pinned.
 #[test]
@@ -420,16 +421,6 @@ fn random_below(n: u64) -> u64 {
     h.finish() % n
 }
 
-/// Waits up to 5 s for `cond` (userfaultfd events are handled on the monitor thread just after
-/// the syscall returns).
-fn eventually(what: &str, cond: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !cond() {
-        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-}
-
 /// `hmm.anon_teardown`: a device read races a thread that unmaps the second half of the buffer
 /// with a plain munmap (seen through the userfaultfd UNMAP event); when the read succeeds, it
 /// made one fault pass and read the right data.
@@ -472,7 +463,7 @@ fn hmm_anon_teardown() {
         unmapper.join().unwrap();
         env.unmap(Range::new(buf.start(), half.start()).unwrap());
         // The UNMAP event reaches the device: nothing of the buffer stays mapped or pinned.
-        eventually("device mappings torn down", || {
+        eventually("device mappings torn down", MONITOR_WAIT, || {
             dev.mirror().pins().live() == 0 && dev.mirror().mmu().translate(half.start()).is_none()
         });
     }
@@ -529,7 +520,7 @@ fn hmm2_double_map() {
     let hole = buf.start() + PAGE;
     // SAFETY: test memory, touched only through raw pointers.
     assert_eq!(unsafe { libc::munmap(hole as *mut _, PAGE as usize) }, 0);
-    eventually("both devices lose the page", || {
+    eventually("both devices lose the page", MONITOR_WAIT, || {
         dev0.mirror().mmu().translate(hole).is_none()
             && dev1.mirror().mmu().translate(hole).is_none()
     });

@@ -9,6 +9,7 @@ use hmm_common::*;
 
 use svmirror_dmirror::prot;
 use svmirror_mm::Protection;
+use svmirror_testsupport::serial;
 
 /// Pages of the protection test: the last `RO` of `NP` are made read-only.
 const NP: u64 = 72;

@@ -13,6 +13,7 @@ mod hmm_common;
 use hmm_common::*;
 use svmirror_core::{CpuPte, PageSource, Range};
 use svmirror_mm::{Advice, ProcessPageSource};
+use svmirror_testsupport::serial;
 
 /// The buffer: two PMD-sized windows.
 const LEN: u64 = 2 * TWO_MEG;

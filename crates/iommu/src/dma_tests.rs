@@ -6,7 +6,7 @@ use super::*;
 use crate::mmu::MmuConfig;
 use crate::page_table::{IOVA_END, Perms};
 use crate::pin::{Pin, PinPoolConfig};
-use crate::testing::AnonMap;
+use svmirror_mm::testing::AnonMap;
 
 /// A DMA engine over a fresh IOMMU, with buffers pinned and mapped at their own addresses.
 struct Rig {
@@ -18,7 +18,7 @@ struct Rig {
 }
 
 fn rig(config: DmaConfig) -> Rig {
-    let serial = crate::testing::pin_test_lock();
+    let serial = svmirror_testsupport::serial();
     let mmu = Arc::new(Mmu::new(MmuConfig {
         iotlb_entries: 16,
         checking: true,

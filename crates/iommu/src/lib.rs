@@ -50,7 +50,7 @@
 //!
 //! ```
 //! use svmirror_core::{Event, Notifier, NotifierRange, Range};
-//! use svmirror_iommu::testing::AnonMap;
+//! use svmirror_mm::testing::AnonMap;
 //! use svmirror_iommu::{DmaCommand, IommuMirror, MirrorConfig};
 //! use svmirror_mm::ProcessPageSource;
 //!

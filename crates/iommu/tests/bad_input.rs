@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use svmirror_core::MirrorError;
 use svmirror_core::{Notifier, PAGE_SIZE, Range};
-use svmirror_iommu::testing::AnonMap;
 use svmirror_iommu::{
     DmaCommand, DmaConfig, DmaEngine, IOVA_END, IommuError, IommuMirror, MirrorConfig, Mmu,
     MmuConfig, PageTable, Perms, PinPool, PinPoolConfig,
 };
 use svmirror_mm::ProcessPageSource;
+use svmirror_mm::testing::AnonMap;
 
 const PAGE: u64 = PAGE_SIZE;
 

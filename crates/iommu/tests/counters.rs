@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use common::{PAGE, mirror_with, mm_mirror, raw_source};
 use svmirror_core::{Event, FaultSize, Notifier, NotifierRange, Range, counters::EVENT_NAMES};
-use svmirror_iommu::testing::{AnonMap, RaceAfterSnapshot, clear_through};
+use svmirror_iommu::testing::{RaceAfterSnapshot, clear_through};
 use svmirror_iommu::{DmaCommand, IommuMirror, MirrorConfig, Prefetch};
+use svmirror_mm::testing::AnonMap;
 use svmirror_mm::{ProcessMm, Protection};
 
 fn read(m: &IommuMirror, src: u64, len: u64) -> Vec<u8> {

@@ -1,21 +1,14 @@
 //! Device kernels: Rust closures whose every load and store goes through the IOMMU, on ordinary
-//! heap memory at its own virtual addresses.
+//! heap memory at its own virtual addresses. The tests compare the process-wide `VmPin`: they
+//! run one at a time (`serial`).
 
 mod common;
-
-use std::sync::{Mutex, MutexGuard};
 
 use common::{PAGE, mirror};
 use svmirror_core::{Notifier, Range};
 use svmirror_iommu::{Access, DeviceKernel, KernelError};
 use svmirror_mm::{ProcessMm, Protection, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
-
-/// The tests compare the process-wide `VmPin`: they run one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+use svmirror_testsupport::serial;
 
 /// A node of an ordinary heap linked list.
 #[repr(C)]

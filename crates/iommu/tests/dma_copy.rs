@@ -4,8 +4,8 @@ mod common;
 
 use common::{PAGE, RustBuf, mirror, pattern};
 use svmirror_core::Notifier;
-use svmirror_iommu::testing::AnonMap;
 use svmirror_iommu::{DmaCommand, LeafSize};
+use svmirror_mm::testing::AnonMap;
 
 #[test]
 fn copy_between_rust_allocated_buffers_gives_the_right_bytes() {

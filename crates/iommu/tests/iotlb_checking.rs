@@ -5,8 +5,8 @@ mod common;
 
 use common::{PAGE, mirror};
 use svmirror_core::{Event, Notifier, NotifierRange, Range};
-use svmirror_iommu::testing::AnonMap;
 use svmirror_iommu::{DmaCommand, IommuError, IommuMirror, Perms};
+use svmirror_mm::testing::AnonMap;
 
 fn run(m: &IommuMirror, cmd: DmaCommand) -> Result<(), IommuError> {
     m.submit(cmd)?.wait().map(drop)

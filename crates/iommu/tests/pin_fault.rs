@@ -18,8 +18,8 @@ use svmirror_core::{
     Error, IntervalNotifierOps, InvalidateCtx, NotifierRange, Owner, PAGE_SIZE, Pass, UpdateLock,
     WouldBlock,
 };
-use svmirror_iommu::testing::AnonMap;
 use svmirror_iommu::{Pin, PinPool, PinPoolConfig};
+use svmirror_mm::testing::AnonMap;
 use svmirror_mm::{
     DevicePages, ProcessMm, Protection, UffdAccess, VM_PIN_SETTLE, settled_vm_pinned_bytes,
     vm_pinned_bytes,

@@ -1,8 +1,8 @@
 //! A pin past RLIMIT_MEMLOCK is a typed error and leaves nothing pinned. Alone in its binary:
 //! it lowers the process's RLIMIT_MEMLOCK.
 
-use svmirror_iommu::testing::AnonMap;
 use svmirror_iommu::{IommuError, PinPool, PinPoolConfig};
+use svmirror_mm::testing::AnonMap;
 use svmirror_mm::{VM_PIN_SETTLE, memlock_limit, settled_vm_pinned_bytes, vm_pinned_bytes};
 
 #[repr(C)]

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use common::{PAGE, mm_mirror};
 use svmirror_core::{CpuPte, PageSource};
-use svmirror_iommu::testing::AnonMap;
 use svmirror_iommu::{DmaCommand, IommuMirror, LeafSize, MirrorConfig, Prefetch};
+use svmirror_mm::testing::AnonMap;
 use svmirror_mm::{ProcessMm, ProcessPageSource};
 
 const TWO_MEG: u64 = 2 << 20;
@@ -23,16 +23,6 @@ fn read(m: &IommuMirror, src: u64, len: u64) -> (Vec<u8>, u32) {
         .wait()
         .unwrap();
     (c.data, c.page_requests)
-}
-
-/// `advice` over all of `b` (MADV_HUGEPAGE / MADV_NOHUGEPAGE).
-fn advise(b: &AnonMap, advice: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: advice on our own mapping; no byte or mapping changes.
-    let rc = unsafe { libc::madvise(b.addr() as *mut libc::c_void, b.len(), advice) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// The `/proc/self/maps` line (start, end) of the mapping containing `addr`.
@@ -67,7 +57,7 @@ fn a_fault_pins_and_maps_only_the_page_the_device_read() {
     // kernel places, so the hole this test punches is never taken by another thread's mapping
     // (which `b`'s drop would then unmap).
     let b = AnonMap::at(0x2d00_0000_0000, 4 << 20).unwrap();
-    advise(&b, libc::MADV_NOHUGEPAGE).unwrap();
+    b.advise(libc::MADV_NOHUGEPAGE).unwrap();
     b.fill_with(|i| (i / PAGE as usize) as u8);
     let page = b.addr() + TWO_MEG + 5 * PAGE;
     let neighbour = page + 2 * PAGE;
@@ -119,7 +109,7 @@ fn a_programs_mremap_of_a_device_faulted_mapping_still_works() {
     let m = mm_mirror(&mm, MirrorConfig::checked());
     // Room to grow in place: reserve 4 MiB, give 2 MiB back. Fixed and far, as above.
     let b = AnonMap::at(0x2e00_0000_0000, 4 << 20).unwrap();
-    advise(&b, libc::MADV_NOHUGEPAGE).unwrap();
+    b.advise(libc::MADV_NOHUGEPAGE).unwrap();
     let base = b.addr();
     // SAFETY: the upper half of our own reservation, which nothing refers to.
     let rc = unsafe { libc::munmap((base + TWO_MEG) as *mut libc::c_void, TWO_MEG as usize) };
@@ -217,7 +207,7 @@ fn a_read_of_several_pages_maps_them_in_one_request_and_nothing_more() {
     let mm = Arc::new(ProcessMm::new().expect("userfaultfd available (run as root)"));
     let m = mm_mirror(&mm, MirrorConfig::checked());
     let b = AnonMap::aligned(TWO_MEG as usize, TWO_MEG as usize).unwrap();
-    advise(&b, libc::MADV_NOHUGEPAGE).unwrap();
+    b.advise(libc::MADV_NOHUGEPAGE).unwrap();
     b.fill(3);
     let start = b.addr() + 3 * PAGE;
     let (data, requests) = read(&m, start + 1, 5 * PAGE - 1);
@@ -253,7 +243,7 @@ fn a_buffer_across_a_window_boundary_takes_one_request_per_window() {
         };
         let m = common::mirror_with(&notifier, config);
         let region = AnonMap::aligned(4 << 20, 4 << 20).unwrap();
-        advise(&region, libc::MADV_NOHUGEPAGE).unwrap();
+        region.advise(libc::MADV_NOHUGEPAGE).unwrap();
         region.fill(9);
         let buf = region.addr() + TWO_MEG - 2 * PAGE;
         let (data, requests) = read(&m, buf, 4 * PAGE);
@@ -287,7 +277,7 @@ fn a_fault_in_a_thp_maps_the_whole_huge_page_as_one_2m_leaf() {
     let m = mm_mirror(&mm, MirrorConfig::checked());
     // The THP is in the middle of a larger VMA: the extension stops at the huge page.
     let b = AnonMap::aligned(3 * TWO_MEG as usize, TWO_MEG as usize).unwrap();
-    advise(&b, libc::MADV_HUGEPAGE).expect("THP enabled");
+    b.advise(libc::MADV_HUGEPAGE).expect("THP enabled");
     b.fill(5);
     let huge = b.addr() + TWO_MEG;
     assert_eq!(cpu_order(huge), 9, "the CPU maps a THP (is THP enabled?)");
@@ -319,7 +309,7 @@ fn a_write_to_an_untouched_thp_area_maps_one_2m_leaf() {
     let mm = Arc::new(ProcessMm::new().expect("userfaultfd available (run as root)"));
     let m = mm_mirror(&mm, MirrorConfig::checked());
     let b = AnonMap::aligned(TWO_MEG as usize, TWO_MEG as usize).unwrap();
-    advise(&b, libc::MADV_HUGEPAGE).expect("THP enabled");
+    b.advise(libc::MADV_HUGEPAGE).expect("THP enabled");
     m.submit(DmaCommand::Fill {
         dst: b.addr() + 3 * PAGE,
         len: 8,
@@ -346,7 +336,7 @@ fn window_prefetch_maps_the_window_clamped_to_the_vma() {
     let m = mm_mirror(&mm, config);
     // 1 MiB of its own: the VMA ends inside the window.
     let b = AnonMap::aligned(1 << 20, TWO_MEG as usize).unwrap();
-    advise(&b, libc::MADV_NOHUGEPAGE).unwrap();
+    b.advise(libc::MADV_NOHUGEPAGE).unwrap();
     b.fill(2);
     let (_, requests) = read(&m, b.addr() + 7 * PAGE, 8);
     assert_eq!(requests, 1);

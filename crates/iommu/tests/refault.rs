@@ -5,8 +5,8 @@ mod common;
 
 use common::{PAGE, mirror};
 use svmirror_core::{Event, Notifier, NotifierRange, Range};
-use svmirror_iommu::testing::AnonMap;
 use svmirror_iommu::{DmaCommand, IommuMirror};
+use svmirror_mm::testing::AnonMap;
 
 fn read(m: &IommuMirror, addr: u64, len: u64) -> Vec<u8> {
     m.submit(DmaCommand::Read { src: addr, len })

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use common::{PAGE, mm_mirror};
 use svmirror_core::{IntervalNotifierOps, InvalidateCtx, NotifierRange, Pass, Range, WouldBlock};
-use svmirror_iommu::testing::AnonMap;
 use svmirror_iommu::{DmaCommand, MirrorConfig};
 use svmirror_mm::ProcessMm;
+use svmirror_mm::testing::AnonMap;
 
 /// A subscriber whose invalidation reports that it started, then waits for `gate`: it holds
 /// the monitor's handler, as a driver waiting for a lock would.

@@ -6,7 +6,7 @@ mod common;
 use common::{PAGE, mirror};
 use svmirror_core::{Event, Notifier, NotifierRange, Range};
 use svmirror_iommu::DmaCommand;
-use svmirror_iommu::testing::AnonMap;
+use svmirror_mm::testing::AnonMap;
 use svmirror_mm::{VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
 
 #[test]

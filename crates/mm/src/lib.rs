@@ -28,7 +28,9 @@
 //!   else unprivileged says which pages a huge entry maps.
 //!
 //! The crate reads page tables and faults pages in; it never reads or writes the memory it
-//! inspects, and never turns it into a Rust reference.
+//! inspects, and never turns it into a Rust reference. ([`testing::AnonMap`], the anonymous
+//! mapping that tests and benchmarks put device buffers in, copies bytes in and out of its own
+//! mapping through raw pointers.)
 //!
 //! # What is the caller's job
 //!
@@ -88,6 +90,7 @@ mod register;
 pub mod scenarios;
 mod shared;
 mod svm;
+pub mod testing;
 mod uapi;
 mod uffd;
 mod writes;

@@ -9,9 +9,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use svmirror_core::{Error, Event, PageSource, Range};
+use svmirror_testsupport::{eventually, serial};
 
 #[path = "support/fixture.rs"]
 mod fixture;
@@ -132,16 +133,15 @@ fn a_page_brought_back_while_an_event_is_queued_keeps_its_bytes() {
     });
     let tid = tid_rx.recv().unwrap();
     // Either the munmap returned (its event was read) or its thread waits for the read.
-    let deadline = Instant::now() + Duration::from_secs(10);
     let mut returned = None;
-    while returned.is_none() && !wchan(tid).contains("userfaultfd_event_wait_completion") {
-        assert!(
-            Instant::now() < deadline,
-            "the second munmap neither returned nor waited"
-        );
-        returned = done.try_recv().ok();
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    eventually(
+        "the second munmap to return or wait for its read",
+        Duration::from_secs(10),
+        || {
+            returned = returned.or_else(|| done.try_recv().ok());
+            returned.is_some() || wchan(tid).contains("userfaultfd_event_wait_completion")
+        },
+    );
 
     let back = f.mm.migrate_to_ram(migrated);
     held.release();

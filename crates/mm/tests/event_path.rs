@@ -14,6 +14,7 @@ use std::sync::Arc;
 use svmirror_core::testing::TestMirror;
 use svmirror_core::{Error, Event, Owner, PageSource, Range};
 use svmirror_mm::{MmError, ProcessMm, Unregistrable};
+use svmirror_testsupport::serial;
 
 #[path = "support/fixture.rs"]
 mod fixture;

@@ -10,80 +10,18 @@ use std::sync::Arc;
 use svmirror_core::testing::TestMirror;
 use svmirror_core::{Event, Owner, PAGE_SIZE, Range, entry};
 use svmirror_mm::ProcessMm;
+use svmirror_testsupport::hugetlb::{HUGE_2M, HugetlbPool, POOL_2M, available_2m, map_2m};
 
 #[path = "support/fixture.rs"]
 mod fixture;
 use fixture::invalidations;
 
-const HUGE: u64 = 2 << 20;
+const HUGE: u64 = HUGE_2M;
 /// Pages of `PAGE_SIZE` in one huge page.
 const PER_HUGE: u64 = HUGE / PAGE_SIZE;
 
-const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
-const POOL_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
-
-/// How many huge pages the test tries to have free.
+/// How many huge pages the test tries to have available.
 const WANT_FREE: u64 = 4;
-
-fn read_u64(path: &str) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// The 2 MiB pool's free pages; 0 where the kernel has no such pool.
-fn free_2m() -> u64 {
-    read_u64(&format!("{POOL_2M}/free_hugepages")).unwrap_or(0)
-}
-
-/// The file that sizes the 2 MiB pool: `vm.nr_hugepages` where 2 MiB is the default huge page
-/// size (as on x86-64), else the pool's own.
-fn pool_size_file() -> String {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let default_2m = meminfo
-        .lines()
-        .any(|l| l.starts_with("Hugepagesize:") && l.split_whitespace().nth(1) == Some("2048"));
-    if default_2m {
-        NR_HUGEPAGES.to_owned()
-    } else {
-        format!("{POOL_2M}/nr_hugepages")
-    }
-}
-
-/// The pool size as it was before the test grew it, written back on drop (also when the test
-/// fails).
-struct PoolRestore {
-    file: String,
-    old: u64,
-}
-
-impl Drop for PoolRestore {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::write(&self.file, self.old.to_string()) {
-            eprintln!("could not restore {} to {}: {e}", self.file, self.old);
-        }
-    }
-}
-
-/// Tries to have `WANT_FREE` huge pages of 2 MiB free, growing the pool if need be (which needs
-/// root); returns the guard that shrinks it back.
-fn reserve() -> Option<PoolRestore> {
-    let free = free_2m();
-    if free >= WANT_FREE {
-        return None;
-    }
-    let file = pool_size_file();
-    let old = read_u64(&file)?;
-    let want = old + (WANT_FREE - free);
-    match std::fs::write(&file, want.to_string()) {
-        Ok(()) => {
-            println!("hugetlb: {file} {old} -> {want} (now {} free)", free_2m());
-            Some(PoolRestore { file, old })
-        }
-        Err(e) => {
-            println!("hugetlb: could not grow {file} from {old} to {want}: {e}");
-            None
-        }
-    }
-}
 
 /// A private anonymous hugetlb mapping of 2 MiB pages, unmapped on drop where still mapped.
 struct HugeMap {
@@ -94,23 +32,8 @@ struct HugeMap {
 
 impl HugeMap {
     fn new(pages: u64) -> io::Result<HugeMap> {
-        let len = pages * HUGE;
-        // SAFETY: a new mapping at an address the kernel picks; it replaces nothing.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
         Ok(HugeMap {
-            range: Range::with_len(p as u64, len).unwrap(),
+            range: map_2m(pages * HUGE)?,
             mapped: vec![true; pages as usize],
         })
     }
@@ -158,9 +81,13 @@ impl Drop for HugeMap {
 
 #[test]
 fn hugetlb_pages_give_one_invalidation_per_event() {
-    // Dropped last: the pool shrinks back only once the pages are unmapped.
-    let _pool = reserve();
-    let free = free_2m();
+    // Dropped last: the pool shrinks back only once the pages are unmapped. Growing it is
+    // best effort: without huge pages the test proves the mmap fails instead.
+    let _pool = HugetlbPool::grow(WANT_FREE)
+        .inspect(|pool| println!("hugetlb: pool grown: {:?}", pool.resized()))
+        .inspect_err(|e| println!("hugetlb: {e:?}"))
+        .ok();
+    let free = available_2m();
     let mm = ProcessMm::new().expect("userfaultfd available");
     // Dropped first, while the monitor still reads the UNMAP events its munmap causes.
     let mut map = match HugeMap::new(2) {

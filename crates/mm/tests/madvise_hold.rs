@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use svmirror_core::Owner;
 use svmirror_core::testing::TestMirror;
 use svmirror_mm::{ProcessMm, ZAP_SUSPECT_WAIT, ZAP_WAIT};
+use svmirror_testsupport::serial;
 
 #[path = "support/fixture.rs"]
 mod fixture;

@@ -10,6 +10,7 @@ use svmirror_core::{
     PageSource, Range, entry, range_fault,
 };
 use svmirror_mm::{PageSourceFeatures, ProcessPageSource};
+use svmirror_testsupport::serial;
 
 mod common;
 use common::*;

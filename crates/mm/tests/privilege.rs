@@ -10,11 +10,12 @@ use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use svmirror_core::testing::TestMirror;
 use svmirror_core::{Event, Owner};
 use svmirror_mm::{ProcessMm, Protection, UffdAccess};
+use svmirror_testsupport::{MONITOR_WAIT, POLL, poll_until};
 
 #[path = "support/fixture.rs"]
 mod fixture;
@@ -350,10 +351,7 @@ fn unprivileged_child() {
         assert_eq!(sys_munmap(buf.start(), buf.len()), 0);
         // The monitor handles an event after the munmap has returned: let it finish with this
         // buffer before a new mapping can take its addresses.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while mm.stats().unmap_events < 2 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        poll_until(MONITOR_WAIT, POLL, || mm.stats().unmap_events >= 2);
         assert_eq!(mm.stats().unmap_events, 2);
         say!("munmap as nobody: one Unmap invalidation of {part}");
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use svmirror_core::testing::TestMirror;
 use svmirror_core::{Error, Event, FaultRequest, Owner, PageSource, Range, entry, range_fault};
 use svmirror_mm::{Advice, DevicePages, MmError, ProcessMm, Protection};
+use svmirror_testsupport::serial;
 
 #[path = "support/fixture.rs"]
 mod fixture;

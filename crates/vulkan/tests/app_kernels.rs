@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use svmirror_mm::Protection;
+use svmirror_testsupport::serial;
 use svmirror_vulkan::{
     Dispatch, FrontierCounters, GraphNode, Kernel, ScratchBuffer, SlotStatus, VulkanError,
 };

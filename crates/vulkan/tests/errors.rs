@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use svmirror_core::MirrorError;
+use svmirror_testsupport::serial;
 use svmirror_vulkan::{
     Dispatch, Gpu, GpuConfig, InjectedFailure, Kernel, MirrorConfig, VulkanError, VulkanMirror,
 };

@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use svmirror_core::{Event, Range};
 use svmirror_mm::Protection;
+use svmirror_testsupport::{MONITOR_WAIT, eventually, serial};
 use svmirror_vulkan::{Dispatch, Kernel, VulkanError};
 
 fn saxpy(x: u64, y: u64, n: u32, a: f32) -> Dispatch {
@@ -74,7 +75,7 @@ fn munmap_behind_our_back_is_learnt_through_userfaultfd() {
     let rc = unsafe { libc::munmap(y.start() as *mut libc::c_void, y.len() as usize) };
     assert_eq!(rc, 0);
     // The counter moves at the end of the callback, after the entries went.
-    wait_until("the UNMAP event", || {
+    eventually("the UNMAP event", MONITOR_WAIT, || {
         m.entry(y.start()).is_none() && invalidations(&rig, Event::Unmap) > unmaps
     });
     assert!(m.entry(x.start()).is_some(), "x is untouched");
@@ -105,7 +106,7 @@ fn madvise_dontneed_behind_our_back_drops_the_whole_chunk_and_the_gpu_sees_zeros
     assert_eq!(rc, 0);
     // Other REMOVE events (the allocator returning freed heap memory) may come first: wait
     // for this one's effect.
-    wait_until("the REMOVE event", || {
+    eventually("the REMOVE event", MONITOR_WAIT, || {
         m.entry(chunk.start()).is_none()
             && m.entry(chunk.end() - PAGE).is_none()
             && invalidations(&rig, Event::Clear) > clears
@@ -146,7 +147,7 @@ fn mremap_behind_our_back_unmaps_the_old_range_and_the_gpu_follows_the_data() {
         y.start(),
         "grown twofold with MAYMOVE, it moved"
     );
-    wait_until("the REMAP/UNMAP events", || {
+    eventually("the REMAP/UNMAP events", MONITOR_WAIT, || {
         m.entry(y.start()).is_none() && invalidations(&rig, Event::Unmap) > unmaps
     });
     // The data moved with the mapping: y[i] = i + 1; the GPU sees it at the new address.
@@ -244,9 +245,11 @@ fn unmap_while_in_flight(rig: &Rig) {
             // SAFETY: the walks stay in `nodes`; `out` is not referenced until the join.
             unsafe { m.dispatch(&d) }
         });
-        wait_until("the dispatch to be in flight", || {
-            m.resources().in_flight > 0 || t.is_finished()
-        });
+        eventually(
+            "the dispatch to be in flight",
+            std::time::Duration::from_secs(5),
+            || m.resources().in_flight > 0 || t.is_finished(),
+        );
         unmap(&rig.mm, &[nodes]);
         assert_eq!(m.entry(nodes.start()), None);
         t.join().unwrap()

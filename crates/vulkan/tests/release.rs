@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use svmirror_core::Event;
+use svmirror_testsupport::serial;
 use svmirror_vulkan::VulkanError;
 
 #[test]

@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use svmirror_core::{Event, FaultSize};
+use svmirror_testsupport::{MONITOR_WAIT, eventually, serial};
 use svmirror_vulkan::{
     BfsNode, ChaseNode, Dispatch, Kernel, MirrorConfig, StagedChase, StagedStream,
 };
@@ -283,7 +284,7 @@ fn migration_to_device_memory_and_a_cpu_touch_brings_pages_home() {
     );
     // A CPU touch of one page brings that page home, with the GPU's result.
     assert_eq!(read_f32(y.start(), 5), 2.0 * 5.0 + 1.0);
-    wait_until("the touched page to come home", || {
+    eventually("the touched page to come home", MONITOR_WAIT, || {
         m.resources().device_pages == pages - 1
     });
     assert_eq!(m.entry(y.start()), None, "the page left device memory");

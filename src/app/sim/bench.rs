@@ -5,9 +5,9 @@
 use std::time::{Duration, Instant};
 
 use svmirror_core::{Event, Notifier, NotifierRange, PAGE_SIZE, Range};
-use svmirror_iommu::testing::AnonMap;
 use svmirror_iommu::{DmaCommand, IommuError, IommuMirror, MirrorConfig};
 use svmirror_mm::ProcessPageSource;
+use svmirror_mm::testing::AnonMap;
 
 use crate::app::report::Figure;
 use crate::app::{AppError, BackendKind, Result, median};
@@ -63,25 +63,17 @@ fn bench_mirror(notifier: &Notifier, buf: &AnonMap) -> Result<IommuMirror> {
     .map_err(bench_err("mirror"))
 }
 
-fn advise(buf: &AnonMap, advice: libc::c_int) {
-    // SAFETY: HUGEPAGE/NOHUGEPAGE change a flag of the benchmark's own mapping, never its
-    // contents. Failure (no THP) only makes the 2 MiB case use 4 KiB pages.
-    unsafe { libc::madvise(buf.addr() as usize as *mut libc::c_void, buf.len(), advice) };
-}
-
 /// Median device read latency when every read faults (the mapping is dropped before each),
 /// and when the translation is in place.
 fn fault_replay(len: usize, huge: bool, iters: usize) -> Result<(f64, f64)> {
     let notifier = Notifier::new();
     let buf = AnonMap::aligned(len, 2 << 20).map_err(io_err("mmap"))?;
-    advise(
-        &buf,
-        if huge {
-            libc::MADV_HUGEPAGE
-        } else {
-            libc::MADV_NOHUGEPAGE
-        },
-    );
+    // Failure (no THP) only makes the 2 MiB case use 4 KiB pages.
+    let _ = buf.advise(if huge {
+        libc::MADV_HUGEPAGE
+    } else {
+        libc::MADV_NOHUGEPAGE
+    });
     buf.fill(0x5a);
     let m = bench_mirror(&notifier, &buf)?;
     let range = m.range();
@@ -116,7 +108,7 @@ fn fault_replay(len: usize, huge: bool, iters: usize) -> Result<(f64, f64)> {
 fn dma_copy(len: usize, iters: usize) -> Result<(f64, f64)> {
     let notifier = Notifier::new();
     let buf = AnonMap::aligned(2 * len, 2 << 20).map_err(io_err("mmap"))?;
-    advise(&buf, libc::MADV_HUGEPAGE);
+    let _ = buf.advise(libc::MADV_HUGEPAGE);
     buf.fill(0x11);
     let m = bench_mirror(&notifier, &buf)?;
     let (src, dst) = (buf.addr(), buf.addr() + len as u64);

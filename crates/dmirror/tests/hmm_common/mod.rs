@@ -1,15 +1,18 @@
 //! Helpers shared by the ports of the kernel's hmm selftests (`hmm_*.rs`): the environment (the
 //! process's address space and its pinned-page count), buffers, int access through raw
-//! pointers, forking, and hugetlb pool reservation.
+//! pointers, and forking. The test lock and the hugetlb pool come from svmirror-testsupport:
+//! every test takes `serial()` first, since each opens the process's userfaultfd monitor and
+//! the snapshot test depends on the address-space layout.
 #![allow(dead_code)]
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use svmirror_core::{PAGE_SIZE, Range};
 use svmirror_dmirror::Dmirror;
 use svmirror_mm::{
     Advice, ProcessMm, Protection, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes,
 };
+use svmirror_testsupport::volatile;
 
 /// The kernel tests' HMM_BUFFER_SIZE in pages.
 pub const NPAGES: u64 = 1024;
@@ -19,14 +22,6 @@ pub const PAGE: u64 = PAGE_SIZE;
 pub const INTS_PER_PAGE: u64 = PAGE / 4;
 /// The PMD size: a transparent or hugetlb huge page.
 pub const TWO_MEG: u64 = 2 << 20;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// One test at a time: each opens the process's userfaultfd monitor, and the snapshot test
-/// depends on the address-space layout.
-pub fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// The process's address space and the pinned bytes before the test.
 pub struct Env {
@@ -119,16 +114,14 @@ pub fn raw_munmap(r: Range) {
 }
 
 pub fn write_int(r: Range, i: u64, v: u32) {
-    let p = (r.start() + i * 4) as *mut u32;
     // SAFETY: `i` indexes an int of the mapped, writable test buffer `r`, which Rust code
     // touches only through raw pointers.
-    unsafe { std::ptr::write_volatile(p, v) }
+    unsafe { volatile::write(r.start() + i * 4, v) }
 }
 
 pub fn read_int(r: Range, i: u64) -> u32 {
-    let p = (r.start() + i * 4) as *const u32;
     // SAFETY: as for `write_int`, for a readable buffer.
-    unsafe { std::ptr::read_volatile(p) }
+    unsafe { volatile::read(r.start() + i * 4) }
 }
 
 /// Fills `r` with its int indices (the kernel tests' `ptr[i] = i`).
@@ -221,99 +214,4 @@ pub fn wait_ok(pid: libc::pid_t) {
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "child failed (wait status {status:#x}; its message is on stderr)"
     );
-}
-
-const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
-const POOL_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
-
-fn read_u64(path: &str) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// The 2 MiB hugetlb pool's free pages.
-/// 2 MiB pages free and not reserved by a mapping (a reserved page counts as free in
-/// `free_hugepages`, but another MAP_HUGETLB cannot have it).
-fn free_2m() -> u64 {
-    let free = read_u64(&format!("{POOL_2M}/free_hugepages")).unwrap_or(0);
-    let resv = read_u64(&format!("{POOL_2M}/resv_hugepages")).unwrap_or(0);
-    free.saturating_sub(resv)
-}
-
-/// The file that sizes the 2 MiB pool: `vm.nr_hugepages` where 2 MiB is the default huge page
-/// size (as on x86-64), else the pool's own.
-fn pool_size_file() -> String {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let default_2m = meminfo
-        .lines()
-        .any(|l| l.starts_with("Hugepagesize:") && l.split_whitespace().nth(1) == Some("2048"));
-    if default_2m {
-        NR_HUGEPAGES.to_owned()
-    } else {
-        format!("{POOL_2M}/nr_hugepages")
-    }
-}
-
-/// Huge pages reserved for a test: the pool size is written back on drop (also when the test
-/// fails).
-pub struct HugetlbPool {
-    restore: Option<(String, u64)>,
-}
-
-impl HugetlbPool {
-    /// Makes sure `want` 2 MiB hugetlb pages are free, growing the pool (as root). Fails the
-    /// test with a clear message where that is impossible: the kernel's selftests skip there,
-    /// ours must not.
-    pub fn reserve(want: u64) -> HugetlbPool {
-        let free = free_2m();
-        if free >= want {
-            return HugetlbPool { restore: None };
-        }
-        let file = pool_size_file();
-        let old = read_u64(&file).unwrap_or_else(|| panic!("hugetlb: cannot read {file}"));
-        let target = old + (want - free);
-        if let Err(e) = std::fs::write(&file, target.to_string()) {
-            panic!("hugetlb: could not grow {file} from {old} to {target} (needs root): {e}");
-        }
-        let pool = HugetlbPool {
-            restore: Some((file, old)),
-        };
-        assert!(
-            free_2m() >= want,
-            "hugetlb: only {} of {want} huge pages free after growing the pool",
-            free_2m()
-        );
-        pool
-    }
-}
-
-impl Drop for HugetlbPool {
-    fn drop(&mut self) {
-        if let Some((file, old)) = &self.restore {
-            if let Err(e) = std::fs::write(file, old.to_string()) {
-                eprintln!("could not restore {file} to {old}: {e}");
-            }
-        }
-    }
-}
-
-/// A private anonymous hugetlb mapping of `len` bytes (MAP_HUGETLB, 2 MiB pages).
-pub fn hugetlb_map(len: u64) -> Range {
-    // SAFETY: a new mapping at an address the kernel picks; it replaces nothing.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(
-        p,
-        libc::MAP_FAILED,
-        "MAP_HUGETLB mmap: {}",
-        std::io::Error::last_os_error()
-    );
-    Range::with_len(p as u64, len).unwrap()
 }

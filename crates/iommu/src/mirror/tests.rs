@@ -7,7 +7,8 @@ use svmirror_core::{Error as CoreError, Notifier};
 use super::*;
 use crate::dma::{FaultMode, FaultReason, Injection};
 use crate::page_table::{IOVA_END, LeafSize};
-use crate::testing::{AnonMap, RaceAfterSnapshot, clear_through};
+use crate::testing::{RaceAfterSnapshot, clear_through};
+use svmirror_mm::testing::AnonMap;
 use svmirror_mm::{ProcessPageSource, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
 
 const PAGE: u64 = PAGE_SIZE;
@@ -40,7 +41,7 @@ struct Rig {
 
 /// A mirror over the whole user address space below 2^47.
 fn rig_with(config: MirrorConfig) -> Rig {
-    let serial = crate::testing::pin_test_lock();
+    let serial = svmirror_testsupport::serial();
     let notifier = Notifier::new();
     let range = Range::new(PAGE, 1 << 47).unwrap();
     // SAFETY: tests touch device-written memory only through `AnonMap`'s raw pointers.
@@ -385,7 +386,7 @@ fn assert_efault(r: Result<crate::dma::Completion>) {
 
 #[test]
 fn access_outside_the_mirror_fails() {
-    let serial = crate::testing::pin_test_lock();
+    let serial = svmirror_testsupport::serial();
     let notifier = Notifier::new();
     let b = AnonMap::new(2 * PAGE as usize).unwrap();
     let range = Range::with_len(b.addr(), PAGE).unwrap();
@@ -505,7 +506,7 @@ fn demand_fault_maps_the_pages_asked_for_and_no_neighbour() {
 
 #[test]
 fn drop_releases_every_pin() {
-    let _serial = crate::testing::pin_test_lock();
+    let _serial = svmirror_testsupport::serial();
     let before = vm_pinned_bytes().unwrap();
     let notifier = Notifier::new();
     let b = AnonMap::new(8 * PAGE as usize).unwrap();
@@ -545,7 +546,7 @@ fn notifier_release_tears_everything_down() {
 
 #[test]
 fn invalidation_racing_a_page_request_makes_it_retry() {
-    let _serial = crate::testing::pin_test_lock();
+    let _serial = svmirror_testsupport::serial();
     let notifier = Notifier::new();
     let b = placed(2 * PAGE as usize);
     b.fill(4);

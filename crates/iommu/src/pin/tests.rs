@@ -5,7 +5,7 @@ use svmirror_core::PAGE_SIZE;
 
 use super::*;
 use crate::error::IommuError;
-use crate::testing::AnonMap;
+use svmirror_mm::testing::AnonMap;
 use svmirror_mm::{
     VM_PIN_SETTLE, memlock_limit, raise_memlock_limit, settled_vm_pinned_bytes, vm_pinned_bytes,
 };
@@ -16,7 +16,7 @@ fn pool() -> Arc<PinPool> {
 
 #[test]
 fn read_through_pin_sees_old_page_after_cpu_remaps_address() {
-    let _serial = crate::testing::pin_test_lock();
+    let _serial = svmirror_testsupport::serial();
     let before = vm_pinned_bytes().unwrap();
     let pool = pool();
     let old = AnonMap::new(PAGE_SIZE as usize).unwrap();
@@ -54,7 +54,7 @@ fn read_through_pin_sees_old_page_after_cpu_remaps_address() {
 
 #[test]
 fn copy_moves_bytes_between_pins() {
-    let _serial = crate::testing::pin_test_lock();
+    let _serial = svmirror_testsupport::serial();
     let pool = pool();
     let a = AnonMap::new(3 * PAGE_SIZE as usize).unwrap();
     let b = AnonMap::new(3 * PAGE_SIZE as usize).unwrap();
@@ -80,7 +80,7 @@ fn copy_moves_bytes_between_pins() {
 /// bytes, and a copy lands on the pinned pages even after the CPU remapped the destination.
 #[test]
 fn copies_through_pipe_and_memfd_are_chunked_and_stay_on_the_pins() {
-    let _serial = crate::testing::pin_test_lock();
+    let _serial = svmirror_testsupport::serial();
     for copy_pipes in [1, 2, 0] {
         let pool = PinPool::new(PinPoolConfig {
             slots: 4,
@@ -126,7 +126,7 @@ fn copies_through_pipe_and_memfd_are_chunked_and_stay_on_the_pins() {
 
 #[test]
 fn transfers_larger_than_staging_are_chunked() {
-    let _serial = crate::testing::pin_test_lock();
+    let _serial = svmirror_testsupport::serial();
     let pool = PinPool::new(PinPoolConfig {
         slots: 4,
         staging_bytes: PAGE_SIZE,
@@ -148,7 +148,7 @@ fn transfers_larger_than_staging_are_chunked() {
 
 #[test]
 fn pin_of_unmapped_range_fails_and_pins_nothing() {
-    let _serial = crate::testing::pin_test_lock();
+    let _serial = svmirror_testsupport::serial();
     let before = vm_pinned_bytes().unwrap();
     let pool = pool();
     // Below vm.mmap_min_addr: nothing is mapped there, whatever other threads map.
@@ -165,7 +165,7 @@ fn pin_of_unmapped_range_fails_and_pins_nothing() {
 
 #[test]
 fn pin_of_read_only_mapping_fails() {
-    let _serial = crate::testing::pin_test_lock();
+    let _serial = svmirror_testsupport::serial();
     let pool = pool();
     let a = AnonMap::new(PAGE_SIZE as usize).unwrap();
     a.protect(libc::PROT_READ).unwrap();
@@ -192,7 +192,7 @@ fn bad_pin_sizes_are_refused() {
 
 #[test]
 fn slot_exhaustion_is_typed_error_and_slots_are_reused() {
-    let _serial = crate::testing::pin_test_lock();
+    let _serial = svmirror_testsupport::serial();
     let pool = PinPool::new(PinPoolConfig {
         slots: 1,
         staging_bytes: PAGE_SIZE,
@@ -216,7 +216,7 @@ fn slot_exhaustion_is_typed_error_and_slots_are_reused() {
 
 #[test]
 fn stale_pin_id_is_refused_after_slot_reuse() {
-    let _serial = crate::testing::pin_test_lock();
+    let _serial = svmirror_testsupport::serial();
     let pool = PinPool::new(PinPoolConfig {
         slots: 1,
         staging_bytes: PAGE_SIZE,
@@ -238,7 +238,7 @@ fn stale_pin_id_is_refused_after_slot_reuse() {
 
 #[test]
 fn access_past_pin_end_is_refused() {
-    let _serial = crate::testing::pin_test_lock();
+    let _serial = svmirror_testsupport::serial();
     let pool = pool();
     let a = AnonMap::new(PAGE_SIZE as usize).unwrap();
     // SAFETY: test memory accessed only through raw pointers.
@@ -250,7 +250,7 @@ fn access_past_pin_end_is_refused() {
 
 #[test]
 fn vm_pin_counts_pinned_bytes_and_returns_to_start() {
-    let _serial = crate::testing::pin_test_lock();
+    let _serial = svmirror_testsupport::serial();
     let before = vm_pinned_bytes().unwrap();
     let pool = pool();
     let a = AnonMap::new(16 * PAGE_SIZE as usize).unwrap();
@@ -268,7 +268,7 @@ fn vm_pin_counts_pinned_bytes_and_returns_to_start() {
 
 #[test]
 fn pin_keeps_its_pool_alive_until_released() {
-    let _serial = crate::testing::pin_test_lock();
+    let _serial = svmirror_testsupport::serial();
     let before = vm_pinned_bytes().unwrap();
     let pool = pool();
     let a = AnonMap::new(4 * PAGE_SIZE as usize).unwrap();
@@ -321,7 +321,7 @@ impl Drop for SharedMap {
 
 #[test]
 fn shmem_mapping_can_be_pinned_and_written() {
-    let _serial = crate::testing::pin_test_lock();
+    let _serial = svmirror_testsupport::serial();
     let pool = pool();
     // SAFETY: plain memfd_create with a literal name.
     let fd = unsafe { libc::memfd_create(c"pin-test".as_ptr(), libc::MFD_CLOEXEC) };

@@ -12,7 +12,7 @@ use svmirror_mm::{Advice, Protection};
 
 use crate::engine::{Op, Shared};
 use crate::model::{Map, PAGE, Plan, Slot, SlotState, Tags, lock};
-use crate::rng::Rng;
+use svmirror_testsupport::Rng;
 
 fn ptr(addr: u64) -> *mut libc::c_void {
     addr as usize as *mut libc::c_void

@@ -19,7 +19,7 @@ use svmirror_iommu::{DmaCommand, IommuError, IommuMirror};
 
 use crate::engine::Shared;
 use crate::model::{MARKER_OFFSET, Map, PAGE, Slot, TAG_BYTES, Tags, lock};
-use crate::rng::Rng;
+use svmirror_testsupport::Rng;
 
 /// Reads submitted before the first is waited for.
 pub const READ_BATCH: usize = 8;

@@ -14,7 +14,7 @@ use svmirror_iommu::{IommuMirror, MirrorConfig};
 use svmirror_mm::{ProcessMm, VM_PIN_SETTLE, settled_vm_pinned_bytes, vm_pinned_bytes};
 
 use crate::model::{BASE, Map, REGION_LEN, Region, Tags, lock};
-use crate::rng::Rng;
+use svmirror_testsupport::Rng;
 
 /// A CPU change operation (see the module documentation of `main.rs` for what each does).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

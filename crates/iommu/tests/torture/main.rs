@@ -64,16 +64,15 @@
 //! mremap that returned is invalidated first), and a plain madvise's invalidation is held open
 //! until its zap is seen (svmirror-mm `zap.rs`), so the default `full` mix must pass too.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 mod cpu;
 mod device;
 mod engine;
 mod model;
-mod rng;
 
 use engine::{Config, Mix, Stop};
+use svmirror_testsupport::serial;
 
 const DEFAULT_SEED: u64 = 0x7047_7572_e000_2026;
 /// Device operations a CI run must reach.
@@ -81,13 +80,6 @@ const CI_OPS: u64 = 100_000;
 /// Device operations per CPU change in the CI run: fewer changes than the soak's 4, so that a
 /// debug build reaches `CI_OPS` in about a minute on 2 cores (device faults dominate the cost).
 const CI_OPS_PER_CHANGE: u64 = 8;
-
-/// One run at a time: `VmPin` is per process.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 fn env_u64(name: &str) -> Option<u64> {
     let s = std::env::var(name).ok()?;
@@ -131,6 +123,7 @@ fn check(cfg: &Config, report: &engine::Report) {
 
 #[test]
 fn torture_coherence() {
+    // One run at a time (the soak may run beside it): `VmPin` is per process.
     let _s = serial();
     let ops = env_u64("SVMIRROR_TORTURE_OPS").unwrap_or(CI_OPS);
     let cfg = config(

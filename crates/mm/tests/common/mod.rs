@@ -1,18 +1,11 @@
 //! Helpers shared by the integration tests: mmap'd regions, forked children, THP regions, and
-//! the set of page sources each scenario runs on.
-
-use std::sync::{Mutex, MutexGuard, PoisonError};
+//! the set of page sources each scenario runs on. The tests change this process's address
+//! space: each takes svmirror-testsupport's `serial()` first, so that one test's mmap cannot
+//! land in another's hole, and no fork happens while another test holds a lock.
 
 use svmirror_core::{CpuPte, PAGE_SIZE, PageSource, Range};
 use svmirror_mm::{PageSourceFeatures, ProcessPageSource};
-
-/// The tests change this process's address space; run them one at a time so that one test's
-/// mmap cannot land in another's hole, and no fork happens while another test holds a lock.
-pub static SERIAL: Mutex<()> = Mutex::new(());
-
-pub fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
+use svmirror_testsupport::volatile;
 
 pub const PAGE: usize = PAGE_SIZE as usize;
 
@@ -68,7 +61,7 @@ impl Mapping {
     pub fn write(&self, i: usize, value: u8) {
         assert!(i * PAGE < self.len);
         // SAFETY: inside this writable mapping, which nothing else references.
-        unsafe { std::ptr::write_volatile(self.at(i), value) };
+        unsafe { volatile::write(self.at(i) as u64, value) };
     }
 
     pub fn protect(&self, first: usize, n: usize, prot: i32) {
@@ -243,10 +236,9 @@ impl HugeRegion {
     }
 
     pub fn write_all(&self) {
-        for i in 0..HUGE_PAGES {
-            let p = (self.start as *mut u8).wrapping_add(i * PAGE);
+        for i in 0..HUGE_PAGES as u64 {
             // SAFETY: inside the writable mapping this region owns.
-            unsafe { std::ptr::write_volatile(p, 3) };
+            unsafe { volatile::write(self.start + i * PAGE_SIZE, 3u8) };
         }
     }
 }

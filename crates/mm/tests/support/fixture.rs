@@ -3,18 +3,13 @@
 //! that holds the monitor's handler. Included with `#[path]` by each test file that uses it.
 #![allow(dead_code)]
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use svmirror_core::testing::TestMirror;
 use svmirror_core::{Event, Owner, PAGE_SIZE, Range};
 use svmirror_mm::{ProcessMm, Protection};
-
-pub static SERIAL: Mutex<()> = Mutex::new(());
-
-pub fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
+use svmirror_testsupport::{MONITOR_WAIT, POLL, poll_until, volatile};
 
 pub const PAGE: u64 = PAGE_SIZE;
 
@@ -124,28 +119,24 @@ pub fn sys_mmap(hint: u64, len: u64, prot: i32, flags: i32) -> u64 {
 
 pub fn write_byte(addr: u64, v: u8) {
     // SAFETY: test buffers are mapped read-write and touched only through raw pointers.
-    unsafe { std::ptr::write_volatile(addr as *mut u8, v) }
+    unsafe { volatile::write(addr, v) }
 }
 
 pub fn read_byte(addr: u64) -> u8 {
     // SAFETY: as above, for reads.
-    unsafe { std::ptr::read_volatile(addr as *const u8) }
+    unsafe { volatile::read(addr) }
 }
 
 /// Waits until the mirror has seen `n` invalidations (events are handled on the monitor thread
 /// after the syscall returns; the deadline only turns a lost event into a failure), then
 /// returns them.
 pub fn invalidations(m: &TestMirror, n: usize) -> Vec<(Range, Event)> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = m.table.lock().invalidations.clone();
-        if got.len() >= n || Instant::now() > deadline {
-            // Give a duplicate the chance to show up before we say "exactly".
-            std::thread::sleep(Duration::from_millis(20));
-            return m.table.lock().invalidations.clone();
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    poll_until(MONITOR_WAIT, POLL, || {
+        m.table.lock().invalidations.len() >= n
+    });
+    // Give a duplicate the chance to show up before we say "exactly".
+    std::thread::sleep(Duration::from_millis(20));
+    m.table.lock().invalidations.clone()
 }
 
 pub fn page(r: Range, i: u64, n: u64) -> Range {

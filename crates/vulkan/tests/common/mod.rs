@@ -1,23 +1,17 @@
 //! Helpers shared by the Vulkan integration tests: one `ProcessMm` per test binary, a validated
 //! lavapipe (or GPU) device per test, and the end-of-test checks (no validation error, no
-//! import or allocation left).
+//! import or allocation left). The tests change this process's address space and share one
+//! `ProcessMm`: each takes svmirror-testsupport's `serial()` first.
 #![allow(dead_code)]
 
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
 
 use svmirror_core::{PAGE_SIZE, Range};
 use svmirror_mm::{ProcessMm, Protection};
+use svmirror_testsupport::volatile;
 use svmirror_vulkan::{Gpu, GpuConfig, MirrorConfig, ValidationCounts, VulkanMirror};
 
 pub const PAGE: u64 = PAGE_SIZE;
-
-/// The tests change this process's address space and share one `ProcessMm`: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-pub fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// The process's one `ProcessMm` (userfaultfd monitor), shared by every test of the binary.
 pub fn mm() -> Arc<ProcessMm> {
@@ -98,27 +92,15 @@ pub fn anon(mm: &ProcessMm, pages: u64) -> Range {
 }
 
 pub fn write_f32s(addr: u64, vals: impl IntoIterator<Item = f32>) {
-    for (i, v) in vals.into_iter().enumerate() {
+    for (i, v) in (0..).zip(vals) {
         // SAFETY: the tests pass addresses of mapped memory large enough for the values.
-        unsafe { (addr as *mut f32).wrapping_add(i).write_volatile(v) };
+        unsafe { volatile::write(addr + 4 * i, v) };
     }
 }
 
 pub fn read_f32(addr: u64, i: usize) -> f32 {
     // SAFETY: as above.
-    unsafe { (addr as *const f32).wrapping_add(i).read_volatile() }
-}
-
-/// Waits (up to 5 s) until `cond` holds: for events the monitor thread handles.
-pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    unsafe { volatile::read(addr + 4 * i as u64) }
 }
 
 /// Unmaps `ranges` through the SVM API. The tests touch their buffers by raw pointer only, so
