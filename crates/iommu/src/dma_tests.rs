@@ -460,8 +460,8 @@ fn fence_wait_at_page_level_panics_naming_the_rule() {
 /// is never run out of order: its waiter sleeps, and the device thread runs it after the one
 /// before. The idle case is made deterministic by parking the device thread first: with no
 /// spin it parks on `changed` when it finds the device taken, and the test frees the device
-/// without waking it. (Without `run_if_next`, `run_by_waiter` stays 0 and the first assert
-/// fails.)
+/// without waking it. (Seen failing with `run_if_next` taken out of `Fence::wait`: the device
+/// thread ran the write once the test woke it, and `run_by_waiter` stayed 0.)
 #[test]
 fn the_waiter_runs_its_command_when_the_device_is_idle_and_never_out_of_order() {
     let mut r = rig(DmaConfig {
@@ -483,7 +483,17 @@ fn the_waiter_runs_its_command_when_the_device_is_idle_and_never_out_of_order() 
     // Let the device thread find the device taken and park.
     std::thread::sleep(Duration::from_millis(50));
     relock(&sh.state).current = None;
+    // Without the fast path nothing would wake the parked device thread: wake it after a
+    // while, so the old code fails the assert below instead of hanging.
+    let waker = {
+        let sh = sh.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            sh.changed.notify_all();
+        })
+    };
     f.wait().unwrap();
+    waker.join().unwrap();
     assert_eq!(b.read(0, 1), vec![7]);
     assert_eq!(
         r.dma.stats().run_by_waiter,
