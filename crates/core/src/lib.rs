@@ -89,7 +89,7 @@ pub use fault::{
     Area, AreaKind, CpuPte, DEFAULT_FAULT_TIMEOUT, FaultRequest, FaultStats, FaultSteps,
     PageSource, entry, fault_and_program, fault_prepare_and_program, range_fault,
 };
-pub use mirror::{InFlight, Mirror, MirrorError};
+pub use mirror::{InFlight, Mirror, MirrorError, begin_work_retrying};
 pub use notifier::{
     AtomicCtx, IntervalNotifierOps, InvalidateCtx, Invalidation, Notifier, NotifierStats, Pass,
     ReadSeq, Subscription, WouldBlock,

@@ -112,6 +112,36 @@ impl std::fmt::Debug for InFlight<'_> {
     }
 }
 
+/// The loop of a [`Mirror::begin_work`]: `attempt` faults the range in and starts the device
+/// work, returning `None` when an invalidation took part of the range before the work was in
+/// flight (it dropped the work); it is tried again until `timeout` has passed, then the
+/// result is a [`Timeout`](Error::Timeout) refusal.
+pub fn begin_work_retrying<'a>(
+    range: Range,
+    timeout: std::time::Duration,
+    mut attempt: impl FnMut() -> Result<Option<InFlight<'a>>, MirrorError>,
+) -> Result<InFlight<'a>, MirrorError> {
+    let started = std::time::Instant::now();
+    let mut retries = 0;
+    loop {
+        if let Some(work) = attempt()? {
+            return Ok(work);
+        }
+        retries += 1;
+        if started.elapsed() > timeout {
+            return Err(MirrorError::Core {
+                op: "begin work",
+                range,
+                source: Error::Timeout {
+                    range,
+                    retries,
+                    elapsed: started.elapsed(),
+                },
+            });
+        }
+    }
+}
+
 /// A device's mirror of a range of the process's address space: one range, subscribed under
 /// one owner, mapped through the core's fault loop and torn down through its invalidation
 /// skeleton; device work stays on the backend's own type.

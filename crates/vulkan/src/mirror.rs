@@ -603,32 +603,17 @@ impl svmirror_core::Mirror for VulkanMirror {
         range: Range,
         write: bool,
     ) -> std::result::Result<svmirror_core::InFlight<'_>, MirrorError> {
-        let started = Instant::now();
-        loop {
+        svmirror_core::begin_work_retrying(range, self.inner.config.fault_timeout, || {
             svmirror_core::Mirror::fault(self, range, write)?;
             let held = self.hold_work().map_err(MirrorError::from)?;
-            let mapped = {
-                let g = self.inner.state.lock();
-                (range.start()..range.end())
-                    .step_by(PAGE_SIZE as usize)
-                    .all(|p| g.maps(p, write))
-            };
-            if mapped {
-                return Ok(svmirror_core::InFlight::new(held));
-            }
-            drop(held);
-            if started.elapsed() > self.inner.config.fault_timeout {
-                return Err(MirrorError::Core {
-                    op: "begin work",
-                    range,
-                    source: svmirror_core::Error::Timeout {
-                        range,
-                        retries: 0,
-                        elapsed: started.elapsed(),
-                    },
-                });
-            }
-        }
+            let g = self.inner.state.lock();
+            let mapped = (range.start()..range.end())
+                .step_by(PAGE_SIZE as usize)
+                .all(|p| g.maps(p, write));
+            drop(g);
+            // Not mapped: an invalidation came in between; the held work ends here.
+            Ok(mapped.then(|| svmirror_core::InFlight::new(held)))
+        })
     }
 
     fn evict_all(&self) {

@@ -569,24 +569,14 @@ impl svmirror_core::Mirror for IommuMirror {
         range: Range,
         write: bool,
     ) -> std::result::Result<svmirror_core::InFlight<'_>, MirrorError> {
-        let started = std::time::Instant::now();
-        loop {
+        svmirror_core::begin_work_retrying(range, self.inner.config.fault_timeout, || {
             svmirror_core::Mirror::fault(self, range, write)?;
-            if let Some(grant) = self.inner.mmu.claim_range(range, write) {
-                return Ok(svmirror_core::InFlight::new(grant));
-            }
-            if started.elapsed() > self.inner.config.fault_timeout {
-                return Err(MirrorError::Core {
-                    op: "begin work",
-                    range,
-                    source: svmirror_core::Error::Timeout {
-                        range,
-                        retries: 0,
-                        elapsed: started.elapsed(),
-                    },
-                });
-            }
-        }
+            Ok(self
+                .inner
+                .mmu
+                .claim_range(range, write)
+                .map(svmirror_core::InFlight::new))
+        })
     }
 
     /// Tears down every IO page-table entry, as an `Unmap` of the whole range would, once
