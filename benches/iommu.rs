@@ -13,8 +13,9 @@
 //!   with `DmaConfig::spin` zero, so every hand-off parks and wakes a thread.
 //! - `iommu_dma_copy/{dma,memcpy}/{1m,16m}`: a device copy between two mirrored, pre-faulted
 //!   buffers (2 MiB leaves) with the IOTLB warm runs at no less than half the rate of
-//!   `ptr::copy_nonoverlapping` of the same size. `dma` copies through the pin pool's staging
-//!   memfd, `dma_pipe` (diagnostic) through a pipe: two kernel copies either way.
+//!   `ptr::copy_nonoverlapping` of the same size. `dma` copies through the pin pool's pipe
+//!   (inline), `dma_memfd` (diagnostic) through its staging memfd (on io_uring's workers): two
+//!   kernel copies either way.
 //! - `dmirror_migrate/*/{512k,2m,16m,256m}`: dmirror MIGRATE_TO_DEV then MIGRATE_TO_SYS of a
 //!   2 MiB-aligned buffer of 4 KiB pages (`MADV_NOHUGEPAGE`), against one
 //!   `ptr::copy_nonoverlapping` of the same size; `thp_{2m,16m}`: the same with
@@ -193,17 +194,18 @@ fn dma_copy(c: &mut Criterion) {
     // pointers only, never while a command runs.
     let mirror = unsafe { raw_mirror(&notifier, range, MirrorConfig::default()) };
     mirror.fault(range.start(), range.len(), true).unwrap();
-    // Diagnostic: the same device copying through a pipe instead of the staging memfd.
-    let pipe_config = MirrorConfig {
+    // Diagnostic: the same device copying through the staging memfd instead of a pipe (each
+    // transfer handed to an io_uring worker).
+    let memfd_config = MirrorConfig {
         pins: PinPoolConfig {
-            copy_pipes: 1,
+            transfer: svmirror_iommu::Transfer::Memfd,
             ..PinPoolConfig::default()
         },
         ..MirrorConfig::default()
     };
     // SAFETY: as for `mirror`.
-    let pipe = unsafe { raw_mirror(&notifier, range, pipe_config) };
-    pipe.fault(range.start(), range.len(), true).unwrap();
+    let memfd = unsafe { raw_mirror(&notifier, range, memfd_config) };
+    memfd.fault(range.start(), range.len(), true).unwrap();
     let leaf = mirror.mmu().translate(buf.addr()).unwrap().size;
     eprintln!("iommu_dma_copy: device leaf {leaf:?}");
     let src = buf.addr();
@@ -228,9 +230,9 @@ fn dma_copy(c: &mut Criterion) {
                 assert_eq!(done.page_requests, 0, "IOTLB warm, nothing faults");
             })
         });
-        g.bench_function(BenchmarkId::new("dma_pipe", label), |b| {
+        g.bench_function(BenchmarkId::new("dma_memfd", label), |b| {
             b.iter(|| {
-                let done = pipe
+                let done = memfd
                     .submit(DmaCommand::Copy {
                         src,
                         dst,
@@ -257,7 +259,7 @@ fn dma_copy(c: &mut Criterion) {
         });
     }
     g.finish();
-    drop(pipe);
+    drop(memfd);
     drop(mirror);
 }
 

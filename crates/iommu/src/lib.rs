@@ -111,6 +111,8 @@ pub use mmu::{Mmu, MmuConfig, MmuState};
 pub use page_table::{
     IOVA_BITS, IOVA_END, LeafSize, PageTable, PageTableStats, Perms, Translation, Unmapped,
 };
-pub use pin::{MAX_PIN_LEN, MAX_SLOTS, Pin, PinId, PinPool, PinPoolConfig, PinStats, Target};
+pub use pin::{
+    MAX_PIN_LEN, MAX_SLOTS, Pin, PinId, PinPool, PinPoolConfig, PinStats, Target, Transfer,
+};
 #[doc(no_inline)]
 pub use svmirror_core::AddressSpace;

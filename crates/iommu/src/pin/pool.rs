@@ -26,11 +26,30 @@ pub struct PinPoolConfig {
     /// Bytes of staging memory: the largest chunk moved per submission (a multiple of pages).
     pub staging_bytes: u64,
     /// Pipes of about `staging_bytes` that pin-to-pin copies go through, one chain per pipe at
-    /// once (at most [`MAX_COPY_PIPES`]); 0 (the default): through the staging memfd. Both
-    /// keep every access on the pins (see the module documentation). On the 2-core development
-    /// machine one pipe beat the memfd when it was lightly loaded and lost to it under load,
-    /// and two pipes were no faster than one.
+    /// once (at most [`MAX_COPY_PIPES`]). 0 (the default): one pipe with [`Transfer::Pipe`],
+    /// the staging memfd with [`Transfer::Memfd`]. Every path keeps every access on the pins
+    /// (see the module documentation). On the 2-core development machine two pipes were no
+    /// faster than one.
     pub copy_pipes: usize,
+    /// What reads and writes (and copies, unless `copy_pipes` says otherwise) move bytes
+    /// through.
+    pub transfer: Transfer,
+}
+
+/// What a [`PinPool`] moves bytes through between pinned memory and device memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Transfer {
+    /// A pipe (the default): a fixed-buffer write into it linked to a read out of it, both done
+    /// by the submitting thread inside its `io_uring_enter` (pipes take `IOCB_NOWAIT` I/O, so
+    /// io_uring issues them inline: `io_write` / `io_read` in io_uring/rw.c succeed at the
+    /// first, non-blocking try).
+    #[default]
+    Pipe,
+    /// The staging memfd. shmem does not complete `IOCB_NOWAIT` I/O here, so io_uring hands
+    /// each transfer to one of its worker threads (`io_wq_submit_work`) and the submitter
+    /// sleeps until it is done: a thread hand-off each way per transfer. Kept as the fallback
+    /// when a pipe cannot be made, and as a baseline.
+    Memfd,
 }
 
 impl Default for PinPoolConfig {
@@ -39,6 +58,7 @@ impl Default for PinPoolConfig {
             slots: 4096,
             staging_bytes: 1 << 20,
             copy_pipes: 0,
+            transfer: Transfer::Pipe,
         }
     }
 }
@@ -77,8 +97,8 @@ struct Slot {
 pub(super) struct PoolInner {
     pub(super) ring: IoUring,
     pub(super) staging: Staging,
-    /// The copy pipes, or none (none configured, or they could not be made): copies then go
-    /// through `staging`.
+    /// The pipes, or none (the memfd configured, or they could not be made): transfers then
+    /// go through `staging`. Reads and writes use the first; copies use all of them.
     pub(super) pipes: Vec<CopyPipe>,
     slots: Vec<Slot>,
     free: Vec<u32>,
@@ -134,7 +154,11 @@ impl PinPool {
             .map_err(|source| IommuError::RingSetup { source })?;
         let staging = Staging::new(config.staging_bytes as usize)
             .map_err(|source| IommuError::Staging { source })?;
-        let pipes = copy_pipes(config.copy_pipes, config.staging_bytes as usize);
+        let lanes = match config.transfer {
+            Transfer::Pipe => config.copy_pipes.max(1),
+            Transfer::Memfd => config.copy_pipes,
+        };
+        let pipes = copy_pipes(lanes, config.staging_bytes as usize);
         let pinning = match probe_cloning(&ring) {
             Ok(first) => Some(Mutex::new(vec![first])),
             Err(e) => {

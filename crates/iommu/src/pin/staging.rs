@@ -123,6 +123,13 @@ impl PinPool {
         might_sleep("PinPool::read");
         let mut g = self.lock();
         let addr = g.resolve(at, dst.len() as u64)?;
+        if !g.pipes.is_empty() {
+            let r = g.read_through_pipe(at, addr, dst);
+            if r.is_err() {
+                g.replace_pipes();
+            }
+            return r;
+        }
         let chunk = g.staging.len;
         let mut done = 0;
         while done < dst.len() {
@@ -153,6 +160,13 @@ impl PinPool {
         might_sleep("PinPool::write");
         let mut g = self.lock();
         let addr = g.resolve(at, src.len() as u64)?;
+        if !g.pipes.is_empty() {
+            let r = g.write_through_pipe(at, addr, src);
+            if r.is_err() {
+                g.replace_pipes();
+            }
+            return r;
+        }
         let chunk = g.staging.len;
         let mut done = 0;
         while done < src.len() {
@@ -296,6 +310,73 @@ impl PoolInner {
             }
         }
         Ok(())
+    }
+
+    /// [`PinPool::read`] through the first pipe: per pipe-full, a fixed-buffer write of the
+    /// pinned pages into the pipe linked to a plain read out of it into `dst`, both issued
+    /// inline by this thread. `addr` is `at` resolved.
+    fn read_through_pipe(&mut self, at: Target, addr: u64, dst: &mut [u8]) -> Result<()> {
+        let (chunk, wr, rd) = self.first_pipe();
+        let mut done = 0;
+        while done < dst.len() {
+            let n = (dst.len() - done).min(chunk);
+            let into = opcode::WriteFixed::new(
+                wr,
+                (addr + done as u64) as *const u8,
+                n as u32,
+                at.pin.slot as u16,
+            )
+            .offset(0)
+            .build()
+            .flags(squeue::Flags::IO_LINK);
+            let out = opcode::Read::new(rd, dst[done..].as_mut_ptr(), n as u32)
+                .offset(0)
+                .build();
+            // `dst[done..done + n]` is ours and outlives the submission (`submit` waits for
+            // both completions).
+            let [r1, r2] = self.submit(&[into, out])?;
+            check("read", at.pin, r1, n)?;
+            check("read", at.pin, r2, n)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// [`PinPool::write`] through the first pipe: per pipe-full, a plain write of `src` into
+    /// the pipe linked to a fixed-buffer read out of it into the pinned pages.
+    fn write_through_pipe(&mut self, at: Target, addr: u64, src: &[u8]) -> Result<()> {
+        let (chunk, wr, rd) = self.first_pipe();
+        let mut done = 0;
+        while done < src.len() {
+            let n = (src.len() - done).min(chunk);
+            let into = opcode::Write::new(wr, src[done..].as_ptr(), n as u32)
+                .offset(0)
+                .build()
+                .flags(squeue::Flags::IO_LINK);
+            let out = opcode::ReadFixed::new(
+                rd,
+                (addr + done as u64) as *mut u8,
+                n as u32,
+                at.pin.slot as u16,
+            )
+            .offset(0)
+            .build();
+            let [r1, r2] = self.submit(&[into, out])?;
+            check("write", at.pin, r1, n)?;
+            check("write", at.pin, r2, n)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The first pipe's chunk (its capacity, at most the staging size) and its two ends.
+    fn first_pipe(&self) -> (usize, types::Fd, types::Fd) {
+        let p = &self.pipes[0];
+        (
+            p.cap.min(self.staging.len),
+            types::Fd(p.wr.as_raw_fd()),
+            types::Fd(p.rd.as_raw_fd()),
+        )
     }
 
     /// Replaces the copy pipes after a failed transfer (they may hold bytes); without new ones,

@@ -76,16 +76,24 @@ fn copy_moves_bytes_between_pins() {
     assert_eq!(pool.stats().live, 2);
 }
 
-/// Both copy paths (pipe and staging memfd), in chunks smaller than the copy, move the same
-/// bytes, and a copy lands on the pinned pages even after the CPU remapped the destination.
+/// Every transfer path (pipes, one or two lanes, and the staging memfd), in chunks smaller than
+/// the copy, moves the same bytes, and a copy, read or write lands on the pinned pages even
+/// after the CPU remapped them.
 #[test]
 fn copies_through_pipe_and_memfd_are_chunked_and_stay_on_the_pins() {
     let _serial = svmirror_testsupport::serial();
-    for copy_pipes in [1, 2, 0] {
+    for (copy_pipes, transfer) in [
+        (1, Transfer::Memfd),
+        (2, Transfer::Memfd),
+        (0, Transfer::Memfd),
+        (0, Transfer::Pipe),
+        (2, Transfer::Pipe),
+    ] {
         let pool = PinPool::new(PinPoolConfig {
             slots: 4,
             staging_bytes: PAGE_SIZE,
             copy_pipes,
+            transfer,
         })
         .unwrap();
         let a = AnonMap::new(8 * PAGE_SIZE as usize).unwrap();
@@ -120,7 +128,18 @@ fn copies_through_pipe_and_memfd_are_chunked_and_stay_on_the_pins() {
         let mut got = vec![0u8; len as usize];
         pool.read(pb.target_of(addr).unwrap(), &mut got).unwrap();
         let want: Vec<u8> = (3..3 + len as usize).map(|i| (i / 3) as u8).collect();
-        assert_eq!(got, want, "pipes {copy_pipes}");
+        assert_eq!(got, want, "pipes {copy_pipes}, {transfer:?}");
+        // A write through the pin lands on the old pages too, in chunks.
+        let ones = vec![0xeeu8; 2 * PAGE_SIZE as usize + 7];
+        pool.write(pb.target_of(addr + 9).unwrap(), &ones).unwrap();
+        assert!(
+            new.to_vec().iter().all(|&x| x == 0x55),
+            "{transfer:?}: the write reached the new mapping"
+        );
+        let mut back = vec![0u8; ones.len()];
+        pool.read(pb.target_of(addr + 9).unwrap(), &mut back)
+            .unwrap();
+        assert_eq!(back, ones, "{transfer:?}");
     }
 }
 
