@@ -489,9 +489,15 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// The median of `v`, in seconds (0 for none): what the backends' micro-benchmarks report.
-pub(crate) fn median(mut v: Vec<Duration>) -> f64 {
+pub(crate) fn median(v: Vec<Duration>) -> f64 {
+    percentile(v, 50)
+}
+
+/// The `p`th percentile of `v` (nearest rank), in seconds (0 for none).
+pub(crate) fn percentile(mut v: Vec<Duration>, p: usize) -> f64 {
     v.sort();
-    v.get(v.len() / 2).map_or(0.0, Duration::as_secs_f64)
+    let i = (v.len() * p.min(100) / 100).min(v.len().saturating_sub(1));
+    v.get(i).map_or(0.0, Duration::as_secs_f64)
 }
 
 /// MemAvailable from /proc/meminfo, in bytes (`u64::MAX` when it cannot be read).

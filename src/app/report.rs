@@ -423,6 +423,21 @@ pub struct Figure {
     pub target: Option<String>,
     /// Whether the target is met, if there is one.
     pub met: Option<bool>,
+    /// For a latency, the 99th percentile of the samples its median was taken from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99: Option<f64>,
+    /// Where the time goes: named parts, in the figure's unit (means over the samples).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub breakdown: Vec<Part>,
+}
+
+/// One part of a [`Figure`]'s breakdown.
+#[derive(Clone, Debug, Serialize)]
+pub struct Part {
+    /// The step.
+    pub name: String,
+    /// Its share, in the figure's unit.
+    pub value: f64,
 }
 
 impl Figure {
@@ -449,6 +464,8 @@ impl Figure {
             },
             target: None,
             met: None,
+            p99: None,
+            breakdown: Vec::new(),
         }
     }
 
@@ -470,6 +487,8 @@ impl Figure {
             ratio: if value > 0.0 { baseline / value } else { 0.0 },
             target: None,
             met: None,
+            p99: None,
+            breakdown: Vec::new(),
         }
     }
 
@@ -478,6 +497,33 @@ impl Figure {
         self.target = Some(target.into());
         self.met = Some(met);
         self
+    }
+
+    /// Sets the 99th percentile of the samples.
+    pub fn with_p99(mut self, p99: f64) -> Figure {
+        self.p99 = Some(p99);
+        self
+    }
+
+    /// Adds one part of the breakdown, in the figure's unit.
+    pub fn with_part(mut self, name: &str, value: f64) -> Figure {
+        self.breakdown.push(Part {
+            name: name.into(),
+            value,
+        });
+        self
+    }
+
+    /// The p99 and the breakdown as one line (`None` when the figure has neither).
+    pub fn detail_text(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(p) = self.p99 {
+            parts.push(format!("p99 {}", fmt_value(p, &self.unit)));
+        }
+        for b in &self.breakdown {
+            parts.push(format!("{} {}", b.name, fmt_value(b.value, &self.unit)));
+        }
+        (!parts.is_empty()).then(|| parts.join(", "))
     }
 
     /// The value formatted in its unit.

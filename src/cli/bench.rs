@@ -184,6 +184,17 @@ fn render(r: &BenchReport) -> String {
     );
     o.push_str(&table(&rows));
     o.push_str("ratio: above 1 the device is faster than its baseline (for latencies, baseline / result)\n");
+    let details: Vec<_> = r
+        .figures
+        .iter()
+        .filter_map(|f| Some((f, f.detail_text()?)))
+        .collect();
+    if !details.is_empty() {
+        o.push_str("\nwhere the time goes (medians; the parts are means):\n");
+        for (f, d) in details {
+            o.push_str(&format!("  {} {}: {d}\n", f.backend, f.name));
+        }
+    }
     for s in &r.skipped {
         o.push_str(&format!("skipped {}: {}\n", s.backend, s.reason));
     }

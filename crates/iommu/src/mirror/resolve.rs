@@ -3,8 +3,9 @@
 //! run to map and running the core's fault loop over it (see "Fault path" in the
 //! [module documentation](super)).
 
+use std::cell::Cell;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use svmirror_core::MirrorError;
 use svmirror_core::{
@@ -57,6 +58,7 @@ impl Resolver {
     /// pages of `[iova, iova + len)` in the fault window, widened as [`Prefetch`] says.
     pub(super) fn resolve(&self, iova: u64, len: u64, write: bool) -> Result<()> {
         let inner = &*self.inner;
+        let requested = Instant::now();
         let _span = tracing::trace_span!("iommu.fault", iova, write).entered();
         let page = iova & !(PAGE_SIZE - 1);
         let outside = || {
@@ -73,7 +75,6 @@ impl Resolver {
             .ok()
             .and_then(|w| self.mirrored(w))
             .ok_or_else(outside)?;
-        let requested = Instant::now();
         let demand = {
             let end = iova.saturating_add(len.max(1)).min(window.end());
             Range::new(page, end.next_multiple_of(PAGE_SIZE)).map_err(|_| outside())?
@@ -89,6 +90,8 @@ impl Resolver {
         };
         let mut vma = self.vma_run(bounds, page, write)?;
         let started = Instant::now();
+        let lookup = started - requested;
+        let (pin_time, map_time) = (Cell::new(Duration::ZERO), Cell::new(Duration::ZERO));
         let mut retries = 0;
         loop {
             let run = inner.mmu.with(|s| {
@@ -124,6 +127,7 @@ impl Resolver {
             // documentation), then publish under it unless an invalidation raced the pass.
             let steps = FaultSteps {
                 prepare: |_: &FaultRequest<'_>| {
+                    let t = Instant::now();
                     // The page source first makes the run's huge pages pinnable whole (the pin
                     // is taken for writing, even for a device that only reads: see
                     // `PageSource::before_pin`).
@@ -135,6 +139,7 @@ impl Resolver {
                     // the mirrored range, which `run` lies in.
                     let pinned = unsafe { inner.pins.pin(run.start(), run.len()) };
                     self.source.after_pin(&huge);
+                    pin_time.set(pin_time.get() + t.elapsed());
                     pinned
                 },
                 undo: |_: &mut UpdateGuard<'_, MirrorState>, pin: Result<Pin>| drop(pin),
@@ -142,8 +147,11 @@ impl Resolver {
                           req: &FaultRequest<'_>,
                           pin: Result<Pin>| {
                     let pin = pin?;
+                    let t = Instant::now();
                     drop(std::mem::take(&mut g.deferred));
-                    self.program(g, pin, run, req.entries, write)
+                    let r = self.program(g, pin, run, req.entries, write);
+                    map_time.set(map_time.get() + t.elapsed());
+                    r
                 },
             };
             let outcome = fault_prepare_and_program(
@@ -181,9 +189,17 @@ impl Resolver {
                 }
                 Err(e) => return Err(core_err("fault", run)(e)),
             }
+            let total = requested.elapsed();
+            let (pin, map) = (pin_time.get(), map_time.get());
             inner.stat(|s| {
                 s.faults += 1;
                 s.fault_retries += retries;
+                let t = &mut s.fault_times;
+                t.total += total;
+                t.lookup += lookup;
+                t.pin += pin;
+                t.map += map;
+                t.range_fault += started.elapsed().saturating_sub(pin + map);
             });
             inner.counters.record_fault(run.len(), requested.elapsed());
             return Ok(());
