@@ -212,6 +212,10 @@ impl Resolver {
     /// `dmirror_devmem_fault`), so the window is used only where it is all in RAM (or
     /// absent, or this mirror's own). When unsure (the snapshot failed), it would.
     fn window_brings_back(&self, window: Range, demand: Range) -> bool {
+        if demand.start() <= window.start() && window.end() <= demand.end() {
+            // Nothing beyond what the device asked for: no snapshot to take.
+            return false;
+        }
         let mut ptes = vec![CpuPte::None; window.pages() as usize];
         if self.source.snapshot(window.start(), &mut ptes).is_err() {
             return true;
@@ -236,7 +240,8 @@ impl Resolver {
     /// only: the fault loop checks what it maps.
     fn huge_page_at(&self, page: u64, bounds: Range, write: bool) -> Option<Range> {
         const PMD: u64 = 2 << 20;
-        let pmd = Range::with_len(page & !(PMD - 1), PMD).ok()?;
+        // What the extension could add is cut to the mirror: nothing when `bounds` covers that.
+        let pmd = self.mirrored(Range::with_len(page & !(PMD - 1), PMD).ok()?)?;
         if bounds.start() <= pmd.start() && pmd.end() <= bounds.end() {
             return None;
         }
