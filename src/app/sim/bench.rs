@@ -21,7 +21,11 @@ pub(super) fn micro_benchmarks(quick: bool) -> Result<Vec<Figure>> {
         ("fault → replay, 2 MiB", 2 << 20, true, 50e-6),
     ] {
         let f = fault_replay(len, huge, iters)?;
-        let t = if target < 2e-5 { "≤ 10 µs" } else { "≤ 50 µs" };
+        let t = if target < 2e-5 {
+            "≤ 10 µs"
+        } else {
+            "≤ 50 µs"
+        };
         let steps = f.steps;
         let resolve = steps.total.as_secs_f64();
         let fig = Figure::latency(
@@ -247,13 +251,11 @@ impl TwoCopy {
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // SAFETY: `pipe2` just made both descriptors; nothing else owns them.
-        let pipe = unsafe {
-            [
-                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
-                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
-            ]
-        };
+        // SAFETY: `pipe2` just made this descriptor; nothing else owns it.
+        let read_end = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) };
+        // SAFETY: as above, the pipe's other end.
+        let write_end = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[1]) };
+        let pipe = [read_end, write_end];
         // SAFETY: plain fcntl on a descriptor we own (the pin pool asks for the same size).
         unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 1 << 20) };
         // SAFETY: as above.
