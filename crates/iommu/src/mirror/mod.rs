@@ -44,7 +44,7 @@ mod resolve;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use svmirror_core::MirrorError;
 use svmirror_core::teardown::Action;
@@ -163,6 +163,14 @@ pub struct MirrorStats {
     pub pins_quarantined: u64,
     /// Where the resolved faults' time went, summed over `faults`.
     pub fault_times: FaultTimes,
+    /// Time invalidations spent under the MMU lock tearing down or downgrading IO page-table
+    /// entries and flushing the IOTLB, summed over `invalidations`.
+    pub unmap_flush_time: Duration,
+    /// Time blockable invalidations spent waiting for the device's accesses in flight on the
+    /// range (`DmaHandle::wait_idle_range`) before releasing pins, summed.
+    pub drain_time: Duration,
+    /// Time blockable invalidations spent releasing the pins no mapping uses any more, summed.
+    pub release_time: Duration,
 }
 
 /// The steps of resolving faults, each summed over the faults a mirror resolved: divide by
@@ -257,10 +265,20 @@ impl MirrorInner {
     }
 
     /// Waits for the device on `range` and releases `freed`, or quarantines them if the device
-    /// hung there. Under the update lock, sleepable.
-    fn release_after_drain(&self, g: &mut MirrorState, range: Range, freed: Vec<Pin>) {
+    /// hung there. Under the update lock, sleepable. Returns how long the wait and the release
+    /// took.
+    fn release_after_drain(
+        &self,
+        g: &mut MirrorState,
+        range: Range,
+        freed: Vec<Pin>,
+    ) -> (Duration, Duration) {
         let n = freed.len() as u64;
-        match self.dma.wait_idle_range(range) {
+        let t = Instant::now();
+        let idle = self.dma.wait_idle_range(range);
+        let drain = t.elapsed();
+        let t = Instant::now();
+        match idle {
             Ok(()) => {
                 drop(freed);
                 self.stat(|s| s.pins_released += n);
@@ -271,6 +289,7 @@ impl MirrorInner {
                 self.stat(|s| s.pins_quarantined += n);
             }
         }
+        (drain, t.elapsed())
     }
 
     /// Tears everything down and releases every pin (or leaks them if the device hung).
@@ -349,6 +368,7 @@ impl Teardown for MirrorInner {
         blockable: bool,
     ) -> std::result::Result<(u64, ()), WouldBlock> {
         let flush = !self.skip_flush.load(Ordering::Relaxed);
+        let t = Instant::now();
         let removed = self.mmu.with(|s| {
             if !blockable && s.busy(r) {
                 return Err(WouldBlock);
@@ -367,14 +387,21 @@ impl Teardown for MirrorInner {
             }
             Ok(removed)
         })?;
-        self.stat(|s| s.invalidations += 1);
+        let unmap_flush = t.elapsed();
         let bytes = removed.iter().map(|u| u.len).sum();
         let freed = g.unback(&removed);
-        if blockable {
-            self.release_after_drain(g, r, freed);
+        let (drain, release) = if blockable {
+            self.release_after_drain(g, r, freed)
         } else {
             g.deferred.extend(freed);
-        }
+            (Duration::ZERO, Duration::ZERO)
+        };
+        self.stat(|s| {
+            s.invalidations += 1;
+            s.unmap_flush_time += unmap_flush;
+            s.drain_time += drain;
+            s.release_time += release;
+        });
         Ok((bytes, ()))
     }
 }
