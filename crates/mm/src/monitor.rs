@@ -251,6 +251,9 @@ fn read_loop(shared: &Shared, stop: i32, mut buf: ReadBuf) {
                 continue;
             }
         };
+        if n > 0 {
+            shared.note_read();
+        }
         if n == 0 {
             // Nothing after all (a faulting thread left on a signal): the batch still counts.
             queue.put(&mut st, &UffdMsg::default(), true);

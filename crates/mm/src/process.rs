@@ -280,6 +280,14 @@ impl ProcessMm {
         }
     }
 
+    /// When the monitor's reader last read a userfaultfd message, if it ever did. Reading an
+    /// event is what lets the munmap or madvise that raised it go on (DESIGN.md), so for one
+    /// such call this splits its time into "until the event was read" and "after": the
+    /// benchmarks' breakdown of the invalidation cost.
+    pub fn last_read(&self) -> Option<std::time::Instant> {
+        self.shared.last_read()
+    }
+
     /// Sets what happens to mappings userfaultfd cannot register (see [`Unregistrable`]);
     /// applies to faults from now on.
     pub fn set_unregistrable(&self, policy: Unregistrable) {

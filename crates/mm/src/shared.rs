@@ -59,6 +59,9 @@ impl Counters {
     }
 }
 
+/// How long [`Shared::wait_handled`] spins before it parks.
+const HANDLED_SPIN: std::time::Duration = std::time::Duration::from_micros(30);
+
 pub(crate) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
@@ -86,6 +89,13 @@ pub(crate) struct Shared {
     progress_cv: Condvar,
     /// Bumped by the monitor right before and right after every read of the userfaultfd.
     pub(crate) read_gen: AtomicU64,
+    /// `progress.1`, readable without the lock: what [`Shared::wait_handled`] spins on before
+    /// it parks. Written only under `progress`'s lock, so it never runs ahead of it.
+    handled: AtomicU64,
+    /// When the reader last read at least one message, in nanoseconds after `epoch` (0: never).
+    /// For the benchmarks' breakdown ([`ProcessMm::last_read`](crate::ProcessMm::last_read)).
+    last_read_ns: AtomicU64,
+    epoch: std::time::Instant,
     /// Signalled when a page leaves `Book::returning`.
     pub(crate) returned: Condvar,
     /// [`Unregistrable`](crate::Unregistrable), as a `u8`.
@@ -125,6 +135,9 @@ impl Shared {
             progress: Mutex::new((0, 0)),
             progress_cv: Condvar::new(),
             read_gen: AtomicU64::new(0),
+            handled: AtomicU64::new(0),
+            last_read_ns: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
             returned: Condvar::new(),
             suspects: Suspects::default(),
             unregistrable: AtomicU8::new(0),
@@ -232,15 +245,46 @@ impl Shared {
     pub(crate) fn batch_handled(&self) {
         let mut p = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
         p.1 += 1;
+        self.handled.store(p.1, Ordering::Release);
         drop(p);
         self.progress_cv.notify_all();
     }
 
+    /// The reader read at least one message just now (no allocation, no lock: the reader
+    /// calls it).
+    pub(crate) fn note_read(&self) {
+        let ns = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_read_ns.store(ns.max(1), Ordering::Release);
+    }
+
+    /// When the reader last read at least one message, if it ever did.
+    pub(crate) fn last_read(&self) -> Option<std::time::Instant> {
+        match self.last_read_ns.load(Ordering::Acquire) {
+            0 => None,
+            ns => Some(self.epoch + std::time::Duration::from_nanos(ns)),
+        }
+    }
+
     /// Waits until the monitor has handled every event it has read so far (returns at once
     /// once the monitor has stopped or failed).
+    ///
+    /// It spins for up to [`HANDLED_SPIN`] first: an SVM API call's own event is usually
+    /// handled within microseconds of the read, and parking then costs a wake-up (tens of
+    /// microseconds on a loaded machine) on the caller's path.
     pub(crate) fn wait_handled(&self) {
+        let target = self
+            .progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+        let spin_until = std::time::Instant::now() + HANDLED_SPIN;
+        while self.handled.load(Ordering::Acquire) < target
+            && !self.failed.load(Ordering::Acquire)
+            && std::time::Instant::now() < spin_until
+        {
+            std::hint::spin_loop();
+        }
         let mut p = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
-        let target = p.0;
         while p.1 < target && !self.failed.load(Ordering::Acquire) {
             p = self
                 .progress_cv
