@@ -5,6 +5,7 @@
 //! translation that should have been flushed fails the run.
 
 mod bench;
+mod invalidate;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -63,6 +63,7 @@ pub(super) fn micro_benchmarks(quick: bool) -> Result<Vec<Figure>> {
         .with_target("≥ 0.9× two-copy limit", c.dma >= 0.9 * c.limit),
     );
     figs.push(Figure::rate("sim", &name, c.dma, "B/s", "memcpy", c.memcpy));
+    figs.extend(super::invalidate::figures(quick)?);
     Ok(figs)
 }
 
