@@ -292,13 +292,13 @@ fn fault_in_unpopulated(c: &mut Criterion) {
 }
 
 /// 2 MiB of private anonymous memory, populated, outside any notifier.
-fn populated_2m() -> Range {
-    const LEN2M: usize = 2 << 20;
+/// A fresh private anonymous mapping of `len` bytes, every page written.
+fn populated(len: usize) -> Range {
     // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            LEN2M,
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
@@ -307,9 +307,9 @@ fn populated_2m() -> Range {
     };
     assert_ne!(p, libc::MAP_FAILED);
     // SAFETY: populating our own fresh mapping.
-    let rc = unsafe { libc::madvise(p, LEN2M, libc::MADV_POPULATE_WRITE) };
+    let rc = unsafe { libc::madvise(p, len, libc::MADV_POPULATE_WRITE) };
     assert_eq!(rc, 0);
-    Range::with_len(p as u64, LEN2M as u64).unwrap()
+    Range::with_len(p as u64, len as u64).unwrap()
 }
 
 fn unmap(r: Range) {
@@ -322,13 +322,23 @@ fn unmap(r: Range) {
 /// it (the syscall waits until the monitor reads the UNMAP event), and through the SVM API
 /// (invalidation bracketed around the syscall).
 fn munmap_2m(c: &mut Criterion) {
-    let mut g = c.benchmark_group("mm_munmap_2m");
+    munmap_sized(c, "mm_munmap_2m", 2 << 20, Owner(2));
+}
+
+/// The same at 4 KiB, where the fixed cost (the monitor's read, the caller's wake-up) is all
+/// there is to see.
+fn munmap_4k(c: &mut Criterion) {
+    munmap_sized(c, "mm_munmap_4k", 4096, Owner(4));
+}
+
+fn munmap_sized(c: &mut Criterion, group: &str, len: usize, owner: Owner) {
+    let mut g = c.benchmark_group(group);
     g.sample_size(50).measurement_time(Duration::from_secs(3));
     g.bench_function("without_monitor", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                let r = populated_2m();
+                let r = populated(len);
                 let t = std::time::Instant::now();
                 unmap(r);
                 total += t.elapsed();
@@ -337,12 +347,12 @@ fn munmap_2m(c: &mut Criterion) {
         })
     });
     let mm = svmirror::mm::ProcessMm::new().unwrap();
-    let mirror = Arc::new(TestMirror::new(Owner(2)));
+    let mirror = Arc::new(TestMirror::new(owner));
     g.bench_function("with_monitor", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                let r = populated_2m();
+                let r = populated(len);
                 let sub = mm.notifier().insert(r, mirror.clone()).unwrap();
                 mirror.fault(&sub, &mm, r, true).unwrap();
                 let t = std::time::Instant::now();
@@ -357,7 +367,7 @@ fn munmap_2m(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                let r = populated_2m();
+                let r = populated(len);
                 let sub = mm.notifier().insert(r, mirror.clone()).unwrap();
                 mirror.fault(&sub, &mm, r, true).unwrap();
                 let t = std::time::Instant::now();
@@ -377,7 +387,16 @@ fn munmap_2m(c: &mut Criterion) {
 /// and through the SVM API (invalidation bracketed around the syscall, the one way a DONTNEED
 /// is exact for every device), in the same run. The README's coherence table quotes these.
 fn madvise_2m(c: &mut Criterion) {
-    let mut g = c.benchmark_group("mm_madvise_dontneed_2m");
+    madvise_sized(c, "mm_madvise_dontneed_2m", 2 << 20, Owner(3));
+}
+
+/// The same at 4 KiB.
+fn madvise_4k(c: &mut Criterion) {
+    madvise_sized(c, "mm_madvise_dontneed_4k", 4096, Owner(5));
+}
+
+fn madvise_sized(c: &mut Criterion, group: &str, len: usize, owner: Owner) {
+    let mut g = c.benchmark_group(group);
     g.sample_size(50).measurement_time(Duration::from_secs(3));
     let refill = |r: Range| {
         // SAFETY: populating our own mapping.
@@ -401,7 +420,7 @@ fn madvise_2m(c: &mut Criterion) {
         };
         assert_eq!(rc, 0);
     };
-    let r = populated_2m();
+    let r = populated(len);
     g.bench_function("without_monitor", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
@@ -416,8 +435,8 @@ fn madvise_2m(c: &mut Criterion) {
     });
     unmap(r);
     let mm = svmirror::mm::ProcessMm::new().unwrap();
-    let mirror = Arc::new(TestMirror::new(Owner(3)));
-    let r = populated_2m();
+    let mirror = Arc::new(TestMirror::new(owner));
+    let r = populated(len);
     let sub = mm.notifier().insert(r, mirror.clone()).unwrap();
     for (name, api) in [("with_monitor", false), ("svm_api", true)] {
         g.bench_function(name, |b| {
@@ -449,6 +468,8 @@ criterion_group!(
     snapshot_populated,
     fault_in_unpopulated,
     munmap_2m,
-    madvise_2m
+    madvise_2m,
+    munmap_4k,
+    madvise_4k
 );
 criterion_main!(benches);
