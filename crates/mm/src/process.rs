@@ -172,6 +172,10 @@ pub struct MmStats {
     /// of a huge page shared copy-on-write with a forked child (the pin must unshare it, which
     /// the kernel does by splitting it). Splits the program makes itself are not counted.
     pub huge_splits: u64,
+    /// Time SVM API calls spent, after their syscall returned, waiting until the monitor had
+    /// handled the events it had read (so that what the call expected and never came can be
+    /// dropped): summed over the calls.
+    pub expect_wait: std::time::Duration,
 }
 
 /// The calling process's address space, mirrored. See the module documentation.
@@ -277,6 +281,7 @@ impl ProcessMm {
             settles: l(&c.settles),
             settle_waits: l(&c.settle_waits),
             huge_splits: l(&c.huge_splits),
+            expect_wait: std::time::Duration::from_nanos(l(&c.expect_wait_ns)),
         }
     }
 
@@ -443,7 +448,14 @@ impl Drop for ExpectGuard<'_> {
         // `mremap_userfaultfd_complete` / `userfaultfd_unmap_complete`). Once the monitor has
         // handled what it read, anything still expected was never sent: drop it, so it cannot
         // swallow a later, real event.
+        let t = std::time::Instant::now();
         self.mm.shared.wait_handled();
+        let waited = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.mm
+            .shared
+            .counters
+            .expect_wait_ns
+            .fetch_add(waited, Ordering::Relaxed);
         self.mm.shared.book().expected.retain(|x| x.id != self.id);
     }
 }

@@ -47,6 +47,9 @@ pub(crate) struct Counters {
     pub(crate) settles: AtomicU64,
     pub(crate) settle_waits: AtomicU64,
     pub(crate) huge_splits: AtomicU64,
+    /// Nanoseconds SVM API calls waited, after their syscall, for the monitor to handle what
+    /// it had read (`ExpectGuard`).
+    pub(crate) expect_wait_ns: AtomicU64,
 }
 
 impl Counters {
