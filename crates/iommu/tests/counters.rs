@@ -232,3 +232,27 @@ fn a_fault_whose_mapping_shrinks_under_it_retries_and_maps_what_is_left() {
     );
     assert!(m.mmu().translate(b.addr() + 3 * PAGE).is_none());
 }
+
+#[test]
+fn an_invalidation_times_its_teardown_drain_and_release() {
+    let notifier = Notifier::new();
+    let m = mirror_with(&notifier, MirrorConfig::checked());
+    let b = AnonMap::new(4 * PAGE as usize).unwrap();
+    b.fill(3);
+    assert_eq!(read(&m, b.addr(), 8), vec![3; 8]);
+    let before = m.stats();
+    let r = Range::with_len(b.addr(), b.len() as u64).unwrap();
+    notifier
+        .invalidate_range_start(NotifierRange::new(r, Event::Unmap))
+        .unwrap()
+        .end();
+    let after = m.stats();
+    assert_eq!(after.invalidations, before.invalidations + 1);
+    assert!(after.pins_released > before.pins_released, "{after:?}");
+    assert!(
+        after.unmap_flush_time > before.unmap_flush_time,
+        "{after:?}"
+    );
+    assert!(after.drain_time > before.drain_time, "{after:?}");
+    assert!(after.release_time > before.release_time, "{after:?}");
+}

@@ -47,6 +47,32 @@ fn munmap_gives_one_unmap_invalidation() {
 }
 
 #[test]
+fn last_read_falls_inside_the_munmap_whose_event_it_read() {
+    let _s = serial();
+    let f = fixture(2);
+    let t0 = std::time::Instant::now();
+    assert_eq!(sys_munmap(f.buf.start(), f.buf.len()), 0);
+    let t1 = std::time::Instant::now();
+    // munmap returns only once the monitor has read its UNMAP event.
+    let read = f.mm.last_read().expect("the UNMAP was read");
+    assert!(t0 <= read && read <= t1, "{t0:?} <= {read:?} <= {t1:?}");
+}
+
+#[test]
+fn an_api_munmap_counts_its_wait_for_the_handler() {
+    let _s = serial();
+    let f = fixture(2);
+    assert_eq!(f.mm.stats().expect_wait, Duration::ZERO);
+    // SAFETY: nothing refers into the fixture's buffer.
+    unsafe { f.mm.munmap(f.buf) }.unwrap();
+    assert!(
+        f.mm.stats().expect_wait > Duration::ZERO,
+        "{:?}",
+        f.mm.stats()
+    );
+}
+
+#[test]
 fn madvise_dontneed_free_remove_give_one_clear_each() {
     let _s = serial();
     let f = fixture(4);
