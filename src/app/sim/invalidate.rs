@@ -17,6 +17,17 @@
 //!   syscall until its event is read, then what follows the read (the caller's wake-up, for
 //!   madvise the zap, which the kernel does after the event), then the wait until the
 //!   handler has handled the event the call expected (`MmStats::expect_wait`).
+//!
+//! What bounds it (issue 13, measured on 2 loaded CPUs): at 4 KiB each event costs two thread
+//! wake-ups, the reader's before the read and the caller's after it (fs/userfaultfd.c
+//! `userfaultfd_event_wait_completion` sleeps until the read), 8-30 µs and 6-13 µs here, more
+//! than the 15 µs allowed. Keeping the reader polling without sleeping while an API call's
+//! event is due (an eventfd kick, then zero-timeout polls for 40 µs + 250 ns per page) made
+//! it worse here (API munmap 4 KiB 20 → 99 µs): the spinning reader takes the CPU the caller
+//! and the handler need. For an API madvise, the reader's REMOVE snapshot (`queue.rs`) costs
+//! 28-67 µs of the handled wait at 2 MiB; skipping it for the API's own REMOVE would need
+//! the reader to tell that event from a plain madvise's over the same range, which the
+//! message does not carry, so it is still taken.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
