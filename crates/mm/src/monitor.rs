@@ -239,6 +239,7 @@ fn read_loop(shared: &Shared, stop: i32, mut buf: ReadBuf) {
         // queue wakes as the read completes, and must find the batch not yet handled.
         shared.batch_read();
         shared.read_gen.fetch_add(1, Ordering::AcqRel);
+        let read_at = shared.read_clock();
         let read = shared.uffd.read_msgs(buf.msgs());
         let n = match read {
             Ok(n) => n,
@@ -252,7 +253,7 @@ fn read_loop(shared: &Shared, stop: i32, mut buf: ReadBuf) {
             }
         };
         if n > 0 {
-            shared.note_read();
+            shared.note_read(read_at);
         }
         if n == 0 {
             // Nothing after all (a faulting thread left on a signal): the batch still counts.

@@ -285,10 +285,13 @@ impl ProcessMm {
         }
     }
 
-    /// When the monitor's reader last read a userfaultfd message, if it ever did. Reading an
-    /// event is what lets the munmap or madvise that raised it go on (DESIGN.md), so for one
-    /// such call this splits its time into "until the event was read" and "after": the
-    /// benchmarks' breakdown of the invalidation cost.
+    /// When the monitor's reader last read a userfaultfd message, if it ever did: the moment
+    /// right before the read, so for a call whose event it was it falls inside the call.
+    /// Reading an event is what lets the munmap or madvise that raised it go on (DESIGN.md),
+    /// so for one such call this splits its time into "until the event was read" and "after":
+    /// the benchmarks' breakdown of the invalidation cost. It is recorded just after the read
+    /// returns, which may be after the call has: it is certain once the monitor has handled
+    /// the event (after `PageSource::settle` over the range, or once an SVM API call returns).
     pub fn last_read(&self) -> Option<std::time::Instant> {
         self.shared.last_read()
     }

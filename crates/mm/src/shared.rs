@@ -253,11 +253,18 @@ impl Shared {
         self.progress_cv.notify_all();
     }
 
-    /// The reader read at least one message just now (no allocation, no lock: the reader
-    /// calls it).
-    pub(crate) fn note_read(&self) {
-        let ns = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last_read_ns.store(ns.max(1), Ordering::Release);
+    /// The time for [`Shared::note_read`], taken by the reader right before a read: the read
+    /// itself lets the event's caller go, so a time taken after it could fall after the call
+    /// returned. No allocation, no lock.
+    pub(crate) fn read_clock(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// The read that started at `at` ([`Shared::read_clock`]) took at least one message.
+    pub(crate) fn note_read(&self, at: u64) {
+        self.last_read_ns.store(at, Ordering::Release);
     }
 
     /// When the reader last read at least one message, if it ever did.

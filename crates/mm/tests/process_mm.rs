@@ -53,7 +53,9 @@ fn last_read_falls_inside_the_munmap_whose_event_it_read() {
     let t0 = std::time::Instant::now();
     assert_eq!(sys_munmap(f.buf.start(), f.buf.len()), 0);
     let t1 = std::time::Instant::now();
-    // munmap returns only once the monitor has read its UNMAP event.
+    // munmap returns only once the monitor has read its UNMAP event; the time of the read is
+    // recorded for certain once the event is handled.
+    f.mm.settle(f.buf).unwrap();
     let read = f.mm.last_read().expect("the UNMAP was read");
     assert!(t0 <= read && read <= t1, "{t0:?} <= {read:?} <= {t1:?}");
 }

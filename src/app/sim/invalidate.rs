@@ -265,10 +265,11 @@ fn measure(
         let before = mirror.stats();
         let t0 = Instant::now();
         let d = plain(op, r)?;
-        libc_v.push(t0, d, mm.last_read());
-        // Until the handler is done with the event, off the timed path.
+        // Until the handler is done with the event, off the timed path (the time of the read
+        // is recorded for certain by then).
         PageSource::settle(mm, r)
             .map_err(|e| AppError::device("bench", BackendKind::Sim, "settle", e))?;
+        libc_v.push(t0, d, mm.last_read());
         add(&mut handler, &before, &mirror.stats());
 
         let r = fresh(kept_api)?;
