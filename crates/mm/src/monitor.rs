@@ -367,6 +367,16 @@ fn handle_messages(shared: &Shared, bufs: &Buffers, draining: &mut bool) {
         // it changed). The first failure fails closed at once (every mirror released, every
         // blocked faulter woken) and the rest is drained, not dropped.
         if m.event != EMPTY_READ {
+            if !*draining && released_a_caller(&m) && !shared.api_call_waiting() {
+                // The munmap or madvise that raised this event was let go by its read and is
+                // runnable now; with few CPUs it often waits for the one this thread is on.
+                // Its invalidation can wait a turn (a device access settles on the event
+                // first, and pins keep the pages), so let it return first. Not when an SVM API
+                // call waits for this handling (`Shared::wait_handled`): that one is served by
+                // handling at once.
+                // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
+                unsafe { libc::sched_yield() };
+            }
             if *draining {
                 drain(shared, &m, page);
             } else if let Err(e) = handle(shared, &m, page, snap, &mut zaps) {
@@ -385,6 +395,12 @@ fn handle_messages(shared: &Shared, bufs: &Buffers, draining: &mut bool) {
             shared.batch_handled();
         }
     }
+}
+
+/// Whether `m` is an event whose thread waited in the kernel for its read (and so was just let
+/// go): a munmap's UNMAP, a madvise's REMOVE.
+fn released_a_caller(m: &UffdMsg) -> bool {
+    m.event == uffd::EVENT_UNMAP || m.event == uffd::EVENT_REMOVE
 }
 
 /// After a failure: complete events without invalidating (everything is already released),

@@ -253,6 +253,12 @@ impl Shared {
         self.progress_cv.notify_all();
     }
 
+    /// Whether an SVM API call is between its syscall and the end of its wait for the monitor
+    /// (it has an expectation outstanding).
+    pub(crate) fn api_call_waiting(&self) -> bool {
+        !self.book().expected.is_empty()
+    }
+
     /// The time for [`Shared::note_read`], taken by the reader right before a read: the read
     /// itself lets the event's caller go, so a time taken after it could fall after the call
     /// returned. No allocation, no lock.
