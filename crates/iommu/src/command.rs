@@ -88,6 +88,16 @@ pub trait PageRequestHandler: Send + Sync {
     /// cannot, which aborts the command.
     fn page_request(&self, req: &PageRequest) -> Result<()>;
 
+    /// Resolves the page requests a command raised together, before it started (every run of
+    /// its pages that missed, in address order): the driver may coalesce them and resolve each
+    /// coalesced run once. Returns how many runs it resolved. Best effort: a request it cannot
+    /// resolve is left for the access itself to raise again, one request at a time, and fail
+    /// with the reason ([`page_request`](Self::page_request)). The default resolves each in
+    /// turn.
+    fn page_requests(&self, reqs: &[PageRequest]) -> u64 {
+        reqs.iter().filter(|r| self.page_request(r).is_ok()).count() as u64
+    }
+
     /// Called before the device uses a translation for `[iova, iova + len)`: returns once the
     /// CPU changes there that may already have returned are invalidated
     /// ([`svmirror_core::PageSource::settle`]). The default waits for nothing.
@@ -167,9 +177,31 @@ pub enum DmaCommand {
         /// The bytes.
         data: Vec<u8>,
     },
+    /// Reads the `(address, length)` parts, independent of each other, into one block of
+    /// device memory, returned in [`Completion::data`] in the parts' order (a gather: `load_many`).
+    /// The device takes the page requests of every part that misses in one batch before it
+    /// starts, and moves the parts in a few transfers rather than one each. Parts may overlap;
+    /// at most [`MAX_PARTS`] parts and 1 GiB in all.
+    Gather {
+        /// `(address, bytes)`, each at least 1 byte.
+        parts: Vec<(u64, u64)>,
+    },
+    /// Writes `data` to the `(address, length)` parts in order (a scatter: `store_many`): the
+    /// first part's length of `data` to the first address, and so on; the lengths add up to
+    /// `data.len()`. Page requests and transfers are batched as for [`DmaCommand::Gather`].
+    /// Parts that overlap are written in order (the later one wins).
+    Scatter {
+        /// `(address, bytes)`, each at least 1 byte.
+        parts: Vec<(u64, u64)>,
+        /// The bytes, part after part.
+        data: Vec<u8>,
+    },
     /// Fault injection.
     Inject(Injection),
 }
+
+/// Most parts one [`DmaCommand::Gather`] or [`DmaCommand::Scatter`] may name.
+pub const MAX_PARTS: usize = 1 << 20;
 
 impl DmaCommand {
     /// The command's name, as logs and spans print it.
@@ -180,6 +212,8 @@ impl DmaCommand {
             DmaCommand::AtomicAdd { .. } => "atomic-add",
             DmaCommand::Read { .. } => "read",
             DmaCommand::Write { .. } => "write",
+            DmaCommand::Gather { .. } => "gather",
+            DmaCommand::Scatter { .. } => "scatter",
             DmaCommand::Inject(_) => "inject",
         }
     }
@@ -242,6 +276,12 @@ pub struct DmaStats {
     /// Reads made again because a CPU change the driver learns of only after it is made
     /// overlapped them ([`PageRequestHandler::changed_since`]).
     pub reads_retried: u64,
+    /// Batches of page requests a command raised before it started
+    /// ([`PageRequestHandler::page_requests`]): `page_requests_batched / page_request_batches`
+    /// is the page requests per batch.
+    pub page_request_batches: u64,
+    /// Page requests raised in those batches (also counted in `page_requests`).
+    pub page_requests_batched: u64,
     /// Commands the waiter of their fence ran itself, the device being idle
     /// ([`Fence::wait`](crate::Fence::wait)): no hand-off to the device thread and back.
     pub run_by_waiter: u64,

@@ -40,11 +40,11 @@ use svmirror_core::{Range, might_sleep};
 
 pub use crate::command::{
     Access, Completion, DmaCommand, DmaConfig, DmaStats, FaultMode, FaultReason, FaultRecord,
-    Injection, PageRequest, PageRequestHandler,
+    Injection, MAX_PARTS, PageRequest, PageRequestHandler,
 };
 use crate::error::{IommuError, Result};
 use crate::mmu::{AccessGrant, Miss, Mmu};
-use crate::pin::PinPool;
+use crate::pin::{PinPool, Target};
 
 /// How often waiters wake to check the watchdog.
 const POLL: Duration = Duration::from_millis(20);
@@ -298,23 +298,7 @@ impl Shared {
             // driver waits for its invalidations of such changes first (svmirror-mm learns of
             // a munmap only after it returns). A change returning after this point overlaps
             // the access, which is then ordered before it.
-            let handler = relock(&self.handler).clone();
-            let mut settled = None;
-            if let Some(h) = handler {
-                let mut first = None;
-                for &(iova, access) in reqs {
-                    let since = h
-                        .settle(iova, max_len)
-                        .map_err(|e| IommuError::DeviceFault {
-                            iova,
-                            access,
-                            reason: FaultReason::NotMapped,
-                            source: Some(Box::new(e)),
-                        })?;
-                    first.get_or_insert(since);
-                }
-                settled = first.map(|since| (h, since));
-            }
+            let settled = self.settle(reqs, max_len)?;
             let miss = match self.mmu.begin_access(reqs, max_len) {
                 Ok(g) => return Ok((g, settled)),
                 Err(miss) => miss,
@@ -353,6 +337,97 @@ impl Shared {
         }
     }
 
+    /// Waits, through the handler, for the CPU changes over the requests that may already
+    /// have returned (see [`access_settled`](Self::access_settled)); returns the handler and
+    /// the position its first request settled at.
+    fn settle(&self, reqs: &[(u64, Access)], max_len: u64) -> Result<Option<Settled>> {
+        let Some(h) = relock(&self.handler).clone() else {
+            return Ok(None);
+        };
+        let mut first = None;
+        for &(iova, access) in reqs {
+            let since = h
+                .settle(iova, max_len)
+                .map_err(|e| IommuError::DeviceFault {
+                    iova,
+                    access,
+                    reason: FaultReason::NotMapped,
+                    source: Some(Box::new(e)),
+                })?;
+            first.get_or_insert(since);
+        }
+        Ok(first.map(|since| (h, since)))
+    }
+
+    /// Claims the next pieces of a gather's or scatter's `parts` from `cur` on: at most
+    /// [`MANY_BATCH`] pieces and [`MANY_BYTES`] bytes, each translated, settled and registered
+    /// in flight as a single access is. Only the first piece may raise page requests: a later
+    /// one that misses ends the batch instead (the batch is moved and its accesses end, and
+    /// the next batch starts with the miss), because a page request must never be raised with
+    /// an access in flight (see "Faults" in the module documentation).
+    fn claim_batch(
+        &self,
+        parts: &[(u64, u64)],
+        cur: &mut Cursor,
+        access: Access,
+        c: &mut Completion,
+    ) -> Result<Vec<Piece<'_>>> {
+        let mut batch: Vec<Piece<'_>> = Vec::new();
+        let mut bytes = 0;
+        while cur.part < parts.len() && batch.len() < MANY_BATCH && bytes < MANY_BYTES {
+            let (addr, len) = parts[cur.part];
+            let (iova, want) = (addr + cur.done, len - cur.done);
+            let (grant, settled) = if batch.is_empty() {
+                self.access_settled(&[(iova, access)], want, c)?
+            } else {
+                let settled = self.settle(&[(iova, access)], want)?;
+                match self.mmu.begin_access(&[(iova, access)], want) {
+                    Ok(g) => (g, settled),
+                    Err(_) => break,
+                }
+            };
+            let n = grant.len;
+            batch.push(Piece {
+                grant,
+                iova,
+                off: cur.off,
+                settled,
+            });
+            bytes += n;
+            cur.off += n as usize;
+            cur.done += n;
+            if cur.done == len {
+                cur.part += 1;
+                cur.done = 0;
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Reads `data.len()` bytes at `src` into `data` (the `Read` command's work).
+    fn read_into(&self, src: u64, data: &mut [u8], c: &mut Completion) -> Result<()> {
+        let len = data.len() as u64;
+        let mut done = 0;
+        while done < len {
+            let (at, want) = (src + done, len - done);
+            let (g, settled) = self.access_settled(&[(at, Access::Read)], want, c)?;
+            let part = &mut data[done as usize..(done + g.len) as usize];
+            self.pins.read(g.target(0), part)?;
+            let n = g.len;
+            drop(g);
+            // A read that overlapped a CPU change the driver learns of only after it is
+            // made (mremap moves the page, then tells) may have seen the page after the
+            // move, through its new address: read again, after the change.
+            if settled.is_some_and(|(h, since)| h.changed_since(at, n, since)) {
+                self.stat(|s| s.reads_retried += 1);
+                continue;
+            }
+            done += n;
+            self.touch();
+        }
+        Ok(())
+    }
+
     fn execute(&self, cmd: DmaCommand) -> Result<Completion> {
         let mut c = Completion::default();
         match cmd {
@@ -382,25 +457,52 @@ impl Shared {
             }
             DmaCommand::Read { src, len } => {
                 let mut data = vec![0u8; len as usize];
-                let mut done = 0;
-                while done < len {
-                    let (at, want) = (src + done, len - done);
-                    let (g, settled) = self.access_settled(&[(at, Access::Read)], want, &mut c)?;
-                    let part = &mut data[done as usize..(done + g.len) as usize];
-                    self.pins.read(g.target(0), part)?;
-                    let n = g.len;
-                    drop(g);
-                    // A read that overlapped a CPU change the driver learns of only after it is
-                    // made (mremap moves the page, then tells) may have seen the page after the
-                    // move, through its new address: read again, after the change.
-                    if settled.is_some_and(|(h, since)| h.changed_since(at, n, since)) {
-                        self.stat(|s| s.reads_retried += 1);
-                        continue;
+                self.read_into(src, &mut data, &mut c)?;
+                c.data = data;
+            }
+            DmaCommand::Gather { parts } => {
+                let total: u64 = parts.iter().map(|p| p.1).sum();
+                let mut data = vec![0u8; total as usize];
+                let mut cur = Cursor::default();
+                while cur.part < parts.len() {
+                    let batch = self.claim_batch(&parts, &mut cur, Access::Read, &mut c)?;
+                    let targets: Vec<(Target, u64)> = batch
+                        .iter()
+                        .map(|p| (p.grant.target(0), p.grant.len))
+                        .collect();
+                    let from = batch.first().map_or(0, |p| p.off);
+                    self.pins.read_many(&targets, &mut data[from..cur.off])?;
+                    // Every access of the batch ends before any is read again (a re-read may
+                    // raise a page request).
+                    let again: Vec<(u64, usize, u64, Option<Settled>)> = batch
+                        .into_iter()
+                        .map(|p| (p.iova, p.off, p.grant.len, p.settled))
+                        .collect();
+                    for (iova, off, n, settled) in again {
+                        // As for `Read`: a piece that overlapped a CPU change the driver
+                        // learns of only after it is made is read again, after the change.
+                        if settled.is_some_and(|(h, since)| h.changed_since(iova, n, since)) {
+                            self.stat(|s| s.reads_retried += 1);
+                            self.read_into(iova, &mut data[off..off + n as usize], &mut c)?;
+                        }
                     }
-                    done += n;
                     self.touch();
                 }
                 c.data = data;
+            }
+            DmaCommand::Scatter { parts, data } => {
+                let mut cur = Cursor::default();
+                while cur.part < parts.len() {
+                    let batch = self.claim_batch(&parts, &mut cur, Access::Write, &mut c)?;
+                    let targets: Vec<(Target, u64)> = batch
+                        .iter()
+                        .map(|p| (p.grant.target(0), p.grant.len))
+                        .collect();
+                    let from = batch.first().map_or(0, |p| p.off);
+                    self.pins.write_many(&targets, &data[from..cur.off])?;
+                    drop(batch);
+                    self.touch();
+                }
             }
             DmaCommand::Write { dst, data } => {
                 let len = data.len() as u64;
@@ -449,10 +551,63 @@ fn validate(cmd: &DmaCommand) -> Result<()> {
         DmaCommand::Write { dst, ref data } if !span(dst, data.len() as u64) => {
             bad(dst, "empty or overflowing write")
         }
+        DmaCommand::Gather { ref parts } => validate_parts(parts, None),
+        DmaCommand::Scatter {
+            ref parts,
+            ref data,
+        } => validate_parts(parts, Some(data.len() as u64)),
         DmaCommand::AtomicAdd { addr, .. } if addr % 8 != 0 => bad(addr, "atomic is not 8-aligned"),
         _ => Ok(()),
     }
 }
+
+/// Checks a gather's or scatter's parts: 1 to [`MAX_PARTS`] parts, none empty or overflowing,
+/// at most [`MAX_READ`] bytes in all and, for a scatter, as many as it carries.
+fn validate_parts(parts: &[(u64, u64)], carried: Option<u64>) -> Result<()> {
+    let bad = |iova, reason| Err(IommuError::InvalidCommand { iova, reason });
+    if parts.is_empty() || parts.len() > MAX_PARTS {
+        return bad(0, "a gather or scatter names 1 to MAX_PARTS parts");
+    }
+    let mut total = 0u64;
+    for &(a, len) in parts {
+        if len == 0 || a.checked_add(len).is_none() {
+            return bad(a, "empty or overflowing part");
+        }
+        total = total.saturating_add(len);
+    }
+    if total > MAX_READ {
+        return bad(parts[0].0, "a gather or scatter moves at most 1 GiB");
+    }
+    if carried.is_some_and(|n| n != total) {
+        return bad(
+            parts[0].0,
+            "the scatter's data is not the parts' total length",
+        );
+    }
+    Ok(())
+}
+
+/// Where a gather or scatter is: the part, the bytes of it done, the offset in the device
+/// memory.
+#[derive(Default)]
+struct Cursor {
+    part: usize,
+    done: u64,
+    off: usize,
+}
+
+/// One claimed piece of a gather or scatter.
+struct Piece<'a> {
+    grant: AccessGrant<'a>,
+    iova: u64,
+    off: usize,
+    settled: Option<Settled>,
+}
+
+/// Pieces one batch of a gather or scatter claims at most.
+const MANY_BATCH: usize = 256;
+/// Bytes one batch of a gather or scatter claims at most (it may end one piece past).
+const MANY_BYTES: u64 = 4 << 20;
 
 /// Spins for up to `limit` until `done` holds; returns whether it did. Every few dozen spins it
 /// checks the clock and yields the CPU: on an idle machine the yield returns at once and the

@@ -101,7 +101,7 @@ pub mod testing;
 
 pub use dma::{
     Access, Completion, DmaCommand, DmaConfig, DmaEngine, DmaHandle, DmaStats, FaultMode,
-    FaultReason, FaultRecord, Fence, Injection, PageRequest, PageRequestHandler,
+    FaultReason, FaultRecord, Fence, Injection, MAX_PARTS, PageRequest, PageRequestHandler,
 };
 pub use error::{IommuError, Result};
 pub use iotlb::{DEFAULT_IOTLB_ENTRIES, Iotlb, IotlbStats, Violation};

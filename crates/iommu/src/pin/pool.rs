@@ -80,7 +80,7 @@ pub struct PinStats {
     pub submissions: u64,
 }
 /// Submission-queue entries of the pool's ring: room for every lane's chain.
-pub(super) const RING_ENTRIES: u32 = 8;
+pub(super) const RING_ENTRIES: u32 = 64;
 #[derive(Clone, Copy, Default)]
 struct Slot {
     generation: u32,

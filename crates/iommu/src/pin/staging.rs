@@ -191,6 +191,177 @@ impl PinPool {
         Ok(())
     }
 
+    /// Copies the pinned `(target, bytes)` parts, in order, into `dst` (their lengths add up to
+    /// `dst.len()`): a gather. Through the pipe, a batch of parts is one submission, a
+    /// fixed-buffer write of each part into the pipe, linked in order, then one read of them
+    /// all out of it: the parts cost an SQE each, not a system call each. Every part's pin is
+    /// checked as [`read`](Self::read) checks it before anything moves.
+    pub fn read_many(&self, parts: &[(Target, u64)], dst: &mut [u8]) -> Result<()> {
+        might_sleep("PinPool::read_many");
+        self.transfer_many("read", parts, dst.len(), |g, batch, at| {
+            let (_, wr, rd) = g.first_pipe();
+            let mut entries = Vec::with_capacity(batch.len() + 1);
+            for &(addr, slot, n) in batch {
+                entries.push(
+                    opcode::WriteFixed::new(wr, addr as *const u8, n as u32, slot)
+                        .offset(0)
+                        .build()
+                        .flags(squeue::Flags::IO_LINK),
+                );
+            }
+            let total: u64 = batch.iter().map(|b| b.2).sum();
+            let out = &mut dst[at..at + total as usize];
+            // `out` is ours and outlives the submission (`submit_all` waits for every
+            // completion).
+            entries.push(
+                opcode::Read::new(rd, out.as_mut_ptr(), total as u32)
+                    .offset(0)
+                    .build(),
+            );
+            let mut want: Vec<u64> = batch.iter().map(|b| b.2).collect();
+            want.push(total);
+            (entries, want)
+        })
+    }
+
+    /// Copies `src` into the pinned `(target, bytes)` parts, in order (their lengths add up to
+    /// `src.len()`): a scatter. Through the pipe, a batch is one plain write of its bytes into
+    /// the pipe linked to a fixed-buffer read out of it into each part, in order.
+    pub fn write_many(&self, parts: &[(Target, u64)], src: &[u8]) -> Result<()> {
+        might_sleep("PinPool::write_many");
+        self.transfer_many("write", parts, src.len(), |g, batch, at| {
+            let (_, wr, rd) = g.first_pipe();
+            let total: u64 = batch.iter().map(|b| b.2).sum();
+            let bytes = &src[at..at + total as usize];
+            let mut entries = Vec::with_capacity(batch.len() + 1);
+            entries.push(
+                opcode::Write::new(wr, bytes.as_ptr(), total as u32)
+                    .offset(0)
+                    .build()
+                    .flags(squeue::Flags::IO_LINK),
+            );
+            let last = batch.len() - 1;
+            for (i, &(addr, slot, n)) in batch.iter().enumerate() {
+                let e = opcode::ReadFixed::new(rd, addr as *mut u8, n as u32, slot)
+                    .offset(0)
+                    .build();
+                entries.push(if i < last {
+                    e.flags(squeue::Flags::IO_LINK)
+                } else {
+                    e
+                });
+            }
+            let mut want = vec![total];
+            want.extend(batch.iter().map(|b| b.2));
+            (entries, want)
+        })
+    }
+
+    /// What [`read_many`](Self::read_many) and [`write_many`](Self::write_many) share: checks
+    /// every part, cuts them into batches that fit the ring and the pipe, and submits each
+    /// batch `build` makes from `(address, buffer index, bytes)` pieces and the offset of the
+    /// batch's first byte in the device memory (returning the entries and the result each
+    /// must have). Without a pipe, part by part through the staging memfd.
+    fn transfer_many(
+        &self,
+        op: &'static str,
+        parts: &[(Target, u64)],
+        total: usize,
+        mut build: impl FnMut(&PoolInner, &[(u64, u16, u64)], usize) -> (Vec<squeue::Entry>, Vec<u64>),
+    ) -> Result<()> {
+        let sum = parts.iter().try_fold(0u64, |s, p| s.checked_add(p.1));
+        if sum != Some(total as u64) || parts.iter().any(|p| p.1 == 0) {
+            return Err(IommuError::Transfer {
+                op,
+                pin: parts.first().map_or(
+                    PinId {
+                        slot: 0,
+                        generation: 0,
+                    },
+                    |p| p.0.pin,
+                ),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the parts must be non-empty and add up to the device buffer",
+                ),
+            });
+        }
+        let mut g = self.lock();
+        // Every pin is checked before anything moves.
+        let mut pieces = Vec::with_capacity(parts.len());
+        for &(at, len) in parts {
+            pieces.push((g.resolve(at, len)?, at.pin, len));
+        }
+        if g.pipes.is_empty() {
+            drop(g);
+            return Err(IommuError::Transfer {
+                op,
+                pin: parts.first().map_or(
+                    PinId {
+                        slot: 0,
+                        generation: 0,
+                    },
+                    |p| p.0.pin,
+                ),
+                source: io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "batched transfers need the pipe (Transfer::Pipe)",
+                ),
+            });
+        }
+        let (chunk, _, _) = g.first_pipe();
+        let slots = (chunk as u64 / PAGE_SIZE).max(1);
+        // Pieces no longer than a quarter of the pipe; a batch holds at most `RING_ENTRIES - 1`
+        // of them and needs at most as many pipe pages as the pipe has (a piece of `n` bytes
+        // lands in at most `n / page + 2` of them: the kernel merges a small write into the
+        // last page when it fits).
+        let piece_max = (chunk as u64 / 4).max(1);
+        let max_batch = RING_ENTRIES as usize - 1;
+        let mut batch: Vec<(u64, u16, u64)> = Vec::with_capacity(max_batch);
+        let mut pins: Vec<PinId> = Vec::with_capacity(max_batch);
+        let (mut used, mut bytes, mut at) = (0u64, 0u64, 0usize);
+        let mut pending = pieces.into_iter().flat_map(|(addr, pin, len)| {
+            (0..len.div_ceil(piece_max)).map(move |i| {
+                let off = i * piece_max;
+                (addr + off, pin, (len - off).min(piece_max))
+            })
+        });
+        let mut next = pending.next();
+        while next.is_some() || !batch.is_empty() {
+            if let Some((addr, pin, n)) = next {
+                let pages = n / PAGE_SIZE + 2;
+                if batch.len() < max_batch && used + pages <= slots {
+                    batch.push((addr, pin.slot as u16, n));
+                    pins.push(pin);
+                    used += pages;
+                    bytes += n;
+                    next = pending.next();
+                    continue;
+                }
+            }
+            let (entries, want) = build(&g, &batch, at);
+            let r = g.submit_all(&entries).and_then(|res| {
+                for (i, (&got, &n)) in res.iter().zip(&want).enumerate() {
+                    // The entry's pin, or the batch's first for the one plain transfer.
+                    let pin = pins[i
+                        .saturating_sub(usize::from(op == "write"))
+                        .min(pins.len() - 1)];
+                    check(op, pin, got, n as usize)?;
+                }
+                Ok(())
+            });
+            if r.is_err() {
+                g.replace_pipes();
+            }
+            r?;
+            at += bytes as usize;
+            batch.clear();
+            pins.clear();
+            (used, bytes) = (0, 0);
+        }
+        Ok(())
+    }
+
     /// Copies `len` bytes of pinned memory from `src` to `dst` (which may be the same pin), in
     /// the kernel: each chunk is a fixed-buffer write into staging linked to a fixed-buffer read
     /// out of it.
