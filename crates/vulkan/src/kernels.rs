@@ -19,8 +19,9 @@ use svmirror_core::MirrorError;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
     /// `y[i] = a * x[i] + y[i]` over `f32` arrays (saxpy). Arguments: `[x, y, a.to_bits()]`;
-    /// items: the element count. (The shader handles 16 elements per invocation and translates
-    /// each page once; the backend sets its fourth argument to the element count.)
+    /// items: the element count. (The shader handles 64 consecutive elements per invocation and
+    /// translates the at most two pages of each array they lie on; the backend sets its fourth
+    /// argument to the element count.)
     Stream,
     /// Linked-list walk: item `i` follows `next` from `heads[i]` for at most `steps` nodes
     /// ([`ChaseNode`]) and stores the sum of their values in `out[i]` (`u32`). Arguments:
@@ -330,8 +331,8 @@ impl Drop for Pipelines {
     }
 }
 
-/// Elements one [`Kernel::Stream`] workgroup covers (256 invocations of 16 elements).
-const STREAM_TILE: u32 = 256 * 16;
+/// Elements one [`Kernel::Stream`] workgroup covers (256 invocations of 64 elements).
+const STREAM_TILE: u32 = 256 * 64;
 
 impl Dispatch {
     /// The invocation count and push arguments the shader gets for this dispatch.
