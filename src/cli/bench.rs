@@ -110,8 +110,9 @@ pub(crate) fn run(
         };
         if !json_stdout {
             eprintln!(
-                "svmirror bench: measuring the {kind} backend{}",
-                if quick { " (quick)" } else { "" }
+                "svmirror bench: measuring the {kind} backend{} on {}",
+                if quick { " (quick)" } else { "" },
+                backend.device()
             );
         }
         figures.extend(backend.micro_benchmarks(quick)?);
