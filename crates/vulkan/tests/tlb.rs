@@ -153,7 +153,6 @@ fn freeing_a_page_table_leaf_waits_for_work_in_flight() {
 
     // A cycle of 16 nodes, and 4096 lists that each walk it for many steps.
     let items = 4096u64;
-    let steps = 20_000u64;
     let nodes = anon(&rig.mm, 1);
     let heads = anon(&rig.mm, items * 8 / PAGE);
     let out = anon(&rig.mm, items * 4 / PAGE);
@@ -181,44 +180,58 @@ fn freeing_a_page_table_leaf_waits_for_work_in_flight() {
             .filter(|i| unsafe { volatile::read::<u32>(out.start() + 4 * i) } == u32::MAX)
             .count()
     };
-    let d = Dispatch::new(
-        Kernel::Chase,
-        items as u32,
-        &[heads.start(), out.start(), steps],
-    )
-    .unwrap();
     let leaves = m.resources().leaves;
-    let done = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let t = s.spawn(|| {
-            // SAFETY: the kernel reads `heads` and the nodes and writes `out`, all mapped and
-            // reached only by raw pointers.
-            let r = unsafe { m.dispatch(&d) };
-            done.store(true, Ordering::SeqCst);
-            r
-        });
-        while m.resources().in_flight == 0 && !done.load(Ordering::SeqCst) {
-            std::hint::spin_loop();
+    // Long enough on lavapipe at the first try; a faster device gets longer walks.
+    let mut steps = 20_000u64;
+    loop {
+        for i in 0..items {
+            // SAFETY: `out` holds `items` u32s; no dispatch is running.
+            unsafe { volatile::write(out.start() + 4 * i, u32::MAX) };
         }
-        let before = unwritten();
-        assert!(
-            !done.load(Ordering::SeqCst) && before > 0,
-            "the dispatch must still be running when the munmap starts (make it longer)"
-        );
-        rig.mm
-            .notifier()
-            .invalidate_range_start(NotifierRange::new(lone, Event::Unmap))
-            .unwrap()
-            .end();
-        let after = unwritten();
-        assert_eq!(
-            after, 0,
-            "the Unmap invalidation freed a page-table leaf and returned while the dispatch was still \
-             running ({after} of {items} results unwritten)"
-        );
-        let stats = t.join().unwrap().unwrap();
-        assert_eq!(stats.passes, 1, "{stats:?}");
-    });
+        let d = Dispatch::new(
+            Kernel::Chase,
+            items as u32,
+            &[heads.start(), out.start(), steps],
+        )
+        .unwrap();
+        let done = AtomicBool::new(false);
+        let tested = std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                // SAFETY: the kernel reads `heads` and the nodes and writes `out`, all mapped
+                // and reached only by raw pointers.
+                let r = unsafe { m.dispatch(&d) };
+                done.store(true, Ordering::SeqCst);
+                r
+            });
+            while m.resources().in_flight == 0 && !done.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+            if done.load(Ordering::SeqCst) || unwritten() == 0 {
+                // Over before the invalidation could start: nothing tested yet.
+                t.join().unwrap().unwrap();
+                return false;
+            }
+            rig.mm
+                .notifier()
+                .invalidate_range_start(NotifierRange::new(lone, Event::Unmap))
+                .unwrap()
+                .end();
+            let after = unwritten();
+            assert_eq!(
+                after, 0,
+                "the Unmap invalidation freed a page-table leaf and returned while the dispatch \
+                 was still running ({after} of {items} results unwritten)"
+            );
+            let stats = t.join().unwrap().unwrap();
+            assert_eq!(stats.passes, 1, "{stats:?}");
+            true
+        });
+        if tested {
+            break;
+        }
+        assert!(steps < 20_000_000, "no dispatch ran long enough to test");
+        steps *= 10;
+    }
     assert_eq!(m.resources().leaves, leaves - 1, "the empty leaf was freed");
     unmap(&rig.mm, &[spare]);
     for i in 0..items {
