@@ -41,8 +41,12 @@ layout(buffer_reference, std430, buffer_reference_align = 4) buffer Counters {
 
 // Claims node `n` (a CPU pointer) with `level`, unless a miss was seen.
 void claim(uint64_t n, uint level) {
+    // `level` and `degree` share a page unless the node straddles one: one translation.
     uint64_t lp = svm_translate(n, true);
-    uint64_t dp = svm_translate(n + 8ul, false);
+    uint64_t dp = lp + 8ul;
+    if (((n + 8ul) >> 12) != (n >> 12)) {
+        dp = svm_translate(n + 8ul, false);
+    }
     if (svm_faulted) {
         return;
     }
@@ -83,12 +87,19 @@ void main() {
     // 64-bit induction variable gave wrong results on lavapipe.
     uint degree = uint(min(U64(dp).v, 0xfffffffful));
     uint64_t edges = U64(ep).v;
+    // The adjacency list is translated once per page it spans.
+    uint64_t page = ~0ul;
+    uint64_t base = 0ul;
     for (uint e = 0u; e < degree; e++) {
-        uint64_t a = svm_translate(edges + 8ul * e, false);
-        if (a == 0ul) {
+        uint64_t ea = edges + 8ul * e;
+        if ((ea >> 12) != page) {
+            page = ea >> 12;
+            base = svm_translate(page << 12, false);
+        }
+        if (base == 0ul) {
             continue;
         }
-        claim(U64(a).v, level);
+        claim(U64(base + (ea & 4095ul)).v, level);
     }
     svm_end(i);
 }

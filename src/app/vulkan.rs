@@ -137,12 +137,14 @@ impl VulkanBackend {
         let gpu = mirror.gpu();
         let info = gpu.info();
         let device = format!(
-            "{} ({}, driver {} {}, Vulkan {}); GPU page table over host-memory imports, fault and replay; validation layer {}",
+            "{} ({}, driver {} {}, Vulkan {}, sparseBinding {}, sparseResidencyBuffer {}); GPU page table over host-memory imports, fault and replay; validation layer {}",
             info.name,
             info.kind,
             info.driver,
             info.driver_info,
             info.api_version,
+            info.sparse_binding,
+            info.sparse_residency_buffer,
             if gpu.validation_enabled() {
                 "on"
             } else {

@@ -87,6 +87,13 @@ pub struct DeviceInfo {
     pub max_allocation_size: u64,
     /// Every device present, "index: name".
     pub all_devices: Vec<String>,
+    /// The `sparseBinding` feature: whether buffers could be bound to memory piecewise (one
+    /// buffer over many host-memory imports, instead of a page table in a shader). Mesa
+    /// 22.3.6 lavapipe: false.
+    pub sparse_binding: bool,
+    /// The `sparseResidencyBuffer` feature: whether such a buffer may have unbound holes.
+    /// Mesa 22.3.6 lavapipe: false.
+    pub sparse_residency_buffer: bool,
 }
 
 /// A driver failure to inject, for tests of the error paths that lavapipe never takes on its
@@ -419,6 +426,8 @@ impl Gpu {
         // SAFETY: `physical` belongs to `instance`; the chained structs are locals.
         unsafe { instance.get_physical_device_properties2(physical, &mut p2) };
         let props = p2.properties;
+        // SAFETY: `physical` belongs to `instance`.
+        let features = unsafe { instance.get_physical_device_features(physical) };
         let info = DeviceInfo {
             name: cands[pick].name.clone(),
             kind: kind_name(props.device_type),
@@ -432,6 +441,8 @@ impl Gpu {
             max_allocations: props.limits.max_memory_allocation_count,
             max_allocation_size: m3.max_memory_allocation_size,
             all_devices,
+            sparse_binding: features.sparse_binding == vk::TRUE,
+            sparse_residency_buffer: features.sparse_residency_buffer == vk::TRUE,
         };
         // SAFETY: as above.
         let memory = unsafe { instance.get_physical_device_memory_properties(physical) };

@@ -99,10 +99,23 @@ fn push_block(
 }
 
 impl VulkanMirror {
-    /// Records `module` over `items` with `push` into `sub`.
-    fn record(&self, sub: &Submission, module: Module, items: u32, push: &[u8]) {
+    /// Records `module` over `items` with `push` into `sub`; with `only`, just the workgroups
+    /// holding items `only.0..=only.1` (a replay pass: the other items return at `svm_begin`,
+    /// but on lavapipe even that costs about 80 ns an item).
+    fn record(
+        &self,
+        sub: &Submission,
+        module: Module,
+        items: u32,
+        push: &[u8],
+        only: Option<(u32, u32)>,
+    ) {
         let dev = &self.inner.gpu.device;
         let (x, y) = groups(items, module.local_size());
+        let (base, count) = match only {
+            Some(r) => replay_groups(r, x, y, module.local_size()),
+            None => ((0, 0), (x, y)),
+        };
         // SAFETY: `sub.cb` is recording on this thread; the pipeline and layout are live.
         unsafe {
             dev.cmd_bind_pipeline(
@@ -121,8 +134,9 @@ impl VulkanMirror {
                 push,
             )
         };
-        // SAFETY: as above.
-        unsafe { dev.cmd_dispatch(sub.cb, x, y, 1) };
+        // SAFETY: as above; the pipelines are created with DISPATCH_BASE, and base + count
+        // stays within the full dispatch's groups.
+        unsafe { dev.cmd_dispatch_base(sub.cb, base.0, base.1, 0, count.0, count.1, 1) };
     }
 
     /// Submits `sub` with its fence in the in-flight list, waits, and takes it off the list.
@@ -202,6 +216,7 @@ impl VulkanMirror {
         };
         let mut stats = DispatchStats::default();
         let (mut cur_in, mut mode) = (1usize, 0u32);
+        let mut replay = None;
         loop {
             if stats.passes >= inner.config.max_passes {
                 return Err(VulkanError::TooManyPasses {
@@ -227,15 +242,24 @@ impl VulkanMirror {
                 &args,
             );
             let sub = Submission::begin(&inner.gpu)?;
-            self.record(&sub, module, items, &push);
+            self.record(&sub, module, items, &push, replay);
             self.run_tracked(sub)?;
             let count = b.faults.read_u32(0);
             if b.faults.read_u32(8) == 0 {
                 return Ok(stats);
             }
-            let faulted: u64 = (0..words)
-                .map(|w| u64::from(b.bits[cur_out].read_u32(w * 4).count_ones()))
-                .sum();
+            let (mut faulted, mut first, mut last) = (0u64, u32::MAX, 0u32);
+            for w in 0..words {
+                let bits = b.bits[cur_out].read_u32(w * 4);
+                if bits != 0 {
+                    let w = w as u32;
+                    first = first.min(w * 32 + bits.trailing_zeros());
+                    last = w * 32 + 31 - bits.leading_zeros();
+                    faulted += u64::from(bits.count_ones());
+                }
+            }
+            // A replay needs only the groups from the first to the last faulted item.
+            replay = (faulted > 0).then_some((first, last.min(items - 1)));
             stats.misses += u64::from(count);
             if count > cap {
                 stats.overflowed_passes += 1;
@@ -298,8 +322,29 @@ impl VulkanMirror {
         let (items, args) = d.shader_form();
         let push = push_block(0, 0, 0, 0, 0, 0, 0, items, &args);
         let sub = Submission::begin(&self.inner.gpu)?;
-        self.record(&sub, module, items, &push);
+        self.record(&sub, module, items, &push, None);
         self.run_tracked(sub)
+    }
+}
+
+/// The workgroups (base, count) of a replay of items `first..=last` in a dispatch of `x` by `y`
+/// groups of `local` items: a run of groups when the dispatch is one row, else the rows
+/// holding them (the shaders number items across the full row width, which stays).
+fn replay_groups(
+    (first, last): (u32, u32),
+    x: u32,
+    y: u32,
+    local: u32,
+) -> ((u32, u32), (u32, u32)) {
+    let (g0, g1) = (first / local, last / local);
+    if y <= 1 {
+        let g1 = g1.min(x - 1);
+        let g0 = g0.min(g1);
+        ((g0, 0), (g1 - g0 + 1, 1))
+    } else {
+        let r1 = (g1 / x).min(y - 1);
+        let r0 = (g0 / x).min(r1);
+        ((0, r0), (x, r1 - r0 + 1))
     }
 }
 
@@ -589,5 +634,32 @@ impl Drop for HeldWork {
         // SAFETY: no pending submission waits on the event any more (waited above, or never
         // submitted).
         unsafe { dev.destroy_event(self.event, None) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_covers_exactly_the_groups_of_its_items_in_one_row() {
+        // 10 groups of 64 in one row: items 130..=200 are in groups 2..=3.
+        assert_eq!(replay_groups((130, 200), 10, 1, 64), ((2, 0), (2, 1)));
+        assert_eq!(replay_groups((0, 0), 10, 1, 64), ((0, 0), (1, 1)));
+        assert_eq!(replay_groups((639, 639), 10, 1, 64), ((9, 0), (1, 1)));
+    }
+
+    #[test]
+    fn a_replay_of_a_two_dimensional_dispatch_takes_whole_rows() {
+        // 65535 x 3 groups of 64: item 65535 * 64 + 5 is in row 1, the last item in row 2.
+        let row = 65535 * 64;
+        assert_eq!(
+            replay_groups((row + 5, row + 6), 65535, 3, 64),
+            ((0, 1), (65535, 1))
+        );
+        assert_eq!(
+            replay_groups((10, 2 * row + 1), 65535, 3, 64),
+            ((0, 0), (65535, 3))
+        );
     }
 }

@@ -165,9 +165,13 @@ impl Teardown for Inner {
         _event: Event,
         blockable: bool,
     ) -> std::result::Result<(u64, Vec<Import>), WouldBlock> {
-        if !blockable && g.in_flight() > 0 && g.occupied(r) {
+        // Work in flight may use `r` through an import or device page there, or through a
+        // leaf this teardown would free (even one with no entry left).
+        let frees_leaf = action == Action::FreeLeaves && g.table().has_leaf_in(r);
+        if !blockable && g.in_flight() > 0 && (g.occupied(r) || frees_leaf) {
             return Err(WouldBlock);
         }
+        let freed = g.table().leaves_freed();
         let (imports, bytes) = match action {
             Action::Downgrade => (Vec::new(), g.protect(r) * PAGE_SIZE),
             Action::FreeLeaves | Action::Clear => {
@@ -180,7 +184,7 @@ impl Teardown for Inner {
                 (imports, bytes + dev_bytes)
             }
         };
-        if bytes > 0 {
+        if bytes > 0 || g.table().leaves_freed() != freed {
             self.drain(g);
         }
         Ok((bytes, imports))
@@ -545,8 +549,9 @@ impl VulkanMirror {
     /// Drops every mapping and import (the device loses everything; faults map it again).
     pub fn evict_all(&self) {
         let mut g = self.inner.state.lock();
+        let freed = g.table().leaves_freed();
         let (imports, bytes) = g.take_chunks(Range::FULL, true);
-        if !imports.is_empty() {
+        if !imports.is_empty() || g.table().leaves_freed() != freed {
             self.inner.drain(&g);
         }
         drop(g);

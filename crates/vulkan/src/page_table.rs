@@ -15,7 +15,10 @@
 //! whose last entry goes is freed only on `Unmap` and `Release`, as the kernel frees page-table
 //! pages only when the address range goes away. A freed leaf is reused only after the
 //! invalidation that freed it has waited for the work in flight: a shader that read the old
-//! directory entry must not then find another block's entries in the leaf.
+//! directory entry must not then find another block's entries in the leaf. That holds for a
+//! leaf freed with no entry cleared too (one an earlier `Clear` left empty): whoever frees
+//! leaves compares [`PageTable::leaves_freed`] before and after, and drains on a change, under
+//! the update lock, before any fault can take the leaf.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -60,6 +63,8 @@ pub(crate) struct PageTable {
     /// Host shadow: block → (directory slot, leaf index, valid entries in the leaf).
     blocks: HashMap<u64, (u32, u32, u32)>,
     free_leaves: Vec<u32>,
+    /// Leaves freed since the table was made (only grows).
+    leaves_freed: u64,
 }
 
 impl PageTable {
@@ -87,6 +92,7 @@ impl PageTable {
             leaf_count,
             blocks: HashMap::new(),
             free_leaves: (0..leaf_count).rev().collect(),
+            leaves_freed: 0,
         })
     }
 
@@ -204,6 +210,7 @@ impl PageTable {
                     self.dir.write_u64(u64::from(slot) * 16, DELETED);
                     self.blocks.remove(&block);
                     self.free_leaves.push(leaf);
+                    self.leaves_freed += 1;
                 }
             }
             addr = block_end;
@@ -233,6 +240,23 @@ impl PageTable {
             addr = block_end;
         }
         n
+    }
+
+    /// Leaves freed so far: a caller that sees it move must wait for the work in flight before
+    /// it lets go of the update lock (see the [module documentation](self)).
+    pub(crate) fn leaves_freed(&self) -> u64 {
+        self.leaves_freed
+    }
+
+    /// Whether a leaf maps any 2 MiB block overlapping `range` (a clear with `free` could free
+    /// it even when it clears no entry).
+    pub(crate) fn has_leaf_in(&self, range: Range) -> bool {
+        let (first, last) = (range.start() / BLOCK, (range.end() - 1) / BLOCK);
+        if last - first < self.blocks.len() as u64 {
+            (first..=last).any(|b| self.blocks.contains_key(&b))
+        } else {
+            self.blocks.keys().any(|&b| (first..=last).contains(&b))
+        }
     }
 
     /// Valid entries in the whole table.
