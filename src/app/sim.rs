@@ -125,8 +125,9 @@ impl Backend for SimBackend {
         let mut depth = 0;
         let mut done = 0u64;
         while !frontier.is_empty() {
-            // Level-synchronous: every load of a level is queued before the first is waited
-            // for, so the device works through them without a round trip each.
+            // Frontier-parallel: one gather of the level's node headers, one of their
+            // adjacency lists, one scatter of the new levels (each cut at PARTS_PER_COMMAND
+            // parts), instead of a command per pointer.
             let headers = pipe.loads(frontier.iter().map(|&n| (n + DEGREE, 16)))?;
             let lists = pipe.loads(headers.iter().map(|h| {
                 let degree = u64::from_ne_bytes(h[..8].try_into().expect("8 bytes"));
@@ -239,6 +240,8 @@ struct Pipeline<'m> {
 
 /// Commands in flight at most.
 const PIPELINE_DEPTH: usize = 512;
+/// Blocks one gather or scatter of a [`Pipeline`] carries at most.
+const PARTS_PER_COMMAND: usize = 4096;
 
 impl<'m> Pipeline<'m> {
     fn new(mirror: &'m IommuMirror) -> Self {
@@ -278,22 +281,40 @@ impl<'m> Pipeline<'m> {
         Ok(out)
     }
 
-    /// Loads `(addr, len)` blocks.
+    /// Loads `(addr, len)` blocks: a gather per [`PARTS_PER_COMMAND`] blocks, so a level of
+    /// the search costs a handful of device commands, not one per pointer.
     fn loads(&mut self, blocks: impl Iterator<Item = (u64, u64)>) -> Result<Vec<Vec<u8>>> {
-        let done = self.run(blocks.map(|(src, len)| DmaCommand::Read { src, len }))?;
-        Ok(done.into_iter().map(|c| c.data).collect())
+        let blocks: Vec<(u64, u64)> = blocks.collect();
+        let parts: Vec<(u64, u64)> = blocks.iter().copied().filter(|b| b.1 > 0).collect();
+        let done = self.run(
+            parts
+                .chunks(PARTS_PER_COMMAND)
+                .map(|c| DmaCommand::Gather { parts: c.to_vec() }),
+        )?;
+        let data: Vec<u8> = done.into_iter().flat_map(|c| c.data).collect();
+        let mut at = 0usize;
+        Ok(blocks
+            .iter()
+            .map(|&(_, len)| {
+                let b = data[at..at + len as usize].to_vec();
+                at += len as usize;
+                b
+            })
+            .collect())
     }
 
-    /// Stores `(addr, value)` u64s.
+    /// Stores `(addr, value)` u64s: a scatter per [`PARTS_PER_COMMAND`] of them.
     fn stores(&mut self, words: impl Iterator<Item = (u64, u64)>) -> Result<()> {
-        let mut n = 0;
-        self.run(words.map(|(dst, v)| {
-            n += 8;
-            DmaCommand::Write {
-                dst,
-                data: v.to_ne_bytes().to_vec(),
-            }
-        }))?;
+        let words: Vec<(u64, u64)> = words.collect();
+        let n = words.len() as u64 * 8;
+        self.run(
+            words
+                .chunks(PARTS_PER_COMMAND)
+                .map(|c| DmaCommand::Scatter {
+                    parts: c.iter().map(|&(dst, _)| (dst, 8)).collect(),
+                    data: c.iter().flat_map(|&(_, v)| v.to_ne_bytes()).collect(),
+                }),
+        )?;
         self.work.bytes_written += n;
         Ok(())
     }

@@ -44,6 +44,7 @@ pub use crate::command::{
 };
 use crate::error::{IommuError, Result};
 use crate::mmu::{AccessGrant, Miss, Mmu};
+use crate::page_table::IOVA_END;
 use crate::pin::{PinPool, Target};
 
 /// How often waiters wake to check the watchdog.
@@ -428,8 +429,122 @@ impl Shared {
         Ok(())
     }
 
+    /// The page request group of a command (PCIe PRI's "page request group": several pages in
+    /// one message): before a command that spans more than one page starts, the device walks
+    /// its page table over every page the command will touch and raises the runs that miss
+    /// (or are read-only for a write) together, in address order, for the driver to resolve
+    /// in one batch ([`PageRequestHandler::page_requests`]). Best effort: what the batch left
+    /// unmapped faults as before, one access at a time, and reports its error there. Asks
+    /// for nothing the command does not touch.
+    fn prefault(&self, extents: &[(u64, u64, Access)], c: &mut Completion) {
+        const PAGE: u64 = svmirror_core::PAGE_SIZE;
+        /// Pages walked per hold of the page-level lock.
+        const WALK: usize = 512;
+        if self.config.fault_mode != FaultMode::Recoverable {
+            return;
+        }
+        let one_page = |&(a, len, _): &(u64, u64, Access)| (a + len - 1) / PAGE == a / PAGE;
+        if extents.len() == 1 && one_page(&extents[0]) {
+            // A single-page access faults on its own: nothing to batch.
+            return;
+        }
+        let Some(h) = relock(&self.handler).clone() else {
+            return;
+        };
+        let mut pages = extents.iter().flat_map(|&(a, len, access)| {
+            let end = a.saturating_add(len).min(IOVA_END);
+            (a / PAGE..end.div_ceil(PAGE)).map(move |p| (p * PAGE, access))
+        });
+        let mut reqs: Vec<PageRequest> = Vec::new();
+        loop {
+            let chunk: Vec<(u64, Access)> = pages.by_ref().take(WALK).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            self.mmu.with(|s| {
+                let pt = s.page_table();
+                for (p, access) in chunk {
+                    let reason = match pt.translate(p) {
+                        None => FaultReason::NotMapped,
+                        Some(t) if access == Access::Write && !t.perms.writable() => {
+                            FaultReason::ReadOnly
+                        }
+                        Some(_) => continue,
+                    };
+                    match reqs.last_mut() {
+                        Some(l) if l.access == access && l.iova + l.len == p => l.len += PAGE,
+                        Some(l) if l.access == access && l.iova <= p && p < l.iova + l.len => {}
+                        _ => reqs.push(PageRequest {
+                            iova: p,
+                            len: PAGE,
+                            access,
+                            reason,
+                        }),
+                    }
+                }
+            });
+        }
+        if reqs.is_empty() {
+            return;
+        }
+        // Parts come in any order: address order, runs that meet or overlap merged.
+        reqs.sort_by_key(|r| (r.iova, r.access == Access::Read));
+        let mut merged: Vec<PageRequest> = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            match merged.last_mut() {
+                Some(l) if l.access == r.access && r.iova <= l.iova + l.len => {
+                    l.len = l.len.max(r.iova + r.len - l.iova);
+                }
+                _ => merged.push(r),
+            }
+        }
+        let n = merged.len() as u64;
+        c.page_requests += n as u32;
+        self.stat(|s| {
+            s.page_requests += n;
+            s.page_request_batches += 1;
+            s.page_requests_batched += n;
+        });
+        self.in_page_request.store(true, Ordering::Relaxed);
+        h.page_requests(&merged);
+        self.touch();
+        self.in_page_request.store(false, Ordering::Relaxed);
+        // Each request is a device fault, logged with whether the driver mapped its first page.
+        for r in merged {
+            let resolved = self.mmu.with(|s| {
+                s.page_table()
+                    .translate(r.iova)
+                    .is_some_and(|t| r.access == Access::Read || t.perms.writable())
+            });
+            let miss = Miss {
+                iova: r.iova,
+                access: r.access,
+                reason: r.reason,
+            };
+            self.record(miss, resolved);
+        }
+    }
+
     fn execute(&self, cmd: DmaCommand) -> Result<Completion> {
         let mut c = Completion::default();
+        let extents: Vec<(u64, u64, Access)> = match &cmd {
+            DmaCommand::Copy { src, dst, len } => {
+                vec![(*src, *len, Access::Read), (*dst, *len, Access::Write)]
+            }
+            DmaCommand::Fill { dst, len, .. } => vec![(*dst, *len, Access::Write)],
+            DmaCommand::Read { src, len } => vec![(*src, *len, Access::Read)],
+            DmaCommand::Write { dst, data } => vec![(*dst, data.len() as u64, Access::Write)],
+            DmaCommand::Gather { parts } => {
+                parts.iter().map(|&(a, l)| (a, l, Access::Read)).collect()
+            }
+            DmaCommand::Scatter { parts, .. } => {
+                parts.iter().map(|&(a, l)| (a, l, Access::Write)).collect()
+            }
+            DmaCommand::AtomicAdd { .. } | DmaCommand::Inject(_) => Vec::new(),
+        };
+        if !extents.is_empty() {
+            self.prefault(&extents, &mut c);
+        }
         match cmd {
             DmaCommand::Copy { src, dst, len } => {
                 let mut done = 0;
@@ -461,11 +576,14 @@ impl Shared {
                 c.data = data;
             }
             DmaCommand::Gather { parts } => {
-                let total: u64 = parts.iter().map(|p| p.1).sum();
+                // Parts close together in one page are read as one span (one claim, one
+                // transfer), then handed out in the parts' order.
+                let (spans, place) = coalesce(&parts);
+                let total: u64 = spans.iter().map(|p| p.1).sum();
                 let mut data = vec![0u8; total as usize];
                 let mut cur = Cursor::default();
-                while cur.part < parts.len() {
-                    let batch = self.claim_batch(&parts, &mut cur, Access::Read, &mut c)?;
+                while cur.part < spans.len() {
+                    let batch = self.claim_batch(&spans, &mut cur, Access::Read, &mut c)?;
                     let targets: Vec<(Target, u64)> = batch
                         .iter()
                         .map(|p| (p.grant.target(0), p.grant.len))
@@ -488,7 +606,11 @@ impl Shared {
                     }
                     self.touch();
                 }
-                c.data = data;
+                let mut out = Vec::with_capacity(parts.iter().map(|p| p.1 as usize).sum());
+                for (&(_, len), &at) in parts.iter().zip(&place) {
+                    out.extend_from_slice(&data[at..at + len as usize]);
+                }
+                c.data = out;
             }
             DmaCommand::Scatter { parts, data } => {
                 let mut cur = Cursor::default();
@@ -585,6 +707,55 @@ fn validate_parts(parts: &[(u64, u64)], carried: Option<u64>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Largest gap between two parts of a gather that are read as one span.
+const COALESCE_GAP: u64 = 256;
+
+/// A gather's parts as spans to read, in address order: parts in one page no more than
+/// [`COALESCE_GAP`] bytes apart (or overlapping) become one span; a part that crosses a page
+/// stays its own. A span reads nothing outside the pages its parts touch, so it needs no
+/// translation the parts do not. Returns the spans and, for each part in order, the offset of
+/// its bytes in the spans read one after the other.
+fn coalesce(parts: &[(u64, u64)]) -> (Vec<(u64, u64)>, Vec<usize>) {
+    const PAGE: u64 = svmirror_core::PAGE_SIZE;
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_unstable_by_key(|&i| parts[i].0);
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    // For each part: its span and its offset in it.
+    let mut within = vec![(0usize, 0u64); parts.len()];
+    for i in order {
+        let (a, len) = parts[i];
+        let end = a + len;
+        let one_page = (end - 1) / PAGE == a / PAGE;
+        let n = spans.len();
+        match spans.last_mut() {
+            Some((s, l))
+                if one_page
+                    && (*s + *l - 1) / PAGE == *s / PAGE
+                    && a / PAGE == *s / PAGE
+                    && a <= *s + *l + COALESCE_GAP =>
+            {
+                *l = (*l).max(end - *s);
+                within[i] = (n - 1, a - *s);
+            }
+            _ => {
+                within[i] = (n, 0);
+                spans.push((a, len));
+            }
+        }
+    }
+    let mut starts = Vec::with_capacity(spans.len());
+    let mut at = 0usize;
+    for &(_, l) in &spans {
+        starts.push(at);
+        at += l as usize;
+    }
+    let place = within
+        .into_iter()
+        .map(|(span, off)| starts[span] + off as usize)
+        .collect();
+    (spans, place)
 }
 
 /// Where a gather or scatter is: the part, the bytes of it done, the offset in the device

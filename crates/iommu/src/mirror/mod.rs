@@ -163,6 +163,11 @@ pub struct MirrorStats {
     pub pins_quarantined: u64,
     /// Where the resolved faults' time went, summed over `faults`.
     pub fault_times: FaultTimes,
+    /// Batches of page requests resolved together (a command's page request group).
+    pub fault_batches: u64,
+    /// Runs those batches resolved (each also counted in `faults`): `batched_runs /
+    /// fault_batches` is the faults per batch.
+    pub batched_runs: u64,
     /// Time invalidations spent under the MMU lock tearing down or downgrading IO page-table
     /// entries and flushing the IOTLB, summed over `invalidations`.
     pub unmap_flush_time: Duration,

@@ -38,6 +38,35 @@ impl PageRequestHandler for Resolver {
         self.resolve(req.iova, req.len, req.access == Access::Write)
     }
 
+    /// Each run (the device sends them in address order, each pages that missed) is resolved
+    /// once per fault window it spans: one lookup, one `range_fault`, one pin and one map for
+    /// the run's pages in that window, not one per access.
+    fn page_requests(&self, reqs: &[PageRequest]) -> u64 {
+        let win = self.inner.config.fault_window;
+        let mut runs = 0;
+        for r in reqs {
+            let write = r.access == Access::Write;
+            let end = r.iova.saturating_add(r.len);
+            let mut at = r.iova;
+            while at < end {
+                let next = (at & !(win - 1)).saturating_add(win).min(end);
+                match self.resolve(at, next - at, write) {
+                    Ok(()) => runs += 1,
+                    // The access that needs the page raises it again and fails with this.
+                    Err(e) => {
+                        tracing::debug!(iova = at, error = %e, "batched page request left to the access")
+                    }
+                }
+                at = next;
+            }
+        }
+        self.inner.stat(|s| {
+            s.fault_batches += 1;
+            s.batched_runs += runs;
+        });
+        runs
+    }
+
     fn settle(&self, iova: u64, len: u64) -> Result<u64> {
         let Some(r) = pages_of(iova, len) else {
             // Outside any address a CPU change can name: the access faults and says why.
