@@ -22,6 +22,7 @@
 //! IOTLB and still be using it when its pin is released.
 
 use std::sync::Condvar;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use svmirror_core::{AtomicSection, InnerGuard, InnerLock, Range, might_sleep};
@@ -108,6 +109,9 @@ pub struct Mmu {
     state: InnerLock<MmuState>,
     /// Signalled whenever an access ends.
     drained: Condvar,
+    /// Threads waiting on `drained`, counted under the lock: an access that ends wakes them
+    /// only when there are any (a condvar wake is a system call, on every access otherwise).
+    waiters: AtomicUsize,
 }
 
 /// A device fault found while translating: where, what kind of access, why.
@@ -132,6 +136,7 @@ impl Mmu {
                 },
             ),
             drained: Condvar::new(),
+            waiters: AtomicUsize::new(0),
         }
     }
 
@@ -248,7 +253,10 @@ impl Mmu {
             if now >= deadline {
                 return false;
             }
+            // Counted under the lock, so an access that ends after the check above sees it.
+            self.waiters.fetch_add(1, Ordering::Relaxed);
             g.wait_timeout(&self.drained, deadline - now);
+            self.waiters.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -257,8 +265,12 @@ impl Mmu {
         if let Some(i) = g.claims.iter().position(|c| c.id == id) {
             g.claims.swap_remove(i);
         }
+        // Read under the lock: a waiter counts itself under it before it sleeps.
+        let wake = self.waiters.load(Ordering::Relaxed) > 0;
         drop(g);
-        self.drained.notify_all();
+        if wake {
+            self.drained.notify_all();
+        }
     }
 }
 

@@ -17,7 +17,7 @@
 //! invalidation that freed it has waited for the work in flight: a shader that read the old
 //! directory entry must not then find another block's entries in the leaf. That holds for a
 //! leaf freed with no entry cleared too (one an earlier `Clear` left empty): whoever frees
-//! leaves compares [`PageTable::leaves_freed`] before and after, and drains on a change, under
+//! leaves compares `PageTable::leaves_freed` before and after, and drains on a change, under
 //! the update lock, before any fault can take the leaf.
 
 use std::collections::HashMap;

@@ -63,6 +63,10 @@ pub(super) fn micro_benchmarks(quick: bool) -> Result<Vec<Figure>> {
         .with_target("≥ 0.9× two-copy limit", c.dma >= 0.9 * c.limit),
     );
     figs.push(Figure::rate("sim", &name, c.dma, "B/s", "memcpy", c.memcpy));
+    figs.push(first_touch_sweep(
+        if quick { 16 << 20 } else { 64 << 20 },
+        if quick { 2 } else { 6 },
+    )?);
     figs.extend(super::invalidate::figures(quick)?);
     Ok(figs)
 }
@@ -314,4 +318,60 @@ impl TwoCopy {
         }
         Ok(())
     }
+}
+
+/// A device sweeping `len` bytes of memory nobody has touched yet (a fill: every page written),
+/// against `madvise(MADV_POPULATE_WRITE)` of as much, on a fresh mapping each time, the
+/// medians of `iters`. The device's command raises its misses as one page request group; the
+/// mirror resolves one run per fault window (fault in, pin, map), then the device writes.
+fn first_touch_sweep(len: usize, iters: usize) -> Result<Figure> {
+    let (mut device, mut cpu) = (Vec::new(), Vec::new());
+    let (mut steps, mut faults, mut batches) = (FaultTimes::default(), 0u64, 0u64);
+    for _ in 0..iters {
+        let notifier = Notifier::new();
+        let buf = AnonMap::aligned(len, 2 << 20).map_err(io_err("mmap"))?;
+        let m = bench_mirror(&notifier, &buf)?;
+        let t = Instant::now();
+        m.submit(DmaCommand::Fill {
+            dst: buf.addr(),
+            len: len as u64,
+            value: 1,
+        })
+        .and_then(|f| f.wait())
+        .map_err(bench_err("sweep"))?;
+        device.push(t.elapsed());
+        let s = m.stats();
+        let t = s.fault_times;
+        steps.total += t.total;
+        steps.lookup += t.lookup;
+        steps.range_fault += t.range_fault;
+        steps.pin += t.pin;
+        steps.map += t.map;
+        faults += s.faults;
+        batches += s.fault_batches;
+        drop(m);
+        drop(buf);
+        let fresh = AnonMap::aligned(len, 2 << 20).map_err(io_err("mmap"))?;
+        let t = Instant::now();
+        fresh
+            .advise(libc::MADV_POPULATE_WRITE)
+            .map_err(io_err("MADV_POPULATE_WRITE"))?;
+        cpu.push(t.elapsed());
+    }
+    let (d, c) = (median(device.clone()), median(cpu));
+    tracing::debug!(
+        faults,
+        batches,
+        "first-touch sweep: faults and page request groups"
+    );
+    let per = |x: Duration| x.as_secs_f64() / iters as f64;
+    let name = format!("first-touch sweep, {} MiB (device fill)", len >> 20);
+    let fig = Figure::latency("sim", &name, d, "MADV_POPULATE_WRITE on the CPU", c)
+        .with_target("≥ 0.5× populate", c / d >= 0.5)
+        .with_part("range_fault (fault in)", per(steps.range_fault))
+        .with_part("lookup", per(steps.lookup))
+        .with_part("pin", per(steps.pin))
+        .with_part("map", per(steps.map))
+        .with_part("the writes", (mean(&device) - per(steps.total)).max(0.0));
+    Ok(fig)
 }
