@@ -18,6 +18,9 @@ fn read(m: &IommuMirror, addr: u64, len: u64) -> Vec<u8> {
 
 #[test]
 fn after_unmap_invalidation_the_device_faults_again_and_sees_the_new_page() {
+    // Both tests unmap an address and map it again: one at a time, so that neither maps into
+    // the other's hole (MAP_FIXED_NOREPLACE then fails with EEXIST; seen once in CI).
+    let _serial = svmirror_testsupport::serial();
     let notifier = Notifier::new();
     let m = mirror(&notifier);
     // Inside one 2 MiB fault window, so each read is one fault wherever the kernel maps it.
@@ -46,6 +49,7 @@ fn after_unmap_invalidation_the_device_faults_again_and_sees_the_new_page() {
 
 #[test]
 fn unmap_behind_the_notifiers_back_leaves_the_device_on_the_old_page() {
+    let _serial = svmirror_testsupport::serial();
     let notifier = Notifier::new();
     let m = mirror(&notifier);
     let old = AnonMap::new(PAGE as usize).unwrap();
