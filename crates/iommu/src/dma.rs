@@ -362,10 +362,16 @@ impl Shared {
 
     /// Claims the next pieces of a gather's or scatter's `parts` from `cur` on: at most
     /// [`MANY_BATCH`] pieces and [`MANY_BYTES`] bytes, each translated, settled and registered
-    /// in flight as a single access is. Only the first piece may raise page requests: a later
-    /// one that misses ends the batch instead (the batch is moved and its accesses end, and
-    /// the next batch starts with the miss), because a page request must never be raised with
-    /// an access in flight (see "Faults" in the module documentation).
+    /// in flight as a single access is.
+    ///
+    /// Nothing that may wait for an invalidation runs while a piece is in flight, because an
+    /// invalidation waits for the device's accesses in flight on its range: the batch's parts
+    /// are settled first, with nothing claimed (settling waits until the monitor has handled
+    /// the CPU changes over them, svmirror-mm's `Queue::settle`), and only the first piece may
+    /// raise page requests (see "Faults" in the module documentation). A later piece that
+    /// misses ends the batch (it is moved, its accesses end, and the next batch starts with
+    /// the miss); so does a first piece that raised one, whose wait may have let CPU changes
+    /// over the other parts return.
     fn claim_batch(
         &self,
         parts: &[(u64, u64)],
@@ -373,17 +379,30 @@ impl Shared {
         access: Access,
         c: &mut Completion,
     ) -> Result<Vec<Piece<'_>>> {
+        let first = cur.part;
+        let settled = parts[first..]
+            .iter()
+            .take(MANY_BATCH)
+            .enumerate()
+            .map(|(i, &(a, len))| {
+                let done = if i == 0 { cur.done } else { 0 };
+                self.settle(&[(a + done, access)], len - done)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut batch: Vec<Piece<'_>> = Vec::new();
         let mut bytes = 0;
-        while cur.part < parts.len() && batch.len() < MANY_BATCH && bytes < MANY_BYTES {
+        while cur.part < first + settled.len() && batch.len() < MANY_BATCH && bytes < MANY_BYTES {
             let (addr, len) = parts[cur.part];
             let (iova, want) = (addr + cur.done, len - cur.done);
+            let mut alone = false;
             let (grant, settled) = if batch.is_empty() {
-                self.access_settled(&[(iova, access)], want, c)?
+                let asked = c.page_requests;
+                let claimed = self.access_settled(&[(iova, access)], want, c)?;
+                alone = c.page_requests != asked;
+                claimed
             } else {
-                let settled = self.settle(&[(iova, access)], want)?;
                 match self.mmu.begin_access(&[(iova, access)], want) {
-                    Ok(g) => (g, settled),
+                    Ok(g) => (g, settled[cur.part - first].clone()),
                     Err(_) => break,
                 }
             };
@@ -400,6 +419,9 @@ impl Shared {
             if cur.done == len {
                 cur.part += 1;
                 cur.done = 0;
+            }
+            if alone {
+                break;
             }
         }
         Ok(batch)

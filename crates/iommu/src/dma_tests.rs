@@ -252,6 +252,17 @@ struct MapOnRequest {
 }
 
 impl PageRequestHandler for MapOnRequest {
+    /// Settling may wait for an invalidation, which waits for the device's accesses in flight:
+    /// the device settles only with none in flight, and panics its thread here otherwise.
+    fn settle(&self, _iova: u64, _len: u64) -> Result<u64> {
+        let everything = Range::new(0, IOVA_END).unwrap();
+        assert!(
+            !self.mmu.with(|s| s.busy(everything)),
+            "settled with an access in flight"
+        );
+        Ok(0)
+    }
+
     fn page_request(&self, req: &PageRequest) -> Result<()> {
         if self.fail {
             return Err(IommuError::StalePin { pin: self.pin.id() });
@@ -627,8 +638,10 @@ fn scatter_writes_every_part_in_order_and_nothing_else() {
 /// A gather over one mapped buffer and one the driver maps on request, parts alternating:
 /// the batch that reaches the first unmapped part ends there, is moved and ends its
 /// accesses, and the next batch raises the page request with nothing in flight (the
-/// handler panics the device otherwise). Seen failing (the device died) with `claim_batch`
-/// raising page requests for every piece.
+/// handler panics the device otherwise), and settles every part with nothing in flight
+/// (settling may wait for an invalidation that waits for those accesses). Seen failing (the
+/// device died) with `claim_batch` raising page requests for every piece, and again with it
+/// settling each piece after the ones before it were claimed.
 #[test]
 fn gather_raises_page_requests_only_with_no_access_in_flight() {
     let mut r = rig(DmaConfig::default());

@@ -194,11 +194,11 @@ impl PinPool {
     /// Copies the pinned `(target, bytes)` parts, in order, into `dst` (their lengths add up to
     /// `dst.len()`): a gather. Through the pipe, a batch of parts is one submission, a
     /// fixed-buffer write of each part into the pipe, linked in order, then one read of them
-    /// all out of it: the parts cost an SQE each, not a system call each. Every part's pin is
-    /// checked as [`read`](Self::read) checks it before anything moves.
+    /// all out of it: the parts cost an SQE each, not a system call each. Without a pipe, part
+    /// by part as [`read`](Self::read). Every part's pin is checked before anything moves.
     pub fn read_many(&self, parts: &[(Target, u64)], dst: &mut [u8]) -> Result<()> {
         might_sleep("PinPool::read_many");
-        self.transfer_many("read", parts, dst.len(), |g, batch, at| {
+        let piped = self.transfer_many("read", parts, dst.len(), |g, batch, at| {
             let (_, wr, rd) = g.first_pipe();
             let mut entries = Vec::with_capacity(batch.len() + 1);
             for &(addr, slot, n) in batch {
@@ -221,7 +221,15 @@ impl PinPool {
             let mut want: Vec<u64> = batch.iter().map(|b| b.2).collect();
             want.push(total);
             (entries, want)
-        })
+        })?;
+        if !piped {
+            let mut at = 0;
+            for &(t, n) in parts {
+                self.read(t, &mut dst[at..at + n as usize])?;
+                at += n as usize;
+            }
+        }
+        Ok(())
     }
 
     /// Copies `src` into the pinned `(target, bytes)` parts, in order (their lengths add up to
@@ -229,7 +237,7 @@ impl PinPool {
     /// the pipe linked to a fixed-buffer read out of it into each part, in order.
     pub fn write_many(&self, parts: &[(Target, u64)], src: &[u8]) -> Result<()> {
         might_sleep("PinPool::write_many");
-        self.transfer_many("write", parts, src.len(), |g, batch, at| {
+        let piped = self.transfer_many("write", parts, src.len(), |g, batch, at| {
             let (_, wr, rd) = g.first_pipe();
             let total: u64 = batch.iter().map(|b| b.2).sum();
             let bytes = &src[at..at + total as usize];
@@ -254,21 +262,29 @@ impl PinPool {
             let mut want = vec![total];
             want.extend(batch.iter().map(|b| b.2));
             (entries, want)
-        })
+        })?;
+        if !piped {
+            let mut at = 0;
+            for &(t, n) in parts {
+                self.write(t, &src[at..at + n as usize])?;
+                at += n as usize;
+            }
+        }
+        Ok(())
     }
 
     /// What [`read_many`](Self::read_many) and [`write_many`](Self::write_many) share: checks
     /// every part, cuts them into batches that fit the ring and the pipe, and submits each
     /// batch `build` makes from `(address, buffer index, bytes)` pieces and the offset of the
     /// batch's first byte in the device memory (returning the entries and the result each
-    /// must have). Without a pipe, part by part through the staging memfd.
+    /// must have). Returns false, having moved nothing, when there is no pipe.
     fn transfer_many(
         &self,
         op: &'static str,
         parts: &[(Target, u64)],
         total: usize,
         mut build: impl FnMut(&PoolInner, &[(u64, u16, u64)], usize) -> (Vec<squeue::Entry>, Vec<u64>),
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let sum = parts.iter().try_fold(0u64, |s, p| s.checked_add(p.1));
         if sum != Some(total as u64) || parts.iter().any(|p| p.1 == 0) {
             return Err(IommuError::Transfer {
@@ -293,21 +309,9 @@ impl PinPool {
             pieces.push((g.resolve(at, len)?, at.pin, len));
         }
         if g.pipes.is_empty() {
-            drop(g);
-            return Err(IommuError::Transfer {
-                op,
-                pin: parts.first().map_or(
-                    PinId {
-                        slot: 0,
-                        generation: 0,
-                    },
-                    |p| p.0.pin,
-                ),
-                source: io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "batched transfers need the pipe (Transfer::Pipe)",
-                ),
-            });
+            // No pipe (`Transfer::Memfd`, or none could be made): the caller moves the parts
+            // one at a time.
+            return Ok(false);
         }
         let (chunk, _, _) = g.first_pipe();
         let slots = (chunk as u64 / PAGE_SIZE).max(1);
@@ -330,7 +334,8 @@ impl PinPool {
         while next.is_some() || !batch.is_empty() {
             if let Some((addr, pin, n)) = next {
                 let pages = n / PAGE_SIZE + 2;
-                if batch.len() < max_batch && used + pages <= slots {
+                // An empty pipe always takes one piece (it is no longer than the pipe).
+                if batch.is_empty() || (batch.len() < max_batch && used + pages <= slots) {
                     batch.push((addr, pin.slot as u16, n));
                     pins.push(pin);
                     used += pages;
@@ -359,7 +364,7 @@ impl PinPool {
             pins.clear();
             (used, bytes) = (0, 0);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Copies `len` bytes of pinned memory from `src` to `dst` (which may be the same pin), in
