@@ -156,10 +156,22 @@ pub struct Mapping {
 /// Holds open file descriptors of /proc/self/maps and /proc/self/pagemap (and /proc/self/smaps
 /// when PROCMAP_QUERY is missing); every call is a few system calls on them, no state is
 /// cached between calls, and it may be shared between threads.
-#[derive(Debug)]
 pub struct ProcessPageSource {
     maps: Maps,
     pagemap: Pagemap,
+    /// /proc/self/mem, read to map the zero page at absent pages (`mark_absent`); `None` if it
+    /// could not be opened.
+    mem: Option<std::fs::File>,
+}
+
+impl std::fmt::Debug for ProcessPageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessPageSource")
+            .field("maps", &self.maps)
+            .field("pagemap", &self.pagemap)
+            .field("mem", &self.mem.is_some())
+            .finish()
+    }
 }
 
 impl ProcessPageSource {
@@ -173,6 +185,38 @@ impl ProcessPageSource {
     /// Calls `each(address, frame)` for the present pages of `r`, allocating nothing.
     pub(crate) fn each_present(&self, r: Range, each: impl FnMut(u64, u64)) -> std::io::Result<()> {
         self.pagemap.each_present(r.start(), r.end(), each)
+    }
+
+    /// Maps the zero page at the absent pages of `r` by reading them through /proc/self/mem,
+    /// where `r` lies in one private anonymous VMA of 4 KiB pages; anything else is left
+    /// alone. Returns whether it read them all. No allocation: the monitor's reader calls it.
+    ///
+    /// A read through /proc/self/mem faults pages in with `get_user_pages_remote` and no
+    /// `locked` argument (mm/memory.c `__access_remote_vm`), so without FAULT_FLAG_ALLOW_RETRY:
+    /// on a range registered for MISSING faults `handle_userfault` (fs/userfaultfd.c) answers
+    /// VM_FAULT_SIGBUS at once and the read fails with EIO, instead of waiting for a
+    /// userfaultfd reader (which would be the caller itself). Elsewhere a read fault of an
+    /// absent anonymous page maps the shared zero page (mm/memory.c `do_anonymous_page`),
+    /// which changes no byte the process can see and allocates no memory.
+    pub(crate) fn mark_absent(&self, r: Range) -> bool {
+        let Some(mem) = &self.mem else {
+            return false;
+        };
+        match self.maps.private_anon_at(r.start()) {
+            Some((s, e)) if s <= r.start() && r.end() <= e => {}
+            _ => return false,
+        }
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 4 * svmirror_core::PAGE_SIZE as usize];
+        let mut at = r.start();
+        while at < r.end() {
+            let n = (r.end() - at).min(buf.len() as u64) as usize;
+            match mem.read_at(&mut buf[..n], at) {
+                Ok(0) | Err(_) => return false,
+                Ok(k) => at += k as u64,
+            }
+        }
+        true
     }
 
     /// Whether frame numbers are visible to this process.
@@ -191,7 +235,8 @@ impl ProcessPageSource {
     pub fn restricted(allow: PageSourceFeatures) -> Result<Self, MmError> {
         let maps = Maps::open(allow.procmap_query)?;
         let pagemap = Pagemap::open(allow.pagemap_scan, allow.pfn_visible)?;
-        let this = ProcessPageSource { maps, pagemap };
+        let mem = std::fs::File::open("/proc/self/mem").ok();
+        let this = ProcessPageSource { maps, pagemap, mem };
         tracing::debug!(features = ?this.features(), "process page source ready");
         Ok(this)
     }

@@ -187,6 +187,33 @@ impl Maps {
         }))
     }
 
+    /// The extent of the VMA covering `addr` if it is private anonymous memory of 4 KiB pages
+    /// that can be read (where the monitor's reader may map the zero page: `mark_absent`);
+    /// `None` for any other VMA, for no VMA, and when PROCMAP_QUERY is not in use (parsing
+    /// /proc/self/maps allocates, which the reader must not). No allocation.
+    pub(crate) fn private_anon_at(&self, addr: u64) -> Option<(u64, u64)> {
+        if !self.query {
+            return None;
+        }
+        let mut q = ProcmapQuery {
+            size: size_of::<ProcmapQuery>() as u64,
+            query_flags: 0,
+            query_addr: addr,
+            ..ProcmapQuery::default()
+        };
+        // SAFETY: PROCMAP_QUERY takes one `struct procmap_query`, which `ProcmapQuery` lays out;
+        // it names no buffers (name and build-id sizes and addresses 0).
+        unsafe { uapi::ioctl_rw(&self.maps, uapi::PROCMAP_QUERY, &mut q) }.ok()?;
+        let f = q.vma_flags;
+        (f & uapi::PROCMAP_QUERY_VMA_READABLE != 0
+            && f & uapi::PROCMAP_QUERY_VMA_SHARED == 0
+            && q.inode == 0
+            && q.dev_major == 0
+            && q.dev_minor == 0
+            && q.vma_page_size == PAGE_SIZE)
+            .then_some((q.vma_start, q.vma_end))
+    }
+
     /// Reads /proc/self/maps and returns the VMA covering `addr` or the first above it.
     fn parse_find(&self, addr: u64) -> Result<Option<Vma>, MmError> {
         let mut text = self.text.lock().unwrap_or_else(PoisonError::into_inner);

@@ -262,7 +262,17 @@ fn read_loop(shared: &Shared, stop: i32, mut buf: ReadBuf) {
         for (i, m) in buf.msgs()[..n].iter().enumerate() {
             queue.put(&mut st, m, i + 1 == n);
             if m.event == uffd::EVENT_REMOVE {
-                queue.snapshot_remove(&mut st, &shared.source, shared.page_flags.as_ref(), m);
+                let marked = queue.snapshot_remove(
+                    &mut st,
+                    &shared.source,
+                    shared.page_flags.as_ref(),
+                    &shared.uffd,
+                    m,
+                );
+                shared
+                    .counters
+                    .zap_markers
+                    .fetch_add(marked, Ordering::Relaxed);
             }
         }
         shared.read_gen.fetch_add(1, Ordering::AcqRel);

@@ -148,6 +148,18 @@ pub struct MmStats {
     /// while a madvise that was read is yet to drop them (its caller kept off the CPU for
     /// longer than both limits, or a MADV_FREE that could not mark them).
     pub zap_suspects_expired: u64,
+    /// Absent pages of a plain madvise's REMOVE at which the monitor's reader mapped the zero
+    /// page as it read the event, so that the zap to come shows when it came (see `zap.rs`,
+    /// "absent pages"): device faults on them wait until it did.
+    pub zap_markers: u64,
+    /// Of those, how many no zap dropped within both limits (`ZAP_WAIT` and
+    /// `ZAP_SUSPECT_WAIT`): a MADV_FREE (which leaves the zero page), a marker mapped after the
+    /// zap had passed, or a caller kept off the CPU for longer.
+    pub zap_markers_expired: u64,
+    /// Markers cleared because their REMOVE's hold saw the caller's walk pass them (a page
+    /// above them dropped or marked lazy-free): a MADV_FREE keeps the zero page, and faults on
+    /// it need not wait for a zap that is not coming.
+    pub zap_markers_passed: u64,
     /// Pages brought back from device memory because the CPU touched them (a missing fault).
     pub migrated_back_cpu: u64,
     /// Pages brought back for a device fault: another device's (or a mirror's that does not
@@ -275,6 +287,9 @@ impl ProcessMm {
             zap_timeouts: l(&c.zap_timeouts),
             zap_suspects: l(&c.zap_suspects),
             zap_suspects_expired: l(&c.zap_suspects_expired),
+            zap_markers: l(&c.zap_markers),
+            zap_markers_expired: l(&c.zap_markers_expired),
+            zap_markers_passed: l(&c.zap_markers_passed),
             migrated_back_cpu: l(&c.back_cpu),
             migrated_back_device: l(&c.back_device),
             migrated_back_requested: l(&c.back_requested),

@@ -35,6 +35,22 @@ pub(crate) const EMPTY_READ: u8 = 0;
 /// field), so the top bit is free.
 pub(crate) const LAZY_AT_READ: u64 = 1 << 63;
 
+/// Set on a recorded frame number whose page was absent when the REMOVE was read: the reader
+/// mapped the zero page there (a marker, [`ProcessPageSource::mark_absent`]) so that the zap
+/// has something to drop that shows it came. Frame numbers are below 2^55.
+///
+/// [`ProcessPageSource::mark_absent`]: crate::ProcessPageSource::mark_absent
+pub(crate) const MARKER: u64 = 1 << 62;
+
+/// The flag bits [`LAZY_AT_READ`] and [`MARKER`], which are not part of the frame number.
+pub(crate) const FRAME_FLAGS: u64 = LAZY_AT_READ | MARKER;
+
+/// Absent pages of one REMOVE the reader marks, at most. It marks them between the read and the
+/// caller's zap, which runs as soon as the caller is scheduled: marking more would lose that
+/// race more often (a marker mapped after the zap stays, and faults on it wait for nothing),
+/// and a larger absent range is left as before (see `zap.rs`, "absent pages").
+pub(crate) const MARK_MAX: u64 = 512;
+
 /// Calls `lazy(i)` for each `i < n` whose frame `frame(i)` is lazy-free now, reading the
 /// flags of each run of consecutive frames (a huge page, a populated range) in one read. No
 /// allocation: the monitor's reader calls it.
@@ -186,8 +202,9 @@ impl Queue {
         st: &mut QueueState,
         source: &crate::ProcessPageSource,
         flags: Option<&crate::pagemap::PageFlags>,
+        uffd: &uffd::Uffd,
         m: &UffdMsg,
-    ) {
+    ) -> u64 {
         let slot = st.tail - 1;
         let start = st.snap_tail;
         let mut len = 0u64;
@@ -217,10 +234,15 @@ impl Queue {
                 .map_err(|_| ())
         });
         let ok = read.is_ok() && fits;
+        let mut marked = 0;
         if ok {
             if let Some(flags) = flags {
                 self.mark_lazy_at_read(flags, start, len);
             }
+            if let Ok(r) = svmirror_core::Range::new(m.arg[0], m.arg[1]) {
+                marked = self.mark_gaps(st, source, uffd, r, start, len);
+            }
+            len += marked;
             st.snap_tail = start + len;
         }
         let rf = SnapRef {
@@ -230,6 +252,67 @@ impl Queue {
         };
         // SAFETY: the reference slot of message `slot`, inside our mapping; under the lock.
         unsafe { self.snap_ref(slot).write(rf) };
+        marked
+    }
+
+    /// On the reader, for the REMOVE of `r` whose present pages were just recorded as the
+    /// pairs `start .. start + len` (in address order): maps the zero page at the absent pages
+    /// of `r` ([`MARK_MAX`] at most) and records what is present there now with [`MARKER`],
+    /// after the pairs. Returns how many it recorded. The caller holds the lock. No allocation.
+    ///
+    /// Why: a DONTNEED's zap of a page that is absent changes nothing anyone can see, so the
+    /// REMOVE's hold had no way to know it was still to come; a device fault in between
+    /// populated the page and mapped what the zap then dropped. A marker is dropped by the zap
+    /// like any page (mm/memory.c `zap_pte_range` clears every present entry, the zero page's
+    /// too), and until then faults on it wait (`zap.rs`).
+    fn mark_gaps(
+        &self,
+        st: &QueueState,
+        source: &crate::ProcessPageSource,
+        uffd: &uffd::Uffd,
+        r: svmirror_core::Range,
+        start: u64,
+        len: u64,
+    ) -> u64 {
+        let absent = r.pages().saturating_sub(len);
+        let room = SNAP as u64 - (start + len - st.snap_head);
+        // Asked after the page table was read: if no caller has resumed yet, this REMOVE's
+        // has not zapped anything so far, and a page absent in the record was absent before
+        // the madvise. Once one has, an absent page may be its zap done already, and a marker
+        // there would stay for good (faults on it waiting for nothing): none are mapped then.
+        if absent == 0 || absent > MARK_MAX || absent > room || !uffd.mmap_changing() {
+            return 0;
+        }
+        let mut extra = 0u64;
+        let mut cursor = r.start();
+        for j in start..=start + len {
+            let next = if j < start + len {
+                // SAFETY: a pair written above under the lock the caller holds.
+                let [addr, _] = unsafe { self.snap_pair(j).read() };
+                addr
+            } else {
+                r.end()
+            };
+            if next > cursor {
+                let Ok(gap) = svmirror_core::Range::new(cursor, next) else {
+                    return extra;
+                };
+                if !source.mark_absent(gap) {
+                    return extra;
+                }
+                let at = start + len;
+                let _ = source.each_present(gap, |addr, pfn| {
+                    if extra < room {
+                        // SAFETY: a pair inside our snapshot mapping, past the pairs recorded
+                        // and free (`extra < room`); under the queue lock.
+                        unsafe { self.snap_pair(at + extra).write([addr, pfn | MARKER]) };
+                        extra += 1;
+                    }
+                });
+            }
+            cursor = next + PAGE_SIZE;
+        }
+        extra
     }
 
     /// Sets [`LAZY_AT_READ`] on the snapshot pairs `start .. start + len` whose frames are

@@ -381,6 +381,26 @@ impl Uffd {
         }
     }
 
+    /// Whether the caller of some event has not resumed yet: the kernel's `mmap_changing` is
+    /// raised by a thread about to send an event that changes the address space
+    /// (`userfaultfd_remove`, `userfaultfd_unmap_prep`, `mremap_userfaultfd_prep`) and dropped
+    /// by that thread once its event was read and it runs again (the end of
+    /// `userfaultfd_event_wait_completion`, fs/userfaultfd.c). UFFDIO_ZEROPAGE looks at it
+    /// before it looks at its arguments (`userfaultfd_zeropage`): asked with an empty range it
+    /// answers EAGAIN while it is raised and EINVAL otherwise, changing nothing. Errors other
+    /// than those two read as "not changing".
+    pub(crate) fn mmap_changing(&self) -> bool {
+        let mut z = UffdioZeropage {
+            range: UffdioRange { start: 0, len: 0 },
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE reads one `struct uffdio_zeropage`; an empty range maps
+        // nothing.
+        let rc = unsafe { libc::ioctl(self.raw(), UFFDIO_ZEROPAGE, &mut z as *mut UffdioZeropage) };
+        rc == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
+    }
+
     /// Wakes every thread waiting in a userfaultfd fault on `range` without resolving it: each
     /// retries its access (and faults again if the page is still missing). Used where a read
     /// fault cannot be resolved, so that no thread stays blocked on it.

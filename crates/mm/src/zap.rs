@@ -34,18 +34,39 @@
 //!   whose caller was held off the CPU between the read and the zap. The window stays open
 //!   only for that last one, when the caller is held off for longer than both limits
 //!   together (`MmStats::zap_suspects_expired` counts the pages a fault may then have mapped).
+//! - **absent pages**: a zap of a page that is not present changes nothing anyone can see, so
+//!   a hold could not tell it was still to come, and a device fault between the read and the
+//!   zap populated the page and mapped what the zap then dropped. So the monitor's reader,
+//!   right after the read and only while the caller has not resumed (the kernel's
+//!   `mmap_changing` is still raised: [`Uffd::mmap_changing`]), maps the zero page at each
+//!   absent page of the range ([`MARK_MAX`] at most, private anonymous memory only) by reading
+//!   it through /proc/self/mem, and records it as a **marker**. The zap drops a marker like
+//!   any page; until then markers are suspect (device faults on them wait, faults elsewhere do
+//!   not), for both limits together at most. A MADV_FREE keeps the zero page: once the hold
+//!   sees a page above a marker dropped or marked, the caller's walk (in address order) has
+//!   passed it and the marker is cleared (`MmStats::zap_markers_passed`); a marker above
+//!   every present page waits out the limits (`MmStats::zap_markers_expired`). A marker
+//!   mapped after the zap had passed (the caller resumed as the reader was marking) stays
+//!   mapped, which changes no byte: only faults on it wait. Left open: an absent range larger
+//!   than [`MARK_MAX`] pages, memory that is not private anonymous, a REMOVE read after its
+//!   caller resumed, and two madvise calls over the same pages at once (the second zap of a
+//!   page the first already dropped shows nothing); SVM API calls expect their own REMOVE
+//!   ([`Expected`]) and so meet the last case only with a plain madvise over the same pages.
 //! - a MADV_FREE's marks show only once the batch they went through drains on the CPU that
 //!   made the call, which no system call does for another CPU: the handler visits each CPU it
 //!   may run on and frees a page of its own there ([`drain_lru_batches`]) while pages wait.
 //!
 //! [`Suspects`]: crate::book::Suspects
+//! [`Uffd::mmap_changing`]: crate::uffd::Uffd::mmap_changing
+//! [`MARK_MAX`]: crate::queue::MARK_MAX
+//! [`Expected`]: crate::book::Expected
 
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use svmirror_core::{Error, Event, Invalidation, NotifierRange, Range};
 
-use crate::queue::{LAZY_AT_READ, each_lazy};
+use crate::queue::{FRAME_FLAGS, LAZY_AT_READ, MARKER, each_lazy};
 use crate::shared::{Shared, bump};
 
 /// How long a REMOVE invalidation waits for its zap to be seen, at most, after it last saw a
@@ -70,6 +91,11 @@ pub(crate) struct PendingZap<'a> {
     /// Pages present when the event was handled, not yet seen zapped: (address, frame).
     pages: Vec<(u64, u64)>,
     deadline: Instant,
+    /// The markers the reader mapped at the absent pages of the range (suspect meanwhile).
+    markers: Vec<u64>,
+    /// The highest address of `pages` as recorded: once every page is seen done, the caller's
+    /// walk (in address order) has passed every marker below it.
+    highest: u64,
 }
 
 /// Asks for every CPU's LRU folio batches to be drained, at most every [`DRAIN_AFTER`] (the
@@ -193,6 +219,7 @@ impl Shared {
         read_frames: Option<Vec<(u64, u64)>>,
     ) -> Result<Option<PendingZap<'_>>, Error> {
         let range = Range::new(start, end)?;
+        let mut marked = Vec::new();
         let widened = self.widen(range);
         let inv = self
             .notifier
@@ -204,7 +231,23 @@ impl Shared {
         // pending) they are read now: a page zapped and touched again before this is new, and
         // waiting for it is only a wasted wait (to the time limit), never a missed one.
         let pages = match read_frames {
-            Some(p) => p,
+            Some(mut p) => {
+                // Markers go to the suspects at once (before the invalidation can end): device
+                // faults on them wait until the zap drops them, faults elsewhere do not.
+                let markers: Vec<(u64, u64)> =
+                    p.iter().filter(|x| x.1 & MARKER != 0).copied().collect();
+                if !markers.is_empty() {
+                    p.retain(|x| x.1 & MARKER == 0);
+                    let until = Instant::now() + ZAP_WAIT + ZAP_SUSPECT_WAIT;
+                    let mut suspects = self.suspects.lock();
+                    for &(addr, frame) in &markers {
+                        suspects.insert(addr, (frame, until));
+                    }
+                    drop(suspects);
+                    marked = markers.into_iter().map(|(a, _)| a).collect();
+                }
+                p
+            }
             None => match self.source.present_frames(range) {
                 // Read late: a page lazy-free now may have been so before the event (then this
                 // may be a DONTNEED still to come) or be this REMOVE's own MADV_FREE done: the
@@ -221,10 +264,13 @@ impl Shared {
         }
         bump(&self.counters.zap_waits);
         let now = Instant::now();
+        let highest = pages.iter().map(|p| p.0).max().unwrap_or(0);
         let mut z = PendingZap {
             _inv: inv,
             pages,
             deadline: now + ZAP_WAIT,
+            markers: marked,
+            highest,
         };
         Ok((!self.zap_done(&mut z)).then_some(z))
     }
@@ -263,6 +309,7 @@ impl Shared {
             !done[i - 1]
         });
         if z.pages.is_empty() {
+            self.markers_passed(z);
             return true;
         }
         let now = Instant::now();
@@ -289,6 +336,33 @@ impl Shared {
             return true;
         }
         false
+    }
+
+    /// Every page of `z` is seen done, so the caller's madvise has walked past the highest of
+    /// them: it handles a VMA's range in address order (mm/madvise.c `madvise_dontneed_free`
+    /// zaps it with `zap_page_range_single`, `madvise_free_single_vma` walks it with
+    /// `walk_page_range_vma`), and a REMOVE covers one VMA. The markers below it are what that
+    /// walk left: dropped (a DONTNEED) or kept (a MADV_FREE skips the zero page): either way no
+    /// zap is still to come for them, and faults on them need not wait.
+    fn markers_passed(&self, z: &PendingZap<'_>) {
+        if z.markers.is_empty() {
+            return;
+        }
+        let mut suspects = self.suspects.lock();
+        let mut passed = 0u64;
+        for a in z.markers.iter().filter(|&&a| a < z.highest) {
+            if suspects.get(a).is_some_and(|&(f, _)| f & MARKER != 0) {
+                suspects.remove(a);
+                passed += 1;
+            }
+        }
+        drop(suspects);
+        if passed > 0 {
+            self.counters
+                .zap_markers_passed
+                .fetch_add(passed, std::sync::atomic::Ordering::Relaxed);
+            self.suspects.cleared.notify_all();
+        }
     }
 
     /// For each recorded `(address, frame)` (in address order), whether its zap is seen done:
@@ -323,7 +397,7 @@ impl Shared {
         let mut done: Vec<bool> = pages
             .iter()
             .enumerate()
-            .map(|(i, &(_, old))| !present[i] || (frames && now[i] != old & !LAZY_AT_READ))
+            .map(|(i, &(_, old))| !present[i] || (frames && now[i] != old & !FRAME_FLAGS))
             .collect();
         // MADV_FREE: the frame stays, marked lazy-free (not for a page lazy-free already at
         // the read: only its going away says this REMOVE's zap is done).
@@ -363,14 +437,23 @@ impl Shared {
         let explained = self.explained(&pages);
         let now = Instant::now();
         let mut done = Vec::new();
-        let mut expired = 0u64;
-        for (k, (&(addr, _), &deadline)) in pages.iter().zip(&deadlines).enumerate() {
+        let (mut expired, mut markers_expired) = (0u64, 0u64);
+        for (k, (&(addr, frame), &deadline)) in pages.iter().zip(&deadlines).enumerate() {
             if explained.as_ref().is_none_or(|e| e[k]) {
                 done.push(addr);
             } else if now >= deadline {
-                expired += 1;
+                if frame & MARKER != 0 {
+                    markers_expired += 1;
+                } else {
+                    expired += 1;
+                }
                 done.push(addr);
             }
+        }
+        if markers_expired > 0 {
+            self.counters
+                .zap_markers_expired
+                .fetch_add(markers_expired, std::sync::atomic::Ordering::Relaxed);
         }
         if done.is_empty() {
             return;
