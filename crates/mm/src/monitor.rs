@@ -259,6 +259,18 @@ fn read_loop(shared: &Shared, stop: i32, mut buf: ReadBuf) {
             // Nothing after all (a faulting thread left on a signal): the batch still counts.
             queue.put(&mut st, &UffdMsg::default(), true);
         }
+        // Events whose callers raise `mmap_changing` until they resume (fs/userfaultfd.c:
+        // `userfaultfd_remove`, `userfaultfd_unmap_prep`, `mremap_userfaultfd_prep`,
+        // `dup_userfaultfd`): a REMOVE is marked only when it is the one such event read.
+        let changers = buf.msgs()[..n]
+            .iter()
+            .filter(|m| {
+                matches!(
+                    m.event,
+                    uffd::EVENT_REMOVE | uffd::EVENT_UNMAP | uffd::EVENT_REMAP | uffd::EVENT_FORK
+                )
+            })
+            .count();
         for (i, m) in buf.msgs()[..n].iter().enumerate() {
             queue.put(&mut st, m, i + 1 == n);
             if m.event == uffd::EVENT_REMOVE {
@@ -268,6 +280,7 @@ fn read_loop(shared: &Shared, stop: i32, mut buf: ReadBuf) {
                     shared.page_flags.as_ref(),
                     &shared.uffd,
                     m,
+                    changers == 1,
                 );
                 shared
                     .counters

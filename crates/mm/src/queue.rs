@@ -204,6 +204,7 @@ impl Queue {
         flags: Option<&crate::pagemap::PageFlags>,
         uffd: &uffd::Uffd,
         m: &UffdMsg,
+        sole: bool,
     ) -> u64 {
         let slot = st.tail - 1;
         let start = st.snap_tail;
@@ -239,7 +240,7 @@ impl Queue {
             if let Some(flags) = flags {
                 self.mark_lazy_at_read(flags, start, len);
             }
-            if let Ok(r) = svmirror_core::Range::new(m.arg[0], m.arg[1]) {
+            if let (true, Ok(r)) = (sole, svmirror_core::Range::new(m.arg[0], m.arg[1])) {
                 marked = self.mark_gaps(st, source, uffd, r, start, len);
             }
             len += marked;
@@ -276,11 +277,21 @@ impl Queue {
     ) -> u64 {
         let absent = r.pages().saturating_sub(len);
         let room = SNAP as u64 - (start + len - st.snap_head);
-        // Asked after the page table was read: if no caller has resumed yet, this REMOVE's
-        // has not zapped anything so far, and a page absent in the record was absent before
-        // the madvise. Once one has, an absent page may be its zap done already, and a marker
-        // there would stay for good (faults on it waiting for nothing): none are mapped then.
-        if absent == 0 || absent > MARK_MAX || absent > room || !uffd.mmap_changing() {
+        // Asked after the page table was read: if `mmap_changing` is still raised, and this
+        // REMOVE's caller is the only one that can be raising it (no other event of the batch
+        // changes the address space, which `snapshot_remove` was told, and none is queued
+        // unread), this REMOVE has zapped nothing so far, and a page absent in the record was
+        // absent before the madvise. Otherwise an absent page
+        // may be its zap done already, and a marker there would stay for good (faults on it
+        // waiting for nothing): none are mapped then. A caller that raised it and queued
+        // nothing yet can still mislead this (it raises it first): a wasted wait, never a
+        // missed one.
+        if absent == 0
+            || absent > MARK_MAX
+            || absent > room
+            || !uffd.mmap_changing()
+            || uffd.readable()
+        {
             return 0;
         }
         let mut extra = 0u64;

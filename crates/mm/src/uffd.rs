@@ -401,6 +401,18 @@ impl Uffd {
         rc == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
     }
 
+    /// Whether a message is queued unread now (`poll` with no wait).
+    pub(crate) fn readable(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.raw(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one pollfd of our own, without waiting.
+        let rc = unsafe { libc::poll(&mut p, 1, 0) };
+        rc > 0 && p.revents & libc::POLLIN != 0
+    }
+
     /// Wakes every thread waiting in a userfaultfd fault on `range` without resolving it: each
     /// retries its access (and faults again if the page is still missing). Used where a read
     /// fault cannot be resolved, so that no thread stays blocked on it.

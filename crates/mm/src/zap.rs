@@ -96,6 +96,8 @@ pub(crate) struct PendingZap<'a> {
     /// The highest address of `pages` as recorded: once every page is seen done, the caller's
     /// walk (in address order) has passed every marker below it.
     highest: u64,
+    /// A page was seen marked lazy-free: the advice was MADV_FREE, which drops no marker.
+    saw_lazy: bool,
 }
 
 /// Asks for every CPU's LRU folio batches to be drained, at most every [`DRAIN_AFTER`] (the
@@ -271,6 +273,7 @@ impl Shared {
             deadline: now + ZAP_WAIT,
             markers: marked,
             highest,
+            saw_lazy: false,
         };
         Ok((!self.zap_done(&mut z)).then_some(z))
     }
@@ -300,9 +303,10 @@ impl Shared {
             drain_lru_batches();
         }
         let before = z.pages.len();
-        let Some(done) = self.explained(&z.pages) else {
+        let Some((done, lazy)) = self.explained_how(&z.pages) else {
             return true;
         };
+        z.saw_lazy |= lazy;
         let mut i = 0;
         z.pages.retain(|_| {
             i += 1;
@@ -343,14 +347,16 @@ impl Shared {
     /// zaps it with `zap_page_range_single`, `madvise_free_single_vma` walks it with
     /// `walk_page_range_vma`), and a REMOVE covers one VMA. The markers below it are what that
     /// walk left: dropped (a DONTNEED) or kept (a MADV_FREE skips the zero page): either way no
-    /// zap is still to come for them, and faults on them need not wait.
+    /// zap is still to come for them, and faults on them need not wait. If a page was seen
+    /// marked lazy-free, the advice was MADV_FREE, which zaps nothing: no marker of the range
+    /// waits, above the highest page either.
     fn markers_passed(&self, z: &PendingZap<'_>) {
         if z.markers.is_empty() {
             return;
         }
         let mut suspects = self.suspects.lock();
         let mut passed = 0u64;
-        for a in z.markers.iter().filter(|&&a| a < z.highest) {
+        for a in z.markers.iter().filter(|&&a| z.saw_lazy || a < z.highest) {
             if suspects.get(a).is_some_and(|&(f, _)| f & MARKER != 0) {
                 suspects.remove(a);
                 passed += 1;
@@ -371,6 +377,12 @@ impl Shared {
     /// stops waiting). Reads pagemap once per run of consecutive pages and kpageflags once per
     /// run of consecutive frames, so a huge page costs two reads, not 512.
     fn explained(&self, pages: &[(u64, u64)]) -> Option<Vec<bool>> {
+        self.explained_how(pages).map(|(done, _)| done)
+    }
+
+    /// [`Shared::explained`], and whether any page was explained by a lazy-free mark (a
+    /// MADV_FREE's doing).
+    fn explained_how(&self, pages: &[(u64, u64)]) -> Option<(Vec<bool>, bool)> {
         let frames = self.source.frames_visible();
         // Present frame of each page now (0: not present).
         let mut now = vec![0u64; pages.len()];
@@ -399,6 +411,7 @@ impl Shared {
             .enumerate()
             .map(|(i, &(_, old))| !present[i] || (frames && now[i] != old & !FRAME_FLAGS))
             .collect();
+        let mut lazy = false;
         // MADV_FREE: the frame stays, marked lazy-free (not for a page lazy-free already at
         // the read: only its going away says this REMOVE's zap is done).
         if let (true, Some(flags)) = (frames, self.page_flags.as_ref()) {
@@ -411,10 +424,11 @@ impl Shared {
                 |c| now[candidates[c]],
                 |c| {
                     done[candidates[c]] = true;
+                    lazy = true;
                 },
             );
         }
-        Some(done)
+        Some((done, lazy))
     }
 
     /// On the handler, every [`SUSPECT_POLL`] while any page is suspect: drops the suspects

@@ -471,15 +471,16 @@ fn dontneed_of_an_absent_page_keeps_no_dropped_page(hint: u64, len: u64, held: D
     }
 }
 
-/// A plain MADV_FREE over an absent page below present ones: the reader marks the absent page
-/// with the zero page, which a MADV_FREE leaves in place (mm/madvise.c
+/// A plain MADV_FREE over absent pages below and above present ones: the reader marks the
+/// absent pages with the zero page, which a MADV_FREE leaves in place (mm/madvise.c
 /// `madvise_free_pte_range` skips what `vm_normal_folio` does not give). Once the REMOVE's hold
-/// sees the present pages above it marked lazy-free, the caller's walk has passed the marker:
-/// it is cleared then, not left for device faults to wait on until both limits expire.
+/// sees the present pages marked lazy-free, the advice was a MADV_FREE, which drops no marker:
+/// both are cleared then, not left for device faults to wait on until both limits expire.
 ///
 /// Seen failing with the clearing left out (`markers_passed` a no-op), three runs of three:
-/// "the hold cleared the marker below the pages it saw lazy-free" (`zap_markers_passed`
-/// unchanged; the marker expired unexplained some 70 ms later).
+/// "the hold cleared the markers of a MADV_FREE" (`left: 0, right: 2`; the markers expired
+/// unexplained some 70 ms later); and with only the markers below the highest present page
+/// cleared (the walk's order alone), `left: 1, right: 2`.
 #[test]
 fn a_free_over_an_absent_page_clears_its_marker_once_its_walk_passed() {
     let _s = serial();
@@ -507,11 +508,13 @@ fn a_free_over_an_absent_page_clears_its_marker_once_its_walk_passed() {
         let mirror = Arc::new(TestMirror::new(Owner(0xb)));
         let sub = mm.notifier().insert(first, mirror.clone()).unwrap();
         mirror.fault(&sub, &mm, first, true).unwrap();
-        // The first page absent; the others present, written and on the LRU of the CPU the
-        // caller makes its call on (MADV_FREE marks only pages on the LRU).
+        // The first and the last page absent; the others present, written and on the LRU of
+        // the CPU the caller makes its call on (MADV_FREE marks only pages on the LRU).
+        let last = page(buf, buf.pages() - 1, 1);
         assert_eq!(sys_madvise(first.start(), PAGE, libc::MADV_DONTNEED), 0);
+        assert_eq!(sys_madvise(last.start(), PAGE, libc::MADV_DONTNEED), 0);
         settle(&mm);
-        for i in 1..buf.pages() {
+        for i in 1..buf.pages() - 1 {
             write_byte(buf.start() + i * PAGE, 3);
         }
         pin_to(0, 0);
@@ -548,17 +551,17 @@ fn a_free_over_an_absent_page_clears_its_marker_once_its_walk_passed() {
         }
         assert_eq!(
             after.zap_markers,
-            before.zap_markers + 1,
-            "the absent page marked"
+            before.zap_markers + 2,
+            "the absent pages marked"
         );
         assert_eq!(
             after.zap_timeouts, before.zap_timeouts,
             "the hold saw every present page lazy-free"
         );
         assert_eq!(
-            after.zap_markers_passed,
-            before.zap_markers_passed + 1,
-            "the hold cleared the marker below the pages it saw lazy-free"
+            after.zap_markers_passed - before.zap_markers_passed,
+            2,
+            "the hold cleared the markers of a MADV_FREE"
         );
         return;
     }
