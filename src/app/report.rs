@@ -429,6 +429,10 @@ pub struct Figure {
     /// Where the time goes: named parts, in the figure's unit (means over the samples).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub breakdown: Vec<Part>,
+    /// Counters that explain the figure (faults per batch, faults per run): plain numbers,
+    /// means over the samples.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub counts: Vec<Part>,
 }
 
 /// One part of a [`Figure`]'s breakdown.
@@ -466,6 +470,7 @@ impl Figure {
             met: None,
             p99: None,
             breakdown: Vec::new(),
+            counts: Vec::new(),
         }
     }
 
@@ -489,6 +494,7 @@ impl Figure {
             met: None,
             p99: None,
             breakdown: Vec::new(),
+            counts: Vec::new(),
         }
     }
 
@@ -514,7 +520,16 @@ impl Figure {
         self
     }
 
-    /// The p99 and the breakdown as one line (`None` when the figure has neither).
+    /// Adds a counter that explains the figure (a plain number, not in the figure's unit).
+    pub fn with_count(mut self, name: &str, value: f64) -> Figure {
+        self.counts.push(Part {
+            name: name.into(),
+            value,
+        });
+        self
+    }
+
+    /// The p99, the breakdown and the counters as one line (`None` when the figure has none).
     pub fn detail_text(&self) -> Option<String> {
         let mut parts = Vec::new();
         if let Some(p) = self.p99 {
@@ -522,6 +537,9 @@ impl Figure {
         }
         for b in &self.breakdown {
             parts.push(format!("{} {}", b.name, fmt_value(b.value, &self.unit)));
+        }
+        for c in &self.counts {
+            parts.push(format!("{} {:.1}", c.name, c.value));
         }
         (!parts.is_empty()).then(|| parts.join(", "))
     }

@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use svmirror_core::{Mirror, PAGE_SIZE, Range};
 use svmirror_iommu::{
-    DeviceKernel, DmaCommand, IommuError, IommuMirror, KernelError, KernelStats, MirrorConfig,
+    DeviceKernel, DmaCommand, IommuError, IommuMirror, KernelCtx, KernelError, KernelStats,
+    MirrorConfig,
 };
 use svmirror_mm::ProcessMm;
 
@@ -165,20 +166,44 @@ impl Backend for SimBackend {
         progress: Progress<'_>,
     ) -> Result<DeviceWork> {
         let (x, y) = (x as u64, y as u64);
+        // Software pipelined: the next block's loads and this block's store are in flight
+        // while the kernel computes, so the device thread moves one block while this thread
+        // computes another. y is updated in the bytes the device loaded, which are then the
+        // store's data: no copy on this side.
+        let load = |k: &mut KernelCtx<'_>, i: usize| {
+            let len = (SAXPY_BLOCK.min(n - i) * 4) as u64;
+            let off = (i * 4) as u64;
+            Ok::<_, KernelError>((k.start_load(x + off, len)?, k.start_load(y + off, len)?))
+        };
         let run = DeviceKernel::new(&self.mirror)
             .run(|k| {
+                if n == 0 {
+                    return Ok(());
+                }
+                let mut next = Some(load(k, 0)?);
+                let mut store = None;
                 let mut i = 0;
-                while i < n {
+                while let Some((px, py)) = next.take() {
                     let len = SAXPY_BLOCK.min(n - i);
-                    let off = (i * 4) as u64;
-                    let xs = k.load_f32s(x + off, len)?;
-                    let mut ys = k.load_f32s(y + off, len)?;
-                    for (y, x) in ys.iter_mut().zip(&xs) {
-                        *y += a * x;
+                    let xs = k.finish(px)?;
+                    let mut ys = k.finish(py)?;
+                    if i + len < n {
+                        next = Some(load(k, i + len)?);
                     }
-                    k.store_f32s(y + off, &ys)?;
+                    for (yb, xb) in ys.chunks_exact_mut(4).zip(xs.chunks_exact(4)) {
+                        let xv = f32::from_ne_bytes([xb[0], xb[1], xb[2], xb[3]]);
+                        let yv = f32::from_ne_bytes([yb[0], yb[1], yb[2], yb[3]]);
+                        yb.copy_from_slice(&(yv + a * xv).to_ne_bytes());
+                    }
+                    if let Some(s) = store.take() {
+                        k.finish(s)?;
+                    }
+                    store = Some(k.start_store(y + (i * 4) as u64, ys)?);
                     i += len;
                     progress(i as u64, n as u64);
+                }
+                if let Some(s) = store {
+                    k.finish(s)?;
                 }
                 Ok(())
             })

@@ -36,8 +36,17 @@
 //! A load sees the page the device is mapped to: after the CPU replaced a page behind the
 //! notifier's back the kernel keeps seeing the old (pinned) page until the invalidation
 //! arrives, then faults again and sees the new one. Loads and stores of one kernel are issued
-//! in order (each waits for its completion), so a load after a store to the same address sees
-//! the stored value. Accesses are not atomic with respect to the CPU.
+//! in order, and the device runs its commands in the order they were issued, so a load after
+//! a store to the same address sees the stored value, whether the store was waited for or only
+//! started ([`KernelCtx::start_store`]). Accesses are not atomic with respect to the CPU.
+//!
+//! # Hiding latency
+//!
+//! [`KernelCtx::start_load`] and [`KernelCtx::start_store`] issue a command and return at once;
+//! [`KernelCtx::finish`] waits for it. A streaming kernel loads its next block while it computes
+//! on this one, and leaves its store in flight meanwhile: the device thread moves one block
+//! while the kernel's thread computes on another. A command that fails fails at its `finish`;
+//! one never finished still runs, and its failure is not reported.
 
 use std::time::{Duration, Instant};
 
@@ -119,6 +128,17 @@ impl KernelStats {
     }
 }
 
+/// A command issued by [`KernelCtx::start_load`] or [`KernelCtx::start_store`] and not yet
+/// waited for ([`KernelCtx::finish`]).
+#[derive(Debug)]
+#[must_use = "a command not finished runs, but its failure goes unreported"]
+pub struct Pending {
+    fence: crate::dma::Fence,
+    addr: u64,
+    len: u64,
+    access: Access,
+}
+
 /// What a kernel's closure gets: its loads and stores, all through the IOMMU.
 pub struct KernelCtx<'m> {
     mirror: &'m IommuMirror,
@@ -191,6 +211,58 @@ impl KernelCtx<'_> {
         self.stats.stores += 1;
         self.stats.bytes_stored += len;
         Ok(())
+    }
+
+    /// Issues a load of `len` bytes at `addr` in one device command and returns without
+    /// waiting for it: [`KernelCtx::finish`] gives its bytes. `len` 0 is an invalid command.
+    pub fn start_load(&mut self, addr: u64, len: u64) -> KernelResult<Pending> {
+        let fence = self
+            .mirror
+            .submit(DmaCommand::Read { src: addr, len })
+            .map_err(|e| Self::fail(addr, len, Access::Read, e))?;
+        Ok(Pending {
+            fence,
+            addr,
+            len,
+            access: Access::Read,
+        })
+    }
+
+    /// Issues a store of `data` at `addr` in one device command and returns without waiting
+    /// for it ([`KernelCtx::finish`] does). An empty `data` is an invalid command.
+    pub fn start_store(&mut self, addr: u64, data: Vec<u8>) -> KernelResult<Pending> {
+        let len = data.len() as u64;
+        let fence = self
+            .mirror
+            .submit(DmaCommand::Write { dst: addr, data })
+            .map_err(|e| Self::fail(addr, len, Access::Write, e))?;
+        Ok(Pending {
+            fence,
+            addr,
+            len,
+            access: Access::Write,
+        })
+    }
+
+    /// Waits for a command [`KernelCtx::start_load`] or [`KernelCtx::start_store`] issued:
+    /// a load's bytes (the device's buffer, not a copy), nothing for a store.
+    pub fn finish(&mut self, p: Pending) -> KernelResult<Vec<u8>> {
+        let done = p
+            .fence
+            .wait()
+            .map_err(|e| Self::fail(p.addr, p.len, p.access, e))?;
+        self.stats.page_requests += u64::from(done.page_requests);
+        match p.access {
+            Access::Read => {
+                self.stats.loads += 1;
+                self.stats.bytes_loaded += p.len;
+            }
+            Access::Write => {
+                self.stats.stores += 1;
+                self.stats.bytes_stored += p.len;
+            }
+        }
+        Ok(done.data)
     }
 
     fn load_array<const N: usize>(&mut self, addr: u64) -> KernelResult<[u8; N]> {

@@ -105,7 +105,9 @@ pub use dma::{
 };
 pub use error::{IommuError, Result};
 pub use iotlb::{DEFAULT_IOTLB_ENTRIES, Iotlb, IotlbStats, Violation};
-pub use kernel::{DeviceKernel, KernelCtx, KernelError, KernelResult, KernelRun, KernelStats};
+pub use kernel::{
+    DeviceKernel, KernelCtx, KernelError, KernelResult, KernelRun, KernelStats, Pending,
+};
 pub use mirror::{FaultTimes, IommuMirror, MirrorConfig, MirrorStats, Prefetch};
 pub use mmu::{Mmu, MmuConfig, MmuState};
 pub use page_table::{

@@ -139,6 +139,72 @@ fn saxpy_kernel_updates_a_vec_the_cpu_then_checks() {
     );
 }
 
+/// Commands started and not yet finished keep their order on the device: a load started after
+/// a store to the same bytes sees the store, before either is waited for; a load started
+/// while another is in flight gets its own bytes; and a start that faults reports the fault at
+/// its `finish`, naming the address, with the earlier commands done.
+#[test]
+fn started_commands_run_in_order_and_fail_at_their_finish() {
+    let _serial = serial();
+    let pinned = vm_pinned_bytes().unwrap();
+    let notifier = Notifier::new();
+    let m = mirror(&notifier);
+    let mut a: Vec<u8> = (0..3 * PAGE as usize).map(|i| (i % 251) as u8).collect();
+    let b: Vec<u8> = vec![9; PAGE as usize];
+    let (pa, pb) = (a.as_mut_ptr() as u64, b.as_ptr() as u64);
+    let run = DeviceKernel::new(&m)
+        .run(|k| {
+            let store = k.start_store(pa + 100, vec![0xab; 5000])?;
+            let over = k.start_load(pa + 98, 8)?;
+            let other = k.start_load(pb, PAGE)?;
+            let whole = k.start_load(pa, 3 * PAGE)?;
+            assert!(k.finish(store)?.is_empty());
+            Ok((k.finish(over)?, k.finish(other)?, k.finish(whole)?))
+        })
+        .unwrap();
+    let (over, other, whole) = run.value;
+    assert_eq!(over, [98, 99, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab]);
+    assert_eq!(other, b);
+    assert_eq!(&whole[100..5100], &[0xab; 5000][..]);
+    assert_eq!(whole[5100], (5100 % 251) as u8);
+    assert_eq!(
+        (run.stats.loads, run.stats.stores, run.stats.bytes_stored),
+        (3, 1, 5000)
+    );
+    // The CPU sees the store.
+    assert_eq!(a[100..5100], [0xab; 5000]);
+
+    // Unmapped: the start is accepted, the finish reports the fault.
+    let hole = {
+        let v = vec![0u8; 4 * PAGE as usize];
+        let at = (v.as_ptr() as u64).next_multiple_of(PAGE) + PAGE;
+        // SAFETY: a page inside `v`'s allocation, unmapped; `v` is forgotten below so that
+        // nothing frees or touches it again.
+        let rc = unsafe { libc::munmap(at as *mut libc::c_void, PAGE as usize) };
+        assert_eq!(rc, 0);
+        std::mem::forget(v);
+        at
+    };
+    let err = DeviceKernel::new(&m)
+        .run(|k| {
+            let good = k.start_load(pb, 8)?;
+            let bad = k.start_load(hole + 8, 8)?;
+            assert_eq!(k.finish(good)?, vec![9; 8]);
+            k.finish(bad)
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, KernelError::Fault { addr, access: Access::Read, .. } if addr == hole + 8),
+        "{err:?}"
+    );
+    drop(m);
+    drop(a);
+    assert_eq!(
+        settled_vm_pinned_bytes(pinned, VM_PIN_SETTLE).unwrap(),
+        pinned
+    );
+}
+
 #[test]
 fn kernel_touching_an_unmapped_address_aborts_naming_it() {
     let _serial = serial();

@@ -37,6 +37,20 @@ pub struct DispatchStats {
     pub replayed_items: u64,
     /// Passes whose misses overflowed the fault buffer.
     pub overflowed_passes: u32,
+    /// Fault batches: passes that recorded misses, each serviced as one batch between the pass
+    /// and its replay, so `pages_resolved / fault_batches` is the faults per batch.
+    pub fault_batches: u32,
+}
+
+impl DispatchStats {
+    /// Pages resolved per fault batch (0 when nothing faulted).
+    pub fn faults_per_batch(&self) -> f64 {
+        if self.fault_batches == 0 {
+            0.0
+        } else {
+            self.pages_resolved as f64 / f64::from(self.fault_batches)
+        }
+    }
 }
 
 /// The fault buffer and the two replay bitmaps, reused across dispatches.
@@ -272,6 +286,7 @@ impl VulkanMirror {
                 .collect();
             misses.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
             misses.dedup_by_key(|m| m.0);
+            stats.fault_batches += 1;
             for (page, write) in misses {
                 self.resolve(page, write)?;
                 stats.pages_resolved += 1;

@@ -42,6 +42,7 @@ fn shader_reads_and_writes_process_memory_in_place() {
     // SAFETY: as above.
     let again = unsafe { m.dispatch(&d) }.unwrap();
     assert_eq!(again.passes, 1, "{again:?}");
+    assert_eq!((again.fault_batches, again.faults_per_batch()), (0, 0.0));
     assert_eq!(y[7], 2.0 * 7.0 + 2.0 * 7.0 + 1000.0 - 7.0);
     rig.finish();
 }
@@ -69,6 +70,12 @@ fn more_misses_than_the_fault_buffer_holds_are_replayed_to_completion() {
     assert!(stats.overflowed_passes >= 1, "{stats:?}");
     assert!(stats.passes > 2 * pages as u32 / 4, "{stats:?}");
     assert_eq!(stats.pages_resolved, 2 * pages, "{stats:?}");
+    // Every pass but the last faulted, and each was one batch of at most the buffer's 4.
+    assert_eq!(stats.fault_batches, stats.passes - 1, "{stats:?}");
+    assert!(
+        stats.faults_per_batch() > 1.0 && stats.faults_per_batch() <= 4.0,
+        "{stats:?}"
+    );
     let c = m.counters();
     assert_eq!(c.faults[FaultSize::Page4K as usize], 2 * pages, "{c:?}");
     assert_eq!(m.resources().imports, 2 * pages);

@@ -326,7 +326,7 @@ impl TwoCopy {
 /// mirror resolves one run per fault window (fault in, pin, map), then the device writes.
 fn first_touch_sweep(len: usize, iters: usize) -> Result<Figure> {
     let (mut device, mut cpu) = (Vec::new(), Vec::new());
-    let (mut steps, mut faults, mut batches) = (FaultTimes::default(), 0u64, 0u64);
+    let (mut steps, mut faults, mut batches, mut runs) = (FaultTimes::default(), 0u64, 0u64, 0u64);
     for _ in 0..iters {
         let notifier = Notifier::new();
         let buf = AnonMap::aligned(len, 2 << 20).map_err(io_err("mmap"))?;
@@ -349,6 +349,7 @@ fn first_touch_sweep(len: usize, iters: usize) -> Result<Figure> {
         steps.map += t.map;
         faults += s.faults;
         batches += s.fault_batches;
+        runs += s.batched_runs;
         drop(m);
         drop(buf);
         let fresh = AnonMap::aligned(len, 2 << 20).map_err(io_err("mmap"))?;
@@ -372,6 +373,8 @@ fn first_touch_sweep(len: usize, iters: usize) -> Result<Figure> {
         .with_part("lookup", per(steps.lookup))
         .with_part("pin", per(steps.pin))
         .with_part("map", per(steps.map))
-        .with_part("the writes", (mean(&device) - per(steps.total)).max(0.0));
+        .with_part("the writes", (mean(&device) - per(steps.total)).max(0.0))
+        .with_count("faults per batch", runs as f64 / batches.max(1) as f64)
+        .with_count("faults", faults as f64 / iters as f64);
     Ok(fig)
 }
