@@ -53,8 +53,8 @@ const POLL: Duration = Duration::from_millis(20);
 const MAX_FAULT_RECORDS: usize = 1024;
 /// Largest `Read` command (device memory it fills).
 const MAX_READ: u64 = 1 << 30;
-/// Bytes of device memory a `Fill` writes from.
-const FILL_CHUNK: u64 = 64 << 10;
+/// Bytes a `Fill` writes per access, at most (an invalidation of the range waits for one).
+const FILL_CHUNK: u64 = 2 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Status {
@@ -582,12 +582,11 @@ impl Shared {
                 }
             }
             DmaCommand::Fill { dst, len, value } => {
-                let buf = vec![value; len.min(FILL_CHUNK) as usize];
                 let mut done = 0;
                 while done < len {
                     let max = (len - done).min(FILL_CHUNK);
                     let g = self.access(&[(dst + done, Access::Write)], max, &mut c)?;
-                    self.pins.write(g.target(0), &buf[..g.len as usize])?;
+                    self.pins.fill(g.target(0), g.len, value)?;
                     done += g.len;
                     self.touch();
                 }

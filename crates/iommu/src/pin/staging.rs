@@ -191,6 +191,49 @@ impl PinPool {
         Ok(())
     }
 
+    /// Writes `len` bytes of `value` at `at` (a fill): the staging memory is set to `value`
+    /// once, and fixed-buffer reads of it land in the pinned pages, one submission for up to
+    /// [`RING_ENTRIES`] staging lengths: one copy per byte, where [`write`](Self::write)
+    /// through the pipe makes two.
+    pub fn fill(&self, at: Target, len: u64, value: u8) -> Result<()> {
+        might_sleep("PinPool::fill");
+        let mut g = self.lock();
+        let addr = g.resolve(at, len)?;
+        let chunk = (g.staging.len as u64).min(len);
+        if chunk == 0 {
+            return Ok(());
+        }
+        // SAFETY: the staging mapping holds `staging.len >= chunk` bytes and no I/O uses it now
+        // (transfers complete under the lock we hold).
+        unsafe { std::ptr::write_bytes(g.staging.map.0.as_ptr(), value, chunk as usize) };
+        let fd = g.staging.fd.as_raw_fd();
+        let mut done = 0u64;
+        while done < len {
+            let mut entries = Vec::new();
+            let mut want = Vec::new();
+            while done < len && entries.len() < RING_ENTRIES as usize {
+                let n = (len - done).min(chunk);
+                entries.push(
+                    opcode::ReadFixed::new(
+                        types::Fd(fd),
+                        (addr + done) as *mut u8,
+                        n as u32,
+                        at.pin.slot as u16,
+                    )
+                    .offset(0)
+                    .build(),
+                );
+                want.push(n as usize);
+                done += n;
+            }
+            let res = g.submit_all(&entries)?;
+            for (r, n) in res.into_iter().zip(want) {
+                check("fill", at.pin, r, n)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Copies the pinned `(target, bytes)` parts, in order, into `dst` (their lengths add up to
     /// `dst.len()`): a gather. Through the pipe, a batch of parts is one submission, a
     /// fixed-buffer write of each part into the pipe, linked in order, then one read of them

@@ -452,3 +452,44 @@ fn read_many_and_write_many_move_every_part_with_and_without_a_pipe() {
         drop(pin);
     }
 }
+
+/// A fill writes exactly its bytes, from one staging length up to more than one submission of
+/// them (the ring takes `RING_ENTRIES` at once), and leaves the bytes around it alone, with a
+/// pipe or without.
+#[test]
+fn fill_writes_exactly_its_bytes_across_submissions() {
+    let _serial = svmirror_testsupport::serial();
+    for transfer in [Transfer::Memfd, Transfer::Pipe] {
+        let pool = PinPool::new(PinPoolConfig {
+            slots: 2,
+            staging_bytes: PAGE_SIZE,
+            copy_pipes: 0,
+            transfer,
+        })
+        .unwrap();
+        // More than RING_ENTRIES staging lengths, so more than one submission.
+        let pages = super::pool::RING_ENTRIES as usize + 8;
+        let a = AnonMap::new(pages * PAGE_SIZE as usize).unwrap();
+        a.fill_with(|i| (i % 251) as u8);
+        // SAFETY: the test buffer is accessed only through raw pointers.
+        let pin = unsafe { pool.pin(a.addr(), a.len() as u64) }.unwrap();
+        let (from, len) = (100u64, (pages as u64 - 1) * PAGE_SIZE - 37);
+        pool.fill(pin.target_of(a.addr() + from).unwrap(), len, 0xc3)
+            .unwrap();
+        let all = a.read(0, a.len());
+        for (i, &b) in all.iter().enumerate() {
+            let want = if (from..from + len).contains(&(i as u64)) {
+                0xc3
+            } else {
+                (i % 251) as u8
+            };
+            assert_eq!(b, want, "byte {i} ({transfer:?})");
+        }
+        // A short fill inside one page, and an empty one.
+        pool.fill(pin.target_of(a.addr() + 5).unwrap(), 3, 7)
+            .unwrap();
+        pool.fill(pin.target_of(a.addr()).unwrap(), 0, 9).unwrap();
+        assert_eq!(a.read(0, 9), [0, 1, 2, 3, 4, 7, 7, 7, 8]);
+        drop(pin);
+    }
+}
