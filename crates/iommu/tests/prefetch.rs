@@ -396,3 +396,54 @@ fn a_gather_raises_one_page_request_group_resolved_run_by_run() {
         "only the pages the parts touch"
     );
 }
+
+/// Issue 13, a device sweeping first-touch memory: a fill over eight fault windows is one run
+/// of its page request group, which is at least `AHEAD_MIN_WINDOWS` windows long: the mirror
+/// resolves the first window at once and faults the other seven in ahead of the device (a
+/// thread of its own), and the device resolves each of them as it reaches it, finding the
+/// pages there. Every byte is written, each window is faulted once, and only the fill's pages
+/// are pinned. Seen failing with the fault-in ahead disabled (`faulted_ahead` 0, and the group
+/// resolving all eight runs before the fill started: `batched_runs` 8).
+#[test]
+fn a_sweep_over_many_windows_is_faulted_in_ahead_of_the_device() {
+    let _s = svmirror_testsupport::serial();
+    let mm = Arc::new(ProcessMm::new().expect("userfaultfd available"));
+    let m = mm_mirror(&mm, MirrorConfig::checked());
+    let len = 8 * TWO_MEG;
+    let region = AnonMap::aligned(len as usize + TWO_MEG as usize, 2 << 20).unwrap();
+    region.advise(libc::MADV_NOHUGEPAGE).unwrap();
+    // From a page into the first window to the end of the eighth.
+    let (dst, n) = (region.addr() + PAGE, len - PAGE);
+    m.submit(DmaCommand::Fill {
+        dst,
+        len: n,
+        value: 0x5a,
+    })
+    .unwrap()
+    .wait()
+    .unwrap();
+    let bytes = region.read(0, (len + PAGE) as usize);
+    assert!(
+        bytes[..PAGE as usize].iter().all(|&b| b == 0),
+        "before the fill"
+    );
+    assert!(
+        bytes[PAGE as usize..len as usize]
+            .iter()
+            .all(|&b| b == 0x5a),
+        "the fill"
+    );
+    assert!(
+        bytes[len as usize..].iter().all(|&b| b == 0),
+        "after the fill"
+    );
+    let s = m.stats();
+    assert_eq!(
+        (s.fault_batches, s.batched_runs, s.faulted_ahead),
+        (1, 1, 7 * TWO_MEG),
+        "one group: the first window resolved, seven faulted in ahead"
+    );
+    assert_eq!(s.faults, 8, "each window faulted once");
+    assert_eq!(m.pins().stats().bytes, n, "only the fill's pages");
+    drop(m);
+}

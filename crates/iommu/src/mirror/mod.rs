@@ -168,6 +168,10 @@ pub struct MirrorStats {
     /// Runs those batches resolved (each also counted in `faults`): `batched_runs /
     /// fault_batches` is the faults per batch.
     pub batched_runs: u64,
+    /// Bytes of page request groups faulted in ahead of a sweeping device rather than resolved
+    /// with the group (`resolve.rs`, `Ahead`): the device's own requests map them as it
+    /// reaches them.
+    pub faulted_ahead: u64,
     /// Time invalidations spent under the MMU lock tearing down or downgrading IO page-table
     /// entries and flushing the IOTLB, summed over `invalidations`.
     pub unmap_flush_time: Duration,
@@ -501,7 +505,8 @@ impl IommuMirror {
         let resolver = Arc::new(Resolver {
             inner: inner.clone(),
             sub,
-            source,
+            source: Arc::from(source),
+            ahead: Default::default(),
         });
         dma.set_page_request_handler(resolver.clone());
         tracing::debug!(%range, "iommu mirror ready");

@@ -23,7 +23,74 @@ use crate::pin::Pin;
 pub(super) struct Resolver {
     pub(super) inner: Arc<MirrorInner>,
     pub(super) sub: Subscription,
-    pub(super) source: Box<dyn PageSource + Send + Sync>,
+    pub(super) source: Arc<dyn PageSource + Send + Sync>,
+    /// Faults in the windows ahead of a device sweeping memory (see [`Ahead`]).
+    pub(super) ahead: Ahead,
+}
+
+/// A page request group that is one run over at least this many fault windows is a device
+/// sweeping memory: its later windows are faulted in ahead of the device (see [`Ahead`]).
+pub(crate) const AHEAD_MIN_WINDOWS: u64 = 4;
+
+/// Faulting in ahead of a sweeping device. A command over many fault windows of first-touch
+/// memory spends as long faulting the pages in (`range_fault`, the CPU's page faults) as the
+/// device then spends writing them. Resolving the whole group before the command starts puts
+/// the two one after the other. Instead the first window is resolved at once, and a thread of
+/// the mirror's ("svmirror-ahead", started on first use) faults in the windows after it, in
+/// order, while the device writes: each later window is then resolved when the device reaches
+/// it (its own page request), and finds its pages there. The thread only does what a CPU
+/// thread touching the memory would (`PageSource::fault`), and only on pages the command
+/// touches (so [`Prefetch::Demand`] still holds); it maps nothing on the device, and a window
+/// it could not fault in is faulted in, or refused with the reason, by the device's request.
+#[derive(Default)]
+pub(super) struct Ahead {
+    tx: std::sync::Mutex<Option<std::sync::mpsc::Sender<(Range, bool)>>>,
+}
+
+impl Ahead {
+    /// Queues `r` (pages the device will touch, `write` if it writes them) for the thread,
+    /// starting it on first use. Returns whether it was queued.
+    fn queue(
+        &self,
+        source: &Arc<dyn PageSource + Send + Sync>,
+        win: u64,
+        r: Range,
+        write: bool,
+    ) -> bool {
+        let mut tx = self
+            .tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if tx.is_none() {
+            let (sender, rx) = std::sync::mpsc::channel::<(Range, bool)>();
+            let source = source.clone();
+            let spawned = std::thread::Builder::new()
+                .name("svmirror-ahead".into())
+                .spawn(move || {
+                    // Ends when the resolver drops its sender.
+                    while let Ok((r, write)) = rx.recv() {
+                        let mut at = r.start();
+                        while at < r.end() {
+                            let next = ((at & !(win - 1)) + win).min(r.end());
+                            let Ok(w) = Range::new(at, next) else { break };
+                            if let Err(e) = source.fault(w, write) {
+                                tracing::debug!(range = %w, error = %e, "fault-in ahead stopped");
+                                break;
+                            }
+                            at = next;
+                        }
+                    }
+                });
+            match spawned {
+                Ok(_) => *tx = Some(sender),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no fault-in-ahead thread");
+                    return false;
+                }
+            }
+        }
+        tx.as_ref().is_some_and(|t| t.send((r, write)).is_ok())
+    }
 }
 
 /// The pages `[iova, iova + len)` touches, if that is a range at all.
@@ -43,6 +110,27 @@ impl PageRequestHandler for Resolver {
     /// the run's pages in that window, not one per access.
     fn page_requests(&self, reqs: &[PageRequest]) -> u64 {
         let win = self.inner.config.fault_window;
+        if let [r] = reqs
+            && r.len >= AHEAD_MIN_WINDOWS * win
+            && let Some(rest) =
+                Range::new((r.iova & !(win - 1)) + win, r.iova.saturating_add(r.len))
+                    .ok()
+                    .filter(|rest| {
+                        self.ahead
+                            .queue(&self.source, win, *rest, r.access == Access::Write)
+                    })
+        {
+            // A device sweeping memory: the first window now, the rest faulted in ahead of it
+            // (`Ahead`).
+            let write = r.access == Access::Write;
+            let runs = u64::from(self.resolve(r.iova, rest.start() - r.iova, write).is_ok());
+            self.inner.stat(|s| {
+                s.fault_batches += 1;
+                s.batched_runs += runs;
+                s.faulted_ahead += rest.len();
+            });
+            return runs;
+        }
         let mut runs = 0;
         for r in reqs {
             let write = r.access == Access::Write;
