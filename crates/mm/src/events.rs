@@ -113,7 +113,7 @@ impl Shared {
     }
 
     /// Forgets the registration records over `[start, end)` (its mappings are gone).
-    fn forget_registration(&self, start: u64, end: u64) {
+    pub(crate) fn forget_registration(&self, start: u64, end: u64) {
         let mut book = self.book();
         carve_gen(&mut book.registered, start, end);
         carve_gen(&mut book.refused, start, end);

@@ -143,16 +143,51 @@ impl ProcessMm {
 
     /// Unmaps `range` after every device has lost it (event `Unmap`).
     ///
+    /// The range is unregistered from the userfaultfd first, so the munmap sends no UNMAP event
+    /// and does not wait for the monitor to read one (fs/userfaultfd.c `userfaultfd_unmap_prep`
+    /// queues an event only for a VMA with a userfaultfd context, which UFFDIO_UNREGISTER
+    /// clears): the call's own invalidation is what devices see, and it is open from before
+    /// the unregistration until the mapping is gone. Where the kernel refuses to unregister
+    /// (a VMA userfaultfd cannot take, or no room to split one), the call expects its event as
+    /// any other SVM API call does.
+    ///
     /// # Safety
     /// No Rust reference into `range` may outlive this call, exactly as for `libc::munmap`.
     pub unsafe fn munmap(&self, range: Range) -> Result<(), MmError> {
         self.check_mapped(range)?;
+        // The registration records first, as the UNMAP handler does (`handle_unmap`): a fault
+        // that reads them after this registers again; one that read them before is retried by
+        // the invalidation below, or waits for it to end and finds the mapping gone.
+        self.shared.forget_registration(range.start(), range.end());
         let inv = self.invalidate(range, Event::Unmap)?;
-        let expected = self.expect(uffd::EVENT_UNMAP, range.start(), range.end());
+        let quiet = self.uffd().unregister(range).is_ok();
+        let expected = (!quiet).then(|| self.expect(uffd::EVENT_UNMAP, range.start(), range.end()));
         // SAFETY: the caller guarantees nothing in Rust refers into `range`; devices lost it
         // above, and their pins keep any in-flight access off the freed pages.
         let rc = unsafe { libc::munmap(ptr(range.start()), range.len() as usize) };
         let res = syscall("munmap", range, rc);
+        if res.is_err() && quiet {
+            // Still mapped: registered again before any device may map it, so that what
+            // happens to it next is seen.
+            match self.uffd().register(range, self.shared.mode_for(range)) {
+                Ok(()) => self.record_registered(range),
+                Err(e) => {
+                    tracing::warn!(%range, %e, "a failed munmap left the range unregistered; device faults register it again")
+                }
+            }
+        }
+        if quiet {
+            // As when the call waits for its own event: it returns once the monitor has
+            // handled every event read so far (what the syscalls that returned before it
+            // caused), which callers use as a barrier.
+            let t = std::time::Instant::now();
+            self.shared.wait_handled();
+            let waited = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.shared
+                .counters
+                .expect_wait_ns
+                .fetch_add(waited, std::sync::atomic::Ordering::Relaxed);
+        }
         drop(expected);
         inv.end();
         self.forget(range.start(), range.end());

@@ -33,6 +33,9 @@ const UFFDIO_ZEROPAGE: libc::c_ulong = uffdio_rw::<UffdioZeropage>(0x04);
 const UFFDIO_WAKE: libc::c_ulong =
     ioctl_expr(_IOC_READ, UFFDIO, 0x02, size_of::<UffdioRange>() as u32);
 const UFFDIO_WRITEPROTECT: libc::c_ulong = uffdio_rw::<UffdioWriteprotect>(0x06);
+/// `_IOR(UFFDIO, 0x01, struct uffdio_range)`.
+const UFFDIO_UNREGISTER: libc::c_ulong =
+    ioctl_expr(_IOC_READ, UFFDIO, 0x01, size_of::<UffdioRange>() as u32);
 /// `USERFAULTFD_IOC_NEW` on /dev/userfaultfd: `_IO(0xAA, 0x00)`.
 const USERFAULTFD_IOC_NEW: libc::c_ulong = ioctl_expr(_IOC_NONE, UFFDIO, 0x00, 0);
 // The numbers the kernel headers give (x86-64 and arm64 alike).
@@ -41,6 +44,7 @@ const _: () = assert!(
         && UFFDIO_REGISTER == 0xc020_aa00
         && UFFDIO_COPY == 0xc028_aa03
         && UFFDIO_WAKE == 0x8010_aa02
+        && UFFDIO_UNREGISTER == 0x8010_aa01
         && USERFAULTFD_IOC_NEW == 0xaa00
 );
 /// `UFFD_USER_MODE_ONLY`: handle faults from user mode only (what an unprivileged process gets).
@@ -399,6 +403,20 @@ impl Uffd {
         // nothing.
         let rc = unsafe { libc::ioctl(self.raw(), UFFDIO_ZEROPAGE, &mut z as *mut UffdioZeropage) };
         rc == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
+    }
+
+    /// Unregisters `range`: its VMAs send no more events and raise no more faults here
+    /// (fs/userfaultfd.c `userfaultfd_unregister` clears their context, splitting VMAs at the
+    /// range's ends, and wakes any thread waiting in a fault there, which retries on its own).
+    pub(crate) fn unregister(&self, range: Range) -> io::Result<()> {
+        let mut r = UffdioRange {
+            start: range.start(),
+            len: range.len(),
+        };
+        // SAFETY: UFFDIO_UNREGISTER reads one `struct uffdio_range`; unregistering changes how
+        // faults in the range are delivered, not any memory's contents.
+        cvt(unsafe { libc::ioctl(self.raw(), UFFDIO_UNREGISTER, &mut r as *mut UffdioRange) })?;
+        Ok(())
     }
 
     /// Whether a message is queued unread now (`poll` with no wait).
