@@ -332,6 +332,34 @@ fn with_late_madvise(
     forced
 }
 
+/// Runs `try_once` until it reports the interleaving forced (true), three tries at most.
+fn until_forced(mut try_once: impl FnMut() -> bool) {
+    for _ in 0..3 {
+        if try_once() {
+            return;
+        }
+    }
+    panic!("the interleaving was not forced in three tries");
+}
+
+/// What [`with_late_madvise`] needs: two CPUs, this thread on CPU 1, a fresh `ProcessMm` whose
+/// handler runs on CPU 1 (frame numbers visible: run as root), and its reader's thread id.
+fn late_caller_rig() -> (ProcessMm, i32) {
+    // (Not `available_parallelism`: it counts the CPUs this thread is pinned to.)
+    // SAFETY: sysconf reads a system setting.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    assert!(cpus >= 2, "this test needs two CPUs");
+    pin_to(0, 1);
+    let mm = ProcessMm::new().expect("userfaultfd available");
+    assert!(
+        mm.features().page_source.pfn_visible,
+        "frame numbers visible (run as root)"
+    );
+    pin_to(thread_named("svmirror-uffd-h"), 1);
+    let reader = thread_named("svmirror-uffd");
+    (mm, reader)
+}
+
 /// Defect 8 (issue 15), a plain DONTNEED of pages an earlier MADV_FREE left lazy-free (what an
 /// allocator does: purge lazily, later give the memory back for good): the REMOVE's
 /// invalidation must stay open until the pages are gone, not end because they are lazy-free,
@@ -346,25 +374,8 @@ fn with_late_madvise(
 /// frame). The 30-minute soak's one burst of stale reads was this: every one "ended by
 /// madv-dontneed" right after an api-madvise-free of the same slot.
 fn dontneed_after_free_keeps_no_dropped_page(hint: u64, len: u64, held: Duration) {
-    // (Not `available_parallelism`: it counts the CPUs this thread is pinned to.)
-    // SAFETY: sysconf reads a system setting.
-    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    assert!(cpus >= 2, "this test needs two CPUs");
-    pin_to(0, 1);
-    let mm = ProcessMm::new().expect("userfaultfd available");
-    assert!(
-        mm.features().page_source.pfn_visible,
-        "frame numbers visible (run as root)"
-    );
-    pin_to(thread_named("svmirror-uffd-h"), 1);
-    let reader = thread_named("svmirror-uffd");
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        assert!(
-            tries <= 3,
-            "the interleaving was forced in one of three tries"
-        );
+    let (mm, reader) = late_caller_rig();
+    until_forced(|| {
         let buf = populated_at(hint, len);
         let last = page(buf, buf.pages() - 1, 1);
         let mirror = Arc::new(TestMirror::new(Owner(0x9)));
@@ -389,7 +400,7 @@ fn dontneed_after_free_keeps_no_dropped_page(hint: u64, len: u64, held: Duration
         let zeroed = read_byte(last.start());
         assert_eq!(sys_munmap(hint, len), 0);
         if !forced {
-            continue;
+            return false;
         }
         assert_ne!(
             got,
@@ -397,8 +408,8 @@ fn dontneed_after_free_keeps_no_dropped_page(hint: u64, len: u64, held: Duration
             "the device mapped the frame the zap dropped"
         );
         assert_eq!(zeroed, 0);
-        return;
-    }
+        true
+    });
 }
 
 /// A plain DONTNEED over a page that is not present when its REMOVE is read, whose caller
@@ -411,24 +422,8 @@ fn dontneed_after_free_keeps_no_dropped_page(hint: u64, len: u64, held: Duration
 /// runs of three: "the device keeps a frame the CPU no longer maps" (`left: Some(..)`, the
 /// page the device fault populated, against `right: None`).
 fn dontneed_of_an_absent_page_keeps_no_dropped_page(hint: u64, len: u64, held: Duration) {
-    // SAFETY: sysconf reads a system setting.
-    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    assert!(cpus >= 2, "this test needs two CPUs");
-    pin_to(0, 1);
-    let mm = ProcessMm::new().expect("userfaultfd available");
-    assert!(
-        mm.features().page_source.pfn_visible,
-        "frame numbers visible (run as root)"
-    );
-    pin_to(thread_named("svmirror-uffd-h"), 1);
-    let reader = thread_named("svmirror-uffd");
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        assert!(
-            tries <= 3,
-            "the interleaving was forced in one of three tries"
-        );
+    let (mm, reader) = late_caller_rig();
+    until_forced(|| {
         let buf = populated_at(hint, len);
         let last = page(buf, buf.pages() - 1, 1);
         let mirror = Arc::new(TestMirror::new(Owner(0xa)));
@@ -456,7 +451,7 @@ fn dontneed_of_an_absent_page_keeps_no_dropped_page(hint: u64, len: u64, held: D
         drop(sub);
         assert_eq!(sys_munmap(hint, len), 0);
         if !forced {
-            continue;
+            return false;
         }
         // The device may hold nothing (its fault was torn down) or the CPU's page of now; a
         // frame the CPU does not map is stale.
@@ -467,8 +462,8 @@ fn dontneed_of_an_absent_page_keeps_no_dropped_page(hint: u64, len: u64, held: D
             mm.stats().zap_markers >= markers + len / PAGE,
             "the reader marked every absent page"
         );
-        return;
-    }
+        true
+    });
 }
 
 /// A plain MADV_FREE over absent pages below and above present ones: the reader marks the
@@ -484,25 +479,9 @@ fn dontneed_of_an_absent_page_keeps_no_dropped_page(hint: u64, len: u64, held: D
 #[test]
 fn a_free_over_an_absent_page_clears_its_marker_once_its_walk_passed() {
     let _s = serial();
-    // SAFETY: sysconf reads a system setting.
-    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    assert!(cpus >= 2, "this test needs two CPUs");
-    pin_to(0, 1);
-    let mm = ProcessMm::new().expect("userfaultfd available");
-    assert!(
-        mm.features().page_source.pfn_visible,
-        "frame numbers visible (run as root)"
-    );
-    pin_to(thread_named("svmirror-uffd-h"), 1);
-    let reader = thread_named("svmirror-uffd");
+    let (mm, reader) = late_caller_rig();
     let (hint, len) = (0x3100_0000_0000, 64 << 10);
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        assert!(
-            tries <= 3,
-            "the interleaving was forced in one of three tries"
-        );
+    until_forced(|| {
         let buf = populated_at(hint, len);
         let first = page(buf, 0, 1);
         let mirror = Arc::new(TestMirror::new(Owner(0xb)));
@@ -547,7 +526,7 @@ fn a_free_over_an_absent_page_clears_its_marker_once_its_walk_passed() {
         drop(sub);
         assert_eq!(sys_munmap(hint, len), 0);
         if !forced {
-            continue;
+            return false;
         }
         assert_eq!(
             after.zap_markers,
@@ -563,8 +542,8 @@ fn a_free_over_an_absent_page_clears_its_marker_once_its_walk_passed() {
             2,
             "the hold cleared the markers of a MADV_FREE"
         );
-        return;
-    }
+        true
+    });
 }
 
 #[test]
