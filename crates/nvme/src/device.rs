@@ -32,10 +32,20 @@ pub(crate) const QUEUES: u64 = 2;
 /// The start of BAR0, mapped into the process: the controller registers and the doorbells of
 /// the queues the driver uses (not the MSI-X table, which may lie further in the BAR and
 /// which VFIO may refuse to map).
+///
+/// The mapping sits alone in a 2 MiB-aligned window of address space reserved for it
+/// (`PROT_NONE` around it): a mapper fault walks every mapping in the chunk it faults, and a
+/// device mapping (VM_IO/VM_PFNMAP) cannot be registered with userfaultfd, so a BAR next to
+/// a buffer would make every fault in that chunk fail (`EINVAL`).
 struct Bar {
     ptr: NonNull<u8>,
     len: usize,
+    /// The reserved window, unmapped whole on drop.
+    window: (NonNull<u8>, usize),
 }
+
+/// The window a BAR mapping is placed alone in: one 2 MiB chunk.
+const BAR_WINDOW: usize = 2 << 20;
 
 // SAFETY: the pointer is to device registers mapped for the life of `Bar`, accessed only with
 // volatile 4-byte loads and stores; the controller serializes register accesses.
@@ -45,23 +55,62 @@ unsafe impl Sync for Bar {}
 
 impl Bar {
     fn map(fd: RawFd, offset: u64, len: usize) -> std::io::Result<Bar> {
-        // SAFETY: a new shared mapping of the device's BAR0 at a kernel-chosen address; no
-        // existing memory is affected.
-        let p = unsafe {
+        if len > BAR_WINDOW {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: a new private reservation at a kernel-chosen address; no existing memory
+        // is affected.
+        let r = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
+                2 * BAR_WINDOW,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let start = r as usize;
+        let aligned = start.next_multiple_of(BAR_WINDOW);
+        for (at, n) in [
+            (start, aligned - start),
+            (
+                aligned + BAR_WINDOW,
+                start + 2 * BAR_WINDOW - aligned - BAR_WINDOW,
+            ),
+        ] {
+            if n > 0 {
+                // SAFETY: slack of the reservation just made, which nothing else uses.
+                unsafe { libc::munmap(at as *mut libc::c_void, n) };
+            }
+        }
+        // SAFETY: replaces the start of our own reservation with a shared mapping of the
+        // device's BAR0 (MAP_FIXED inside memory this function owns).
+        let p = unsafe {
+            libc::mmap(
+                aligned as *mut libc::c_void,
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | libc::MAP_FIXED,
                 fd,
                 offset as libc::off_t,
             )
         };
+        let window = (
+            NonNull::new(aligned as *mut u8).ok_or_else(std::io::Error::last_os_error)?,
+            BAR_WINDOW,
+        );
         if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
+            let e = std::io::Error::last_os_error();
+            // SAFETY: the reservation made above, unmapped once.
+            unsafe { libc::munmap(aligned as *mut libc::c_void, BAR_WINDOW) };
+            return Err(e);
         }
         let ptr = NonNull::new(p.cast()).ok_or_else(std::io::Error::last_os_error)?;
-        Ok(Bar { ptr, len })
+        Ok(Bar { ptr, len, window })
     }
 
     fn reg32(&self, off: u64) -> *mut u32 {
@@ -82,8 +131,9 @@ impl Bar {
 
 impl Drop for Bar {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        // SAFETY: the window reserved in `map` (the BAR mapping and the reservation around
+        // it), unmapped once.
+        unsafe { libc::munmap(self.window.0.as_ptr().cast(), self.window.1) };
     }
 }
 
