@@ -16,6 +16,7 @@ use svmirror_vfio::{IovaMode, MapperConfig, VfioError, VfioMapper};
 
 mod support;
 
+use nvme::NvmeEnv;
 use support::{
     Env, dmar_faults, err, expect_dmar_fault, fill, pattern, qemu_exit, read, status_bytes,
     wait_for,
@@ -32,6 +33,45 @@ macro_rules! ensure {
             return Err(format!($($fmt)+));
         }
     };
+}
+
+mod nvme;
+
+/// An NVMe scenario: its name and body.
+type NvmeScenario = (&'static str, fn(&mut NvmeEnv) -> Res);
+
+/// Runs the NVMe scenarios on a controller of their own; returns how many ran and how many
+/// failed.
+fn run_nvme() -> (usize, usize) {
+    let scenarios: &[NvmeScenario] = &[
+        ("nvme_identify", nvme::identify),
+        ("nvme_read_into_fresh_vec", nvme::read_into_fresh_vec),
+        ("nvme_write_from_heap_object", nvme::write_from_heap_object),
+        (
+            "nvme_freed_buffer_address_reused",
+            nvme::freed_buffer_address_reused,
+        ),
+        ("nvme_bad_input", nvme::bad_input),
+    ];
+    let mut n = match NvmeEnv::open() {
+        Ok(n) => n,
+        Err(e) => {
+            println!("FAIL nvme setup: {e}");
+            return (scenarios.len(), scenarios.len());
+        }
+    };
+    let mut failed = 0;
+    for (name, f) in scenarios {
+        let t = Instant::now();
+        match f(&mut n) {
+            Ok(()) => println!("PASS {name} ({:.0} ms)", t.elapsed().as_secs_f64() * 1e3),
+            Err(e) => {
+                failed += 1;
+                println!("FAIL {name}: {e}");
+            }
+        }
+    }
+    (scenarios.len(), failed)
 }
 
 /// A mirrored buffer is read and written by edu DMA at its own virtual address.
@@ -751,16 +791,20 @@ fn main() {
             }
         }
     }
-    drop(env);
-    // Later programs in the guest get the kernel's default budget back.
+    // Later programs in the guest, and the NVMe container opened next, get the kernel's
+    // default budget back.
     if let Err(e) = std::fs::write(DMA_ENTRY_LIMIT, default_limit.trim()) {
         println!("FAIL restoring {DMA_ENTRY_LIMIT}: {e}");
         failed += 1;
     }
+    drop(env);
+    let (nvme_ran, nvme_failed) = run_nvme();
+    failed += nvme_failed;
+    let total = scenarios.len() + nvme_ran;
     println!(
         "{} of {} scenarios passed in {:.1} s",
-        scenarios.len() - failed,
-        scenarios.len(),
+        total - failed,
+        total,
         started.elapsed().as_secs_f64()
     );
     if failed == 0 {

@@ -1,0 +1,217 @@
+//! The NVMe scenarios: svmirror-nvme driving QEMU's `nvme` device (backed by a scratch image
+//! that `cargo xtask vfio-vm` fills with a known pattern) through VFIO, with DMA straight into
+//! ordinary `Vec<u8>`s at their own addresses, mapped on demand by a mapper that mirrors the
+//! whole user address space.
+
+use std::sync::Arc;
+
+use svmirror_core::{Event, Range};
+use svmirror_mm::ProcessMm;
+use svmirror_nvme::{Nvme, NvmeConfig, NvmeDevice};
+use svmirror_vfio::{MapperConfig, VfioContainer, VfioMapper};
+
+use crate::Res;
+use crate::support::{chain, err};
+
+/// The image xtask makes: 8 MiB, 512-byte sectors, sector `n` holding `n` (u64, little
+/// endian) 64 times. Keep in step with `xtask/src/vfio_vm/image.rs` (`write_nvme_image`).
+const IMAGE_BYTES: u64 = 8 << 20;
+/// The sector of the pattern.
+const SECTOR: u64 = 512;
+/// The serial xtask gives the device.
+const SERIAL: &str = "svmirror-nvme0";
+
+/// What sector `s` of the image holds.
+fn expected(s: u64) -> [u8; SECTOR as usize] {
+    let mut out = [0u8; SECTOR as usize];
+    for c in out.chunks_exact_mut(8) {
+        c.copy_from_slice(&s.to_le_bytes());
+    }
+    out
+}
+
+/// Checks that `buf` holds the image's sectors from byte offset `at`; says where it differs.
+fn check_pattern(buf: &[u8], at: u64) -> Res {
+    for (i, sector) in buf.chunks(SECTOR as usize).enumerate() {
+        let s = at / SECTOR + i as u64;
+        if sector != &expected(s)[..sector.len()] {
+            return Err(format!(
+                "sector {s} differs from the image: starts {:02x?}",
+                &sector[..16.min(sector.len())]
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The NVMe controller, started with a mapper over the whole user address space of a
+/// `ProcessMm` of its own. Opened once the edu scenarios' [`Env`](crate::support::Env) is
+/// gone: a mapper fault walks every mapping in its 2 MiB chunk, and fails on a device mapping
+/// (edu's BAR) that userfaultfd cannot register.
+pub(crate) struct NvmeEnv {
+    // Field order is drop order: the controller (reset), the mapper, the container, the mm.
+    pub(crate) nvme: Nvme,
+    pub(crate) mapper: Arc<VfioMapper>,
+    _container: Arc<VfioContainer>,
+    _mm: Arc<ProcessMm>,
+}
+
+impl NvmeEnv {
+    pub(crate) fn open() -> Result<NvmeEnv, String> {
+        // glibc's mmap threshold is dynamic: the first free of an mmapped block raises it, and
+        // the next block of that size comes from the heap, at another address. Fixed, a freed
+        // 256 KiB buffer's address is reused by the next one, as the reuse scenario needs.
+        // SAFETY: mallopt changes only the allocator's tuning.
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10) };
+        let mm = Arc::new(ProcessMm::new().map_err(err("ProcessMm::new (userfaultfd)"))?);
+        let path = NvmeDevice::find().map_err(err("finding the NVMe controller"))?;
+        let container = Arc::new(VfioContainer::new(None).map_err(err("opening /dev/vfio/vfio"))?);
+        let dev = NvmeDevice::open(&path, container.clone()).map_err(chain("opening NVMe"))?;
+        let user = Range::new(4096, 1 << 47).expect("user space");
+        // SAFETY: the scenarios hand the device only buffers they lend it for the duration of
+        // a command (`Nvme::read`/`write` borrow them), and touch nothing else it may write.
+        let mapper = unsafe {
+            VfioMapper::new(
+                mm.notifier(),
+                mm.clone(),
+                container.clone(),
+                user,
+                MapperConfig::default(),
+            )
+        }
+        .map_err(err("VfioMapper::new over user space"))?;
+        let mapper = Arc::new(mapper);
+        let nvme = dev
+            .start(mapper.clone(), NvmeConfig::default())
+            .map_err(chain("starting the controller"))?;
+        Ok(NvmeEnv {
+            nvme,
+            mapper,
+            _container: container,
+            _mm: mm,
+        })
+    }
+}
+
+/// Identify: the controller and namespace xtask set up.
+pub(crate) fn identify(n: &mut NvmeEnv) -> Res {
+    let ns = n.nvme.namespace().map_err(err("namespace"))?;
+    let c = n.nvme.controller().ok_or("no Identify Controller data")?;
+    let (major, minor) = n.nvme.device().version();
+    println!(
+        "nvme: {} ({}) serial {}, NVMe {major}.{minor}, namespace {}: {} blocks of {} bytes, {} KiB per command, IOVA = address: {}",
+        c.model,
+        n.nvme.device().path().display(),
+        c.serial,
+        ns.nsid,
+        ns.blocks,
+        ns.lba_size,
+        n.nvme.max_transfer() >> 10,
+        n.mapper.is_identity()
+    );
+    ensure!(c.serial == SERIAL, "serial {:?}, want {SERIAL:?}", c.serial);
+    ensure!(
+        ns.bytes() == IMAGE_BYTES,
+        "namespace of {} bytes, the image has {IMAGE_BYTES}",
+        ns.bytes()
+    );
+    Ok(())
+}
+
+/// Reads into fresh `Vec`s: one sector, a page-straddling 8 KiB (a PRP list), and 1 MiB
+/// (several commands cut at MDTS), each checked against the image's pattern.
+pub(crate) fn read_into_fresh_vec(n: &mut NvmeEnv) -> Res {
+    let lba_size = n.nvme.namespace().map_err(err("namespace"))?.lba_size;
+    for (lba, len) in [(0u64, 512u64), (7, 8192), (1000, 1 << 20)] {
+        let mut v = vec![0u8; len as usize];
+        n.nvme.read(lba, &mut v).map_err(chain("read"))?;
+        check_pattern(&v, lba * lba_size).map_err(|e| format!("read of {len} at {lba}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Writes from a slice in the middle of a larger heap object (page-straddling, at an offset
+/// in its first page), reads it back into another `Vec`; the sectors around are untouched.
+pub(crate) fn write_from_heap_object(n: &mut NvmeEnv) -> Res {
+    let lba_size = n.nvme.namespace().map_err(err("namespace"))?.lba_size;
+    let mut object = vec![0u8; 64 << 10];
+    let (at, len) = (1000usize, 3 * 4096usize);
+    for (i, b) in object[at..at + len].iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(7).wrapping_add(3);
+    }
+    let lba = 4000;
+    n.nvme
+        .write(lba, &object[at..at + len])
+        .map_err(chain("write"))?;
+    let mut back = vec![0u8; len + 2 * lba_size as usize];
+    n.nvme
+        .read(lba - 1, &mut back)
+        .map_err(chain("read back"))?;
+    let (before, rest) = back.split_at(lba_size as usize);
+    let (data, after) = rest.split_at(len);
+    ensure!(
+        data == &object[at..at + len],
+        "the sectors read back differ from the heap object written"
+    );
+    check_pattern(before, (lba - 1) * lba_size).map_err(|e| format!("sector before: {e}"))?;
+    let next = lba + (len as u64) / lba_size;
+    check_pattern(after, next * lba_size).map_err(|e| format!("sector after: {e}"))?;
+    Ok(())
+}
+
+/// A buffer freed and a new one allocated at the same address between two reads: the second
+/// read lands in the new memory (the old pages, which the first read's mapping pinned, are
+/// never written again), and the munmap took the old mapping away.
+pub(crate) fn freed_buffer_address_reused(n: &mut NvmeEnv) -> Res {
+    let lba_size = n.nvme.namespace().map_err(err("namespace"))?.lba_size;
+    let len = 256 << 10;
+    let unmaps = n.mapper.counters().invalidations[Event::Unmap.index()];
+    let mut a = vec![0u8; len];
+    n.nvme.read(0, &mut a).map_err(chain("first read"))?;
+    check_pattern(&a, 0)?;
+    let old = a.as_ptr() as u64;
+    drop(a);
+    let mut b = vec![0u8; len];
+    let new = b.as_ptr() as u64;
+    ensure!(
+        new == old,
+        "the allocator did not reuse {old:#x} (got {new:#x}): no reuse to test"
+    );
+    let lba = 2048;
+    n.nvme.read(lba, &mut b).map_err(chain("second read"))?;
+    check_pattern(&b, lba * lba_size).map_err(|e| format!("new memory at the old address: {e}"))?;
+    let seen = n.mapper.counters().invalidations[Event::Unmap.index()] - unmaps;
+    ensure!(seen > 0, "the free's munmap invalidated nothing");
+    println!(
+        "nvme: {len}-byte Vec freed and reallocated at {new:#x}; {seen} unmap invalidation(s); the second read landed in the new memory"
+    );
+    Ok(())
+}
+
+/// Bad input is a typed error, not a panic, and the controller keeps working.
+pub(crate) fn bad_input(n: &mut NvmeEnv) -> Res {
+    use svmirror_nvme::NvmeError as E;
+    let ns = n.nvme.namespace().map_err(err("namespace"))?;
+    let mut v = vec![0u8; 4096];
+    let r = n.nvme.read(0, &mut v[..0]);
+    ensure!(matches!(r, Err(E::EmptyTransfer)), "empty: {r:?}");
+    let r = n.nvme.read(0, &mut v[..100]);
+    ensure!(
+        matches!(r, Err(E::UnalignedLength { .. })),
+        "unaligned: {r:?}"
+    );
+    let r = n.nvme.read(ns.blocks, &mut v[..512]);
+    ensure!(
+        matches!(r, Err(E::OutOfRange { .. })),
+        "past the end: {r:?}"
+    );
+    let r = n.nvme.read(0, &mut v[1..513]);
+    ensure!(
+        matches!(r, Err(E::MisalignedBuffer { .. })),
+        "misaligned: {r:?}"
+    );
+    n.nvme
+        .read(1, &mut v[..512])
+        .map_err(chain("read after bad input"))?;
+    check_pattern(&v[..512], ns.lba_size)
+}
