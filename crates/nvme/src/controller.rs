@@ -5,8 +5,11 @@
 //!
 //! The queues, the PRP list page and the Identify buffer are one page-aligned heap allocation
 //! ([`DmaRegion`]): ordinary process memory, mirrored by the caller's [`VfioMapper`] like any
-//! other. Each queue fits one page, so it is contiguous in IOVA space whatever the mapper's
-//! IOVA mode (the I/O queues are created physically contiguous, PC = 1). Every command holds
+//! other. The caller passes one mapper or several (one per usable IOVA range, so that IOVA =
+//! the process address everywhere; a single mapper over the whole address space must use
+//! allocated IOVAs where the IOMMU's ranges have a hole, such as the MSI window); each piece of
+//! memory goes through the mapper whose range holds it. Each queue fits one page, so it is
+//! contiguous in IOVA space whatever the mapper's IOVA mode (the I/O queues are created physically contiguous, PC = 1). Every command holds
 //! device accesses ([`Held`]) on that region and on its data buffer from before its doorbell
 //! until its completion is read: an invalidation of either waits for it, and a fault maps
 //! again whatever an earlier invalidation took away (a neighbour's munmap in the same chunk,
@@ -111,9 +114,9 @@ pub struct NvmeStats {
 /// [crate documentation](crate) and the module notes in `controller.rs`.
 pub struct Nvme {
     // Drop disables the controller first (`Drop::drop`); then the fields go in this order:
-    // the queue memory, the mapper, the device (registers, then the fd).
+    // the queue memory, the mappers, the device (registers, then the fd).
     mem: Option<DmaRegion>,
-    mapper: Arc<VfioMapper>,
+    mappers: Vec<Arc<VfioMapper>>,
     dev: NvmeDevice,
     admin: QueuePair,
     io: Option<QueuePair>,
@@ -137,11 +140,11 @@ impl std::fmt::Debug for Nvme {
 }
 
 impl NvmeDevice {
-    /// Starts the controller: its queues in ordinary heap memory that `mapper` mirrors (the
-    /// mapper's range must hold the heap and every buffer later passed to [`Nvme::read`] and
+    /// Starts the controller: its queues in ordinary heap memory that `mappers` mirror (their
+    /// ranges must hold the heap and every buffer later passed to [`Nvme::read`] and
     /// [`Nvme::write`]; its container must be the one the device was opened in), enable,
     /// Identify Controller and Namespace `config.nsid`, and one I/O queue pair.
-    pub fn start(self, mapper: Arc<VfioMapper>, config: NvmeConfig) -> Result<Nvme> {
+    pub fn start(self, mappers: Vec<Arc<VfioMapper>>, config: NvmeConfig) -> Result<Nvme> {
         let mem = DmaRegion::new(page::COUNT)?;
         let admin_entries = ADMIN_ENTRIES.min(self.cap.max_entries);
         let admin = QueuePair::new(
@@ -152,7 +155,7 @@ impl NvmeDevice {
         );
         let mut nvme = Nvme {
             mem: Some(mem),
-            mapper,
+            mappers,
             dev: self,
             admin,
             io: None,
@@ -176,8 +179,8 @@ impl Nvme {
     }
 
     fn bring_up(&mut self, nsid: u32, admin_entries: u32) -> Result<()> {
-        let mapper = self.mapper.clone();
         let (addr, len) = (self.mem()?.addr(), self.mem()?.len());
+        let mapper = self.mapper_for(addr, len)?;
         {
             // The admin queues' bus addresses go into ASQ/ACQ; map them before enabling.
             let held = Held::new(&mapper, addr, len, true)?;
@@ -272,9 +275,22 @@ impl Nvme {
         self.max_transfer
     }
 
-    /// The mapper the controller's memory goes through.
-    pub fn mapper(&self) -> &Arc<VfioMapper> {
-        &self.mapper
+    /// The mappers the controller's memory goes through.
+    pub fn mappers(&self) -> &[Arc<VfioMapper>] {
+        &self.mappers
+    }
+
+    /// The mapper whose range holds `[addr, addr + len)`.
+    pub fn mapper_for(&self, addr: u64, len: u64) -> Result<Arc<VfioMapper>> {
+        let end = addr.checked_add(len);
+        self.mappers
+            .iter()
+            .find(|m| {
+                let r = m.range();
+                r.start() <= addr && end.is_some_and(|e| e <= r.end())
+            })
+            .cloned()
+            .ok_or(NvmeError::NoMapper { addr, len })
     }
 
     /// The device.
@@ -290,7 +306,7 @@ impl Nvme {
     /// Identify with CNS `cns` into the driver's Identify page; returns a copy.
     fn identify(&mut self, cns: u32, nsid: u32) -> Result<[u8; 4096]> {
         let buf = self.mem()?.page(page::IDENTIFY);
-        let mapper = self.mapper.clone();
+        let mapper = self.mapper_for(buf, PAGE)?;
         let prp1 = {
             let held = Held::new(&mapper, buf, PAGE, true)?;
             self.queue_iova(&held, buf)?
@@ -321,8 +337,8 @@ impl Nvme {
         if self.halted {
             return Err(NvmeError::Halted);
         }
-        let mapper = self.mapper.clone();
         let (addr, len) = (self.mem()?.addr(), self.mem()?.len());
+        let mapper = self.mapper_for(addr, len)?;
         let _held = Held::new(&mapper, addr, len, true)?;
         let cid = self.next_cid;
         self.next_cid = self.next_cid.wrapping_add(1);
@@ -447,8 +463,9 @@ impl Nvme {
         let ns = self.namespace()?;
         prp::check(&ns, lba, addr, len)?;
         let _span = tracing::trace_span!("nvme.transfer", opcode, lba, addr, len).entered();
-        let mapper = self.mapper.clone();
         let list = self.mem()?.page(page::PRP_LIST);
+        let list_mapper = self.mapper_for(list, PAGE)?;
+        let mapper = self.mapper_for(addr, len)?;
         for piece in prp::split(lba, addr, len, ns.lba_size, self.max_transfer) {
             // A read command has the device write memory.
             let held = Held::new(&mapper, piece.addr, piece.len, opcode == io::READ)?;
@@ -476,7 +493,7 @@ impl Nvme {
                         // because the device reads it; the doorbell comes after a fence.
                         unsafe { (list as *mut u64).wrapping_add(i).write_volatile(*e) };
                     }
-                    let held_list = Held::new(&mapper, list, PAGE, false)?;
+                    let held_list = Held::new(&list_mapper, list, PAGE, false)?;
                     self.queue_iova(&held_list, list)?
                 }
             };

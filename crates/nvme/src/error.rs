@@ -111,6 +111,14 @@ pub enum NvmeError {
         /// Bytes asked for.
         len: usize,
     },
+    /// No mapper given to the controller mirrors this memory.
+    #[error("no mapper mirrors {addr:#x}+{len:#x}")]
+    NoMapper {
+        /// The CPU address of the memory.
+        addr: u64,
+        /// Its length.
+        len: u64,
+    },
     /// The mapper could not map memory of a command for the device.
     #[error("no device access to {addr:#x}+{len:#x}")]
     Access {

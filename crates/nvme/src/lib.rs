@@ -21,9 +21,10 @@
 //!   by a scratch image). A drive bound to vfio-pci is gone from the kernel's block layer;
 //!   [`Nvme::write`] overwrites its blocks.
 //! - **Open it before making the mapper**: [`NvmeDevice::open`] attaches its group, which sets
-//!   the container's IOMMU; then make a [`VfioMapper`](svmirror_vfio::VfioMapper) over a
-//!   range holding the heap and every buffer (the whole user address space, as
-//!   `svmirror run` does), and [`NvmeDevice::start`] with it.
+//!   the container's IOMMU; then make [`VfioMapper`](svmirror_vfio::VfioMapper)s whose ranges
+//!   hold the heap and every buffer (the whole user address space, as `svmirror run` does:
+//!   one identity mapper per usable IOVA range, so that IOVA = the process address), and
+//!   [`NvmeDevice::start`] with them.
 //! - **Feed the mapper's notifier every CPU change** (a `svmirror_mm::ProcessMm` does).
 
 #![cfg(target_os = "linux")]

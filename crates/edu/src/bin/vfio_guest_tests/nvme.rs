@@ -8,7 +8,7 @@ use std::sync::Arc;
 use svmirror_core::{Event, Range};
 use svmirror_mm::ProcessMm;
 use svmirror_nvme::{Nvme, NvmeConfig, NvmeDevice};
-use svmirror_vfio::{MapperConfig, VfioContainer, VfioMapper};
+use svmirror_vfio::{IovaMode, MapperConfig, VfioContainer, VfioMapper};
 
 use crate::Res;
 use crate::support::{chain, err};
@@ -20,6 +20,9 @@ const IMAGE_BYTES: u64 = 8 << 20;
 const SECTOR: u64 = 512;
 /// The serial xtask gives the device.
 const SERIAL: &str = "svmirror-nvme0";
+/// The user address space the mappers mirror.
+const USER_START: u64 = 4096;
+const USER_END: u64 = 1 << 47;
 
 /// What sector `s` of the image holds.
 fn expected(s: u64) -> [u8; SECTOR as usize] {
@@ -51,7 +54,7 @@ fn check_pattern(buf: &[u8], at: u64) -> Res {
 pub(crate) struct NvmeEnv {
     // Field order is drop order: the controller (reset), the mapper, the container, the mm.
     pub(crate) nvme: Nvme,
-    pub(crate) mapper: Arc<VfioMapper>,
+    pub(crate) mappers: Vec<Arc<VfioMapper>>,
     _container: Arc<VfioContainer>,
     _mm: Arc<ProcessMm>,
 }
@@ -67,26 +70,46 @@ impl NvmeEnv {
         let path = NvmeDevice::find().map_err(err("finding the NVMe controller"))?;
         let container = Arc::new(VfioContainer::new(None).map_err(err("opening /dev/vfio/vfio"))?);
         let dev = NvmeDevice::open(&path, container.clone()).map_err(chain("opening NVMe"))?;
-        let user = Range::new(4096, 1 << 47).expect("user space");
-        // SAFETY: the scenarios hand the device only buffers they lend it for the duration of
-        // a command (`Nvme::read`/`write` borrow them), and touch nothing else it may write.
-        let mapper = unsafe {
-            VfioMapper::new(
-                mm.notifier(),
-                mm.clone(),
-                container.clone(),
-                user,
-                MapperConfig::default(),
-            )
+        let new_mapper = |range: Range, iova: IovaMode| {
+            let config = MapperConfig {
+                iova,
+                ..MapperConfig::default()
+            };
+            // SAFETY: the scenarios hand the device only buffers they lend it for the duration
+            // of a command (`Nvme::read`/`write` borrow them), and touch nothing else it may
+            // write.
+            unsafe { VfioMapper::new(mm.notifier(), mm.clone(), container.clone(), range, config) }
+        };
+        // One identity mapper per usable IOVA range (the MSI window cuts user space in two),
+        // so that IOVA = the process address everywhere, as `svmirror run` does.
+        let user = Range::new(USER_START, USER_END).expect("user space");
+        let probe = new_mapper(user, IovaMode::Auto).map_err(chain("VfioMapper::new"))?;
+        let ranges: Vec<Range> = if probe.is_identity() {
+            vec![user]
+        } else {
+            probe
+                .iommu_info()
+                .iova_ranges
+                .iter()
+                .filter_map(|&(first, last)| {
+                    let start = first.checked_next_multiple_of(2 << 20)?.max(USER_START);
+                    let end = last.saturating_add(1).min(USER_END) & !((2 << 20) - 1);
+                    Range::new(start, end).ok()
+                })
+                .collect()
+        };
+        drop(probe);
+        let mut mappers = Vec::new();
+        for r in ranges {
+            let m = new_mapper(r, IovaMode::Identity).map_err(chain("identity VfioMapper"))?;
+            mappers.push(Arc::new(m));
         }
-        .map_err(err("VfioMapper::new over user space"))?;
-        let mapper = Arc::new(mapper);
         let nvme = dev
-            .start(mapper.clone(), NvmeConfig::default())
+            .start(mappers.clone(), NvmeConfig::default())
             .map_err(chain("starting the controller"))?;
         Ok(NvmeEnv {
             nvme,
-            mapper,
+            mappers,
             _container: container,
             _mm: mm,
         })
@@ -107,7 +130,11 @@ pub(crate) fn identify(n: &mut NvmeEnv) -> Res {
         ns.blocks,
         ns.lba_size,
         n.nvme.max_transfer() >> 10,
-        n.mapper.is_identity()
+        n.mappers.iter().all(|m| m.is_identity())
+    );
+    ensure!(
+        n.mappers.iter().all(|m| m.is_identity()),
+        "IOVA is not the process address"
     );
     ensure!(c.serial == SERIAL, "serial {:?}, want {SERIAL:?}", c.serial);
     ensure!(
@@ -165,7 +192,13 @@ pub(crate) fn write_from_heap_object(n: &mut NvmeEnv) -> Res {
 pub(crate) fn freed_buffer_address_reused(n: &mut NvmeEnv) -> Res {
     let lba_size = n.nvme.namespace().map_err(err("namespace"))?.lba_size;
     let len = 256 << 10;
-    let unmaps = n.mapper.counters().invalidations[Event::Unmap.index()];
+    let unmaps = |n: &NvmeEnv| -> u64 {
+        n.mappers
+            .iter()
+            .map(|m| m.counters().invalidations[Event::Unmap.index()])
+            .sum()
+    };
+    let before = unmaps(n);
     let mut a = vec![0u8; len];
     n.nvme.read(0, &mut a).map_err(chain("first read"))?;
     check_pattern(&a, 0)?;
@@ -180,7 +213,7 @@ pub(crate) fn freed_buffer_address_reused(n: &mut NvmeEnv) -> Res {
     let lba = 2048;
     n.nvme.read(lba, &mut b).map_err(chain("second read"))?;
     check_pattern(&b, lba * lba_size).map_err(|e| format!("new memory at the old address: {e}"))?;
-    let seen = n.mapper.counters().invalidations[Event::Unmap.index()] - unmaps;
+    let seen = unmaps(n) - before;
     ensure!(seen > 0, "the free's munmap invalidated nothing");
     println!(
         "nvme: {len}-byte Vec freed and reallocated at {new:#x}; {seen} unmap invalidation(s); the second read landed in the new memory"
