@@ -52,12 +52,14 @@ fn run_nvme() -> (usize, usize) {
             nvme::freed_buffer_address_reused,
         ),
         ("nvme_bad_input", nvme::bad_input),
+        ("nvme_read_churn", nvme::read_churn),
     ];
+    let vmlck = status_bytes("VmLck:");
     let mut n = match NvmeEnv::open() {
         Ok(n) => n,
         Err(e) => {
             println!("FAIL nvme setup: {e}");
-            return (scenarios.len(), scenarios.len());
+            return (scenarios.len() + 1, scenarios.len() + 1);
         }
     };
     let mut failed = 0;
@@ -71,7 +73,18 @@ fn run_nvme() -> (usize, usize) {
             }
         }
     }
-    (scenarios.len(), failed)
+    let t = Instant::now();
+    match nvme::teardown_leaves_nothing(n, vmlck) {
+        Ok(()) => println!(
+            "PASS nvme_teardown_leaves_nothing ({:.0} ms)",
+            t.elapsed().as_secs_f64() * 1e3
+        ),
+        Err(e) => {
+            failed += 1;
+            println!("FAIL nvme_teardown_leaves_nothing: {e}");
+        }
+    }
+    (scenarios.len() + 1, failed)
 }
 
 /// A mirrored buffer is read and written by edu DMA at its own virtual address.
@@ -732,7 +745,7 @@ fn backend_contract(env: &Env) -> Result<(), String> {
 }
 
 /// The type1 module parameter that sets each new container's `dma_avail`.
-const DMA_ENTRY_LIMIT: &str = "/sys/module/vfio_iommu_type1/parameters/dma_entry_limit";
+pub(crate) const DMA_ENTRY_LIMIT: &str = "/sys/module/vfio_iommu_type1/parameters/dma_entry_limit";
 /// The budget the scenarios run with, so that exhausting it takes a few dozen mappings.
 const TEST_LIMIT: u32 = 64;
 

@@ -248,3 +248,99 @@ pub(crate) fn bad_input(n: &mut NvmeEnv) -> Res {
         .map_err(chain("read after bad input"))?;
     check_pattern(&v[..512], ns.lba_size)
 }
+
+/// A small xorshift generator: the churn's sizes and blocks, the same every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// 1000 reads of random sizes (one sector to 256 KiB) at random blocks, each into a fresh
+/// `Vec` that replaces one of 8 live ones (so buffers are freed, and their addresses reused,
+/// all the time: small ones in the heap, large ones mmapped and munmapped); every sector is
+/// checked against the image. Reads stay clear of the blocks the write scenario changed.
+pub(crate) fn read_churn(n: &mut NvmeEnv) -> Res {
+    let ns = n.nvme.namespace().map_err(err("namespace"))?;
+    let first = 4096 * 512 / ns.lba_size; // past the write scenario's blocks
+    let max_blocks = (256 << 10) / ns.lba_size;
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let mut live: Vec<Vec<u8>> = (0..8).map(|_| Vec::new()).collect();
+    let (mut bytes, mut mismatches, mut reused) = (0u64, 0u64, 0u64);
+    let mut seen = std::collections::HashSet::new();
+    let started = std::time::Instant::now();
+    for i in 0..1000 {
+        let blocks = 1 + rng.below(max_blocks);
+        let lba = first + rng.below(ns.blocks - first - blocks + 1);
+        let slot = rng.below(live.len() as u64) as usize;
+        live[slot] = Vec::new(); // free the old buffer first, so its address can come back
+        let mut v = vec![0u8; (blocks * ns.lba_size) as usize];
+        if !seen.insert(v.as_ptr() as u64) {
+            reused += 1;
+        }
+        n.nvme
+            .read(lba, &mut v)
+            .map_err(|e| format!("read {i} ({blocks} blocks at {lba}): {e}"))?;
+        if let Err(e) = check_pattern(&v, lba * ns.lba_size) {
+            mismatches += 1;
+            println!(
+                "nvme churn: read {i} ({blocks} blocks at {lba}) into {:#x}: {e}",
+                v.as_ptr() as u64
+            );
+        }
+        bytes += v.len() as u64;
+        live[slot] = v;
+    }
+    println!(
+        "nvme churn: 1000 reads, {:.1} MiB in {:.2} s, {reused} into a reused address, {mismatches} mismatches",
+        bytes as f64 / (1 << 20) as f64,
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(mismatches == 0, "{mismatches} reads differ from the image");
+    Ok(())
+}
+
+/// After the scenarios: every mapper unmapped, the container's mapping budget is whole again
+/// (`dma_avail` = `dma_entry_limit`), and with the controller and mappers gone, locked memory
+/// (`VmLck`, where type1 charges its pins) is back to where it was before they were made.
+pub(crate) fn teardown_leaves_nothing(n: NvmeEnv, vmlck_before: u64) -> Res {
+    let limit: u32 = std::fs::read_to_string(crate::DMA_ENTRY_LIMIT)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or("cannot read dma_entry_limit")?;
+    let during = crate::support::status_bytes("VmLck:");
+    for m in &n.mappers {
+        m.unmap_all();
+    }
+    let avail = n.mappers[0]
+        .query_iommu_info()
+        .map_err(chain("GET_INFO"))?
+        .dma_avail
+        .ok_or("kernel does not report dma_avail")?;
+    ensure!(
+        avail == limit,
+        "dma_avail {avail} after unmapping everything, {limit} at the start"
+    );
+    drop(n);
+    let after = crate::support::status_bytes("VmLck:");
+    println!(
+        "nvme: VmLck {} KiB before, {} KiB with the controller's mappings, {} KiB after; dma_avail back to {avail}",
+        vmlck_before >> 10,
+        during >> 10,
+        after >> 10
+    );
+    ensure!(
+        after == vmlck_before,
+        "VmLck {after} after teardown, {vmlck_before} before"
+    );
+    Ok(())
+}
