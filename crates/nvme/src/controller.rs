@@ -298,6 +298,17 @@ impl Nvme {
         &self.dev
     }
 
+    /// Sets how long one command may take before the controller is reset.
+    pub fn set_command_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Whether the controller was reset after a failure (every command then answers
+    /// [`NvmeError::Halted`]).
+    pub fn is_halted(&self) -> bool {
+        self.halted
+    }
+
     /// What the controller did so far.
     pub fn stats(&self) -> NvmeStats {
         self.stats
@@ -389,8 +400,9 @@ impl Nvme {
                 if c.cid != cid {
                     // A completion for no command of ours: the queue state is lost.
                     self.halt();
-                    return Err(NvmeError::Unsupported {
-                        what: "a completion for a command not submitted (controller reset)",
+                    return Err(NvmeError::UnexpectedCompletion {
+                        cid: c.cid,
+                        expected: cid,
                     });
                 }
                 self.stats.commands += 1;

@@ -99,6 +99,23 @@ pub enum NvmeError {
         /// The namespace's size in blocks.
         capacity: u64,
     },
+    /// A completion for a command that is not the one outstanding: the queue state is lost,
+    /// and the controller was reset.
+    #[error("a completion for command {cid} arrived while command {expected} was outstanding")]
+    UnexpectedCompletion {
+        /// The completion's command identifier.
+        cid: u16,
+        /// The outstanding command's.
+        expected: u16,
+    },
+    /// A buffer that wraps around the end of the address space.
+    #[error("the buffer at {addr:#x}+{len:#x} wraps around the address space")]
+    BufferWraps {
+        /// The buffer's address.
+        addr: u64,
+        /// Its length.
+        len: u64,
+    },
     /// A data buffer not aligned to 4 bytes (PRP entries are dword aligned).
     #[error("the buffer at {addr:#x} is not 4-byte aligned, as a PRP entry must be")]
     MisalignedBuffer {

@@ -58,11 +58,9 @@ pub(crate) fn build(addr: u64, len: u64, mut iova: impl FnMut(u64) -> u64) -> Re
     if addr % 4 != 0 {
         return Err(NvmeError::MisalignedBuffer { addr });
     }
-    let end = addr.checked_add(len).ok_or(NvmeError::OutOfRange {
-        lba: 0,
-        blocks: 0,
-        capacity: 0,
-    })?;
+    let end = addr
+        .checked_add(len)
+        .ok_or(NvmeError::BufferWraps { addr, len })?;
     let npages = end.div_ceil(PAGE) - addr / PAGE;
     if npages > MAX_COMMAND_PAGES {
         return Err(NvmeError::Unsupported {
@@ -105,7 +103,7 @@ pub(crate) fn check(ns: &NamespaceInfo, lba: u64, addr: u64, len: u64) -> Result
         return Err(NvmeError::MisalignedBuffer { addr });
     }
     if addr.checked_add(len).is_none() {
-        return Err(NvmeError::MisalignedBuffer { addr });
+        return Err(NvmeError::BufferWraps { addr, len });
     }
     Ok(blocks)
 }
@@ -209,7 +207,7 @@ mod tests {
         ));
         assert!(matches!(
             build(u64::MAX - 3, 512, bus),
-            Err(NvmeError::OutOfRange { .. })
+            Err(NvmeError::BufferWraps { .. })
         ));
     }
 
@@ -243,6 +241,10 @@ mod tests {
         assert!(matches!(
             check(&NS, 0, 0x1002, 512),
             Err(NvmeError::MisalignedBuffer { .. })
+        ));
+        assert!(matches!(
+            check(&NS, 0, u64::MAX - 511, 1024),
+            Err(NvmeError::BufferWraps { .. })
         ));
     }
 

@@ -53,6 +53,10 @@ fn run_nvme() -> (usize, usize) {
         ),
         ("nvme_bad_input", nvme::bad_input),
         ("nvme_read_churn", nvme::read_churn),
+        (
+            "nvme_timeout_resets_the_controller",
+            nvme::timeout_resets_the_controller,
+        ),
     ];
     let vmlck = status_bytes("VmLck:");
     let mut n = match NvmeEnv::open() {

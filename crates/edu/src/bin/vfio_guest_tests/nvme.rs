@@ -309,6 +309,37 @@ pub(crate) fn read_churn(n: &mut NvmeEnv) -> Res {
     Ok(())
 }
 
+/// A command that outlives its timeout is a typed error, and the controller is reset before
+/// it returns (so it no longer writes the buffer); every later command answers `Halted`.
+/// Runs last: the controller stays reset.
+pub(crate) fn timeout_resets_the_controller(n: &mut NvmeEnv) -> Res {
+    use svmirror_nvme::NvmeError as E;
+    // No time at all: the first poll after the doorbell finds the command still running.
+    n.nvme.set_command_timeout(std::time::Duration::ZERO);
+    let mut v = vec![0u8; 64 << 10];
+    let mut completed = 0;
+    let r = loop {
+        match n.nvme.read(8192, &mut v) {
+            Ok(()) if completed < 100 => completed += 1,
+            r => break r,
+        }
+    };
+    println!(
+        "nvme: with a zero timeout, {completed} read(s) completed before one timed out: {r:?}"
+    );
+    ensure!(
+        matches!(r, Err(E::CommandTimeout { .. })),
+        "no timeout: {r:?}"
+    );
+    ensure!(n.nvme.is_halted(), "the controller was not reset");
+    let again = n.nvme.read(8192, &mut v);
+    ensure!(
+        matches!(again, Err(E::Halted)),
+        "after the reset: {again:?}"
+    );
+    Ok(())
+}
+
 /// After the scenarios: every mapper unmapped, the container's mapping budget is whole again
 /// (`dma_avail` = `dma_entry_limit`), and with the controller and mappers gone, locked memory
 /// (`VmLck`, where type1 charges its pins) is back to where it was before they were made.
