@@ -63,7 +63,7 @@ fn run_nvme() -> (usize, usize) {
         Ok(n) => n,
         Err(e) => {
             println!("FAIL nvme setup: {e}");
-            return (scenarios.len() + 1, scenarios.len() + 1);
+            return (scenarios.len() + 2, scenarios.len() + 2);
         }
     };
     let mut failed = 0;
@@ -88,7 +88,18 @@ fn run_nvme() -> (usize, usize) {
             println!("FAIL nvme_teardown_leaves_nothing: {e}");
         }
     }
-    (scenarios.len() + 1, failed)
+    let t = Instant::now();
+    match nvme_backend_contract() {
+        Ok(()) => println!(
+            "PASS nvme_backend_contract ({:.0} ms)",
+            t.elapsed().as_secs_f64() * 1e3
+        ),
+        Err(e) => {
+            failed += 1;
+            println!("FAIL nvme_backend_contract: {e}");
+        }
+    }
+    (scenarios.len() + 2, failed)
 }
 
 /// A mirrored buffer is read and written by edu DMA at its own virtual address.
@@ -714,6 +725,15 @@ fn benchmarks(env: &Env) -> Res {
 /// The backend scenario suite every mirror passes (`svmirror_mm::scenarios`), on VFIO mappers
 /// over the edu device's container: the same list the simulated IOMMU and Vulkan run.
 fn backend_contract(env: &Env) -> Result<(), String> {
+    backend_suite("VFIO", &env.mm, &env.container)
+}
+
+/// The backend scenario suite on VFIO mappers over `container`.
+fn backend_suite(
+    name: &str,
+    mm: &Arc<svmirror_mm::ProcessMm>,
+    container: &Arc<svmirror_vfio::VfioContainer>,
+) -> Result<(), String> {
     let open = |mm: &Arc<svmirror_mm::ProcessMm>,
                 range: Range|
      -> Result<Box<dyn svmirror_core::Mirror>, svmirror_core::MirrorError> {
@@ -722,7 +742,7 @@ fn backend_contract(env: &Env) -> Result<(), String> {
             VfioMapper::new(
                 mm.notifier(),
                 mm.clone(),
-                env.container.clone(),
+                container.clone(),
                 range,
                 MapperConfig::default(),
             )
@@ -731,7 +751,7 @@ fn backend_contract(env: &Env) -> Result<(), String> {
     };
     // Without PAGEMAP_SCAN (Linux before 6.7; the guest runs Debian 12's 6.1) the page source
     // reads every page as order 0: no backend sees a huge page there, let alone maps it whole.
-    let declined: &[(&str, &'static str)] = if env.mm.features().page_source.pagemap_scan {
+    let declined: &[(&str, &'static str)] = if mm.features().page_source.pagemap_scan {
         &[]
     } else {
         &[(
@@ -739,13 +759,26 @@ fn backend_contract(env: &Env) -> Result<(), String> {
             "the kernel has no PAGEMAP_SCAN (before Linux 6.7): the page source cannot see huge pages",
         )]
     };
-    let report = svmirror_mm::scenarios::run_all("VFIO", &env.mm, &open, declined);
+    let report = svmirror_mm::scenarios::run_all(name, mm, &open, declined);
     println!("{report}");
     if report.passed() {
         Ok(())
     } else {
         Err(report.failures().join("; "))
     }
+}
+
+/// The backend scenario suite again, on a container of the NVMe controller's IOMMU group
+/// (the controller opened, and so reset, but not started): run after the NVMe scenarios,
+/// whose mappers mirror all of user space in the same IOVA space.
+fn nvme_backend_contract() -> Res {
+    let mm = Arc::new(svmirror_mm::ProcessMm::new().map_err(err("ProcessMm::new"))?);
+    let container =
+        Arc::new(svmirror_vfio::VfioContainer::new(None).map_err(err("opening /dev/vfio/vfio"))?);
+    let path = svmirror_nvme::NvmeDevice::find().map_err(err("finding the NVMe controller"))?;
+    let _dev = svmirror_nvme::NvmeDevice::open(&path, container.clone())
+        .map_err(support::chain("opening NVMe"))?;
+    backend_suite("VFIO (NVMe controller's group)", &mm, &container)
 }
 
 /// The type1 module parameter that sets each new container's `dma_avail`.
