@@ -505,6 +505,8 @@ impl Nvme {
                         // because the device reads it; the doorbell comes after a fence.
                         unsafe { (list as *mut u64).wrapping_add(i).write_volatile(*e) };
                     }
+                    // Only its bus address here: `execute` holds the whole region, the list
+                    // page included, until the completion.
                     let held_list = Held::new(&list_mapper, list, PAGE, false)?;
                     self.queue_iova(&held_list, list)?
                 }

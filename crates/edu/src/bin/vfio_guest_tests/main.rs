@@ -16,7 +16,6 @@ use svmirror_vfio::{IovaMode, MapperConfig, VfioError, VfioMapper};
 
 mod support;
 
-use nvme::NvmeEnv;
 use support::{
     Env, dmar_faults, err, expect_dmar_fault, fill, pattern, qemu_exit, read, status_bytes,
     wait_for,
@@ -36,71 +35,6 @@ macro_rules! ensure {
 }
 
 mod nvme;
-
-/// An NVMe scenario: its name and body.
-type NvmeScenario = (&'static str, fn(&mut NvmeEnv) -> Res);
-
-/// Runs the NVMe scenarios on a controller of their own; returns how many ran and how many
-/// failed.
-fn run_nvme() -> (usize, usize) {
-    let scenarios: &[NvmeScenario] = &[
-        ("nvme_identify", nvme::identify),
-        ("nvme_read_into_fresh_vec", nvme::read_into_fresh_vec),
-        ("nvme_write_from_heap_object", nvme::write_from_heap_object),
-        (
-            "nvme_freed_buffer_address_reused",
-            nvme::freed_buffer_address_reused,
-        ),
-        ("nvme_bad_input", nvme::bad_input),
-        ("nvme_read_churn", nvme::read_churn),
-        (
-            "nvme_timeout_resets_the_controller",
-            nvme::timeout_resets_the_controller,
-        ),
-    ];
-    let vmlck = status_bytes("VmLck:");
-    let mut n = match NvmeEnv::open() {
-        Ok(n) => n,
-        Err(e) => {
-            println!("FAIL nvme setup: {e}");
-            return (scenarios.len() + 2, scenarios.len() + 2);
-        }
-    };
-    let mut failed = 0;
-    for (name, f) in scenarios {
-        let t = Instant::now();
-        match f(&mut n) {
-            Ok(()) => println!("PASS {name} ({:.0} ms)", t.elapsed().as_secs_f64() * 1e3),
-            Err(e) => {
-                failed += 1;
-                println!("FAIL {name}: {e}");
-            }
-        }
-    }
-    let t = Instant::now();
-    match nvme::teardown_leaves_nothing(n, vmlck) {
-        Ok(()) => println!(
-            "PASS nvme_teardown_leaves_nothing ({:.0} ms)",
-            t.elapsed().as_secs_f64() * 1e3
-        ),
-        Err(e) => {
-            failed += 1;
-            println!("FAIL nvme_teardown_leaves_nothing: {e}");
-        }
-    }
-    let t = Instant::now();
-    match nvme_backend_contract() {
-        Ok(()) => println!(
-            "PASS nvme_backend_contract ({:.0} ms)",
-            t.elapsed().as_secs_f64() * 1e3
-        ),
-        Err(e) => {
-            failed += 1;
-            println!("FAIL nvme_backend_contract: {e}");
-        }
-    }
-    (scenarios.len() + 2, failed)
-}
 
 /// A mirrored buffer is read and written by edu DMA at its own virtual address.
 fn dma_at_own_virtual_address(env: &Env) -> Res {
@@ -729,7 +663,7 @@ fn backend_contract(env: &Env) -> Result<(), String> {
 }
 
 /// The backend scenario suite on VFIO mappers over `container`.
-fn backend_suite(
+pub(crate) fn backend_suite(
     name: &str,
     mm: &Arc<svmirror_mm::ProcessMm>,
     container: &Arc<svmirror_vfio::VfioContainer>,
@@ -766,19 +700,6 @@ fn backend_suite(
     } else {
         Err(report.failures().join("; "))
     }
-}
-
-/// The backend scenario suite again, on a container of the NVMe controller's IOMMU group
-/// (the controller opened, and so reset, but not started): run after the NVMe scenarios,
-/// whose mappers mirror all of user space in the same IOVA space.
-fn nvme_backend_contract() -> Res {
-    let mm = Arc::new(svmirror_mm::ProcessMm::new().map_err(err("ProcessMm::new"))?);
-    let container =
-        Arc::new(svmirror_vfio::VfioContainer::new(None).map_err(err("opening /dev/vfio/vfio"))?);
-    let path = svmirror_nvme::NvmeDevice::find().map_err(err("finding the NVMe controller"))?;
-    let _dev = svmirror_nvme::NvmeDevice::open(&path, container.clone())
-        .map_err(support::chain("opening NVMe"))?;
-    backend_suite("VFIO (NVMe controller's group)", &mm, &container)
 }
 
 /// The type1 module parameter that sets each new container's `dma_avail`.
@@ -848,7 +769,7 @@ fn main() {
         failed += 1;
     }
     drop(env);
-    let (nvme_ran, nvme_failed) = run_nvme();
+    let (nvme_ran, nvme_failed) = nvme::run();
     failed += nvme_failed;
     let total = scenarios.len() + nvme_ran;
     println!(

@@ -4,6 +4,7 @@
 //! whole user address space.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use svmirror_core::{Event, Range};
 use svmirror_mm::ProcessMm;
@@ -11,7 +12,7 @@ use svmirror_nvme::{Nvme, NvmeConfig, NvmeDevice};
 use svmirror_vfio::{IovaMode, MapperConfig, VfioContainer, VfioMapper};
 
 use crate::Res;
-use crate::support::{chain, err};
+use crate::support::{chain, err, status_bytes};
 
 /// The image xtask makes: 8 MiB, 512-byte sectors, sector `n` holding `n` (u64, little
 /// endian) 64 times. Keep in step with `xtask/src/vfio_vm/image.rs` (`write_nvme_image`).
@@ -51,16 +52,16 @@ fn check_pattern(buf: &[u8], at: u64) -> Res {
 /// `ProcessMm` of its own. Opened once the edu scenarios' [`Env`](crate::support::Env) is
 /// gone: a mapper fault walks every mapping in its 2 MiB chunk, and fails on a device mapping
 /// (edu's BAR) that userfaultfd cannot register.
-pub(crate) struct NvmeEnv {
+struct NvmeEnv {
     // Field order is drop order: the controller (reset), the mapper, the container, the mm.
-    pub(crate) nvme: Nvme,
-    pub(crate) mappers: Vec<Arc<VfioMapper>>,
+    nvme: Nvme,
+    mappers: Vec<Arc<VfioMapper>>,
     _container: Arc<VfioContainer>,
     _mm: Arc<ProcessMm>,
 }
 
 impl NvmeEnv {
-    pub(crate) fn open() -> Result<NvmeEnv, String> {
+    fn open() -> Result<NvmeEnv, String> {
         // glibc's mmap threshold is dynamic: the first free of an mmapped block raises it, and
         // the next block of that size comes from the heap, at another address. Fixed, a freed
         // 256 KiB buffer's address is reused by the next one, as the reuse scenario needs.
@@ -117,7 +118,7 @@ impl NvmeEnv {
 }
 
 /// Identify: the controller and namespace xtask set up.
-pub(crate) fn identify(n: &mut NvmeEnv) -> Res {
+fn identify(n: &mut NvmeEnv) -> Res {
     let ns = n.nvme.namespace().map_err(err("namespace"))?;
     let c = n.nvme.controller().ok_or("no Identify Controller data")?;
     let (major, minor) = n.nvme.device().version();
@@ -147,7 +148,7 @@ pub(crate) fn identify(n: &mut NvmeEnv) -> Res {
 
 /// Reads into fresh `Vec`s: one sector, a page-straddling 8 KiB (a PRP list), and 1 MiB
 /// (several commands cut at MDTS), each checked against the image's pattern.
-pub(crate) fn read_into_fresh_vec(n: &mut NvmeEnv) -> Res {
+fn read_into_fresh_vec(n: &mut NvmeEnv) -> Res {
     let lba_size = n.nvme.namespace().map_err(err("namespace"))?.lba_size;
     for (lba, len) in [(0u64, 512u64), (7, 8192), (1000, 1 << 20)] {
         let mut v = vec![0u8; len as usize];
@@ -159,7 +160,7 @@ pub(crate) fn read_into_fresh_vec(n: &mut NvmeEnv) -> Res {
 
 /// Writes from a slice in the middle of a larger heap object (page-straddling, at an offset
 /// in its first page), reads it back into another `Vec`; the sectors around are untouched.
-pub(crate) fn write_from_heap_object(n: &mut NvmeEnv) -> Res {
+fn write_from_heap_object(n: &mut NvmeEnv) -> Res {
     let lba_size = n.nvme.namespace().map_err(err("namespace"))?.lba_size;
     let mut object = vec![0u8; 64 << 10];
     let (at, len) = (1000usize, 3 * 4096usize);
@@ -189,7 +190,7 @@ pub(crate) fn write_from_heap_object(n: &mut NvmeEnv) -> Res {
 /// A buffer freed and a new one allocated at the same address between two reads: the second
 /// read lands in the new memory (the old pages, which the first read's mapping pinned, are
 /// never written again), and the munmap took the old mapping away.
-pub(crate) fn freed_buffer_address_reused(n: &mut NvmeEnv) -> Res {
+fn freed_buffer_address_reused(n: &mut NvmeEnv) -> Res {
     let lba_size = n.nvme.namespace().map_err(err("namespace"))?.lba_size;
     let len = 256 << 10;
     let unmaps = |n: &NvmeEnv| -> u64 {
@@ -222,7 +223,7 @@ pub(crate) fn freed_buffer_address_reused(n: &mut NvmeEnv) -> Res {
 }
 
 /// Bad input is a typed error, not a panic, and the controller keeps working.
-pub(crate) fn bad_input(n: &mut NvmeEnv) -> Res {
+fn bad_input(n: &mut NvmeEnv) -> Res {
     use svmirror_nvme::NvmeError as E;
     let ns = n.nvme.namespace().map_err(err("namespace"))?;
     let mut v = vec![0u8; 4096];
@@ -249,6 +250,82 @@ pub(crate) fn bad_input(n: &mut NvmeEnv) -> Res {
     check_pattern(&v[..512], ns.lba_size)
 }
 
+/// An NVMe scenario: its name and body.
+type NvmeScenario = (&'static str, fn(&mut NvmeEnv) -> Res);
+
+/// Runs the NVMe scenarios on a controller of their own; returns how many ran and how many
+/// failed.
+pub(crate) fn run() -> (usize, usize) {
+    let scenarios: &[NvmeScenario] = &[
+        ("nvme_identify", identify),
+        ("nvme_read_into_fresh_vec", read_into_fresh_vec),
+        ("nvme_write_from_heap_object", write_from_heap_object),
+        (
+            "nvme_freed_buffer_address_reused",
+            freed_buffer_address_reused,
+        ),
+        ("nvme_bad_input", bad_input),
+        ("nvme_read_churn", read_churn),
+        (
+            "nvme_timeout_resets_the_controller",
+            timeout_resets_the_controller,
+        ),
+    ];
+    let vmlck = status_bytes("VmLck:");
+    let mut n = match NvmeEnv::open() {
+        Ok(n) => n,
+        Err(e) => {
+            println!("FAIL nvme setup: {e}");
+            return (scenarios.len() + 2, scenarios.len() + 2);
+        }
+    };
+    let mut failed = 0;
+    for (name, f) in scenarios {
+        let t = Instant::now();
+        match f(&mut n) {
+            Ok(()) => println!("PASS {name} ({:.0} ms)", t.elapsed().as_secs_f64() * 1e3),
+            Err(e) => {
+                failed += 1;
+                println!("FAIL {name}: {e}");
+            }
+        }
+    }
+    let t = Instant::now();
+    match teardown_leaves_nothing(n, vmlck) {
+        Ok(()) => println!(
+            "PASS nvme_teardown_leaves_nothing ({:.0} ms)",
+            t.elapsed().as_secs_f64() * 1e3
+        ),
+        Err(e) => {
+            failed += 1;
+            println!("FAIL nvme_teardown_leaves_nothing: {e}");
+        }
+    }
+    let t = Instant::now();
+    match backend_contract() {
+        Ok(()) => println!(
+            "PASS nvme_backend_contract ({:.0} ms)",
+            t.elapsed().as_secs_f64() * 1e3
+        ),
+        Err(e) => {
+            failed += 1;
+            println!("FAIL nvme_backend_contract: {e}");
+        }
+    }
+    (scenarios.len() + 2, failed)
+}
+
+/// The backend scenario suite again, on a container of the NVMe controller's IOMMU group
+/// (the controller opened, and so reset, but not started): run after the NVMe scenarios,
+/// whose mappers mirror all of user space in the same IOVA space.
+fn backend_contract() -> Res {
+    let mm = Arc::new(ProcessMm::new().map_err(err("ProcessMm::new"))?);
+    let container = Arc::new(VfioContainer::new(None).map_err(err("opening /dev/vfio/vfio"))?);
+    let path = NvmeDevice::find().map_err(err("finding the NVMe controller"))?;
+    let _dev = NvmeDevice::open(&path, container.clone()).map_err(chain("opening NVMe"))?;
+    crate::backend_suite("VFIO (NVMe controller's group)", &mm, &container)
+}
+
 /// A small xorshift generator: the churn's sizes and blocks, the same every run.
 struct Rng(u64);
 
@@ -269,7 +346,7 @@ impl Rng {
 /// `Vec` that replaces one of 8 live ones (so buffers are freed, and their addresses reused,
 /// all the time: small ones in the heap, large ones mmapped and munmapped); every sector is
 /// checked against the image. Reads stay clear of the blocks the write scenario changed.
-pub(crate) fn read_churn(n: &mut NvmeEnv) -> Res {
+fn read_churn(n: &mut NvmeEnv) -> Res {
     let ns = n.nvme.namespace().map_err(err("namespace"))?;
     let first = 4096 * 512 / ns.lba_size; // past the write scenario's blocks
     let max_blocks = (256 << 10) / ns.lba_size;
@@ -277,7 +354,7 @@ pub(crate) fn read_churn(n: &mut NvmeEnv) -> Res {
     let mut live: Vec<Vec<u8>> = (0..8).map(|_| Vec::new()).collect();
     let (mut bytes, mut mismatches, mut reused) = (0u64, 0u64, 0u64);
     let mut seen = std::collections::HashSet::new();
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     for i in 0..1000 {
         let blocks = 1 + rng.below(max_blocks);
         let lba = first + rng.below(ns.blocks - first - blocks + 1);
@@ -312,7 +389,7 @@ pub(crate) fn read_churn(n: &mut NvmeEnv) -> Res {
 /// A command that outlives its timeout is a typed error, and the controller is reset before
 /// it returns (so it no longer writes the buffer); every later command answers `Halted`.
 /// Runs last: the controller stays reset.
-pub(crate) fn timeout_resets_the_controller(n: &mut NvmeEnv) -> Res {
+fn timeout_resets_the_controller(n: &mut NvmeEnv) -> Res {
     use svmirror_nvme::NvmeError as E;
     // No time at all: the first poll after the doorbell finds the command still running.
     n.nvme.set_command_timeout(std::time::Duration::ZERO);
@@ -343,12 +420,12 @@ pub(crate) fn timeout_resets_the_controller(n: &mut NvmeEnv) -> Res {
 /// After the scenarios: every mapper unmapped, the container's mapping budget is whole again
 /// (`dma_avail` = `dma_entry_limit`), and with the controller and mappers gone, locked memory
 /// (`VmLck`, where type1 charges its pins) is back to where it was before they were made.
-pub(crate) fn teardown_leaves_nothing(n: NvmeEnv, vmlck_before: u64) -> Res {
+fn teardown_leaves_nothing(n: NvmeEnv, vmlck_before: u64) -> Res {
     let limit: u32 = std::fs::read_to_string(crate::DMA_ENTRY_LIMIT)
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .ok_or("cannot read dma_entry_limit")?;
-    let during = crate::support::status_bytes("VmLck:");
+    let during = status_bytes("VmLck:");
     for m in &n.mappers {
         m.unmap_all();
     }
@@ -362,7 +439,7 @@ pub(crate) fn teardown_leaves_nothing(n: NvmeEnv, vmlck_before: u64) -> Res {
         "dma_avail {avail} after unmapping everything, {limit} at the start"
     );
     drop(n);
-    let after = crate::support::status_bytes("VmLck:");
+    let after = status_bytes("VmLck:");
     println!(
         "nvme: VmLck {} KiB before, {} KiB with the controller's mappings, {} KiB after; dma_avail back to {avail}",
         vmlck_before >> 10,
