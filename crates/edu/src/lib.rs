@@ -31,8 +31,10 @@
 //! # The guest tests
 //!
 //! The crate also holds the `vfio-guest-tests` binary (feature `guest-tests`): the VFIO
-//! scenarios and the backend scenario suite of `svmirror_mm::scenarios`, run inside the QEMU
-//! guest that `cargo xtask vfio-vm` boots (q35, an emulated Intel IOMMU, edu bound to vfio-pci).
+//! scenarios and the backend scenario suite of `svmirror_mm::scenarios`, then the NVMe
+//! scenarios of `svmirror-nvme` (QEMU's `nvme` device on a scratch image), run inside the QEMU
+//! guest that `cargo xtask vfio-vm` boots (q35, an emulated Intel IOMMU, edu and the NVMe
+//! controller bound to vfio-pci).
 //!
 //! # What is the caller's job
 //!

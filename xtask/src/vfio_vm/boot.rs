@@ -1,5 +1,5 @@
 //! Booting the guest of `cargo xtask vfio-vm`: QEMU (installed from Debian when missing), the
-//! machine with its emulated IOMMU and edu device, the serial log streamed and kept, and the
+//! machine with its emulated IOMMU, edu device and NVMe controller, the serial log streamed and kept, and the
 //! verdict read from QEMU's exit code (`isa-debug-exit`).
 
 use std::collections::BTreeSet;
@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::image::NVME_SERIAL;
 use super::{is_root, output};
 
 /// The firmware: qboot, shipped with QEMU (qemu-system-data).
@@ -61,7 +62,13 @@ pub(super) fn check_qemu() -> Result<PathBuf, String> {
 }
 
 /// Boots the guest, streams the test output, and turns QEMU's exit code into the result.
-pub(super) fn boot(qemu: &Path, cache: &Path, vmlinux: &Path, initrd: &Path) -> Result<(), String> {
+pub(super) fn boot(
+    qemu: &Path,
+    cache: &Path,
+    vmlinux: &Path,
+    initrd: &Path,
+    nvme_image: &Path,
+) -> Result<(), String> {
     let timeout = env::var("VFIO_VM_TIMEOUT")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -83,6 +90,8 @@ pub(super) fn boot(qemu: &Path, cache: &Path, vmlinux: &Path, initrd: &Path) -> 
             "-device",
             "edu,dma_mask=0xffffffffffffffff",
             "-device",
+            &format!("nvme,serial={NVME_SERIAL},drive=nvm0"),
+            "-device",
             "isa-debug-exit,iobase=0xf4,iosize=0x04",
             "-display",
             "none",
@@ -92,6 +101,11 @@ pub(super) fn boot(qemu: &Path, cache: &Path, vmlinux: &Path, initrd: &Path) -> 
             "none",
             "-no-reboot",
         ])
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=none,id=nvm0,format=raw",
+            nvme_image.display()
+        ))
         .arg("-kernel")
         .arg(vmlinux)
         .arg("-initrd")

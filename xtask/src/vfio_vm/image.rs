@@ -48,6 +48,29 @@ const BENCH_ARGS: &[&str] = &[
     "--quiet",
 ];
 const TARGET: &str = "x86_64-unknown-linux-gnu";
+/// The NVMe controller's serial number (the guest tests check it).
+pub(super) const NVME_SERIAL: &str = "svmirror-nvme0";
+/// The NVMe namespace's image: its size, and the sector of its pattern.
+const NVME_IMAGE_BYTES: usize = 8 << 20;
+const NVME_SECTOR: usize = 512;
+
+/// The NVMe namespace's contents: sector `n` holds `n` (u64, little endian) 64 times, so a
+/// guest read can be checked against its offset alone. The guest tests (svmirror-edu's
+/// `vfio_guest_tests/nvme.rs`) expect this size and pattern.
+fn nvme_image() -> Vec<u8> {
+    let mut out = vec![0u8; NVME_IMAGE_BYTES];
+    for (n, sector) in out.chunks_exact_mut(NVME_SECTOR).enumerate() {
+        for c in sector.chunks_exact_mut(8) {
+            c.copy_from_slice(&(n as u64).to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Writes the NVMe image anew (the guest's write scenarios change it).
+pub(super) fn write_nvme_image(path: &Path) -> Result<(), String> {
+    fs::write(path, nvme_image()).map_err(|e| format!("writing {}: {e}", path.display()))
+}
 
 /// Downloads `package`'s .deb into `dir` with apt-get (running `apt-get update` once first
 /// when the package lists do not know it and we are root); returns its path.
@@ -417,7 +440,7 @@ fn shell_quote<S: AsRef<str>>(args: &[S]) -> String {
         .join(" ")
 }
 
-/// The guest's /init: load the modules, bind edu to vfio-pci, run the tests, then the example
+/// The guest's /init: load the modules, bind edu and the NVMe controller to vfio-pci, run the tests, then the example
 /// app on the VFIO backend, then the `--also` binary, print the DMAR fault lines, and report
 /// through isa-debug-exit.
 fn init_script(modules: &[String], also: Option<&[String]>) -> String {
@@ -456,15 +479,20 @@ mount -t devtmpfs dev /dev
 fail() {{ echo "vfio-vm: guest setup failed: $*"; /bin/{TEST_BIN} --qemu-exit 2; poweroff -f; }}
 for m in {modules}; do insmod /lib/modules/$m.ko || fail "insmod $m"; done
 edu=
+nvme=
 for d in /sys/bus/pci/devices/*; do
   if [ "$(cat $d/vendor)" = 0x1234 ] && [ "$(cat $d/device)" = 0x11e8 ]; then edu=$d; fi
+  if [ "$(cat $d/class)" = 0x010802 ]; then nvme=$d; fi
 done
 [ -n "$edu" ] || fail "no edu device (1234:11e8)"
-echo vfio-pci > $edu/driver_override || fail "driver_override"
-echo ${{edu##*/}} > /sys/bus/pci/drivers_probe
-group=$(basename $(readlink $edu/iommu_group))
-[ -c /dev/vfio/$group ] || fail "edu is not bound to vfio-pci (no /dev/vfio/$group)"
-echo "vfio-vm: edu ${{edu##*/}} bound to vfio-pci, IOMMU group $group"
+[ -n "$nvme" ] || fail "no NVMe controller (class 010802)"
+for d in $edu $nvme; do
+  echo vfio-pci > $d/driver_override || fail "driver_override"
+  echo ${{d##*/}} > /sys/bus/pci/drivers_probe
+  group=$(basename $(readlink $d/iommu_group))
+  [ -c /dev/vfio/$group ] || fail "${{d##*/}} is not bound to vfio-pci (no /dev/vfio/$group)"
+  echo "vfio-vm: $(cat $d/vendor):$(cat $d/device) at ${{d##*/}} bound to vfio-pci, IOMMU group $group"
+done
 /bin/{TEST_BIN}
 rc=$?
 {app}{also}echo "vfio-vm: DMAR fault lines in the guest log:"
@@ -611,6 +639,23 @@ mod tests {
         let app = init.find("/bin/svmirror 'run' '--backend' 'vfio'").unwrap();
         assert!(tests < app, "{init}");
         assert!(init.contains("[ $src = 0 ] || rc=1"), "{init}");
+    }
+
+    #[test]
+    fn nvme_sectors_hold_their_own_number() {
+        let img = nvme_image();
+        assert_eq!(img.len(), NVME_IMAGE_BYTES);
+        assert!(img[..NVME_SECTOR].iter().all(|&b| b == 0));
+        let s = 4095 * NVME_SECTOR;
+        assert_eq!(&img[s..s + 8], &4095u64.to_le_bytes());
+        assert_eq!(&img[s + 504..s + 512], &4095u64.to_le_bytes());
+    }
+
+    #[test]
+    fn both_devices_are_bound_to_vfio_pci() {
+        let init = init_script(&[], None);
+        assert!(init.contains("= 0x010802 ]; then nvme=$d"), "{init}");
+        assert!(init.contains("for d in $edu $nvme; do"), "{init}");
     }
 
     #[test]

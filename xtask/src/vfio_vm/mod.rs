@@ -15,9 +15,12 @@
 //!    (`+crt-static`, one cargo run) and packs them, busybox, the modules and an `/init` script
 //!    into an initramfs;
 //! 4. boots `-machine q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on
-//!    -device edu` (with `aw-bits=48` so the IOMMU takes the process's virtual addresses as
-//!    IOVAs, and edu's `dma_mask` opened to 64 bits); `/init` loads the modules, binds edu
-//!    (1234:11e8) to vfio-pci, runs the tests, then the example app on the VFIO backend
+//!    -device edu -device nvme` (with `aw-bits=48` so the IOMMU takes the process's virtual
+//!    addresses as IOVAs, and edu's `dma_mask` opened to 64 bits; the NVMe controller's
+//!    namespace is a scratch image written anew each run, 8 MiB of 512-byte sectors each
+//!    holding its own number, see [`image::write_nvme_image`]); `/init` loads the modules,
+//!    binds edu (1234:11e8) and the NVMe controller (class 010802) to vfio-pci, runs the
+//!    tests (the edu scenarios, then svmirror-nvme's), then the example app on the VFIO backend
 //!    (`svmirror run --backend vfio` with sizes made for edu's 100 ms per DMA: `APP_ARGS` in
 //!    [`image`]; a mismatch against the CPU reference exits 1 and fails the run), and reports
 //!    through `isa-debug-exit`: QEMU exits with 1 when everything passed, 3 when something
@@ -47,7 +50,8 @@ mod image;
 
 use boot::{boot, check_qemu};
 use image::{
-    GuestBinaries, build_guest_binaries, check_static, fetch_busybox, fetch_kernel, write_initramfs,
+    GuestBinaries, build_guest_binaries, check_static, fetch_busybox, fetch_kernel,
+    write_initramfs, write_nvme_image,
 };
 
 /// Debian packages the guest run needs installed on the host (the guest's kernel and busybox
@@ -92,7 +96,9 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         started.elapsed().as_secs_f64(),
         kernel.version
     );
-    boot(&qemu, &cache, &kernel.vmlinux, &initrd)?;
+    let nvme_image = cache.join("nvme.img");
+    write_nvme_image(&nvme_image)?;
+    boot(&qemu, &cache, &kernel.vmlinux, &initrd, &nvme_image)?;
     eprintln!(
         "xtask: vfio-vm: PASS in {:.1}s",
         started.elapsed().as_secs_f64()

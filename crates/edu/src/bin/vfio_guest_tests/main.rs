@@ -34,6 +34,8 @@ macro_rules! ensure {
     };
 }
 
+mod nvme;
+
 /// A mirrored buffer is read and written by edu DMA at its own virtual address.
 fn dma_at_own_virtual_address(env: &Env) -> Res {
     let buf = env.buffer(4 << 20)?;
@@ -657,6 +659,15 @@ fn benchmarks(env: &Env) -> Res {
 /// The backend scenario suite every mirror passes (`svmirror_mm::scenarios`), on VFIO mappers
 /// over the edu device's container: the same list the simulated IOMMU and Vulkan run.
 fn backend_contract(env: &Env) -> Result<(), String> {
+    backend_suite("VFIO", &env.mm, &env.container)
+}
+
+/// The backend scenario suite on VFIO mappers over `container`.
+pub(crate) fn backend_suite(
+    name: &str,
+    mm: &Arc<svmirror_mm::ProcessMm>,
+    container: &Arc<svmirror_vfio::VfioContainer>,
+) -> Result<(), String> {
     let open = |mm: &Arc<svmirror_mm::ProcessMm>,
                 range: Range|
      -> Result<Box<dyn svmirror_core::Mirror>, svmirror_core::MirrorError> {
@@ -665,7 +676,7 @@ fn backend_contract(env: &Env) -> Result<(), String> {
             VfioMapper::new(
                 mm.notifier(),
                 mm.clone(),
-                env.container.clone(),
+                container.clone(),
                 range,
                 MapperConfig::default(),
             )
@@ -674,7 +685,7 @@ fn backend_contract(env: &Env) -> Result<(), String> {
     };
     // Without PAGEMAP_SCAN (Linux before 6.7; the guest runs Debian 12's 6.1) the page source
     // reads every page as order 0: no backend sees a huge page there, let alone maps it whole.
-    let declined: &[(&str, &'static str)] = if env.mm.features().page_source.pagemap_scan {
+    let declined: &[(&str, &'static str)] = if mm.features().page_source.pagemap_scan {
         &[]
     } else {
         &[(
@@ -682,7 +693,7 @@ fn backend_contract(env: &Env) -> Result<(), String> {
             "the kernel has no PAGEMAP_SCAN (before Linux 6.7): the page source cannot see huge pages",
         )]
     };
-    let report = svmirror_mm::scenarios::run_all("VFIO", &env.mm, &open, declined);
+    let report = svmirror_mm::scenarios::run_all(name, mm, &open, declined);
     println!("{report}");
     if report.passed() {
         Ok(())
@@ -692,7 +703,7 @@ fn backend_contract(env: &Env) -> Result<(), String> {
 }
 
 /// The type1 module parameter that sets each new container's `dma_avail`.
-const DMA_ENTRY_LIMIT: &str = "/sys/module/vfio_iommu_type1/parameters/dma_entry_limit";
+pub(crate) const DMA_ENTRY_LIMIT: &str = "/sys/module/vfio_iommu_type1/parameters/dma_entry_limit";
 /// The budget the scenarios run with, so that exhausting it takes a few dozen mappings.
 const TEST_LIMIT: u32 = 64;
 
@@ -751,16 +762,20 @@ fn main() {
             }
         }
     }
-    drop(env);
-    // Later programs in the guest get the kernel's default budget back.
+    // Later programs in the guest, and the NVMe container opened next, get the kernel's
+    // default budget back.
     if let Err(e) = std::fs::write(DMA_ENTRY_LIMIT, default_limit.trim()) {
         println!("FAIL restoring {DMA_ENTRY_LIMIT}: {e}");
         failed += 1;
     }
+    drop(env);
+    let (nvme_ran, nvme_failed) = nvme::run();
+    failed += nvme_failed;
+    let total = scenarios.len() + nvme_ran;
     println!(
         "{} of {} scenarios passed in {:.1} s",
-        scenarios.len() - failed,
-        scenarios.len(),
+        total - failed,
+        total,
         started.elapsed().as_secs_f64()
     );
     if failed == 0 {

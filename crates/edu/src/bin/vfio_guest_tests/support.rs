@@ -15,6 +15,19 @@ pub(crate) fn err<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) ->
     move |e| format!("{what}: {e}")
 }
 
+/// As [`err`], with the error's sources after it.
+pub(crate) fn chain<E: std::error::Error>(what: &'static str) -> impl FnOnce(E) -> String {
+    move |e| {
+        let mut s = format!("{what}: {e}");
+        let mut src = e.source();
+        while let Some(c) = src {
+            s.push_str(&format!(": {c}"));
+            src = c.source();
+        }
+        s
+    }
+}
+
 /// Writes `len` bytes of `byte` at `addr` (memory a device may write: raw pointers only).
 pub(crate) fn fill(addr: u64, len: u64, byte: u8) {
     // SAFETY: the callers pass memory this process maps read-write; no reference covers it.
