@@ -106,7 +106,7 @@ pub use crate::limits::{
 };
 use crate::maps::Maps;
 use crate::pagemap::Pagemap;
-pub use crate::process::{MmFeatures, MmStats, ProcessMm};
+pub use crate::process::{AREA_TRIES, MmFeatures, MmStats, ProcessMm};
 pub use crate::register::Unregistrable;
 pub use crate::svm::{Advice, Protection};
 pub use crate::uffd::{UffdAccess, feature as uffd_feature};

@@ -354,6 +354,13 @@ pub(crate) fn is_io_name(name: &[u8]) -> bool {
     if matches!(name, b"[vvar]" | b"[vvar_vclock]" | b"[vsyscall]") {
         return true;
     }
+    // A VFIO device's BAR mapped through the group interface: the device fd is an anonymous
+    // inode (drivers/vfio/group.c opens it with `anon_inode_getfile("[vfio-device]", ..)`),
+    // and the mapping is VM_IO | VM_PFNMAP, which userfaultfd refuses (EINVAL). Through the
+    // cdev interface it is /dev/vfio/devices/vfioN, a character device, below.
+    if name.starts_with(b"anon_inode:[vfio-device]") {
+        return true;
+    }
     if !name.starts_with(b"/dev/") {
         return false;
     }
@@ -418,6 +425,8 @@ mod tests {
         assert!(is_io_name(b"[vvar_vclock]"));
         assert!(is_io_name(b"[vsyscall]"));
         assert!(is_io_name(b"/dev/null"));
+        assert!(is_io_name(b"anon_inode:[vfio-device]"));
+        assert!(!is_io_name(b"anon_inode:[eventfd]"));
         assert!(!is_io_name(b"/dev/zero"));
         assert!(!is_io_name(b"/dev/zero (deleted)"));
         assert!(!is_io_name(b"/dev/shm/gone (deleted)"));

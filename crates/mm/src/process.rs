@@ -266,6 +266,19 @@ impl ProcessMm {
         }
     }
 
+    /// Test hook: `hook` runs before each attempt to register a mapping with the userfaultfd,
+    /// given the range about to be registered, on the faulting thread, with no lock of
+    /// svmirror's held (`None` removes it). For tests that force a mapping change into the
+    /// window between a fault's lookup and its registration; not for production use.
+    #[doc(hidden)]
+    pub fn set_register_hook(&self, hook: Option<Box<dyn FnMut(Range) + Send>>) {
+        *self
+            .shared
+            .register_hook
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = hook;
+    }
+
     /// The counters.
     pub fn stats(&self) -> MmStats {
         let c = &self.shared.counters;
@@ -486,16 +499,34 @@ impl Drop for ProcessMm {
     }
 }
 
+/// Lookups [`ProcessMm`]'s `area` makes when its registration keeps racing mapping changes,
+/// before it reports [`Error::Busy`] to its caller.
+pub const AREA_TRIES: u32 = 8;
+
 impl PageSource for ProcessMm {
+    /// The area at `addr`, its mapping registered with the userfaultfd first. A registration
+    /// that finds the mapping changed since this lookup (a munmap or mmap racing it:
+    /// [`Error::Busy`]) is this lookup's to make again, so it is, up to [`AREA_TRIES`] times,
+    /// before the caller is told to start over: every caller walks the mappings around a
+    /// fault, neighbours included, and a neighbour changing is no reason to fail the fault.
     fn area(&self, addr: u64, limit: u64) -> Result<Area, Error> {
-        self.shared.check_alive()?;
-        let area = self.shared.source.area(addr, limit)?;
-        if let (AreaKind::Mapped { read: true, .. }, Ok(want)) =
-            (area.kind, Range::new(addr, area.end))
-        {
-            self.shared.ensure_registered(want)?;
+        let mut tries = 1;
+        loop {
+            self.shared.check_alive()?;
+            let area = self.shared.source.area(addr, limit)?;
+            if let (AreaKind::Mapped { read: true, .. }, Ok(want)) =
+                (area.kind, Range::new(addr, area.end))
+            {
+                match self.shared.ensure_registered(want) {
+                    Err(Error::Busy { .. }) if tries < AREA_TRIES => {
+                        tries += 1;
+                        continue;
+                    }
+                    r => r?,
+                }
+            }
+            return Ok(area);
         }
-        Ok(area)
     }
 
     fn snapshot(&self, addr: u64, out: &mut [CpuPte]) -> Result<(), Error> {

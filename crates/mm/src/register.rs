@@ -84,6 +84,14 @@ impl Shared {
                 return Ok(());
             }
         }
+        if let Some(hook) = self
+            .register_hook
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_mut()
+        {
+            hook(want);
+        }
         let generation = self.read_gen.load(Ordering::Acquire);
         // The whole VMA (see above). Gone or changed since the caller looked: look again.
         let want = match self.source.mapping(addr) {

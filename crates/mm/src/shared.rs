@@ -119,7 +119,13 @@ pub(crate) struct Shared {
     /// Pages of REMOVE holds that the time limit ended while they were still unexplained
     /// (`zap.rs`): device faults on them wait until they are, for a while longer.
     pub(crate) suspects: Suspects,
+    /// A test's hook, run before each registration attempt with the range about to be
+    /// registered ([`ProcessMm::set_register_hook`](crate::ProcessMm::set_register_hook)).
+    pub(crate) register_hook: Mutex<Option<RegisterHook>>,
 }
+
+/// See [`Shared::register_hook`].
+pub(crate) type RegisterHook = Box<dyn FnMut(Range) + Send>;
 
 impl Shared {
     /// The shared state of a new [`ProcessMm`](crate::ProcessMm), before its monitor starts.
@@ -149,6 +155,7 @@ impl Shared {
             unregistrable: AtomicU8::new(0),
             wp: AtomicBool::new(wp),
             tracking: AtomicBool::new(false),
+            register_hook: Mutex::new(None),
         })
     }
 

@@ -619,3 +619,38 @@ fn events_are_read_while_a_handler_waits_for_a_lock() {
     assert!(inv.contains(&(page(f.buf, 0, 1), Event::Unmap)), "{inv:?}");
     assert!(inv.contains(&(page(f.buf, 2, 1), Event::Unmap)), "{inv:?}");
 }
+
+/// A mapping that changes between a fault's lookup and its registration (a munmap racing the
+/// fault) is looked up again by `area`, not reported to the caller as a failure: every backend
+/// walks the mappings around a fault, neighbours included. Forced with the registration hook:
+/// the mapping loses its second page just before it is registered; `area` then reports the
+/// one page left, registered.
+///
+/// Seen failing before `area` looked again: `Err(Busy { range: .. })`, which the Vulkan
+/// backend turned into a failed dispatch (the app's churn on Vulkan hit it by chance, 2 runs
+/// in 8 under load) and the simulated IOMMU into a refused device access.
+#[test]
+fn area_looks_again_when_the_mapping_changes_before_its_registration() {
+    let _s = serial();
+    let mm = ProcessMm::new().unwrap();
+    let two = mm.mmap_anonymous(2 * PAGE, Protection::READ_WRITE).unwrap();
+    let cut = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let calls = cut.clone();
+    mm.set_register_hook(Some(Box::new(move |r: Range| {
+        if r.start() == two.start() && calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0
+        {
+            assert_eq!(sys_munmap(two.start() + PAGE, PAGE), 0);
+        }
+    })));
+    let area = svmirror_core::PageSource::area(&mm, two.start(), two.end());
+    mm.set_register_hook(None);
+    let area = area.expect("looked again");
+    assert_eq!(area.end, two.start() + PAGE, "the page left");
+    assert_eq!(
+        cut.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "two lookups"
+    );
+    assert_eq!(mm.stats().registration_races, 1);
+    assert_eq!(sys_munmap(two.start(), PAGE), 0);
+}

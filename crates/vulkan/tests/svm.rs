@@ -459,3 +459,63 @@ fn unsafe_slice(addr: u64, len: usize) -> &'static mut [f32] {
     // reference covers while the slice is in use.
     unsafe { std::slice::from_raw_parts_mut(addr as *mut f32, len) }
 }
+
+/// A fault looks at every mapping in its 2 MiB block and registers each with the userfaultfd.
+/// When one of them changes between that lookup and its registration (another thread unmapping
+/// or mapping memory next to the buffer), the registration says so (`Error::Busy`), the
+/// lookup is made again (`ProcessMm`'s `area`; and the Vulkan fault looks again, as the core's
+/// fault loop does, if that keeps failing): the dispatch completes. Forced with the
+/// registration hook: the neighbour below the buffer shrinks just before it is registered.
+///
+/// Seen failing before either retry, every run: the dispatch failed with "device fault at ..
+/// cannot be resolved: range .. was invalidated during the walk"; the app's churn on Vulkan
+/// hit the same race by chance (`tests/app_vulkan.rs`, 2 runs in 8 under load).
+#[test]
+fn a_neighbour_changing_under_the_fault_is_looked_at_again() {
+    let _s = serial();
+    let rig = Rig::new();
+    let m = rig.mirror();
+    const BLOCK: u64 = 2 << 20;
+    // A 2 MiB block of our own: a two-page neighbour, a PROT_NONE page that keeps it a VMA of
+    // its own, and the buffer after it.
+    let block = rig
+        .mm
+        .mmap_anonymous(2 * BLOCK, svmirror_mm::Protection::READ_WRITE)
+        .unwrap();
+    let b = block.start().next_multiple_of(BLOCK);
+    // SAFETY: a page of our own fresh mapping, touched by no one.
+    let rc = unsafe { libc::mprotect((b + 2 * PAGE) as *mut libc::c_void, PAGE as usize, 0) };
+    assert_eq!(rc, 0);
+    let neighbour = b;
+    let (x, y) = (b + 4 * PAGE, b + 64 * PAGE);
+    let n = (16 * PAGE / 4) as usize;
+    write_f32s(x, (0..n).map(|i| i as f32));
+    write_f32s(y, (0..n).map(|_| 1.0));
+    let shrunk = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = shrunk.clone();
+    rig.mm
+        .set_register_hook(Some(Box::new(move |r: svmirror_core::Range| {
+            if r.start() == neighbour && !flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                // SAFETY: the neighbour's second page, touched by no one.
+                let rc =
+                    unsafe { libc::munmap((neighbour + PAGE) as *mut libc::c_void, PAGE as usize) };
+                assert_eq!(rc, 0);
+            }
+        })));
+    // SAFETY: `x` and `y` hold `n` floats each in our block, touched by raw pointers only.
+    let stats = unsafe { m.dispatch(&saxpy(x, y, n as u32, 2.0)) }.unwrap();
+    rig.mm.set_register_hook(None);
+    assert!(
+        shrunk.load(std::sync::atomic::Ordering::SeqCst),
+        "the hook shrank the neighbour"
+    );
+    for i in (0..n).step_by(113) {
+        assert_eq!(read_f32(y, i), 2.0 * i as f32 + 1.0, "y[{i}]");
+    }
+    assert!(stats.pages_resolved >= 1, "{stats:?}");
+    // The block has a hole now, which the SVM API refuses to unmap: libc's munmap.
+    // SAFETY: our own mapping, touched by raw pointers only.
+    let rc = unsafe { libc::munmap(block.start() as *mut libc::c_void, block.len() as usize) };
+    assert_eq!(rc, 0);
+    rig.finish();
+}
