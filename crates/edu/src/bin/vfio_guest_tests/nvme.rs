@@ -138,6 +138,32 @@ fn identify(n: &mut NvmeEnv) -> Res {
         "IOVA is not the process address"
     );
     ensure!(c.serial == SERIAL, "serial {:?}, want {SERIAL:?}", c.serial);
+    // The controller's BAR0 mapping (and any other mapping of a VFIO device) is I/O memory to
+    // the page source: never registered with the userfaultfd, which refuses it (EINVAL), so a
+    // buffer that shares its 2 MiB with it still faults. Checked by the names the running
+    // kernel gives them.
+    let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| e.to_string())?;
+    let source = svmirror_mm::ProcessPageSource::new().map_err(|e| e.to_string())?;
+    let mut bars = 0;
+    let device = |l: &&str| l.contains("[vfio-device]") || l.contains("/dev/vfio/");
+    for line in maps.lines().filter(device) {
+        let start = line
+            .split('-')
+            .next()
+            .and_then(|a| u64::from_str_radix(a, 16).ok())
+            .ok_or_else(|| format!("unreadable maps line {line:?}"))?;
+        let m = source
+            .mapping(start)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no mapping at {start:#x}"))?;
+        ensure!(
+            m.io,
+            "a VFIO device mapping not taken for I/O memory: {line:?}"
+        );
+        bars += 1;
+    }
+    ensure!(bars >= 1, "no VFIO device mapping in /proc/self/maps");
+    println!("nvme: {bars} VFIO device mapping(s), each taken for I/O memory");
     ensure!(
         ns.bytes() == IMAGE_BYTES,
         "namespace of {} bytes, the image has {IMAGE_BYTES}",
