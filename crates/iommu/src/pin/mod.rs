@@ -59,12 +59,7 @@
 //!    (`IORING_REGISTER_CLONE_BUFFERS` with `DST_REPLACE`: it takes a reference on the pinned
 //!    pages and never faults) and *publish* the slot; on any error the slot goes back to the
 //!    free list and nothing stays pinned;
-//! 4. put the ring back, still holding its own reference (its slot 0), with the pin's id, still
-//!    under the pool lock: the next pin through that ring replaces the reference in step 2,
-//!    and releasing the pin drops it ([`PinPool`]'s release clears every idle ring that holds
-//!    the pin it releases, under the pool lock, so the release and the put-back are ordered). A
-//!    pin that fails drops the ring's reference at once. Leaving it saves a system call per pin
-//!    (issue 13's 4 KiB fault), and no page stays pinned once its pin is released.
+//! 4. drop the pinning ring's own reference (its slot 0) and put the ring back.
 //!
 //! The pages are charged once, when the pinning ring pins them, and uncharged when the last
 //! reference goes, whichever ring drops it, so `VmPin` stays exact. On a kernel without buffer

@@ -105,20 +105,16 @@ pub(super) struct PoolInner {
     pub(super) stats: PinStats,
 }
 
-/// The idle pinning rings, each with the pin whose pages its slot 0 still references.
-type PinningRings = Mutex<Vec<(IoUring, Option<PinId>)>>;
-
 /// A table of pins and the means to move bytes through them. Shared as `Arc<PinPool>`; every
 /// operation may sleep (it makes system calls) and is serialized by the pool's lock.
 pub struct PinPool {
     /// The pool's lock: an inner lock that invalidations take (they release pins), so nothing
     /// that can fault on monitored memory runs under it.
     inner: InnerLock<PoolInner>,
-    /// Single-slot rings that pins are made through (see the module documentation), each with
-    /// the pin whose pages its slot 0 still references, or `None` when the kernel cannot clone
-    /// registered buffers. The mutex is held only to take or put a ring back, or to clear the
-    /// rings holding a pin being released; it is taken last (after the pool lock, if at all).
-    pinning: Option<PinningRings>,
+    /// Single-slot rings that pins are made through (see the module documentation), or `None`
+    /// when the kernel cannot clone registered buffers. The mutex is held only to take or put a
+    /// ring back.
+    pinning: Option<Mutex<Vec<IoUring>>>,
     slots: u32,
     /// Whether pins count against RLIMIT_MEMLOCK (no `CAP_IPC_LOCK` when the ring was made).
     accounted: bool,
@@ -164,7 +160,7 @@ impl PinPool {
         };
         let pipes = copy_pipes(lanes, config.staging_bytes as usize);
         let pinning = match probe_cloning(&ring) {
-            Ok(first) => Some(Mutex::new(vec![(first, None)])),
+            Ok(first) => Some(Mutex::new(vec![first])),
             Err(e) => {
                 tracing::warn!(
                     error = %e,
@@ -258,10 +254,9 @@ impl PinPool {
             drop(g);
             self.pin_error(addr, len, source)
         };
-        // 2. Pin through a private ring, holding no lock. Its slot 0 may still reference the
-        // pages of its last pin (live: step 4); registering over it drops that reference.
+        // 2. Pin through a private ring, holding no lock.
         let ring = match pinning.lock().unwrap_or_else(PoisonError::into_inner).pop() {
-            Some((ring, _)) => ring,
+            Some(ring) => ring,
             None => match pinning_ring() {
                 Ok(ring) => ring,
                 Err(source) => return Err(give_back(source)),
@@ -273,8 +268,10 @@ impl PinPool {
         // further requirement, that the memory is not otherwise in use while I/O writes it, is
         // this function's own contract, passed on to the caller.
         if let Err(source) = unsafe { ring.submitter().register_buffers_update(0, &[iov], None) } {
-            // The slot may still hold the last pin's pages: drop them with the ring's slot.
-            self.put_back_cleared(pinning, ring);
+            pinning
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(ring);
             return Err(give_back(source));
         }
         // 3. Clone into the reserved slot and publish, under the pool lock (nothing faults).
@@ -287,25 +284,28 @@ impl PinPool {
             CloneBuffersFlags::DST_REPLACE,
         );
         let id = cloned.map(|()| g.publish(slot, addr, len));
+        if id.is_ok() {
+            self.live.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(g);
+        // 4. Drop the pinning ring's reference (the last one if the clone failed: that unpins).
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        // SAFETY: an empty iovec registers nothing; it drops the pinning ring's slot, which no
+        // request uses (the ring never submits).
+        match unsafe { ring.submitter().register_buffers_update(0, &[empty], None) } {
+            Ok(_) => pinning
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(ring),
+            // Closing the ring drops its reference instead.
+            Err(e) => tracing::debug!(error = %e, "dropping a pinning ring"),
+        }
         let id = match id {
-            Ok(id) => {
-                self.live.fetch_add(1, Ordering::Relaxed);
-                // 4. Back with its reference, under the pool lock: a release of `id` takes the
-                // pool lock, so it comes after this and finds the ring (nothing can release
-                // `id` before the caller has it anyway).
-                pinning
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push((ring, Some(id)));
-                drop(g);
-                id
-            }
-            Err(source) => {
-                drop(g);
-                // The ring's reference is the only one: dropping it unpins.
-                self.put_back_cleared(pinning, ring);
-                return Err(give_back(source));
-            }
+            Ok(id) => id,
+            Err(source) => return Err(give_back(source)),
         };
         tracing::trace!(addr, len, %id, "pinned");
         Ok(Pin {
@@ -353,25 +353,6 @@ impl PinPool {
         })
     }
 
-    /// Drops `ring`'s slot-0 reference and puts it back, or closes it (which drops the
-    /// reference too) if the kernel refuses.
-    fn put_back_cleared(&self, pinning: &PinningRings, ring: IoUring) {
-        let empty = libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        };
-        // SAFETY: an empty iovec registers nothing; it drops the pinning ring's slot, which no
-        // request uses (the ring never submits).
-        match unsafe { ring.submitter().register_buffers_update(0, &[empty], None) } {
-            Ok(_) => pinning
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push((ring, None)),
-            // Closing the ring drops its reference instead.
-            Err(e) => tracing::debug!(error = %e, "dropping a pinning ring"),
-        }
-    }
-
     fn pin_error(&self, addr: u64, len: u64, source: io::Error) -> IommuError {
         if self.accounted && source.raw_os_error() == Some(libc::ENOMEM) {
             return IommuError::MemlockLimit {
@@ -405,37 +386,6 @@ impl PinPool {
                 .register_buffers_update(id.slot, &[empty], None)
         };
         r.map_err(|source| IommuError::Unpin { pin: id, source })?;
-        // An idle pinning ring may still reference the pages (`pin`, step 4): drop that too,
-        // under the pool lock, which the ring was put back under.
-        if let Some(pinning) = &self.pinning {
-            let mut rings = pinning.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut k = 0;
-            while k < rings.len() {
-                if rings[k].1 != Some(id) {
-                    k += 1;
-                    continue;
-                }
-                let empty = libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0,
-                };
-                // SAFETY: an empty iovec registers nothing; it drops the pinning ring's slot,
-                // which no request uses (the ring never submits).
-                let cleared = unsafe {
-                    rings[k]
-                        .0
-                        .submitter()
-                        .register_buffers_update(0, &[empty], None)
-                };
-                if cleared.is_ok() {
-                    rings[k].1 = None;
-                    k += 1;
-                } else {
-                    // Closing the ring drops its reference instead.
-                    drop(rings.swap_remove(k));
-                }
-            }
-        }
         let s = &mut g.slots[id.slot as usize];
         s.span = None;
         s.generation = s.generation.wrapping_add(1);
