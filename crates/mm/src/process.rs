@@ -266,6 +266,14 @@ impl ProcessMm {
         }
     }
 
+    /// Returns once the monitor has handled every event it has read, which includes every
+    /// event of a munmap, madvise or mremap that has returned (each waits for its event to be
+    /// read): a barrier for callers that act on what plain calls changed. Returns at once if
+    /// the monitor has stopped or failed.
+    pub fn sync_events(&self) {
+        self.shared.wait_handled();
+    }
+
     /// Test hook: `hook` runs before each attempt to register a mapping with the userfaultfd,
     /// given the range about to be registered, on the faulting thread, with no lock of
     /// svmirror's held (`None` removes it). For tests that force a mapping change into the

@@ -147,9 +147,11 @@ impl ProcessMm {
     /// and does not wait for the monitor to read one (fs/userfaultfd.c `userfaultfd_unmap_prep`
     /// queues an event only for a VMA with a userfaultfd context, which UFFDIO_UNREGISTER
     /// clears): the call's own invalidation is what devices see, and it is open from before
-    /// the unregistration until the mapping is gone. Where the kernel refuses to unregister
-    /// (a VMA userfaultfd cannot take, or no room to split one), the call expects its event as
-    /// any other SVM API call does.
+    /// the unregistration until the mapping is gone. It waits for nothing of the monitor's:
+    /// events other calls caused may still be being handled when it returns
+    /// ([`sync_events`](Self::sync_events) waits for them). Where the kernel refuses to
+    /// unregister (a VMA userfaultfd cannot take, or no room to split one), the call expects
+    /// its event as any other SVM API call does.
     ///
     /// # Safety
     /// No Rust reference into `range` may outlive this call, exactly as for `libc::munmap`.
@@ -175,18 +177,6 @@ impl ProcessMm {
                     tracing::warn!(%range, %e, "a failed munmap left the range unregistered; device faults register it again")
                 }
             }
-        }
-        if quiet {
-            // As when the call waits for its own event: it returns once the monitor has
-            // handled every event read so far (what the syscalls that returned before it
-            // caused), which callers use as a barrier.
-            let t = std::time::Instant::now();
-            self.shared.wait_handled();
-            let waited = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.shared
-                .counters
-                .expect_wait_ns
-                .fetch_add(waited, std::sync::atomic::Ordering::Relaxed);
         }
         drop(expected);
         inv.end();

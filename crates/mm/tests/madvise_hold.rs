@@ -18,8 +18,8 @@ use svmirror_testsupport::serial;
 mod fixture;
 use fixture::*;
 
-/// After a plain madvise returned: waits until the monitor has handled its REMOVE (an SVM API
-/// munmap of a scratch page returns only once every event read before is handled) and the
+/// After a plain madvise returned: waits until the monitor has handled its REMOVE
+/// (`ProcessMm::sync_events`) and the
 /// held invalidation has ended (a fault waits for it in `read_begin`), then returns
 /// (zap_waits, zap_timeouts). Nothing faults the pages before the REMOVE is handled: a page
 /// faulted in again right after the zap can reuse the dropped frame, which looks unchanged.

@@ -61,17 +61,19 @@ fn last_read_falls_inside_the_munmap_whose_event_it_read() {
 }
 
 #[test]
-fn an_api_munmap_counts_its_wait_for_the_handler() {
+fn an_api_madvise_counts_its_wait_for_the_handler_and_an_api_munmap_waits_for_none() {
     let _s = serial();
     let f = fixture(2);
     assert_eq!(f.mm.stats().expect_wait, Duration::ZERO);
     // SAFETY: nothing refers into the fixture's buffer.
+    unsafe { f.mm.madvise(page(f.buf, 0, 1), Advice::DontNeed) }.unwrap();
+    let waited = f.mm.stats().expect_wait;
+    assert!(waited > Duration::ZERO, "{:?}", f.mm.stats());
+    // Unregistered first: no UNMAP event, nothing to wait for.
+    // SAFETY: as above.
     unsafe { f.mm.munmap(f.buf) }.unwrap();
-    assert!(
-        f.mm.stats().expect_wait > Duration::ZERO,
-        "{:?}",
-        f.mm.stats()
-    );
+    let s = f.mm.stats();
+    assert_eq!((s.expect_wait, s.unmap_events), (waited, 0), "{s:?}");
 }
 
 #[test]

@@ -214,12 +214,9 @@ pub fn hold_handler(mm: &ProcessMm, page: Range) -> HeldHandler {
     HeldHandler { gated, _sub: sub }
 }
 
-/// Returns once the monitor has handled every event read so far: an SVM API munmap (of a
-/// scratch page of its own) returns only then.
+/// Returns once the monitor has handled every event read so far.
 pub fn settle(mm: &ProcessMm) {
-    let scratch = mm.mmap_anonymous(PAGE, Protection::READ_WRITE).unwrap();
-    // SAFETY: a fresh mapping nothing refers to.
-    unsafe { mm.munmap(scratch) }.unwrap();
+    mm.sync_events();
 }
 
 /// Drains the calling CPU's LRU folio batches: freeing a page does (mm/swap_state.c
