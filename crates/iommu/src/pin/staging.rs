@@ -193,7 +193,7 @@ impl PinPool {
 
     /// Writes `len` bytes of `value` at `at` (a fill): the staging memory is set to `value`
     /// once, and fixed-buffer reads of it land in the pinned pages, one submission for up to
-    /// [`RING_ENTRIES`] staging lengths: one copy per byte, where [`write`](Self::write)
+    /// `RING_ENTRIES` staging lengths: one copy per byte, where [`write`](Self::write)
     /// through the pipe makes two.
     pub fn fill(&self, at: Target, len: u64, value: u8) -> Result<()> {
         might_sleep("PinPool::fill");
