@@ -69,6 +69,7 @@ use super::{
 mod bench;
 mod engine;
 mod nvme;
+mod nvme_bench;
 
 pub use nvme::NvmeBackend;
 

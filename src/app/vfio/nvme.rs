@@ -58,7 +58,7 @@ pub struct NvmeBackend {
     identity: bool,
     path: PathBuf,
     _container: Arc<VfioContainer>,
-    mm: Arc<ProcessMm>,
+    pub(super) mm: Arc<ProcessMm>,
 }
 
 impl std::fmt::Debug for NvmeBackend {
@@ -119,6 +119,10 @@ impl NvmeBackend {
             _container: container,
             mm,
         })
+    }
+
+    pub(super) fn lock_nvme(&self) -> MutexGuard<'_, Nvme> {
+        self.lock()
     }
 
     fn lock(&self) -> MutexGuard<'_, Nvme> {
@@ -473,8 +477,7 @@ impl Backend for NvmeBackend {
         self.mappers.iter().map(|m| &**m as &dyn Mirror).collect()
     }
 
-    fn micro_benchmarks(&self, _quick: bool) -> Result<Vec<Figure>> {
-        let _ = &self.mm;
-        Ok(Vec::new())
+    fn micro_benchmarks(&self, quick: bool) -> Result<Vec<Figure>> {
+        super::nvme_bench::bench(self, quick)
     }
 }

@@ -63,7 +63,8 @@ const NVME_SAXPY_ARGS: &[&str] = &[
     "--size",
     "1M",
 ];
-/// Then the VFIO backend's own micro-benchmarks on edu through `svmirror bench` (fault to mapped for a
+/// Then the VFIO backend's own micro-benchmarks on edu, then on NVMe (reads into ordinary
+/// memory against a DMA pool mapped once plus memcpy), through `svmirror bench` (fault to mapped for a
 /// chunk, DMA copy against memcpy), so they run for real on every `cargo xtask vfio-vm`.
 const BENCH_ARGS: &[&str] = &[
     "bench",
@@ -476,6 +477,7 @@ fn init_script(modules: &[String], also: Option<&[String]>) -> String {
         (NVME_BFS_ARGS, "nvme"),
         (NVME_SAXPY_ARGS, "nvme"),
         (BENCH_ARGS, "edu"),
+        (BENCH_ARGS, "nvme"),
     ]
     .iter()
     .map(|(args, dev)| {
