@@ -426,12 +426,38 @@ pub trait Backend: Send + Sync {
     fn micro_benchmarks(&self, quick: bool) -> Result<Vec<report::Figure>>;
 }
 
-/// Opens backend `kind` on `mm`'s address space, or says what it needs.
+/// Opens backend `kind` on `mm`'s address space with the default [`BackendOptions`], or says
+/// what it needs.
 pub fn open_backend(kind: BackendKind, mm: &Arc<ProcessMm>) -> Result<Box<dyn Backend>> {
+    open_backend_with(kind, mm, &BackendOptions::default())
+}
+
+/// The options of backends that have some.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendOptions {
+    /// VFIO: the PCI device to drive (an address such as `0000:00:04.0`, or its sysfs
+    /// path): an NVMe controller or QEMU's edu device. Default: the first NVMe controller
+    /// bound to vfio-pci, else the first edu device.
+    pub vfio_device: Option<String>,
+    /// VFIO on NVMe: let the apps overwrite the first blocks of the namespace of a controller
+    /// that is not QEMU's emulated one (they are refused with a typed error otherwise).
+    pub nvme_allow_write: bool,
+}
+
+/// Opens backend `kind` on `mm`'s address space with `options`, or says what it needs.
+pub fn open_backend_with(
+    kind: BackendKind,
+    mm: &Arc<ProcessMm>,
+    options: &BackendOptions,
+) -> Result<Box<dyn Backend>> {
     match kind {
         BackendKind::Sim => Ok(Box::new(sim::SimBackend::open(mm.clone())?)),
         BackendKind::Vulkan => Ok(Box::new(vulkan::VulkanBackend::open(mm.clone())?)),
-        BackendKind::Vfio => Ok(Box::new(vfio::VfioBackend::open(mm.clone())?)),
+        BackendKind::Vfio => vfio::open(
+            mm.clone(),
+            options.vfio_device.as_deref(),
+            options.nvme_allow_write,
+        ),
     }
 }
 

@@ -27,6 +27,16 @@
 //! result writes it to its own address (results are never merged into wider writes, which
 //! would overwrite bytes the CPU may be changing).
 //!
+//! # On an NVMe controller
+//!
+//! When an NVMe controller is bound to vfio-pci (QEMU's `nvme` in the same guest, or a spare
+//! drive), [`open`] picks it unless `--vfio-device` names the edu device: [`NvmeBackend`]. A
+//! storage device, not a DMA engine: every input the apps compute on makes a round trip
+//! through the namespace's first blocks, written by the device from the app's memory at its
+//! own address and read back into a fresh `Vec`; results are stored by the CPU under a device
+//! write access held through the mirror. Those blocks are overwritten: on anything but QEMU's
+//! emulated controller only with `--nvme-allow-write`.
+//!
 //! # Mirrors
 //!
 //! One [`VfioMapper`] per usable IOVA range of the IOMMU (intersected with the user address
@@ -47,6 +57,7 @@ use svmirror_core::MirrorError;
 use svmirror_core::{Mirror, PAGE_SIZE, Range};
 use svmirror_edu::{EduDevice, EduError};
 use svmirror_mm::{ProcessMm, Protection};
+use svmirror_nvme::NvmeDevice;
 use svmirror_vfio::{IovaMode, MapperConfig, VfioContainer, VfioError, VfioMapper};
 
 use super::report::Figure;
@@ -57,6 +68,10 @@ use super::{
 
 mod bench;
 mod engine;
+mod nvme;
+mod nvme_bench;
+
+pub use nvme::NvmeBackend;
 
 use bench::bench;
 use engine::{Lines, Stores};
@@ -170,24 +185,129 @@ fn staging_region(mm: &ProcessMm) -> std::result::Result<Range, svmirror_mm::MmE
     Ok(keep)
 }
 
+/// PCI class code of an NVMe controller (mass storage, non-volatile memory, NVM Express).
+const NVME_CLASS: u32 = 0x01_08_02;
+
+/// The sysfs path of `device`: a PCI address (`0000:00:04.0`) or a path.
+fn device_path(device: &str) -> PathBuf {
+    if device.contains('/') {
+        PathBuf::from(device)
+    } else {
+        PathBuf::from("/sys/bus/pci/devices").join(device)
+    }
+}
+
+/// The PCI class code (24 bits) of the device at sysfs path `p`.
+fn sysfs_class(p: &std::path::Path) -> Option<u32> {
+    let s = std::fs::read_to_string(p.join("class")).ok()?;
+    u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok()
+}
+
+/// Opens the VFIO backend on `device` (a PCI address or sysfs path; an NVMe controller or an
+/// edu device, told by its class code), or when `None` on the first NVMe controller bound to
+/// vfio-pci, else the first edu device. `nvme_allow_write` as
+/// [`NvmeConfig::allow_write`](svmirror_nvme::NvmeConfig::allow_write).
+pub fn open(
+    mm: Arc<ProcessMm>,
+    device: Option<&str>,
+    nvme_allow_write: bool,
+) -> Result<Box<dyn Backend>> {
+    let Some(device) = device else {
+        return Ok(match NvmeDevice::find() {
+            Ok(path) => Box::new(NvmeBackend::open(mm, path, nvme_allow_write)?),
+            Err(_) => Box::new(VfioBackend::open(mm, None)?),
+        });
+    };
+    let path = device_path(device);
+    match sysfs_class(&path) {
+        Some(NVME_CLASS) => Ok(Box::new(NvmeBackend::open(mm, path, nvme_allow_write)?)),
+        Some(_) => Ok(Box::new(VfioBackend::open(mm, Some(path))?)),
+        None => Err(AppError::BadParameter {
+            what: format!(
+                "--vfio-device {device}: no PCI device at {} (give a PCI address such as 0000:00:04.0 from lspci -D, bound to vfio-pci)",
+                path.display()
+            ),
+        }),
+    }
+}
+
+/// A new VFIO container, or what is missing.
+fn open_container() -> Result<Arc<VfioContainer>> {
+    VfioContainer::new(None).map(Arc::new).map_err(|e| {
+        unavailable(format!(
+            "/dev/vfio/vfio cannot be opened ({}; is vfio-pci loaded?)",
+            error_chain(&e)
+        ))
+    })
+}
+
+/// Mirrors all of `mm`'s user address space into `container`'s IOMMU (set by the device
+/// opened in it first): one identity mapper per usable IOVA range where the IOMMU allows
+/// (IOVA = the process address), else one mapper with allocated IOVAs. Returns the mappers
+/// and whether they are identity mappers.
+fn mirror_address_space(
+    mm: &Arc<ProcessMm>,
+    container: &Arc<VfioContainer>,
+) -> Result<(Vec<VfioMapper>, bool)> {
+    // Type1 charges pinned pages to locked memory: take what the hard limit allows.
+    let _ = svmirror_mm::raise_memlock_limit(u64::MAX);
+    let mirror_err = |e: VfioError| {
+        unavailable(format!(
+            "the address space cannot be mirrored into the IOMMU ({})",
+            error_chain(&e)
+        ))
+    };
+    let user = Range::new(USER_START, USER_END).expect("user space is a range");
+    let new_mapper = |range: Range, iova: IovaMode| {
+        let config = MapperConfig {
+            iova,
+            ..MapperConfig::default()
+        };
+        // SAFETY: the apps touch memory the device writes through raw pointers only, and only
+        // when no backend call on it runs (the `Backend` methods' contracts); the backends'
+        // own buffers (edu's staging page, the fresh `Vec`s NVMe reads into) are lent to the
+        // device only while no reference to them is used.
+        unsafe { VfioMapper::new(mm.notifier(), mm.clone(), container.clone(), range, config) }
+    };
+    let whole = new_mapper(user, IovaMode::Auto).map_err(mirror_err)?;
+    if whole.is_identity() {
+        return Ok((vec![whole], true));
+    }
+    let ranges = identity_ranges(&whole.iommu_info().iova_ranges);
+    let mut mappers = Vec::new();
+    for r in &ranges {
+        match new_mapper(*r, IovaMode::Identity) {
+            Ok(m) => mappers.push(m),
+            Err(e) => {
+                tracing::debug!(%r, error = %e, "no identity mirror; allocated IOVAs");
+                return Ok((vec![whole], false));
+            }
+        }
+    }
+    if mappers.is_empty() {
+        return Ok((vec![whole], false));
+    }
+    drop(whole);
+    Ok((mappers, true))
+}
+
 impl VfioBackend {
-    /// Opens the first edu device bound to vfio-pci and mirrors all of `mm`'s user address
-    /// space into its IOMMU; says what is missing when there is none.
-    pub fn open(mm: Arc<ProcessMm>) -> Result<VfioBackend> {
-        let path = EduDevice::find().map_err(|e| {
-            unavailable(match e {
-                EduError::WrongDevice { .. } => {
-                    "no QEMU edu device (1234:11e8) in /sys/bus/pci/devices".into()
-                }
-                e => format!("the PCI devices cannot be listed ({})", error_chain(&e)),
-            })
-        })?;
-        let container = VfioContainer::new(None).map(Arc::new).map_err(|e| {
-            unavailable(format!(
-                "/dev/vfio/vfio cannot be opened ({}; is vfio-pci loaded?)",
-                error_chain(&e)
-            ))
-        })?;
+    /// Opens the edu device at sysfs path `path` (the first one when `None`) bound to
+    /// vfio-pci and mirrors all of `mm`'s user address space into its IOMMU; says what is
+    /// missing when there is none.
+    pub fn open(mm: Arc<ProcessMm>, path: Option<PathBuf>) -> Result<VfioBackend> {
+        let path = match path {
+            Some(p) => p,
+            None => EduDevice::find().map_err(|e| {
+                unavailable(match e {
+                    EduError::WrongDevice { .. } => {
+                        "no QEMU edu device (1234:11e8) in /sys/bus/pci/devices".into()
+                    }
+                    e => format!("the PCI devices cannot be listed ({})", error_chain(&e)),
+                })
+            })?,
+        };
+        let container = open_container()?;
         let edu = EduDevice::open(&path, container.clone()).map_err(|e| {
             unavailable(format!(
                 "the edu device {} cannot be opened through VFIO ({}; is it bound to vfio-pci, and is /dev/vfio/N writable?)",
@@ -195,48 +315,7 @@ impl VfioBackend {
                 error_chain(&e)
             ))
         })?;
-        // Type1 charges pinned pages to locked memory: take what the hard limit allows.
-        let _ = svmirror_mm::raise_memlock_limit(u64::MAX);
-        let mirror_err = |e: VfioError| {
-            unavailable(format!(
-                "the address space cannot be mirrored into the IOMMU ({})",
-                error_chain(&e)
-            ))
-        };
-        let user = Range::new(USER_START, USER_END).expect("user space is a range");
-        let new_mapper = |range: Range, iova: IovaMode| {
-            let config = MapperConfig {
-                iova,
-                ..MapperConfig::default()
-            };
-            // SAFETY: the apps touch memory the device writes through raw pointers only, and
-            // only when no backend call on it runs (the `Backend` methods' contracts); the
-            // staging page is touched through raw pointers only.
-            unsafe { VfioMapper::new(mm.notifier(), mm.clone(), container.clone(), range, config) }
-        };
-        let whole = new_mapper(user, IovaMode::Auto).map_err(mirror_err)?;
-        let (mappers, identity) = if whole.is_identity() {
-            (vec![whole], true)
-        } else {
-            let ranges = identity_ranges(&whole.iommu_info().iova_ranges);
-            let mut mappers = Vec::new();
-            for r in &ranges {
-                match new_mapper(*r, IovaMode::Identity) {
-                    Ok(m) => mappers.push(m),
-                    Err(e) => {
-                        tracing::debug!(%r, error = %e, "no identity mirror; allocated IOVAs");
-                        mappers.clear();
-                        break;
-                    }
-                }
-            }
-            if mappers.is_empty() {
-                (vec![whole], false)
-            } else {
-                drop(whole);
-                (mappers, true)
-            }
-        };
+        let (mappers, identity) = mirror_address_space(&mm, &container)?;
         let staging = staging_region(&mm)
             .map_err(|e| unavailable(format!("no staging page ({})", error_chain(&e))))?;
         tracing::debug!(path = %path.display(), mirrors = mappers.len(), identity, "vfio backend ready");
@@ -492,6 +571,26 @@ mod tests {
     }
 
     #[test]
+    fn a_vfio_device_that_is_not_there_is_bad_input_naming_it() {
+        assert_eq!(
+            device_path("0000:00:04.0"),
+            PathBuf::from("/sys/bus/pci/devices/0000:00:04.0")
+        );
+        assert_eq!(device_path("/sys/x"), PathBuf::from("/sys/x"));
+        let mm = match ProcessMm::new() {
+            Ok(mm) => Arc::new(mm),
+            Err(e) => panic!("userfaultfd is needed for this test: {e}"),
+        };
+        match open(mm, Some("0000:ff:1f.7"), false) {
+            Err(e @ AppError::BadParameter { .. }) => {
+                assert!(e.to_string().contains("--vfio-device 0000:ff:1f.7"), "{e}")
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(b) => panic!("opened {}", b.device()),
+        }
+    }
+
+    #[test]
     fn refusals_are_told_from_device_failures() {
         assert!(is_refusal(&EduError::Access {
             addr: 0x1000,
@@ -521,7 +620,7 @@ mod tests {
             Ok(mm) => Arc::new(mm),
             Err(e) => panic!("userfaultfd is needed for this test: {e}"),
         };
-        match (EduDevice::find(), VfioBackend::open(mm)) {
+        match (EduDevice::find(), VfioBackend::open(mm, None)) {
             (_, Err(e)) => {
                 assert!(e.is_bad_input(), "{e}");
                 let text = e.to_string();

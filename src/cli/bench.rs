@@ -87,6 +87,7 @@ pub(crate) fn run(
     only: &[BackendKind],
     json: Option<&Option<PathBuf>>,
     svg_path: Option<&Path>,
+    options: &app::BackendOptions,
     show_bars: bool,
 ) -> Result<(), Failure> {
     let started = Instant::now();
@@ -101,7 +102,7 @@ pub(crate) fn run(
         only.to_vec()
     };
     for kind in kinds {
-        let backend = match app::open_backend(kind, &mm) {
+        let backend = match app::open_backend_with(kind, &mm, options) {
             Ok(b) => b,
             Err(e) if e.is_bad_input() && only.is_empty() => {
                 skipped.push(Skipped {

@@ -130,6 +130,32 @@ struct RunArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    vfio: VfioArgs,
+}
+
+/// The VFIO backend's device choice.
+#[derive(Debug, Clone, Default, Args)]
+struct VfioArgs {
+    /// VFIO: the PCI device to drive, by address (0000:00:04.0, see lspci -D) or sysfs path:
+    /// an NVMe controller or QEMU's edu device bound to vfio-pci. Default: the first NVMe
+    /// controller bound to vfio-pci, else the first edu device.
+    #[arg(long, value_name = "BDF")]
+    vfio_device: Option<String>,
+    /// VFIO on NVMe: let the app overwrite the first blocks of a real drive's namespace (its
+    /// inputs make a round trip through them). Without it, writes to any controller but
+    /// QEMU's emulated one are refused.
+    #[arg(long)]
+    nvme_allow_write: bool,
+}
+
+impl VfioArgs {
+    fn options(&self) -> app::BackendOptions {
+        app::BackendOptions {
+            vfio_device: self.vfio_device.clone(),
+            nvme_allow_write: self.nvme_allow_write,
+        }
+    }
 }
 
 impl RunArgs {
@@ -170,6 +196,8 @@ struct BenchArgs {
     /// Write a bar chart of the ratios as SVG to FILE.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
+    #[command(flatten)]
+    vfio: VfioArgs,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -275,6 +303,7 @@ pub(crate) fn main() -> ExitCode {
             &args.backend,
             args.json.as_ref(),
             args.svg.as_deref(),
+            &args.vfio.options(),
             show_bars,
         ),
     };
@@ -307,7 +336,7 @@ fn run(args: &RunArgs, show_bars: bool) -> Result<(), Failure> {
     let config = args.config();
     config.validate()?;
     let mm = app::open_mm()?;
-    let backend = app::open_backend(args.backend, &mm)?;
+    let backend = app::open_backend_with(args.backend, &mm, &args.vfio.options())?;
     let _span = tracing::info_span!("svmirror.run", backend = %args.backend, app = args.app.name())
         .entered();
     if !args.json {

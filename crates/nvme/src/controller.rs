@@ -61,6 +61,10 @@ pub struct NvmeConfig {
     pub nsid: u32,
     /// How long one command may take before the controller is reset.
     pub command_timeout: Duration,
+    /// Whether [`Nvme::write`] may overwrite the namespace of a controller that is not
+    /// QEMU's emulated one (see [`ControllerInfo::is_qemu`]). Off by default: a write to a
+    /// real drive is refused with [`NvmeError::WriteRefused`].
+    pub allow_write: bool,
 }
 
 impl Default for NvmeConfig {
@@ -68,6 +72,7 @@ impl Default for NvmeConfig {
         NvmeConfig {
             nsid: 1,
             command_timeout: Duration::from_secs(5),
+            allow_write: false,
         }
     }
 }
@@ -126,6 +131,7 @@ pub struct Nvme {
     timeout: Duration,
     next_cid: u16,
     halted: bool,
+    allow_write: bool,
     stats: NvmeStats,
 }
 
@@ -165,6 +171,7 @@ impl NvmeDevice {
             timeout: config.command_timeout,
             next_cid: 0,
             halted: false,
+            allow_write: config.allow_write,
             stats: NvmeStats::default(),
         };
         // From here on a failure drops `nvme`, which disables the controller.
@@ -461,6 +468,52 @@ impl Nvme {
     /// memory at its own address. Errors as for [`Nvme::read`].
     pub fn write(&mut self, lba: u64, buf: &[u8]) -> Result<()> {
         let (addr, len) = (buf.as_ptr() as u64, buf.len() as u64);
+        self.write_at(lba, addr, len)
+    }
+
+    /// [`Nvme::read`] into memory the caller names by address rather than lends as a slice:
+    /// the device writes `[addr, addr + len)` of this process at its own address. Memory
+    /// that is not mapped, or not writable, is refused by the mapper with a typed error.
+    ///
+    /// # Safety
+    ///
+    /// Nothing else reads or writes `[addr, addr + len)` during the call (the device writes
+    /// it at an unknown moment), and whatever lives there is valid for any bytes.
+    pub unsafe fn read_raw(&mut self, lba: u64, addr: *mut u8, len: usize) -> Result<()> {
+        let (addr, len) = (addr as u64, len as u64);
+        self.transfer(io::READ, lba, addr, len)?;
+        self.stats.bytes_read += len;
+        Ok(())
+    }
+
+    /// [`Nvme::write`] from memory the caller names by address: the device reads
+    /// `[addr, addr + len)` of this process at its own address. Memory that is not mapped,
+    /// or not readable, is refused by the mapper with a typed error; no Rust reference to
+    /// the memory is made, so other threads may write it meanwhile (the blocks then hold some
+    /// mix of old and new bytes). Refused like [`Nvme::write`] on a real drive without
+    /// [`NvmeConfig::allow_write`].
+    pub fn write_raw(&mut self, lba: u64, addr: *const u8, len: usize) -> Result<()> {
+        self.write_at(lba, addr as u64, len as u64)
+    }
+
+    /// Whether writes to the namespace are allowed: the controller is QEMU's emulated one, or
+    /// the caller set [`NvmeConfig::allow_write`].
+    pub fn writes_allowed(&self) -> bool {
+        self.allow_write
+            || self
+                .controller
+                .as_ref()
+                .is_some_and(ControllerInfo::is_qemu)
+    }
+
+    fn write_at(&mut self, lba: u64, addr: u64, len: u64) -> Result<()> {
+        if !self.writes_allowed() {
+            let c = self.controller.as_ref();
+            return Err(NvmeError::WriteRefused {
+                model: c.map(|c| c.model.clone()).unwrap_or_default(),
+                serial: c.map(|c| c.serial.clone()).unwrap_or_default(),
+            });
+        }
         self.transfer(io::WRITE, lba, addr, len)?;
         self.stats.bytes_written += len;
         Ok(())

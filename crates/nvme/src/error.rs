@@ -75,6 +75,18 @@ pub enum NvmeError {
         /// Status Code.
         sc: u8,
     },
+    /// A write to the namespace of a controller that is not QEMU's, without
+    /// [`NvmeConfig::allow_write`](crate::NvmeConfig::allow_write): it would overwrite the
+    /// drive's blocks.
+    #[error(
+        "refusing to write to {model} (serial {serial}): it is not QEMU's emulated controller, and writes overwrite the drive's blocks; allow them explicitly (NvmeConfig::allow_write, `svmirror --nvme-allow-write`)"
+    )]
+    WriteRefused {
+        /// The controller's model number.
+        model: String,
+        /// Its serial number.
+        serial: String,
+    },
     /// The controller was reset after an earlier timeout or fatal status: open it again.
     #[error("the controller was reset after an earlier failure and takes no more commands")]
     Halted,

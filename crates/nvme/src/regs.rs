@@ -215,7 +215,16 @@ fn ascii(b: &[u8]) -> String {
         .to_owned()
 }
 
+/// The PCI vendor ID QEMU's emulated NVMe controller reports (Red Hat, Inc.).
+pub(crate) const QEMU_VENDOR: u16 = 0x1b36;
+
 impl ControllerInfo {
+    /// Whether this is QEMU's emulated controller (vendor 1b36, a model starting "QEMU"),
+    /// whose namespace is a scratch image rather than someone's drive.
+    pub fn is_qemu(&self) -> bool {
+        self.vendor == QEMU_VENDOR && self.model.starts_with("QEMU")
+    }
+
     /// Parses the 4 KiB structure; `page_min` is CAP's minimum page size (MDTS's unit).
     pub(crate) fn parse(d: &[u8; 4096], page_min: u64) -> ControllerInfo {
         let mdts = d[77];
@@ -276,6 +285,20 @@ impl NamespaceInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_qemus_controller_counts_as_scratch() {
+        let mut d = [0u8; 4096];
+        d[0..2].copy_from_slice(&QEMU_VENDOR.to_le_bytes());
+        d[24..40].copy_from_slice(b"QEMU NVMe Ctrl  ");
+        assert!(ControllerInfo::parse(&d, 4096).is_qemu());
+        // The same model string from another vendor, or QEMU's vendor with another model: no.
+        d[0..2].copy_from_slice(&0x144du16.to_le_bytes());
+        assert!(!ControllerInfo::parse(&d, 4096).is_qemu());
+        d[0..2].copy_from_slice(&QEMU_VENDOR.to_le_bytes());
+        d[24..40].copy_from_slice(b"Samsung SSD 980 ");
+        assert!(!ControllerInfo::parse(&d, 4096).is_qemu());
+    }
 
     #[test]
     fn cap_fields_come_from_their_bits() {
