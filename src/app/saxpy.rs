@@ -18,6 +18,16 @@ pub fn inputs(n: usize) -> (Vec<f32>, Vec<f32>) {
     (x, y)
 }
 
+/// `y = a·x + y` over native-endian f32s held as bytes (what a device backend loaded): `ys` is
+/// updated in place, as many elements as both hold.
+pub(crate) fn saxpy_bytes(a: f32, ys: &mut [u8], xs: &[u8]) {
+    for (yb, xb) in ys.chunks_exact_mut(4).zip(xs.chunks_exact(4)) {
+        let xv = f32::from_ne_bytes([xb[0], xb[1], xb[2], xb[3]]);
+        let yv = f32::from_ne_bytes([yb[0], yb[1], yb[2], yb[3]]);
+        yb.copy_from_slice(&(yv + a * xv).to_ne_bytes());
+    }
+}
+
 /// Allocates the vectors, runs the device's saxpy, and checks every element.
 pub fn run(
     backend: &dyn Backend,

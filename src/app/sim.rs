@@ -190,11 +190,7 @@ impl Backend for SimBackend {
                     if i + len < n {
                         next = Some(load(k, i + len)?);
                     }
-                    for (yb, xb) in ys.chunks_exact_mut(4).zip(xs.chunks_exact(4)) {
-                        let xv = f32::from_ne_bytes([xb[0], xb[1], xb[2], xb[3]]);
-                        let yv = f32::from_ne_bytes([yb[0], yb[1], yb[2], yb[3]]);
-                        yb.copy_from_slice(&(yv + a * xv).to_ne_bytes());
-                    }
+                    crate::app::saxpy::saxpy_bytes(a, &mut ys, &xs);
                     if let Some(s) = store.take() {
                         k.finish(s)?;
                     }

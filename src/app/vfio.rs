@@ -349,6 +349,24 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
+/// The device's sysfs name (its PCI address), for `Backend::device`.
+pub(super) fn device_name(path: &std::path::Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+/// How the mirrors map memory, for `Backend::device`: how many, their chunk size, the IOVAs.
+pub(super) fn mirrors_text(count: usize, granule: u64, identity: bool) -> String {
+    let iova = if identity {
+        "IOVA = process address"
+    } else {
+        "allocated IOVAs"
+    };
+    format!("{count} mirror(s) in {} KiB chunks, {iova}", granule >> 10)
+}
+
 fn dev_err(app: &'static str, what: &'static str) -> impl FnOnce(EduError) -> AppError {
     move |e| AppError::device(app, BackendKind::Vfio, what, e)
 }
@@ -359,19 +377,14 @@ impl Backend for VfioBackend {
     }
 
     fn device(&self) -> String {
-        let iova = if self.identity {
-            "IOVA = process address"
-        } else {
-            "allocated IOVAs"
-        };
         format!(
-            "QEMU edu at {} through VFIO type1 and the IOMMU: a DMA engine with a 4 KiB buffer, not a compute device (the CPU computes on what the device fetched; results go back by device DMA); {} mirror(s) in {} KiB chunks, {iova}",
-            self.path.file_name().map_or_else(
-                || self.path.display().to_string(),
-                |n| n.to_string_lossy().into_owned()
+            "QEMU edu at {} through VFIO type1 and the IOMMU: a DMA engine with a 4 KiB buffer, not a compute device (the CPU computes on what the device fetched; results go back by device DMA); {}",
+            device_name(&self.path),
+            mirrors_text(
+                self.mappers.len(),
+                self.mappers.first().map_or(0, |m| m.granule()),
+                self.identity
             ),
-            self.mappers.len(),
-            self.mappers.first().map_or(0, |m| m.granule() >> 10),
         )
     }
 
@@ -452,11 +465,7 @@ impl Backend for VfioBackend {
                 .map_err(dev_err("saxpy", "reading x"))?;
             e.fetch(y + off, &mut ys)
                 .map_err(dev_err("saxpy", "reading y"))?;
-            for (yb, xb) in ys.chunks_exact_mut(4).zip(xs.chunks_exact(4)) {
-                let xv = f32::from_ne_bytes(xb.try_into().expect("4 bytes"));
-                let yv = f32::from_ne_bytes((&*yb).try_into().expect("4 bytes"));
-                yb.copy_from_slice(&(yv + a * xv).to_ne_bytes());
-            }
+            crate::app::saxpy::saxpy_bytes(a, &mut ys, &xs);
             let mut stores = Stores::default();
             stores.push(y + off, &ys);
             for r in e

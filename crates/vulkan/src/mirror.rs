@@ -426,21 +426,7 @@ impl VulkanMirror {
                 }
                 g.chunk_at(page)
             };
-            let (allowed, vma_write) = match self.mapping_around(page, write) {
-                Ok(found) => found,
-                // The address space changed while the mappings around were looked up (a
-                // registration found its mapping gone or changed): look again, as the core's
-                // fault loop does with the same error; the time limit above still holds.
-                Err(VulkanError::Fault {
-                    source: svmirror_core::Error::Busy { .. },
-                    ..
-                }) => {
-                    retries += 1;
-                    inner.counters.record_retries(1);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
+            let (allowed, vma_write) = self.mapping_around(page, write)?;
             if inner.state.lock().is_device_page(page) {
                 // In device memory: mapped as writable as its device-private entry is (the PTE
                 // it replaced, less what an SVM API mprotect took away since). A write that

@@ -462,12 +462,11 @@ fn unsafe_slice(addr: u64, len: usize) -> &'static mut [f32] {
 
 /// A fault looks at every mapping in its 2 MiB block and registers each with the userfaultfd.
 /// When one of them changes between that lookup and its registration (another thread unmapping
-/// or mapping memory next to the buffer), the registration says so (`Error::Busy`), the
-/// lookup is made again (`ProcessMm`'s `area`; and the Vulkan fault looks again, as the core's
-/// fault loop does, if that keeps failing): the dispatch completes. Forced with the
-/// registration hook: the neighbour below the buffer shrinks just before it is registered.
+/// or mapping memory next to the buffer), the registration says so (`Error::Busy`) and
+/// `ProcessMm`'s `area` looks again: the dispatch completes. Forced with the registration
+/// hook: the neighbour below the buffer shrinks just before it is registered.
 ///
-/// Seen failing before either retry, every run: the dispatch failed with "device fault at ..
+/// Seen failing before `area` looked again, every run: the dispatch failed with "device fault at ..
 /// cannot be resolved: range .. was invalidated during the walk"; the app's churn on Vulkan
 /// hit the same race by chance (`tests/app_vulkan.rs`, 2 runs in 8 under load).
 #[test]

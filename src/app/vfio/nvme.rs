@@ -311,19 +311,14 @@ impl Backend for NvmeBackend {
             .controller()
             .map(|c| (c.model.clone(), c.serial.clone()))
             .unwrap_or_default();
-        let iova = if self.identity {
-            "IOVA = process address"
-        } else {
-            "allocated IOVAs"
-        };
         format!(
-            "NVMe controller {model} (serial {serial}) at {} through VFIO type1 and the IOMMU: a storage device (inputs make a round trip through the namespace into fresh Vecs; the CPU computes and stores results under a held device write access); {} mirror(s) in {} KiB chunks, {iova}",
-            self.path.file_name().map_or_else(
-                || self.path.display().to_string(),
-                |n| n.to_string_lossy().into_owned()
+            "NVMe controller {model} (serial {serial}) at {} through VFIO type1 and the IOMMU: a storage device (inputs make a round trip through the namespace into fresh Vecs; the CPU computes and stores results under a held device write access); {}",
+            super::device_name(&self.path),
+            super::mirrors_text(
+                self.mappers.len(),
+                self.mappers.first().map_or(0, |m| m.granule()),
+                self.identity
             ),
-            self.mappers.len(),
-            self.mappers.first().map_or(0, |m| m.granule() >> 10),
         )
     }
 
@@ -422,11 +417,7 @@ impl Backend for NvmeBackend {
                     .map_err(dev_err("saxpy", "reading y"))?;
                 work.add(&self.finish(t));
             }
-            for (yb, xb) in ys.chunks_exact_mut(4).zip(xs.chunks_exact(4)) {
-                let xv = f32::from_ne_bytes(xb.try_into().expect("4 bytes"));
-                let yv = f32::from_ne_bytes((&*yb).try_into().expect("4 bytes"));
-                yb.copy_from_slice(&(yv + a * xv).to_ne_bytes());
-            }
+            crate::app::saxpy::saxpy_bytes(a, &mut ys, &xs);
             // SAFETY: elements `i..i + len` of `y`, which nothing else accesses during the
             // call (the caller's contract).
             let stored =
