@@ -11,9 +11,10 @@
 //! memory goes through the mapper whose range holds it. Each queue fits one page, so it is
 //! contiguous in IOVA space whatever the mapper's IOVA mode (the I/O queues are created physically contiguous, PC = 1). Every command holds
 //! device accesses ([`Held`]) on that region and on its data buffer from before its doorbell
-//! until its completion is read: an invalidation of either waits for it, and a fault maps
-//! again whatever an earlier invalidation took away (a neighbour's munmap in the same chunk,
-//! say). Between commands the controller touches no host memory.
+//! until its completion is read, taken together (one [`VfioMapper::access_many`] per
+//! mapper): an invalidation of either waits for it, and a fault maps again whatever an
+//! earlier invalidation took away (a neighbour's munmap in the same chunk, say). Between
+//! commands the controller touches no host memory.
 //!
 //! # Commands
 //!
@@ -324,18 +325,22 @@ impl Nvme {
     /// Identify with CNS `cns` into the driver's Identify page; returns a copy.
     fn identify(&mut self, cns: u32, nsid: u32) -> Result<[u8; 4096]> {
         let buf = self.mem()?.page(page::IDENTIFY);
-        let mapper = self.mapper_for(buf, PAGE)?;
-        let prp1 = {
-            let held = Held::new(&mapper, buf, PAGE, true)?;
-            self.queue_iova(&held, buf)?
-        };
-        self.admin_command(Command {
-            opcode: admin::IDENTIFY,
-            nsid,
-            prp1,
-            cdw10: cns,
-            ..Command::default()
-        })?;
+        let (addr, len) = (self.mem()?.addr(), self.mem()?.len());
+        let mapper = self.mapper_for(addr, len)?;
+        // The Identify page lies in the region: one hold for the command.
+        let held = Held::new(&mapper, addr, len, true)?;
+        let prp1 = self.queue_iova(&held, buf)?;
+        self.execute(
+            false,
+            Command {
+                opcode: admin::IDENTIFY,
+                nsid,
+                prp1,
+                cdw10: cns,
+                ..Command::default()
+            },
+        )?;
+        drop(held);
         let mut out = [0u8; 4096];
         // SAFETY: the Identify page lies in the driver's region, which lives while `self`
         // does; the command completed, so the controller no longer writes it; a raw copy, no
@@ -344,20 +349,21 @@ impl Nvme {
         Ok(out)
     }
 
+    /// An admin command that uses no memory but the driver's region.
     fn admin_command(&mut self, cmd: Command) -> Result<Completion> {
+        let (addr, len) = (self.mem()?.addr(), self.mem()?.len());
+        let mapper = self.mapper_for(addr, len)?;
+        let _held = Held::new(&mapper, addr, len, true)?;
         self.execute(false, cmd)
     }
 
     /// Submits `cmd` on the admin queue (`io` false) or the I/O queue and waits for its
-    /// completion, holding the driver's region mapped meanwhile. The caller holds the data
-    /// buffer's accesses around the call.
+    /// completion. The caller holds the driver's region and the command's data mapped around
+    /// the call, taken together ([`Held::many`]).
     fn execute(&mut self, io: bool, cmd: Command) -> Result<Completion> {
         if self.halted {
             return Err(NvmeError::Halted);
         }
-        let (addr, len) = (self.mem()?.addr(), self.mem()?.len());
-        let mapper = self.mapper_for(addr, len)?;
-        let _held = Held::new(&mapper, addr, len, true)?;
         let cid = self.next_cid;
         self.next_cid = self.next_cid.wrapping_add(1);
         let q = if io {
@@ -529,11 +535,16 @@ impl Nvme {
         prp::check(&ns, lba, addr, len)?;
         let _span = tracing::trace_span!("nvme.transfer", opcode, lba, addr, len).entered();
         let list = self.mem()?.page(page::PRP_LIST);
-        let list_mapper = self.mapper_for(list, PAGE)?;
+        let (region, region_len) = (self.mem()?.addr(), self.mem()?.len());
+        let region_mapper = self.mapper_for(region, region_len)?;
         let mapper = self.mapper_for(addr, len)?;
         for piece in prp::split(lba, addr, len, ns.lba_size, self.max_transfer) {
-            // A read command has the device write memory.
-            let held = Held::new(&mapper, piece.addr, piece.len, opcode == io::READ)?;
+            // The data (a read command has the device write it) and the region (queues, PRP
+            // list), taken together; the data first, so errors name it.
+            let held = Held::many(&[
+                (&*mapper, piece.addr, piece.len, opcode == io::READ),
+                (&*region_mapper, region, region_len, true),
+            ])?;
             let mut missing = None;
             let prps = prp::build(piece.addr, piece.len, |va| {
                 held.iova(va).unwrap_or_else(|| {
@@ -558,10 +569,8 @@ impl Nvme {
                         // because the device reads it; the doorbell comes after a fence.
                         unsafe { (list as *mut u64).wrapping_add(i).write_volatile(*e) };
                     }
-                    // Only its bus address here: `execute` holds the whole region, the list
-                    // page included, until the completion.
-                    let held_list = Held::new(&list_mapper, list, PAGE, false)?;
-                    self.queue_iova(&held_list, list)?
+                    // The list page lies in the region, held with the data.
+                    self.queue_iova(&held, list)?
                 }
             };
             let blocks = piece.len / ns.lba_size;

@@ -61,9 +61,11 @@ impl Drop for DmaRegion {
     }
 }
 
-/// Device accesses held on one range for a command (one per chunk where IOVAs are allocated
-/// per chunk): invalidations of the range wait until it is dropped, so the IOVAs below stay
-/// mapped to these pages while the device works.
+/// Device accesses held for a command on what it uses (its data, the driver's region): the
+/// invalidations of those ranges wait until it is dropped, so the IOVAs below stay mapped to
+/// these pages while the device works. Everything one command needs from one mapper is taken
+/// in one [`VfioMapper::access_many`]: an access held while the same mapper is asked for
+/// another could wait on an invalidation that waits for the first.
 pub(crate) struct Held<'m> {
     /// `(virtual start, length, access)`.
     parts: Vec<(u64, u64, DeviceAccess<'m>)>,
@@ -72,25 +74,42 @@ pub(crate) struct Held<'m> {
 impl<'m> Held<'m> {
     /// Faults `[addr, addr + len)` in (writable if `write`) and holds it mapped.
     pub(crate) fn new(mapper: &'m VfioMapper, addr: u64, len: u64, write: bool) -> Result<Self> {
+        Self::many(&[(mapper, addr, len, write)])
+    }
+
+    /// Faults each `(mapper, addr, len, write)` in and holds them all: one acquisition per
+    /// mapper, in the order the mappers first appear. Errors name the first range.
+    pub(crate) fn many(ranges: &[(&'m VfioMapper, u64, u64, bool)]) -> Result<Self> {
         let mut parts = Vec::new();
-        let end = addr + len;
-        let mut at = addr;
-        while at < end {
-            let next = if mapper.is_identity() {
-                end
-            } else {
-                ((at & !(mapper.granule() - 1)) + mapper.granule()).min(end)
-            };
-            let access =
-                mapper
-                    .access(at, next - at, write)
-                    .map_err(|source| NvmeError::Access {
-                        addr: at,
-                        len: next - at,
-                        source,
-                    })?;
-            parts.push((at, next - at, access));
-            at = next;
+        let mut done: Vec<*const VfioMapper> = Vec::new();
+        for &(mapper, ..) in ranges {
+            if done.contains(&std::ptr::from_ref(mapper)) {
+                continue;
+            }
+            done.push(std::ptr::from_ref(mapper));
+            // Each range cut at chunk boundaries where IOVAs are allocated per chunk.
+            let mut asked = Vec::new();
+            for &(m, addr, len, write) in ranges {
+                if !std::ptr::eq(m, mapper) {
+                    continue;
+                }
+                let end = addr + len;
+                let mut at = addr;
+                while at < end {
+                    let next = if mapper.is_identity() {
+                        end
+                    } else {
+                        ((at & !(mapper.granule() - 1)) + mapper.granule()).min(end)
+                    };
+                    asked.push((at, next - at, write));
+                    at = next;
+                }
+            }
+            let held = mapper.access_many(&asked).map_err(|source| {
+                let (_, addr, len, _) = ranges[0];
+                NvmeError::Access { addr, len, source }
+            })?;
+            parts.extend(asked.iter().zip(held).map(|(&(at, n, _), a)| (at, n, a)));
         }
         Ok(Held { parts })
     }

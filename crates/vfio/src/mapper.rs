@@ -35,12 +35,25 @@
 //!
 //! # Invalidation
 //!
-//! Under the update lock: `set_seq`; wait for device accesses in flight on the range
-//! ([`VfioMapper::access`]); unmap every chunk the range touches; on `Unmap` and `Release` also
-//! free IOVA windows no longer backed by a virtual range. Own `Migrate`/`Exclusive` and
-//! `SoftDirty` are skipped. Type1 cannot change a mapping's permissions, so a protection change
-//! unmaps too and the next fault maps with the new permissions. A non-blocking invalidation
-//! only `try_lock`s and refuses when an access is in flight.
+//! Under the update lock: `set_seq`; find the mappings (pieces) the range touches; wait for
+//! the device accesses in flight on **any byte of those mappings** ([`VfioMapper::access`]),
+//! not only on the range: type1 removes a mapping whole, so unmapping a piece for a page the
+//! CPU changed also takes away its neighbours, which a command in flight may be reading; unmap
+//! those pieces (the others in the chunk stay); on `Unmap` and `Release` also free IOVA
+//! windows no longer backed by a virtual range. Own `Migrate`/`Exclusive` and `SoftDirty` are
+//! skipped. Type1 cannot change a mapping's permissions, so a protection change unmaps too and
+//! the next fault maps with the new permissions. A non-blocking invalidation only `try_lock`s
+//! and refuses when an access is in flight on the pieces.
+//!
+//! # Device accesses
+//!
+//! An access ([`VfioMapper::access`], [`VfioMapper::access_many`]) keeps its pages mapped
+//! until it is dropped; an invalidation that must unmap them waits for it, holding the update
+//! lock, as the kernel's GPU drivers wait for their fences under their notifier lock. So the
+//! rule is theirs too: **a thread that holds an access of a mapper must not ask the same mapper
+//! for another** (nor fault through it): the second call may need the update lock that an
+//! invalidation holds while it waits for the first. A command that needs several ranges (its
+//! data, its queue memory) takes them in one [`VfioMapper::access_many`].
 //!
 //! # Budget
 //!
@@ -128,6 +141,12 @@ struct Piece {
     write: bool,
 }
 
+impl Piece {
+    fn overlaps(&self, r: Range) -> bool {
+        self.va < r.end() && r.start() < self.va + self.len
+    }
+}
+
 /// A chunk: its IOVA base and the mappings in it.
 #[derive(Debug)]
 struct Chunk {
@@ -204,16 +223,36 @@ impl Inner {
     }
 
     /// Unmaps every piece of the chunk at `key`; keeps the chunk record. Returns the bytes.
+    fn unmap_chunk(&self, g: &mut State, key: u64) -> u64 {
+        self.unmap_pieces(g, key, |_| true)
+    }
+
+    /// The pieces of the chunks `r` touches that overlap `r`, as ranges: what an invalidation
+    /// of `r` unmaps, and so what the device must be done with first.
+    fn pieces_touching(&self, g: &State, r: Range) -> Vec<Range> {
+        g.chunks
+            .range(self.key(r.start())..r.end())
+            .flat_map(|(_, c)| c.pieces.iter())
+            .filter(|p| p.overlaps(r))
+            .filter_map(|p| Range::with_len(p.va, p.len).ok())
+            .collect()
+    }
+
+    /// Unmaps the pieces of the chunk at `key` that `which` picks; keeps the chunk record.
+    /// Returns the bytes.
     ///
     /// Each piece is unmapped with its exact IOVA and length (vfio-ioctls checks the unmapped
     /// size against the asked one). Type1 refuses such an unmap only when the container has
     /// lost its IOMMU (its last group detached, which removed every mapping) or on a bug: a
     /// refusal is logged, counted in [`MapperStats::unmap_errors`], and the piece forgotten.
-    fn unmap_chunk(&self, g: &mut State, key: u64) -> u64 {
+    fn unmap_pieces(&self, g: &mut State, key: u64, which: impl Fn(&Piece) -> bool) -> u64 {
         let Some(chunk) = g.chunks.get_mut(&key) else {
             return 0;
         };
-        let pieces = std::mem::take(&mut chunk.pieces);
+        let (pieces, kept): (Vec<Piece>, Vec<Piece>) = std::mem::take(&mut chunk.pieces)
+            .into_iter()
+            .partition(|p| which(p));
+        chunk.pieces = kept;
         let base = chunk.iova;
         let mut bytes = 0;
         for p in &pieces {
@@ -240,11 +279,16 @@ impl Inner {
         }
     }
 
-    /// Waits until no device access overlaps `r`; with `block` false, says whether one does.
-    fn drain(&self, r: Range, block: bool) -> bool {
+    /// Waits until no device access overlaps any of `ranges`; with `block` false, says whether
+    /// one does.
+    fn drain(&self, ranges: &[Range], block: bool) -> bool {
         let mut f = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if !f.ranges.iter().any(|(_, x)| x.overlaps(&r)) {
+            if !f
+                .ranges
+                .iter()
+                .any(|(_, x)| ranges.iter().any(|r| x.overlaps(r)))
+            {
                 return true;
             }
             if !block {
@@ -297,8 +341,8 @@ impl Teardown for Inner {
         "vfio"
     }
 
-    /// VFIO type1 cannot downgrade a mapping: every action unmaps the chunks touching the
-    /// range, once the device has drained (refused when it may not wait). `FreeLeaves` also
+    /// VFIO type1 cannot downgrade a mapping: every action unmaps the pieces touching the
+    /// range, once the device is done with them (refused when it may not wait). `FreeLeaves` also
     /// gives back the IOVA windows whose whole virtual range went (every window on `Release`).
     /// `unmap_chunk` counts the bytes it unmaps itself: none are returned.
     fn teardown(
@@ -309,20 +353,25 @@ impl Teardown for Inner {
         event: Event,
         blockable: bool,
     ) -> std::result::Result<(u64, ()), WouldBlock> {
-        if !self.drain(r, blockable) {
+        // Type1 unmaps a piece whole: the device must be done with every byte of the pieces
+        // the range touches, not only with the range (the others in the chunk stay mapped).
+        let hit = self.pieces_touching(g, r);
+        if !self.drain(&hit, blockable) {
             return Err(WouldBlock);
         }
         let first = self.key(r.start());
         let keys: Vec<u64> = g.chunks.range(first..r.end()).map(|(k, _)| *k).collect();
         for k in keys {
-            self.unmap_chunk(g, k);
+            self.unmap_pieces(g, k, |p| p.overlaps(r));
             let gone = action == Action::FreeLeaves
                 && (event == Event::Release
                     // The IOVA window goes with the last byte of its virtual range.
                     || window(k, self.granule, self.range)
                         .is_some_and(|w| r.start() <= w.start() && w.end() <= r.end()));
-            // Identity chunks own no IOVA window: an empty one is simply dropped.
-            if gone || g.alloc.is_none() {
+            // Identity chunks own no IOVA window: an empty one is simply dropped. A window
+            // whose whole virtual range went holds no piece any more (each overlapped `r`).
+            let empty = g.chunks.get(&k).is_some_and(|c| c.pieces.is_empty());
+            if gone || (g.alloc.is_none() && empty) {
                 self.forget_chunk(g, k);
             }
         }
@@ -561,10 +610,12 @@ impl VfioMapper {
     }
 
     /// Unmaps every chunk and forgets every IOVA window, as an invalidation of the whole range
-    /// would, without removing the subscription (the next fault maps again).
+    /// would, without removing the subscription (the next fault maps again). Waits for the
+    /// device accesses in flight first (so the calling thread must hold none).
     pub fn unmap_all(&self) {
         let inner = &*self.inner;
         let mut g = inner.lock_state();
+        inner.drain(&[inner.range], true);
         let keys: Vec<u64> = g.chunks.keys().copied().collect();
         for k in keys {
             inner.unmap_chunk(&mut g, k);
@@ -608,14 +659,14 @@ impl svmirror_core::Mirror for VfioMapper {
         VfioMapper::fault(self, range.start(), range.len(), write).map_err(MirrorError::from)
     }
 
-    /// One [`VfioMapper::access`] per chunk the range touches (an access through allocated
-    /// IOVAs stays within one chunk); the invalidations of the range wait for all of them.
+    /// One access per chunk the range touches (an access through allocated IOVAs stays within
+    /// one chunk), taken together; the invalidations of the range wait for all of them.
     fn begin_work(
         &self,
         range: Range,
         write: bool,
     ) -> std::result::Result<svmirror_core::InFlight<'_>, MirrorError> {
-        let mut held = Vec::new();
+        let mut parts = Vec::new();
         let mut at = range.start();
         while at < range.end() {
             let end = if self.inner.identity {
@@ -623,12 +674,11 @@ impl svmirror_core::Mirror for VfioMapper {
             } else {
                 (self.inner.key(at) + self.inner.granule).min(range.end())
             };
-            held.push(
-                self.access(at, end - at, write)
-                    .map_err(MirrorError::from)?,
-            );
+            parts.push((at, end - at, write));
             at = end;
         }
+        // One acquisition for all of them (see "Device accesses" in mapper.rs).
+        let held = self.access_many(&parts).map_err(MirrorError::from)?;
         Ok(svmirror_core::InFlight::new(held))
     }
 

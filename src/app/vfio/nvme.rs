@@ -14,10 +14,6 @@
 //! - **reads it back into a fresh `Vec`** (a Read command: the device writes ordinary heap
 //!   memory that was never registered), and the CPU computes on that copy.
 //!
-//! The span is faulted in writable first where the mirror allows it: a read fault can map a
-//! page (the zero page, a page shared for copy on write) that the CPU's next write replaces
-//! with no event, and the device would go on reading the old one.
-//!
 //! A stale translation therefore hands the CPU old data, and the app's check against the CPU
 //! reference fails. Results are **stored by the CPU**, under a device write access held on the
 //! result's address through the mirror (so memory the device may not write, such as a churn
@@ -231,24 +227,6 @@ impl Trip<'_> {
             let start = at & !(self.lba_size - 1);
             let stop = (start + MAX_TRIP).min(end.next_multiple_of(self.lba_size));
             let n = (stop - start) as usize;
-            // Fault the span in writable first where the CPU may write it: a device mapping
-            // made by a read fault can hold a page (the zero page, a page shared for COW) that
-            // the CPU's next write replaces with no event the mirror hears of, and the device
-            // would read the old one (the churn found it). Memory the mirror refuses to map
-            // writable (read-only, say) cannot be written by the CPU without an mprotect, and
-            // is read through a read mapping.
-            let mapper = self.nvme.mapper_for(start, n as u64)?;
-            match mapper.access(start, n as u64, true) {
-                Ok(held) => drop(held),
-                Err(e) if is_vfio_refusal(&e) => {}
-                Err(source) => {
-                    return Err(NvmeError::Access {
-                        addr: start,
-                        len: n as u64,
-                        source,
-                    });
-                }
-            }
             // The device reads the app's memory at its own address: no reference is made.
             self.nvme.write_raw(SCRATCH_LBA, start as *const u8, n)?;
             let mut fresh = vec![0u8; n];

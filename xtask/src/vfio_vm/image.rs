@@ -38,11 +38,12 @@ const APP_ARGS: &[&str] = &[
     "--slots",
     "2",
 ];
-/// Then `svmirror run --backend vfio` on the NVMe controller (`--vfio-device` it): the BFS
-/// and saxpy, one run each (sized for NVMe, not edu): every input (the graph's nodes and
-/// adjacency lists, the vectors) makes a round trip through the namespace's first blocks into
-/// fresh `Vec`s. The churn is not run on NVMe yet: it reads a stale slot in some runs (round 1,
-/// slot 3 at the default seed), under investigation.
+/// Then `svmirror run --backend vfio` on the NVMe controller (`--vfio-device` it): the BFS,
+/// saxpy and churn, one run each (sized for NVMe, not edu): every input (the graph's nodes and
+/// adjacency lists, the vectors, the slots) makes a round trip through the namespace's first
+/// blocks into fresh `Vec`s. The churn runs 32 rounds: before the mapper waited for commands in
+/// flight on a whole mapping (not only on the invalidated range), a CPU change next to a slot
+/// cut the device's read of it off in about one run of 8 rounds in 6.
 const NVME_BFS_ARGS: &[&str] = &[
     "run",
     "bfs",
@@ -53,6 +54,17 @@ const NVME_BFS_ARGS: &[&str] = &[
     "1000",
     "--degree",
     "4",
+];
+const NVME_CHURN_ARGS: &[&str] = &[
+    "run",
+    "churn",
+    "--backend",
+    "vfio",
+    "--quiet",
+    "--rounds",
+    "32",
+    "--slots",
+    "8",
 ];
 const NVME_SAXPY_ARGS: &[&str] = &[
     "run",
@@ -476,6 +488,7 @@ fn init_script(modules: &[String], also: Option<&[String]>) -> String {
         (APP_ARGS, "edu"),
         (NVME_BFS_ARGS, "nvme"),
         (NVME_SAXPY_ARGS, "nvme"),
+        (NVME_CHURN_ARGS, "nvme"),
         (BENCH_ARGS, "edu"),
         (BENCH_ARGS, "nvme"),
     ]

@@ -33,8 +33,8 @@ impl Inner {
     /// Plans the mapping of `run` (one mapping's pages inside the chunk at `key`) from fresh
     /// `entries`: the runs of valid pages no piece covers yet. Takes the update lock briefly
     /// (nothing in here can fault): reserves the chunk's IOVA window and the budget for the new
-    /// pieces, and unmaps a read-only piece that a writable one must replace (type1 cannot
-    /// upgrade a mapping in place).
+    /// pieces, and unmaps the read-only pieces that a writable one must replace (type1 cannot
+    /// upgrade a mapping in place), once the device accesses in flight on them are done.
     fn plan(&self, key: u64, run: Range, entries: &[u64], write: bool) -> Result<Option<Planned>> {
         let mut guard = self.lock_state();
         let g = &mut *guard;
@@ -58,12 +58,17 @@ impl Inner {
                 },
             );
         }
-        let upgrade = g.chunks[&key]
+        let replaced = |p: &Piece| write && !p.write && p.overlaps(run);
+        let upgrade: Vec<Range> = g.chunks[&key]
             .pieces
             .iter()
-            .any(|p| write && !p.write && p.va < run.end() && run.start() < p.va + p.len);
-        if upgrade {
-            self.unmap_chunk(g, key);
+            .filter(|p| replaced(p))
+            .filter_map(|p| Range::with_len(p.va, p.len).ok())
+            .collect();
+        if !upgrade.is_empty() {
+            // Under the update lock, as an invalidation waits: no access holder needs it.
+            self.drain(&upgrade, true);
+            self.unmap_pieces(g, key, replaced);
         }
         let chunk = &g.chunks[&key];
         let covered = |va: u64| chunk.pieces.iter().any(|p| p.va <= va && va < p.va + p.len);
@@ -142,8 +147,9 @@ impl Inner {
         reason = "read_retry said no invalidation ran since the plan, and only an invalidation \
                   removes a chunk"
     )]
-    fn publish(&self, g: &mut State, p: Planned) -> u64 {
+    fn publish(&self, g: &mut State, p: Planned) -> (u64, Vec<Piece>) {
         let bytes: u64 = p.pieces.iter().map(|piece| piece.len).sum();
+        let published = p.pieces.clone();
         let chunk = g
             .chunks
             .get_mut(&p.key)
@@ -153,7 +159,7 @@ impl Inner {
         chunk.pieces.sort_unstable_by_key(|piece| piece.va);
         g.mapped_bytes += bytes;
         self.counters.record_map(bytes);
-        bytes
+        (bytes, published)
     }
 
     fn map_one(&self, iova: u64, p: Piece) -> Result<()> {
@@ -243,7 +249,7 @@ impl VfioMapper {
         let r = self.check(addr, len)?;
         let _span =
             tracing::trace_span!("vfio.fault", start = r.start(), end = r.end(), write).entered();
-        let mut touched = Vec::new();
+        let mut published = Vec::new();
         let mut at = r.start();
         while at < r.end() {
             let w = window(at, self.inner.granule, self.inner.range).ok_or(
@@ -252,12 +258,18 @@ impl VfioMapper {
                     range: self.inner.range,
                 },
             )?;
-            if let Err(e) = self.fault_window(w, r, write, &mut touched) {
-                // Roll back: the chunks this call mapped into go (a chunk is the unit of
-                // invalidation, so earlier pieces in them go too and are refaulted later).
-                let mut g = self.inner.lock_state();
-                for k in touched {
-                    self.inner.unmap_chunk(&mut g, k);
+            if let Err(e) = self.fault_window(w, r, write, &mut published) {
+                // Roll back: the pieces this call mapped go, once any access another thread
+                // took on them since is done; pieces mapped before stay.
+                let inner = &*self.inner;
+                let mut g = inner.lock_state();
+                let ranges: Vec<Range> = published
+                    .iter()
+                    .filter_map(|p: &Piece| Range::with_len(p.va, p.len).ok())
+                    .collect();
+                inner.drain(&ranges, true);
+                for p in &published {
+                    inner.unmap_pieces(&mut g, inner.key(p.va), |q| q == p);
                 }
                 return Err(e);
             }
@@ -266,14 +278,14 @@ impl VfioMapper {
         Ok(())
     }
 
-    /// Maps the runs of each mapping in window `w` that overlap `want`; records in `touched`
-    /// the chunk if it mapped anything.
+    /// Maps the runs of each mapping in window `w` that overlap `want`; adds what it mapped to
+    /// `published`.
     fn fault_window(
         &self,
         w: Range,
         want: Range,
         write: bool,
-        touched: &mut Vec<u64>,
+        published: &mut Vec<Piece>,
     ) -> Result<()> {
         let core =
             |op, range| move |source| VfioError::Mirror(MirrorError::Core { op, range, source });
@@ -299,12 +311,7 @@ impl VfioMapper {
             if self.run_mapped(run, vma_write) {
                 continue;
             }
-            if self.fault_run(run, vma_write)? > 0 {
-                let key = self.inner.key(run.start());
-                if touched.last() != Some(&key) {
-                    touched.push(key);
-                }
-            }
+            published.extend(self.fault_run(run, vma_write)?);
         }
         Ok(())
     }
@@ -328,7 +335,8 @@ impl VfioMapper {
     /// The core's fault loop over one run of one mapping inside one chunk: plan, map with no
     /// lock held, publish (`fault_prepare_and_program`). Faults of one mapper are serialized
     /// (`fault_lock`, which no invalidation takes), so two never plan the same pieces.
-    fn fault_run(&self, run: Range, write: bool) -> Result<u64> {
+    /// Returns the pieces it mapped.
+    fn fault_run(&self, run: Range, write: bool) -> Result<Vec<Piece>> {
         let started = Instant::now();
         let key = self.inner.key(run.start());
         let mut entries = vec![0u64; run.pages() as usize];
@@ -361,7 +369,7 @@ impl VfioMapper {
                 program: |g: &mut UpdateGuard<'_, State>, _: &FaultRequest<'_>, prepared| {
                     match prepared {
                         Ok(Some(p)) => Ok(inner.publish(g, p)),
-                        Ok(None) => Ok(0),
+                        Ok(None) => Ok((0, Vec::new())),
                         Err(e) => Err(e),
                     }
                 },
@@ -369,70 +377,77 @@ impl VfioMapper {
         )
         .map_err(MirrorError::refused("fault", run))?;
         inner.counters.record_retries(stats.retries);
-        let bytes = res?;
+        let (bytes, published) = res?;
         inner.counters.record_fault(bytes, started.elapsed());
-        Ok(bytes)
+        Ok(published)
     }
 
     /// Faults `[addr, addr + len)` in and holds it mapped for a device access: invalidations
     /// of the range wait until the returned guard is dropped. The range must be contiguous in
-    /// IOVA space: anywhere in identity mode, within one chunk otherwise.
+    /// IOVA space: anywhere in identity mode, within one chunk otherwise. The calling thread
+    /// must hold no other access of this mapper (see [`VfioMapper::access_many`]).
     pub fn access(&self, addr: u64, len: u64, write: bool) -> Result<DeviceAccess<'_>> {
-        let r = self.check(addr, len)?;
-        if !self.inner.identity && self.inner.key(r.start()) != self.inner.key(r.last()) {
-            return Err(VfioError::Mirror(MirrorError::InvalidConfig {
-                reason: "an access through allocated IOVAs must stay within one chunk",
-            }));
+        let mut v = self.access_many(&[(addr, len, write)])?;
+        v.pop().ok_or(VfioError::Mirror(MirrorError::InvalidConfig {
+            reason: "no access was asked for",
+        }))
+    }
+
+    /// [`VfioMapper::access`] for several `(addr, len, write)` ranges at once, as one command
+    /// needs them (its data and its queue memory, say): each is faulted in, then all are
+    /// checked mapped and taken in one update-lock section, or none is.
+    ///
+    /// This is how a command must take what it needs: a thread holding an access that then
+    /// asks the same mapper for another could wait for the update lock while an invalidation
+    /// holds it waiting for the first access (type1 unmaps a mapping whole, so an invalidation
+    /// of a neighbour page waits for every access on its mapping). The kernel's GPU drivers
+    /// keep the same rule: a job's user pages are checked under the notifier lock once, and
+    /// their invalidation callbacks wait for the job's fences under it.
+    pub fn access_many(&self, ranges: &[(u64, u64, bool)]) -> Result<Vec<DeviceAccess<'_>>> {
+        let mut checked = Vec::with_capacity(ranges.len());
+        for &(addr, len, write) in ranges {
+            let r = self.check(addr, len)?;
+            if !self.inner.identity && self.inner.key(r.start()) != self.inner.key(r.last()) {
+                return Err(VfioError::Mirror(MirrorError::InvalidConfig {
+                    reason: "an access through allocated IOVAs must stay within one chunk",
+                }));
+            }
+            checked.push((addr, len, r, write));
         }
         let started = Instant::now();
         loop {
-            self.fault(addr, len, write)?;
+            for &(addr, len, _, write) in &checked {
+                self.fault(addr, len, write)?;
+            }
             let g = self.inner.lock_state();
-            let mapped = {
-                let mut at = r.start();
-                let mut ok = true;
-                while at < r.end() {
-                    let key = self.inner.key(at);
-                    let Some(c) = g.chunks.get(&key) else {
-                        ok = false;
-                        break;
-                    };
-                    match c
-                        .pieces
-                        .iter()
-                        .find(|p| p.va <= at && at < p.va + p.len && (p.write || !write))
-                    {
-                        Some(p) => at = p.va + p.len,
-                        None => {
-                            ok = false;
-                            break;
-                        }
-                    }
-                }
-                ok
-            };
-            if mapped {
-                let key = self.inner.key(addr);
-                let iova = g.chunks[&key].iova + (addr - key);
+            if checked
+                .iter()
+                .all(|&(_, _, r, write)| Self::mapped_in(&self.inner, &g, r, write))
+            {
                 let mut f = self
                     .inner
                     .inflight
                     .lock()
                     .unwrap_or_else(|p| p.into_inner());
-                let id = f.next;
-                f.next += 1;
-                f.ranges.push((id, r));
-                drop(f);
-                drop(g);
-                return Ok(DeviceAccess {
-                    inner: &self.inner,
-                    id,
-                    iova,
-                    range: r,
-                });
+                let mut held = Vec::with_capacity(checked.len());
+                for &(addr, _, r, _) in &checked {
+                    let key = self.inner.key(addr);
+                    let iova = g.chunks[&key].iova + (addr - key);
+                    let id = f.next;
+                    f.next += 1;
+                    f.ranges.push((id, r));
+                    held.push(DeviceAccess {
+                        inner: &self.inner,
+                        id,
+                        iova,
+                        range: r,
+                    });
+                }
+                return Ok(held);
             }
             drop(g);
             if started.elapsed() > self.inner.config.fault_timeout {
+                let r = checked.first().map_or(self.inner.range, |c| c.2);
                 return Err(VfioError::Mirror(MirrorError::Core {
                     op: "access",
                     range: r,
@@ -444,5 +459,24 @@ impl VfioMapper {
                 }));
             }
         }
+    }
+
+    /// Whether every page of `r` is mapped now (writable if `write`).
+    fn mapped_in(inner: &Inner, g: &State, r: Range, write: bool) -> bool {
+        let mut at = r.start();
+        while at < r.end() {
+            let Some(c) = g.chunks.get(&inner.key(at)) else {
+                return false;
+            };
+            match c
+                .pieces
+                .iter()
+                .find(|p| p.va <= at && at < p.va + p.len && (p.write || !write))
+            {
+                Some(p) => at = p.va + p.len,
+                None => return false,
+            }
+        }
+        true
     }
 }

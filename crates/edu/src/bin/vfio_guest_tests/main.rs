@@ -395,6 +395,111 @@ fn invalidation_waits_for_dma_in_flight(env: &Env) -> Res {
     Ok(())
 }
 
+/// Runs an edu DMA from the device into `dst` (2000 bytes loaded from `src` first) and, once
+/// it holds its access, `invalidate` from this thread; returns whether the DMA landed and the
+/// DMAR fault lines logged meanwhile.
+fn dma_across(
+    env: &Env,
+    m: &VfioMapper,
+    src: u64,
+    dst: u64,
+    invalidate: impl FnOnce() -> Res,
+) -> Result<(bool, Vec<String>), String> {
+    let want = pattern(src, 2000, 23);
+    fill(dst, 2000, 0);
+    env.edu
+        .copy_to_device(m, src, 2000, 0)
+        .map_err(err("load buffer"))?;
+    let before = dmar_faults().len();
+    std::thread::scope(|s| {
+        let t = s.spawn(|| env.edu.copy_from_device(m, 0, dst, 2000));
+        // The transfer takes ~100 ms of virtual time: invalidate once it holds its access.
+        let held = wait_for("the DMA to hold its access", || m.accesses_in_flight() == 1);
+        let inv = held.and_then(|()| invalidate());
+        let dma = match t.join() {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("DMA thread panicked".to_owned()),
+        };
+        inv.and(dma)
+    })?;
+    let after = dmar_faults();
+    Ok((
+        read(dst, 2000) == want,
+        after[before.min(after.len())..].to_vec(),
+    ))
+}
+
+/// An invalidation of pages the device is not using, in the same type1 mapping (one VMA's run
+/// in a chunk) as a DMA in flight, waits for the DMA: type1 unmaps a mapping whole, so
+/// unmapping it at once would cut the DMA off.
+///
+/// Seen failing before the fix (the teardown waited only for accesses on the invalidated range
+/// itself, then unmapped the whole chunk): "the DMA in flight did not land in memory". The
+/// NVMe churn met it as a Write command that read zeros from a slot: the IOMMU blocked its DMA
+/// (a DMAR read fault at the slot) and QEMU's NVMe still completed the command as a success.
+fn dma_survives_an_invalidation_elsewhere_in_its_mapping(env: &Env) -> Res {
+    let buf = env.buffer(2 << 20)?;
+    let m = env.mapper(buf, MapperConfig::default())?;
+    let far = Range::new(buf.start() + (1 << 20), buf.end()).map_err(err("range"))?;
+    let (landed, dmar) = dma_across(env, &m, buf.start() + 0x1000, buf.start() + 0x20000, || {
+        env.mm
+            .mprotect(far, Protection::READ)
+            .map_err(err("mprotect"))
+    })?;
+    env.mm
+        .mprotect(far, Protection::READ_WRITE)
+        .map_err(err("mprotect back"))?;
+    ensure!(
+        dmar.is_empty(),
+        "the invalidation of pages the DMA did not use cut it off: {dmar:?}"
+    );
+    ensure!(landed, "the DMA in flight did not land in memory");
+    Ok(())
+}
+
+/// An invalidation of another mapping in the same chunk leaves a DMA in flight alone: its own
+/// mapping stays (only the pieces the range touches are unmapped), and the DMA lands.
+///
+/// Seen failing before the fix, which unmapped the whole chunk under the DMA: "the DMA in
+/// flight did not land in memory".
+fn dma_is_left_alone_by_an_invalidation_of_another_mapping(env: &Env) -> Res {
+    let buf = env.buffer(2 << 20)?;
+    let second = Range::new(buf.start() + (1 << 20), buf.end()).map_err(err("range"))?;
+    // Two VMAs in one chunk: a plain mprotect splits the buffer before anything is mapped.
+    // SAFETY: the buffer is this scenario's; nothing refers into it.
+    let rc = unsafe {
+        libc::mprotect(
+            second.start() as usize as *mut libc::c_void,
+            second.len() as usize,
+            libc::PROT_READ,
+        )
+    };
+    ensure!(rc == 0, "mprotect: {}", std::io::Error::last_os_error());
+    let m = env.mapper(buf, MapperConfig::default())?;
+    m.fault(second.start(), PAGE_SIZE, false)
+        .map_err(err("fault the second mapping"))?;
+    let dst = buf.start() + 0x20000;
+    let (landed, dmar) = dma_across(env, &m, buf.start() + 0x1000, dst, || {
+        env.mm
+            .mprotect(second, Protection::READ_WRITE)
+            .map_err(err("mprotect"))
+    })?;
+    ensure!(
+        dmar.is_empty(),
+        "the invalidation of another mapping cut the DMA off: {dmar:?}"
+    );
+    ensure!(landed, "the DMA in flight did not land in memory");
+    ensure!(
+        m.translate(dst, true).is_some(),
+        "the invalidation of another mapping unmapped the DMA's own"
+    );
+    ensure!(
+        m.translate(second.start(), false).is_none(),
+        "the invalidated mapping is still mapped"
+    );
+    Ok(())
+}
+
 /// The mapping budget: a fault the budget cannot hold is refused before the kernel sees it and
 /// rolls back the chunks it mapped; with the check off the kernel's ENOSPC comes back typed.
 fn budget_refused_cleanly(env: &Env) -> Res {
@@ -744,6 +849,14 @@ fn main() {
         (
             "invalidation_waits_for_dma_in_flight",
             invalidation_waits_for_dma_in_flight,
+        ),
+        (
+            "dma_survives_an_invalidation_elsewhere_in_its_mapping",
+            dma_survives_an_invalidation_elsewhere_in_its_mapping,
+        ),
+        (
+            "dma_is_left_alone_by_an_invalidation_of_another_mapping",
+            dma_is_left_alone_by_an_invalidation_of_another_mapping,
         ),
         ("budget_refused_cleanly", budget_refused_cleanly),
         ("bad_input", bad_input),
