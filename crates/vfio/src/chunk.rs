@@ -2,8 +2,9 @@
 //! the mapping budget.
 //!
 //! Type1 cannot unmap part of an earlier mapping (an unmap that splits one fails), so the mapper
-//! maps in fixed, aligned chunks and invalidates whole chunks: an invalidation of part of a
-//! chunk unmaps all of it, and the next fault maps again what is still valid.
+//! maps in fixed, aligned chunks, each run of one VMA in a chunk one mapping, and invalidates
+//! whole mappings: an invalidation of part of one unmaps all of it, and the next fault maps
+//! again what is still valid.
 
 use std::collections::BTreeMap;
 

@@ -3,7 +3,8 @@
 //! an exact mirror of the CPU's page table through the core's interval notifier.
 //!
 //! - [`VfioMapper`]: the backend. Maps in fixed, aligned chunks (2 MiB where the range allows),
-//!   a chunk being the unit of invalidation because type1 cannot unmap part of a mapping;
+//!   each run of one VMA in a chunk one type1 mapping, unmapped whole by an invalidation that
+//!   touches it (type1 cannot unmap part of a mapping), once the device is done with it;
 //!   IOVA = virtual address where the IOMMU's IOVA ranges allow it, an [`IovaAllocator`]
 //!   otherwise; tracks the container's mapping budget (`dma_avail`); turns kernel errors into
 //!   typed [`VfioError`]s and rolls back a partial map.

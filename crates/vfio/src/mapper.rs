@@ -4,12 +4,12 @@
 //! # Chunks
 //!
 //! The mirrored range is cut into aligned chunks of one granule ([`chunk_granule`]: 2 MiB where
-//! the range allows, never below the IOMMU's smallest page). A chunk is the unit of
-//! invalidation: type1 cannot unmap part of an earlier mapping, so an invalidation that touches
-//! any byte of a chunk unmaps every mapping in it, and the next fault maps again what is still
-//! valid. Inside a chunk, each run of pages of one mapping (VMA) is one type1 mapping (a
-//! `vfio_dma` entry): a chunk holds one mapping in the common case, more where VMAs end inside
-//! it or where a later fault filled a gap.
+//! the range allows, never below the IOMMU's smallest page). Inside a chunk, each run of pages
+//! of one mapping (VMA) is one type1 mapping (a `vfio_dma` entry, a *piece*): a chunk holds one
+//! piece in the common case, more where VMAs end inside it or where a later fault filled a
+//! gap. A piece is the unit of invalidation: type1 cannot unmap part of an earlier mapping, so
+//! an invalidation unmaps every piece it touches whole (the other pieces of the chunk stay),
+//! and the next fault maps again what is still valid.
 //!
 //! # IOVAs
 //!
