@@ -196,7 +196,12 @@ struct Inner {
     fault_lock: Mutex<()>,
     counters: Counters,
     unmap_errors: AtomicU64,
+    /// Test hook: runs with each run a fault looked up, before it faults the run in.
+    fault_hook: FaultHook,
 }
+
+/// A test hook on the fault path ([`VfioMapper::set_fault_hook`]).
+type FaultHook = Mutex<Option<Box<dyn FnMut(Range) + Send>>>;
 
 /// Counts of what a [`VfioMapper`] holds now.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -518,6 +523,7 @@ impl VfioMapper {
             fault_lock: Mutex::new(()),
             counters: Counters::default(),
             unmap_errors: AtomicU64::new(0),
+            fault_hook: Mutex::new(None),
         });
         let sub = notifier
             .insert(range, inner.clone())
@@ -579,6 +585,18 @@ impl VfioMapper {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         f.ranges.len()
+    }
+
+    /// Runs `hook` with each run (one mapping's pages in a chunk) a fault has looked up, before
+    /// it faults the run in (`None` removes it). For tests that change the address space in
+    /// that window; not for production use.
+    #[doc(hidden)]
+    pub fn set_fault_hook(&self, hook: Option<Box<dyn FnMut(Range) + Send>>) {
+        *self
+            .inner
+            .fault_hook
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = hook;
     }
 
     /// The shared counters: faults by size and latency, retries, invalidations by reason,

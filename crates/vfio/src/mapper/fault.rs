@@ -184,6 +184,19 @@ impl Inner {
     }
 }
 
+/// Whether a fault failed because a page it was to map is not mapped (any more).
+fn page_gone(e: &VfioError) -> bool {
+    matches!(
+        e,
+        VfioError::BadAddress { .. }
+            | VfioError::NotMapped { .. }
+            | VfioError::Mirror(MirrorError::Core {
+                source: svmirror_core::Error::BadAddress { .. },
+                ..
+            })
+    )
+}
+
 /// A device access in flight on a mapped range (from [`VfioMapper::access`]): invalidations of
 /// the range wait until it is dropped, so the mapping stays in place while the device uses it.
 #[derive(Debug)]
@@ -280,6 +293,13 @@ impl VfioMapper {
 
     /// Maps the runs of each mapping in window `w` that overlap `want`; adds what it mapped to
     /// `published`.
+    ///
+    /// A run is the whole of its mapping's pages in the chunk, looked up before they are
+    /// faulted in; the pages around the request are mapped for later accesses, not because
+    /// the device asked for them. So when the run fails because its mapping changed since the
+    /// lookup (another thread unmapped part of it: the core, or the map's pin, finds a page
+    /// gone), the window is looked at again and only what was asked for is faulted: a change
+    /// next to the request must not refuse it.
     fn fault_window(
         &self,
         w: Range,
@@ -290,13 +310,24 @@ impl VfioMapper {
         let core =
             |op, range| move |source| VfioError::Mirror(MirrorError::Core { op, range, source });
         let mut at = w.start();
+        let mut only_asked = false;
         while at < w.end() {
             let area = self.source.area(at, w.end()).map_err(core("fault", w))?;
-            let run = Range::new(at, area.end).map_err(core("fault", w))?;
-            at = area.end;
-            let Some(need) = run.intersect(&want) else {
+            let whole = Range::new(at, area.end).map_err(core("fault", w))?;
+            let Some(need) = whole.intersect(&want) else {
+                at = area.end;
                 continue;
             };
+            let run = if only_asked { need } else { whole };
+            if let Some(hook) = self
+                .inner
+                .fault_hook
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_mut()
+            {
+                hook(run);
+            }
             let vma_write = match area.kind {
                 AreaKind::Mapped { read: true, write } => write,
                 _ => return Err(VfioError::NotMapped { addr: need.start() }),
@@ -309,9 +340,18 @@ impl VfioMapper {
                 }));
             }
             if self.run_mapped(run, vma_write) {
+                at = area.end;
                 continue;
             }
-            published.extend(self.fault_run(run, vma_write)?);
+            match self.fault_run(run, vma_write) {
+                Ok(p) => published.extend(p),
+                Err(e) if !only_asked && run != need && page_gone(&e) => {
+                    only_asked = true;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            at = area.end;
         }
         Ok(())
     }
