@@ -525,6 +525,58 @@ impl Nvme {
         Ok(())
     }
 
+    /// **A driver bug on purpose, for the scenario that shows the IOMMU blocking a device whose
+    /// memory went away; not for production use.** Reads one page or less from block `lba`
+    /// into `[addr, addr + len)` (page-aligned `addr`) through a bus address taken while the
+    /// buffer was mapped but **not held** during the command: `between` runs after the hold is
+    /// dropped and before the doorbell, so the CPU may unmap the buffer (through the SVM API,
+    /// whose invalidation the mapper no longer has to wait for) and the device then writes an
+    /// IOVA the IOMMU no longer maps. Returns what the controller reported.
+    ///
+    /// # Safety
+    ///
+    /// The device writes whatever pages the IOMMU maps at the buffer's IOVA when it runs the
+    /// command: the caller must make sure that is the buffer itself or nothing.
+    #[doc(hidden)]
+    pub unsafe fn read_unheld(
+        &mut self,
+        lba: u64,
+        addr: u64,
+        len: u64,
+        between: impl FnOnce(),
+    ) -> Result<()> {
+        let ns = self.namespace()?;
+        prp::check(&ns, lba, addr, len)?;
+        if addr % PAGE != 0 || len > PAGE {
+            return Err(NvmeError::Unsupported {
+                what: "an unheld read of more than one aligned page",
+            });
+        }
+        let mapper = self.mapper_for(addr, len)?;
+        let prp1 = {
+            let held = Held::new(&mapper, addr, len, true)?;
+            held.iova(addr).ok_or(NvmeError::NoMapper { addr, len })?
+        };
+        between();
+        let (region, region_len) = (self.mem()?.addr(), self.mem()?.len());
+        let region_mapper = self.mapper_for(region, region_len)?;
+        let _region = Held::new(&region_mapper, region, region_len, true)?;
+        self.execute(
+            true,
+            Command {
+                opcode: io::READ,
+                nsid: ns.nsid,
+                prp1,
+                prp2: 0,
+                cdw10: lba as u32,
+                cdw11: (lba >> 32) as u32,
+                cdw12: (len / ns.lba_size - 1) as u32,
+            },
+        )?;
+        self.stats.bytes_read += len;
+        Ok(())
+    }
+
     /// Reads (`opcode` READ) or writes `len` bytes of memory at `addr`.
     ///
     /// The memory is the caller's `&mut [u8]` (read) or `&[u8]` (write), borrowed for the

@@ -6,13 +6,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use svmirror_core::{Event, Range};
-use svmirror_mm::ProcessMm;
+use svmirror_core::{Event, PAGE_SIZE, Range};
+use svmirror_mm::{ProcessMm, Protection};
 use svmirror_nvme::{Nvme, NvmeConfig, NvmeDevice};
 use svmirror_vfio::{IovaMode, MapperConfig, VfioContainer, VfioMapper};
 
 use crate::Res;
-use crate::support::{chain, err, status_bytes};
+use crate::support::{chain, dmar_faults, err, expect_dmar_fault, fill, read, status_bytes};
 
 /// The image xtask makes: 8 MiB, 512-byte sectors, sector `n` holding `n` (u64, little
 /// endian) 64 times. Keep in step with `xtask/src/vfio_vm/image.rs` (`write_nvme_image`).
@@ -53,11 +53,14 @@ fn check_pattern(buf: &[u8], at: u64) -> Res {
 /// gone: a mapper fault walks every mapping in its 2 MiB chunk, and fails on a device mapping
 /// (edu's BAR) that userfaultfd cannot register.
 struct NvmeEnv {
-    // Field order is drop order: the controller (reset), the mapper, the container, the mm.
-    nvme: Nvme,
+    // Field order is drop order: these handles on the mappers first, so that the controller's
+    // are the last ones and its drop (reset, then its fields in order) unmaps everything
+    // before its device detaches the group from the container (type1 refuses unmaps after
+    // that); then the container, the mm.
     mappers: Vec<Arc<VfioMapper>>,
+    nvme: Nvme,
     _container: Arc<VfioContainer>,
-    _mm: Arc<ProcessMm>,
+    mm: Arc<ProcessMm>,
 }
 
 impl NvmeEnv {
@@ -112,7 +115,7 @@ impl NvmeEnv {
             nvme,
             mappers,
             _container: container,
-            _mm: mm,
+            mm,
         })
     }
 }
@@ -293,6 +296,10 @@ pub(crate) fn run() -> (usize, usize) {
         ("nvme_bad_input", bad_input),
         ("nvme_read_churn", read_churn),
         (
+            "nvme_unmapped_buffer_blocked_by_the_iommu",
+            unmapped_buffer_blocked_by_the_iommu,
+        ),
+        (
             "nvme_timeout_resets_the_controller",
             timeout_resets_the_controller,
         ),
@@ -415,6 +422,86 @@ fn read_churn(n: &mut NvmeEnv) -> Res {
 /// A command that outlives its timeout is a typed error, and the controller is reset before
 /// it returns (so it no longer writes the buffer); every later command answers `Halted`.
 /// Runs last: the controller stays reset.
+/// A command outstanding when its buffer is unmapped. Through the driver, which holds the
+/// buffer's access until the completion, the munmap waits for the command (the scenario suite
+/// and the churn show it). Here the driver drops the hold on purpose
+/// (`Nvme::read_unheld`) and the CPU unmaps the buffer through the SVM API before the
+/// doorbell, then maps new memory at the same address: the device's write to the old IOVA is
+/// blocked by the IOMMU (a DMAR write fault at the buffer's address), the new memory is left
+/// alone, and the driver gets a typed result and goes on working.
+///
+/// QEMU's NVMe (7.2) completes such a command as a success: its DMA helpers write through a
+/// bounce buffer whose failed write-back they do not report, so the driver cannot tell;
+/// a real controller reports a data transfer error. What the driver saw is printed.
+fn unmapped_buffer_blocked_by_the_iommu(n: &mut NvmeEnv) -> Res {
+    let mm = n.mm.clone();
+    let buf = mm
+        .mmap_anonymous(PAGE_SIZE, Protection::READ_WRITE)
+        .map_err(err("mmap"))?;
+    fill(buf.start(), PAGE_SIZE, 0x11);
+    let before = dmar_faults().len();
+    let mut remapped = Ok(());
+    // The CPU frees the buffer with the command prepared but not yet submitted (the SVM API
+    // munmap: the mapper unmaps its IOVA), and new memory takes its address.
+    let between = || {
+        // SAFETY: nothing refers into the buffer.
+        remapped = unsafe { mm.munmap(buf) }
+            .map_err(|e| format!("munmap: {e}"))
+            .and_then(|()| {
+                // SAFETY: the address was just unmapped by this scenario; MAP_FIXED puts new
+                // private memory there.
+                let p = unsafe {
+                    libc::mmap(
+                        buf.start() as usize as *mut libc::c_void,
+                        PAGE_SIZE as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                        -1,
+                        0,
+                    )
+                };
+                if p as u64 == buf.start() {
+                    fill(buf.start(), PAGE_SIZE, 0x22);
+                    Ok(())
+                } else {
+                    Err(format!("mmap: {}", std::io::Error::last_os_error()))
+                }
+            });
+    };
+    // SAFETY: when the device runs the command, the IOMMU maps nothing at the buffer's IOVA
+    // (the munmap invalidated it, and the new memory is not faulted in through the mapper
+    // before the command completes).
+    let r = unsafe { n.nvme.read_unheld(3, buf.start(), PAGE_SIZE, between) };
+    println!("nvme: a read whose buffer was unmapped before the doorbell returned {r:?}");
+    remapped?;
+    let line = expect_dmar_fault(before, buf.start(), "DMA Write")?;
+    println!("DMAR (NVMe read into an unmapped buffer): {line}");
+    let new = read(buf.start(), PAGE_SIZE);
+    // SAFETY: the new memory is this scenario's; nothing refers into it.
+    unsafe {
+        libc::munmap(
+            buf.start() as usize as *mut libc::c_void,
+            PAGE_SIZE as usize,
+        )
+    };
+    ensure!(
+        new.iter().all(|&b| b == 0x22),
+        "the device wrote the memory now at the unmapped buffer's address"
+    );
+    if let Err(e) = &r {
+        ensure!(
+            !matches!(e, svmirror_nvme::NvmeError::Access { .. }),
+            "the buffer was refused before the command: {e}"
+        );
+    }
+    ensure!(!n.nvme.is_halted(), "the controller was reset: {r:?}");
+    // The driver goes on: the next read lands in a fresh Vec.
+    let lba_size = n.nvme.namespace().map_err(err("namespace"))?.lba_size;
+    let mut v = vec![0u8; 4096];
+    n.nvme.read(3, &mut v).map_err(chain("read after"))?;
+    check_pattern(&v, 3 * lba_size)
+}
+
 fn timeout_resets_the_controller(n: &mut NvmeEnv) -> Res {
     use svmirror_nvme::NvmeError as E;
     // No time at all: the first poll after the doorbell finds the command still running.
