@@ -200,7 +200,12 @@ pub struct VulkanMirror {
     pub(crate) pipelines: Pipelines,
     pub(crate) dispatch_buffers: Mutex<Option<crate::dispatch::DispatchBuffers>>,
     pub(crate) device_memory: Arc<crate::migrate::DeviceMemory>,
+    /// Test hook: runs with each chunk a fault chose, before it faults the chunk in.
+    pub(crate) fault_hook: FaultHook,
 }
+
+/// A test hook on the fault path ([`VulkanMirror::set_fault_hook`]).
+pub(crate) type FaultHook = Mutex<Option<Box<dyn FnMut(Range) + Send>>>;
 
 impl std::fmt::Debug for VulkanMirror {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -269,6 +274,7 @@ impl VulkanMirror {
             pipelines,
             dispatch_buffers: Mutex::new(None),
             device_memory,
+            fault_hook: Mutex::new(None),
         })
     }
 
@@ -396,6 +402,17 @@ impl VulkanMirror {
         }
     }
 
+    /// Runs `hook` with each chunk a fault has chosen around its page, before it faults the
+    /// chunk in (`None` removes it). For tests that change the address space in that window;
+    /// not for production use.
+    #[doc(hidden)]
+    pub fn set_fault_hook(&self, hook: Option<Box<dyn FnMut(Range) + Send>>) {
+        *self
+            .fault_hook
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = hook;
+    }
+
     /// Makes the page at `page` translatable (writable if `write`): the fault path of the
     /// [module documentation](self).
     pub(crate) fn resolve(&self, page: u64, write: bool) -> Result<()> {
@@ -475,6 +492,14 @@ impl VulkanMirror {
                     })?
                 }
             };
+            if let Some(hook) = self
+                .fault_hook
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_mut()
+            {
+                hook(chunk);
+            }
             let mut entries = vec![0u64; chunk.pages() as usize];
             let mut req =
                 FaultRequest::fault_all(chunk, &mut entries, vma_write).with_owner(inner.owner);
@@ -534,11 +559,25 @@ impl VulkanMirror {
             let raced = svmirror_core::FaultStats::retries_in(&outcome);
             inner.counters.record_retries(raced);
             retries += raced;
-            match outcome {
-                Ok((Ok(true), _)) => {}
+            let failed = match outcome {
+                Ok((Ok(true), _)) => None,
                 Ok((Ok(false), _)) => continue,
-                Ok((Err(e), _)) => return Err(e),
-                Err(e) => return Err(fault_err(page, write)(e)),
+                Ok((Err(e), _)) => Some(e),
+                Err(e) => Some(fault_err(page, write)(e)),
+            };
+            if let Some(e) = failed {
+                // The chunk was cut to the mapping as it was looked up: a page of it beside
+                // this one, unmapped or protected by another thread since (its event may still
+                // be on its way), fails the chunk where this page would not. Look again.
+                if self
+                    .mapping_around(page, write)
+                    .is_ok_and(|(now, _)| now != allowed)
+                {
+                    retries += 1;
+                    inner.counters.record_retry();
+                    continue;
+                }
+                return Err(e);
             }
             inner.counters.record_fault(chunk.len(), started.elapsed());
             inner.counters.record_map(chunk.len());

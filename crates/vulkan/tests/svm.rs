@@ -460,6 +460,69 @@ fn unsafe_slice(addr: u64, len: usize) -> &'static mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(addr as *mut f32, len) }
 }
 
+/// A fault imports a chunk around its page, cut to the page's mapping as it was looked up.
+/// When another thread unmaps a page of that chunk beside the faulting one before the chunk is
+/// faulted in, the chunk fails (the core finds a page gone) where the faulting page would not:
+/// the fault looks again and the dispatch completes. Forced with the mirror's fault hook: the
+/// first page of the chunk that holds no data is unmapped just before the chunk is faulted in.
+///
+/// Seen failing with the look-again turned off: the dispatch failed with a `Fault` whose source
+/// is `BadAddress` at the unmapped page, not the faulting one. The app's churn on VFIO/NVMe hit
+/// the same race in the VFIO backend by chance (a read-write slot refused, about one run in
+/// 20).
+#[test]
+fn a_page_beside_the_fault_unmapped_under_it_is_looked_at_again() {
+    let _s = serial();
+    let rig = Rig::new();
+    let m = rig.mirror();
+    const BLOCK: u64 = 2 << 20;
+    let block = rig
+        .mm
+        .mmap_anonymous(2 * BLOCK, svmirror_mm::Protection::READ_WRITE)
+        .unwrap();
+    let b = block.start().next_multiple_of(BLOCK);
+    let (x, y) = (b + 4 * PAGE, b + 64 * PAGE);
+    let n = (16 * PAGE / 4) as usize;
+    write_f32s(x, (0..n).map(|i| i as f32));
+    write_f32s(y, (0..n).map(|_| 1.0));
+    let data = move |p: u64| (x..x + 16 * PAGE).contains(&p) || (y..y + 16 * PAGE).contains(&p);
+    let gone = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let at = gone.clone();
+    m.set_fault_hook(Some(Box::new(move |chunk: svmirror_core::Range| {
+        if at.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+            return;
+        }
+        let Some(p) = (chunk.start()..chunk.end())
+            .step_by(PAGE as usize)
+            .find(|&p| !data(p))
+        else {
+            return;
+        };
+        at.store(p, std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: a page of our own mapping that holds none of the dispatch's data.
+        let rc = unsafe { libc::munmap(p as *mut libc::c_void, PAGE as usize) };
+        assert_eq!(rc, 0);
+    })));
+    // SAFETY: `x` and `y` hold `n` floats each in our block, touched by raw pointers only.
+    let r = unsafe { m.dispatch(&saxpy(x, y, n as u32, 2.0)) };
+    m.set_fault_hook(None);
+    assert_ne!(
+        gone.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the hook unmapped a page beside the fault"
+    );
+    let stats = r.unwrap();
+    for i in (0..n).step_by(113) {
+        assert_eq!(read_f32(y, i), 2.0 * i as f32 + 1.0, "y[{i}]");
+    }
+    assert!(stats.pages_resolved >= 1, "{stats:?}");
+    // The block has a hole now, which the SVM API refuses to unmap: libc's munmap.
+    // SAFETY: our own mapping, touched by raw pointers only.
+    let rc = unsafe { libc::munmap(block.start() as *mut libc::c_void, block.len() as usize) };
+    assert_eq!(rc, 0);
+    rig.finish();
+}
+
 /// A fault looks at every mapping in its 2 MiB block and registers each with the userfaultfd.
 /// When one of them changes between that lookup and its registration (another thread unmapping
 /// or mapping memory next to the buffer), the registration says so (`Error::Busy`) and
