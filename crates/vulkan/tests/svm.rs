@@ -9,7 +9,8 @@ use common::*;
 use svmirror_core::{Event, FaultSize};
 use svmirror_testsupport::{MONITOR_WAIT, eventually, serial};
 use svmirror_vulkan::{
-    BfsNode, ChaseNode, Dispatch, Kernel, MirrorConfig, StagedChase, StagedStream,
+    BfsNode, ChaseNode, Dispatch, DispatchStats, Kernel, MirrorConfig, StagedChase, StagedStream,
+    VulkanError, VulkanMirror,
 };
 
 fn saxpy(x: u64, y: u64, n: u32, a: f32) -> Dispatch {
@@ -460,6 +461,66 @@ fn unsafe_slice(addr: u64, len: usize) -> &'static mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(addr as *mut f32, len) }
 }
 
+/// A saxpy laid out in a 2 MiB block of its own (inside a 4 MiB mapping), for the tests that
+/// change the block's mappings under a fault: x is 16 pages from 4 pages in, y 16 pages from
+/// 64 pages in, both written.
+struct BlockSaxpy {
+    mapping: svmirror_core::Range,
+    block: u64,
+    x: u64,
+    y: u64,
+    n: usize,
+}
+
+impl BlockSaxpy {
+    fn new(rig: &Rig) -> BlockSaxpy {
+        const BLOCK: u64 = 2 << 20;
+        let mapping = rig
+            .mm
+            .mmap_anonymous(2 * BLOCK, svmirror_mm::Protection::READ_WRITE)
+            .unwrap();
+        let block = mapping.start().next_multiple_of(BLOCK);
+        let (x, y) = (block + 4 * PAGE, block + 64 * PAGE);
+        let n = (16 * PAGE / 4) as usize;
+        write_f32s(x, (0..n).map(|i| i as f32));
+        write_f32s(y, (0..n).map(|_| 1.0));
+        BlockSaxpy {
+            mapping,
+            block,
+            x,
+            y,
+            n,
+        }
+    }
+
+    /// Whether page `p` holds x or y.
+    fn holds_data(&self, p: u64) -> bool {
+        (self.x..self.x + 16 * PAGE).contains(&p) || (self.y..self.y + 16 * PAGE).contains(&p)
+    }
+
+    fn dispatch(&self, m: &VulkanMirror) -> Result<DispatchStats, VulkanError> {
+        // SAFETY: `x` and `y` hold `n` floats each in our block, touched by raw pointers only.
+        unsafe { m.dispatch(&saxpy(self.x, self.y, self.n as u32, 2.0)) }
+    }
+
+    /// Checks y, and unmaps the mapping with libc: the tests leave holes in it, which the SVM
+    /// API refuses to unmap.
+    fn check_and_unmap(self, stats: &DispatchStats) {
+        for i in (0..self.n).step_by(113) {
+            assert_eq!(read_f32(self.y, i), 2.0 * i as f32 + 1.0, "y[{i}]");
+        }
+        assert!(stats.pages_resolved >= 1, "{stats:?}");
+        // SAFETY: our own mapping, touched by raw pointers only.
+        let rc = unsafe {
+            libc::munmap(
+                self.mapping.start() as *mut libc::c_void,
+                self.mapping.len() as usize,
+            )
+        };
+        assert_eq!(rc, 0);
+    }
+}
+
 /// A fault imports a chunk around its page, cut to the page's mapping as it was looked up.
 /// When another thread unmaps a page of that chunk beside the faulting one before the chunk is
 /// faulted in, the chunk fails (the core finds a page gone) where the faulting page would not:
@@ -475,26 +536,16 @@ fn a_page_beside_the_fault_unmapped_under_it_is_looked_at_again() {
     let _s = serial();
     let rig = Rig::new();
     let m = rig.mirror();
-    const BLOCK: u64 = 2 << 20;
-    let block = rig
-        .mm
-        .mmap_anonymous(2 * BLOCK, svmirror_mm::Protection::READ_WRITE)
-        .unwrap();
-    let b = block.start().next_multiple_of(BLOCK);
-    let (x, y) = (b + 4 * PAGE, b + 64 * PAGE);
-    let n = (16 * PAGE / 4) as usize;
-    write_f32s(x, (0..n).map(|i| i as f32));
-    write_f32s(y, (0..n).map(|_| 1.0));
-    let data = move |p: u64| (x..x + 16 * PAGE).contains(&p) || (y..y + 16 * PAGE).contains(&p);
+    let t = std::sync::Arc::new(BlockSaxpy::new(&rig));
     let gone = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let at = gone.clone();
+    let (at, layout) = (gone.clone(), t.clone());
     m.set_fault_hook(Some(Box::new(move |chunk: svmirror_core::Range| {
         if at.load(std::sync::atomic::Ordering::SeqCst) != 0 {
             return;
         }
         let Some(p) = (chunk.start()..chunk.end())
             .step_by(PAGE as usize)
-            .find(|&p| !data(p))
+            .find(|&p| !layout.holds_data(p))
         else {
             return;
         };
@@ -503,23 +554,15 @@ fn a_page_beside_the_fault_unmapped_under_it_is_looked_at_again() {
         let rc = unsafe { libc::munmap(p as *mut libc::c_void, PAGE as usize) };
         assert_eq!(rc, 0);
     })));
-    // SAFETY: `x` and `y` hold `n` floats each in our block, touched by raw pointers only.
-    let r = unsafe { m.dispatch(&saxpy(x, y, n as u32, 2.0)) };
+    let r = t.dispatch(m);
     m.set_fault_hook(None);
     assert_ne!(
         gone.load(std::sync::atomic::Ordering::SeqCst),
         0,
         "the hook unmapped a page beside the fault"
     );
-    let stats = r.unwrap();
-    for i in (0..n).step_by(113) {
-        assert_eq!(read_f32(y, i), 2.0 * i as f32 + 1.0, "y[{i}]");
-    }
-    assert!(stats.pages_resolved >= 1, "{stats:?}");
-    // The block has a hole now, which the SVM API refuses to unmap: libc's munmap.
-    // SAFETY: our own mapping, touched by raw pointers only.
-    let rc = unsafe { libc::munmap(block.start() as *mut libc::c_void, block.len() as usize) };
-    assert_eq!(rc, 0);
+    let t = std::sync::Arc::into_inner(t).expect("the hook is gone");
+    t.check_and_unmap(&r.unwrap());
     rig.finish();
 }
 
@@ -537,22 +580,19 @@ fn a_neighbour_changing_under_the_fault_is_looked_at_again() {
     let _s = serial();
     let rig = Rig::new();
     let m = rig.mirror();
-    const BLOCK: u64 = 2 << 20;
-    // A 2 MiB block of our own: a two-page neighbour, a PROT_NONE page that keeps it a VMA of
-    // its own, and the buffer after it.
-    let block = rig
-        .mm
-        .mmap_anonymous(2 * BLOCK, svmirror_mm::Protection::READ_WRITE)
-        .unwrap();
-    let b = block.start().next_multiple_of(BLOCK);
+    // The block: a two-page neighbour, a PROT_NONE page that keeps it a VMA of its own, and
+    // the buffers after it.
+    let t = BlockSaxpy::new(&rig);
+    let neighbour = t.block;
     // SAFETY: a page of our own fresh mapping, touched by no one.
-    let rc = unsafe { libc::mprotect((b + 2 * PAGE) as *mut libc::c_void, PAGE as usize, 0) };
+    let rc = unsafe {
+        libc::mprotect(
+            (neighbour + 2 * PAGE) as *mut libc::c_void,
+            PAGE as usize,
+            0,
+        )
+    };
     assert_eq!(rc, 0);
-    let neighbour = b;
-    let (x, y) = (b + 4 * PAGE, b + 64 * PAGE);
-    let n = (16 * PAGE / 4) as usize;
-    write_f32s(x, (0..n).map(|i| i as f32));
-    write_f32s(y, (0..n).map(|_| 1.0));
     let shrunk = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = shrunk.clone();
     rig.mm
@@ -564,20 +604,12 @@ fn a_neighbour_changing_under_the_fault_is_looked_at_again() {
                 assert_eq!(rc, 0);
             }
         })));
-    // SAFETY: `x` and `y` hold `n` floats each in our block, touched by raw pointers only.
-    let stats = unsafe { m.dispatch(&saxpy(x, y, n as u32, 2.0)) }.unwrap();
+    let r = t.dispatch(m);
     rig.mm.set_register_hook(None);
     assert!(
         shrunk.load(std::sync::atomic::Ordering::SeqCst),
         "the hook shrank the neighbour"
     );
-    for i in (0..n).step_by(113) {
-        assert_eq!(read_f32(y, i), 2.0 * i as f32 + 1.0, "y[{i}]");
-    }
-    assert!(stats.pages_resolved >= 1, "{stats:?}");
-    // The block has a hole now, which the SVM API refuses to unmap: libc's munmap.
-    // SAFETY: our own mapping, touched by raw pointers only.
-    let rc = unsafe { libc::munmap(block.start() as *mut libc::c_void, block.len() as usize) };
-    assert_eq!(rc, 0);
+    t.check_and_unmap(&r.unwrap());
     rig.finish();
 }
