@@ -117,6 +117,17 @@ pub enum VfioError {
         /// The first page without one.
         addr: u64,
     },
+    /// The calling thread asked the mapper for an access or a fault while it holds one of its
+    /// accesses: the call could wait on an invalidation that waits for that access. A command
+    /// takes everything it needs in one `VfioMapper::access_many`.
+    #[error(
+        "this thread already holds a device access of this mapper (at {held}): take what one \
+         command needs in one access_many, or drop the access first"
+    )]
+    NestedAccess {
+        /// The range of the access it holds.
+        held: Range,
+    },
 }
 
 /// The crate's result type.

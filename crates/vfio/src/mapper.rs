@@ -53,7 +53,10 @@
 //! rule is theirs too: **a thread that holds an access of a mapper must not ask the same mapper
 //! for another** (nor fault through it): the second call may need the update lock that an
 //! invalidation holds while it waits for the first. A command that needs several ranges (its
-//! data, its queue memory) takes them in one [`VfioMapper::access_many`].
+//! data, its queue memory) takes them in one [`VfioMapper::access_many`]. Such a call is
+//! refused with [`VfioError::NestedAccess`] rather than left to hang; the read-outs
+//! ([`VfioMapper::translate`], [`VfioMapper::stats`], ...) take the update lock as well, so a
+//! thread holding an access should not rely on them while an invalidation may be waiting.
 //!
 //! # Budget
 //!
@@ -175,7 +178,8 @@ struct State {
 #[derive(Debug, Default)]
 struct InFlight {
     next: u64,
-    ranges: Vec<(u64, Range)>,
+    /// `(id, range, the thread that took it)`.
+    ranges: Vec<(u64, Range, std::thread::ThreadId)>,
 }
 
 /// The backend half the notifier calls.
@@ -292,7 +296,7 @@ impl Inner {
             if !f
                 .ranges
                 .iter()
-                .any(|(_, x)| ranges.iter().any(|r| x.overlaps(r)))
+                .any(|(_, x, _)| ranges.iter().any(|r| x.overlaps(r)))
             {
                 return true;
             }
@@ -300,6 +304,18 @@ impl Inner {
                 return false;
             }
             f = self.inflight_cv.wait(f).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Refuses a call from a thread that holds one of this mapper's accesses (see "Device
+    /// accesses" above): it could wait for the update lock, or in `drain`, for an
+    /// invalidation that waits for the access it holds.
+    fn not_nested(&self) -> Result<()> {
+        let me = std::thread::current().id();
+        let f = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        match f.ranges.iter().find(|(_, _, t)| *t == me) {
+            Some(&(_, held, _)) => Err(VfioError::NestedAccess { held }),
+            None => Ok(()),
         }
     }
 

@@ -226,7 +226,7 @@ impl Drop for DeviceAccess<'_> {
             .inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        f.ranges.retain(|(id, _)| *id != self.id);
+        f.ranges.retain(|(id, _, _)| *id != self.id);
         drop(f);
         self.inner.inflight_cv.notify_all();
     }
@@ -257,9 +257,11 @@ impl VfioMapper {
     /// Faults `[addr, addr + len)` in and maps every chunk it touches (writable if `write`),
     /// as a device fault would. Each chunk maps the whole run of its mapping around the
     /// request. Errors: outside the mirror, memory a device may not use, a write to read-only
-    /// memory, the budget or the IOVA space exhausted, or the kernel's refusal (typed).
+    /// memory, the budget or the IOVA space exhausted, the kernel's refusal (typed), or
+    /// [`VfioError::NestedAccess`] when the calling thread holds an access of this mapper.
     pub fn fault(&self, addr: u64, len: u64, write: bool) -> Result<()> {
         let r = self.check(addr, len)?;
+        self.inner.not_nested()?;
         let _span =
             tracing::trace_span!("vfio.fault", start = r.start(), end = r.end(), write).entered();
         let mut published = Vec::new();
@@ -470,12 +472,13 @@ impl VfioMapper {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner());
                 let mut held = Vec::with_capacity(checked.len());
+                let me = std::thread::current().id();
                 for &(addr, _, r, _) in &checked {
                     let key = self.inner.key(addr);
                     let iova = g.chunks[&key].iova + (addr - key);
                     let id = f.next;
                     f.next += 1;
-                    f.ranges.push((id, r));
+                    f.ranges.push((id, r, me));
                     held.push(DeviceAccess {
                         inner: &self.inner,
                         id,

@@ -536,6 +536,40 @@ fn a_change_next_to_the_request_does_not_refuse_it(env: &Env) -> Res {
     Ok(())
 }
 
+/// A thread that holds an access of a mapper and asks it for another (or faults through it) is
+/// refused with a typed error instead of risking a hang (the second call could wait for the
+/// update lock while an invalidation holds it waiting for the first access); another thread
+/// is not, nor is the same thread once it dropped the access; `access_many` takes several at
+/// once.
+fn a_nested_access_is_refused(env: &Env) -> Res {
+    let buf = env.buffer(2 << 20)?;
+    let m = env.mapper(buf, MapperConfig::default())?;
+    let (a, b) = (buf.start(), buf.start() + (1 << 20));
+    let held = m.access(a, PAGE_SIZE, false).map_err(err("access"))?;
+    let nested = m.access(b, PAGE_SIZE, false).map(drop);
+    ensure!(
+        matches!(nested, Err(VfioError::NestedAccess { .. })),
+        "a second access by the holder: {nested:?}"
+    );
+    let fault = m.fault(b, PAGE_SIZE, false);
+    ensure!(
+        matches!(fault, Err(VfioError::NestedAccess { .. })),
+        "a fault by the holder: {fault:?}"
+    );
+    let other = std::thread::scope(|s| {
+        s.spawn(|| m.access(b, PAGE_SIZE, false).map(drop))
+            .join()
+            .map_err(|_| "the other thread panicked".to_owned())
+    })?;
+    other.map_err(err("an access by another thread"))?;
+    drop(held);
+    let both = m
+        .access_many(&[(a, PAGE_SIZE, false), (b, PAGE_SIZE, true)])
+        .map_err(err("access_many"))?;
+    ensure!(both.len() == 2, "access_many held {} ranges", both.len());
+    Ok(())
+}
+
 /// The mapping budget: a fault the budget cannot hold is refused before the kernel sees it and
 /// rolls back the chunks it mapped; with the check off the kernel's ENOSPC comes back typed.
 fn budget_refused_cleanly(env: &Env) -> Res {
@@ -898,6 +932,7 @@ fn main() {
             "a_change_next_to_the_request_does_not_refuse_it",
             a_change_next_to_the_request_does_not_refuse_it,
         ),
+        ("a_nested_access_is_refused", a_nested_access_is_refused),
         ("budget_refused_cleanly", budget_refused_cleanly),
         ("bad_input", bad_input),
         ("backend_contract", backend_contract),
