@@ -46,10 +46,11 @@
 //!
 //! # Layout
 //!
-//! This file opens the device and the mirrors and runs the apps on them; `engine` does the
-//! device work of one call (transfers, staging, write-back), `bench` the micro-benchmarks.
+//! This file opens the device and the mirrors; `apps` runs the apps on a device that only
+//! moves bytes, for edu and NVMe alike; `engine` does edu's device work of one call
+//! (transfers, staging, write-back), `nvme` the drive's, and `bench`, `nvme_bench` the
+//! micro-benchmarks.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -66,6 +67,7 @@ use super::{
     error_chain,
 };
 
+mod apps;
 mod bench;
 mod engine;
 mod nvme;
@@ -74,7 +76,6 @@ mod nvme_bench;
 pub use nvme::NvmeBackend;
 
 use bench::bench;
-use engine::{Lines, Stores};
 
 /// The lowest address mirrored (page 0 is never mapped).
 const USER_START: u64 = PAGE_SIZE;
@@ -367,10 +368,6 @@ pub(super) fn mirrors_text(count: usize, granule: u64, identity: bool) -> String
     format!("{count} mirror(s) in {} KiB chunks, {iova}", granule >> 10)
 }
 
-fn dev_err(app: &'static str, what: &'static str) -> impl FnOnce(EduError) -> AppError {
-    move |e| AppError::device(app, BackendKind::Vfio, what, e)
-}
-
 impl Backend for VfioBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Vfio
@@ -389,55 +386,11 @@ impl Backend for VfioBackend {
     }
 
     unsafe fn bfs(&self, root: *const Node, progress: Progress<'_>) -> Result<(u64, DeviceWork)> {
-        const LEVEL: u64 = std::mem::offset_of!(Node, level) as u64;
-        const DEGREE: u64 = std::mem::offset_of!(Node, degree) as u64;
-        const EDGES: u64 = std::mem::offset_of!(Node, edges) as u64;
-        const _: () = assert!(EDGES == DEGREE + 8, "degree and edges load as one block");
         let dev = self.lock();
         let mut e = self.engine(&dev);
-        let root = root as u64;
-        let mut lines = Lines::default();
-        let mut stores = Stores::default();
-        let mut level: HashMap<u64, u64> = HashMap::new();
-        let mut queue = std::collections::VecDeque::new();
-        level.insert(root, 0);
-        stores.push(root + LEVEL, &0u64.to_ne_bytes());
-        queue.push_back(root);
-        let mut done = 0u64;
-        let mut header = [0u8; 16];
-        let mut adj = Vec::new();
-        while let Some(node) = queue.pop_front() {
-            let next = level[&node] + 1;
-            lines
-                .read(&mut e, node + DEGREE, &mut header)
-                .map_err(dev_err("bfs", "reading a node"))?;
-            let degree = u64_at(&header, 0);
-            let edges = u64_at(&header, 8);
-            adj.resize(degree as usize * 8, 0);
-            lines
-                .read(&mut e, edges, &mut adj)
-                .map_err(dev_err("bfs", "reading an adjacency list"))?;
-            for k in 0..degree as usize {
-                let to = u64_at(&adj, k * 8);
-                if let std::collections::hash_map::Entry::Vacant(v) = level.entry(to) {
-                    v.insert(next);
-                    stores.push(to + LEVEL, &next.to_ne_bytes());
-                    queue.push_back(to);
-                }
-            }
-            done += 1;
-            if done % 16 == 0 {
-                progress(done, level.len() as u64);
-            }
-        }
-        for r in e
-            .write_back(&stores.0)
-            .map_err(dev_err("bfs", "writing levels back"))?
-        {
-            r.map_err(dev_err("bfs", "writing a level"))?;
-        }
-        progress(done, level.len() as u64);
-        Ok((level.len() as u64, self.finish(e)))
+        // SAFETY: the caller's contract.
+        let reached = unsafe { apps::bfs(&mut e, root, progress) }?;
+        Ok((reached, self.finish(e)))
     }
 
     unsafe fn saxpy(
@@ -448,35 +401,10 @@ impl Backend for VfioBackend {
         n: usize,
         progress: Progress<'_>,
     ) -> Result<DeviceWork> {
-        // One transfer's worth of f32s per block.
-        const BLOCK: usize = (MAX_TRANSFER / 4) as usize;
         let dev = self.lock();
         let mut e = self.engine(&dev);
-        let (x, y) = (x as u64, y as u64);
-        let mut xs = Vec::with_capacity(BLOCK * 4);
-        let mut ys = Vec::with_capacity(BLOCK * 4);
-        let mut i = 0;
-        while i < n {
-            let len = BLOCK.min(n - i);
-            let off = (i * 4) as u64;
-            xs.resize(len * 4, 0);
-            ys.resize(len * 4, 0);
-            e.fetch(x + off, &mut xs)
-                .map_err(dev_err("saxpy", "reading x"))?;
-            e.fetch(y + off, &mut ys)
-                .map_err(dev_err("saxpy", "reading y"))?;
-            crate::app::saxpy::saxpy_bytes(a, &mut ys, &xs);
-            let mut stores = Stores::default();
-            stores.push(y + off, &ys);
-            for r in e
-                .write_back(&stores.0)
-                .map_err(dev_err("saxpy", "writing y back"))?
-            {
-                r.map_err(dev_err("saxpy", "writing y"))?;
-            }
-            i += len;
-            progress(i as u64, n as u64);
-        }
+        // SAFETY: the caller's contract.
+        unsafe { apps::saxpy(&mut e, a, x, y, n, progress) }?;
         Ok(self.finish(e))
     }
 
@@ -487,57 +415,8 @@ impl Backend for VfioBackend {
     ) -> Result<(Vec<SlotResult>, DeviceWork)> {
         let dev = self.lock();
         let mut e = self.engine(&dev);
-        let mut entries = vec![0u8; n * std::mem::size_of::<SlotRef>()];
-        if n > 0 {
-            e.fetch(table as u64, &mut entries)
-                .map_err(dev_err("churn", "reading the slot table"))?;
-        }
-        // Per slot: the sum, or the address the device was refused at.
-        let mut sums: Vec<std::result::Result<u64, u64>> = Vec::with_capacity(n);
-        let mut stores = Stores::default();
-        let mut stored = Vec::new();
-        let mut data = Vec::new();
-        for i in 0..n {
-            let addr = u64_at(&entries, i * 16);
-            let words = u64_at(&entries, i * 16 + 8);
-            if addr == 0 || words == 0 {
-                sums.push(Err(addr));
-                continue;
-            }
-            data.resize((words - 1) as usize * 8, 0);
-            match e.fetch(addr, &mut data) {
-                Ok(()) => {}
-                Err(err) if is_refusal(&err) => {
-                    sums.push(Err(addr));
-                    continue;
-                }
-                Err(err) => return Err(dev_err("churn", "reading a slot")(err)),
-            }
-            let sum = data
-                .chunks_exact(8)
-                .fold(0u64, |s, w| s.wrapping_add(u64_at(w, 0)));
-            let last = addr + (words - 1) * 8;
-            stored.push((i, last));
-            stores.push(last, &sum.to_ne_bytes());
-            sums.push(Ok(sum));
-        }
-        let written = e
-            .write_back(&stores.0)
-            .map_err(dev_err("churn", "writing sums back"))?;
-        for ((i, last), r) in stored.into_iter().zip(written) {
-            match r {
-                Ok(()) => {}
-                Err(err) if is_refusal(&err) => sums[i] = Err(last),
-                Err(err) => return Err(dev_err("churn", "writing a sum")(err)),
-            }
-        }
-        let results = sums
-            .into_iter()
-            .map(|s| match s {
-                Ok(sum) => SlotResult::Stored(sum),
-                Err(addr) => SlotResult::Refused { addr },
-            })
-            .collect();
+        // SAFETY: the caller's contract.
+        let results = unsafe { apps::sum_slots(&mut e, table, n) }?;
         Ok((results, self.finish(e)))
     }
 

@@ -1,15 +1,15 @@
 //! The device work of one backend call: the [`Engine`] splits transfers at mirror and chunk
 //! boundaries and moves them through edu's buffer and the staging page; [`Stores`] batches
-//! the results written back by device DMA, [`Lines`] caches what the BFS read.
+//! the results written back by device DMA. The engine is the apps' [`Mover`] on edu.
 
-use std::collections::HashMap;
 use std::sync::atomic::{Ordering, fence};
 use std::time::Instant;
 
 use svmirror_edu::EduError;
 use svmirror_vfio::{VfioError, VfioMapper};
 
-use super::{Device, MAX_TRANSFER, VfioBackend};
+use super::apps::Mover;
+use super::{Device, MAX_TRANSFER, VfioBackend, is_refusal};
 use crate::app::{Backend, DeviceWork};
 
 /// The BFS's read cache line: aligned, so a line never leaves the page of the bytes asked for.
@@ -209,35 +209,41 @@ impl Stores {
     }
 }
 
-/// The BFS's per-call read cache of aligned [`LINE`]-byte lines the device fetched.
-#[derive(Default)]
-pub(super) struct Lines(HashMap<u64, Box<[u8]>>);
+/// The apps through edu: fetches by DMA into the staging page, stores by DMA back out
+/// ([`Engine::write_back`]).
+impl Mover for Engine<'_> {
+    type Error = EduError;
+    const BLOCK: u64 = LINE;
+    const SAXPY_BYTES: u64 = MAX_TRANSFER;
 
-impl Lines {
-    pub(super) fn read(
+    fn fetch(&mut self, addr: u64, out: &mut [u8]) -> std::result::Result<(), EduError> {
+        Engine::fetch(self, addr, out)
+    }
+
+    unsafe fn store(
         &mut self,
-        e: &mut Engine<'_>,
-        addr: u64,
-        out: &mut [u8],
-    ) -> std::result::Result<(), EduError> {
-        let mut done = 0usize;
-        while done < out.len() {
-            let at = addr + done as u64;
-            let line = at & !(LINE - 1);
-            let within = (at - line) as usize;
-            let n = (out.len() - done).min(LINE as usize - within);
-            let data = match self.0.entry(line) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let mut data = vec![0u8; LINE as usize].into_boxed_slice();
-                    e.fetch(line, &mut data)?;
-                    v.insert(data)
-                }
-            };
-            out[done..done + n].copy_from_slice(&data[within..within + n]);
-            done += n;
+        stores: &[(u64, &[u8])],
+    ) -> std::result::Result<Vec<std::result::Result<(), EduError>>, EduError> {
+        let mut parts = Stores::default();
+        let mut counts = Vec::with_capacity(stores.len());
+        for &(addr, bytes) in stores {
+            let before = parts.0.len();
+            parts.push(addr, bytes);
+            counts.push(parts.0.len() - before);
         }
-        Ok(())
+        let mut written = self.write_back(&parts.0)?.into_iter();
+        // A store split over several transfers fails with its first part that failed.
+        Ok(counts
+            .into_iter()
+            .map(|c| {
+                let parts: Vec<_> = written.by_ref().take(c).collect();
+                parts.into_iter().find(|r| r.is_err()).unwrap_or(Ok(()))
+            })
+            .collect())
+    }
+
+    fn refused(e: &EduError) -> bool {
+        is_refusal(e)
     }
 }
 

@@ -24,7 +24,6 @@
 //! QEMU's emulated controller, writes need `--nvme-allow-write`
 //! ([`NvmeConfig::allow_write`]), and are refused with a typed error otherwise.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -34,11 +33,10 @@ use svmirror_mm::ProcessMm;
 use svmirror_nvme::{Nvme, NvmeConfig, NvmeDevice, NvmeError};
 use svmirror_vfio::{VfioContainer, VfioMapper};
 
+use super::apps::{self, Mover, dev_err};
 use super::{is_vfio_refusal, mirror_address_space, open_container, unavailable};
 use crate::app::report::Figure;
-use crate::app::{
-    AppError, Backend, BackendKind, DeviceWork, Node, Progress, Result, SlotRef, SlotResult,
-};
+use crate::app::{Backend, BackendKind, DeviceWork, Node, Progress, Result, SlotRef, SlotResult};
 
 /// The most bytes one round trip through the namespace moves.
 const MAX_TRIP: u64 = 128 << 10;
@@ -91,10 +89,6 @@ pub(super) fn is_nvme_refusal(e: &NvmeError) -> bool {
         NvmeError::NoMapper { .. } => true,
         _ => false,
     }
-}
-
-fn dev_err(app: &'static str, what: &'static str) -> impl FnOnce(NvmeError) -> AppError {
-    move |e| AppError::device(app, BackendKind::Vfio, what, e)
 }
 
 impl NvmeBackend {
@@ -151,6 +145,7 @@ impl NvmeBackend {
         }
         let stats = nvme.stats();
         Ok(Trip {
+            mappers: &self.mappers,
             nvme,
             lba_size,
             started: Instant::now(),
@@ -172,38 +167,12 @@ impl NvmeBackend {
                 .saturating_sub(t.faults_before),
         }
     }
-
-    /// Stores `bytes` at `addr` by CPU under a device write access held through the mirror:
-    /// an address the device may not write is refused (`Ok(false)`).
-    ///
-    /// # Safety
-    ///
-    /// `[addr, addr + bytes.len())` is memory nothing else accesses during the call, valid
-    /// for any bytes, and no Rust reference to it is alive.
-    unsafe fn store(&self, addr: u64, bytes: &[u8]) -> std::result::Result<bool, NvmeError> {
-        let len = bytes.len() as u64;
-        let Some(mapper) = self.mappers.iter().find(|m| {
-            let r = m.range();
-            r.start() <= addr && addr.saturating_add(len) <= r.end()
-        }) else {
-            return Ok(false);
-        };
-        let _held = match mapper.access(addr, len, true) {
-            Ok(a) => a,
-            Err(e) if is_vfio_refusal(&e) => return Ok(false),
-            Err(source) => return Err(NvmeError::Access { addr, len, source }),
-        };
-        // SAFETY: the mirror just granted write access to the range, so it is mapped and
-        // writable; the caller guarantees nothing else accesses it and no reference to it
-        // exists; a raw copy, no reference made.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
-        Ok(true)
-    }
 }
 
 /// One backend call's use of the drive: round trips through the scratch blocks, and the
 /// counts at the start.
 struct Trip<'a> {
+    mappers: &'a [Arc<VfioMapper>],
     nvme: &'a mut Nvme,
     lba_size: u64,
     started: Instant,
@@ -211,7 +180,14 @@ struct Trip<'a> {
     faults_before: u64,
 }
 
-impl Trip<'_> {
+/// The apps through the drive: a fetch is a round trip through the scratch blocks; a store is
+/// a CPU store under a device write access held through the mirror (a block device cannot
+/// store 8 bytes without rewriting the block around them).
+impl Mover for Trip<'_> {
+    type Error = NvmeError;
+    const BLOCK: u64 = PAGE_SIZE;
+    const SAXPY_BYTES: u64 = MAX_TRIP;
+
     /// Fetches `out.len()` bytes at `addr` through the drive: the device writes the span,
     /// rounded out to whole blocks, from the process's memory to the scratch blocks, then
     /// reads them back into a fresh `Vec`, which `out` is filled from.
@@ -239,43 +215,40 @@ impl Trip<'_> {
         }
         Ok(())
     }
-}
 
-/// The BFS's read cache: whole pages fetched through the drive (a page is readable whenever
-/// any byte of it is).
-#[derive(Default)]
-struct Pages(HashMap<u64, Vec<u8>>);
-
-impl Pages {
-    fn read(
+    unsafe fn store(
         &mut self,
-        t: &mut Trip<'_>,
-        addr: u64,
-        out: &mut [u8],
-    ) -> std::result::Result<(), NvmeError> {
-        let mut done = 0usize;
-        while done < out.len() {
-            let at = addr + done as u64;
-            let page = at & !(PAGE_SIZE - 1);
-            let off = (at - page) as usize;
-            let n = (PAGE_SIZE as usize - off).min(out.len() - done);
-            let cached = match self.0.entry(page) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let mut p = vec![0u8; PAGE_SIZE as usize];
-                    t.fetch(page, &mut p)?;
-                    v.insert(p)
-                }
-            };
-            out[done..done + n].copy_from_slice(&cached[off..off + n]);
-            done += n;
-        }
-        Ok(())
+        stores: &[(u64, &[u8])],
+    ) -> std::result::Result<Vec<std::result::Result<(), NvmeError>>, NvmeError> {
+        Ok(stores
+            .iter()
+            .map(|&(addr, bytes)| {
+                let len = bytes.len() as u64;
+                let mapper = self
+                    .mappers
+                    .iter()
+                    .find(|m| {
+                        let r = m.range();
+                        r.start() <= addr && addr.saturating_add(len) <= r.end()
+                    })
+                    .ok_or(NvmeError::NoMapper { addr, len })?;
+                let _held = mapper
+                    .access(addr, len, true)
+                    .map_err(|source| NvmeError::Access { addr, len, source })?;
+                // SAFETY: the mirror just granted write access to the range, so it is mapped
+                // and writable; the caller guarantees nothing else accesses it and no
+                // reference to it exists; a raw copy, no reference made.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len())
+                };
+                Ok(())
+            })
+            .collect())
     }
-}
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    super::u64_at(b, at)
+    fn refused(e: &NvmeError) -> bool {
+        is_nvme_refusal(e)
+    }
 }
 
 impl Backend for NvmeBackend {
@@ -301,68 +274,11 @@ impl Backend for NvmeBackend {
     }
 
     unsafe fn bfs(&self, root: *const Node, progress: Progress<'_>) -> Result<(u64, DeviceWork)> {
-        const LEVEL: u64 = std::mem::offset_of!(Node, level) as u64;
-        const DEGREE: u64 = std::mem::offset_of!(Node, degree) as u64;
-        const EDGES: u64 = std::mem::offset_of!(Node, edges) as u64;
-        const _: () = assert!(EDGES == DEGREE + 8, "degree and edges load as one block");
         let mut nvme = self.lock();
         let mut t = self.trip(&mut nvme).map_err(dev_err("bfs", "namespace"))?;
-        let root = root as u64;
-        let mut pages = Pages::default();
-        let mut level: HashMap<u64, u64> = HashMap::new();
-        let mut order = Vec::new();
-        let mut queue = std::collections::VecDeque::new();
-        level.insert(root, 0);
-        order.push(root);
-        queue.push_back(root);
-        let mut done = 0u64;
-        let mut header = [0u8; 16];
-        let mut adj = Vec::new();
-        while let Some(node) = queue.pop_front() {
-            let next = level[&node] + 1;
-            pages
-                .read(&mut t, node + DEGREE, &mut header)
-                .map_err(dev_err("bfs", "reading a node"))?;
-            let degree = u64_at(&header, 0);
-            let edges = u64_at(&header, 8);
-            adj.resize(degree as usize * 8, 0);
-            pages
-                .read(&mut t, edges, &mut adj)
-                .map_err(dev_err("bfs", "reading an adjacency list"))?;
-            for k in 0..degree as usize {
-                let to = u64_at(&adj, k * 8);
-                if let std::collections::hash_map::Entry::Vacant(v) = level.entry(to) {
-                    v.insert(next);
-                    order.push(to);
-                    queue.push_back(to);
-                }
-            }
-            done += 1;
-            if done % 16 == 0 {
-                progress(done, level.len() as u64);
-            }
-        }
-        let work = self.finish(t);
-        drop(nvme);
-        for node in order {
-            // SAFETY: a node reachable from `root`, which nothing else accesses during the
-            // call (the caller's contract); its `level` field is a u64.
-            let stored = unsafe { self.store(node + LEVEL, &level[&node].to_ne_bytes()) }
-                .map_err(dev_err("bfs", "storing a level"))?;
-            if !stored {
-                return Err(AppError::device(
-                    "bfs",
-                    BackendKind::Vfio,
-                    "storing a level",
-                    NvmeError::NoMapper {
-                        addr: node + LEVEL,
-                        len: 8,
-                    },
-                ));
-            }
-        }
-        progress(done, level.len() as u64);
-        Ok((level.len() as u64, work))
+        // SAFETY: the caller's contract.
+        let reached = unsafe { apps::bfs(&mut t, root, progress) }?;
+        Ok((reached, self.finish(t)))
     }
 
     unsafe fn saxpy(
@@ -373,48 +289,13 @@ impl Backend for NvmeBackend {
         n: usize,
         progress: Progress<'_>,
     ) -> Result<DeviceWork> {
-        const BLOCK: usize = (MAX_TRIP / 4) as usize;
-        let (x, y) = (x as u64, y as u64);
-        let mut xs = Vec::with_capacity(BLOCK * 4);
-        let mut ys = Vec::with_capacity(BLOCK * 4);
-        let mut work = DeviceWork::default();
-        let mut i = 0;
-        while i < n {
-            let len = BLOCK.min(n - i);
-            let off = (i * 4) as u64;
-            xs.resize(len * 4, 0);
-            ys.resize(len * 4, 0);
-            {
-                let mut nvme = self.lock();
-                let mut t = self
-                    .trip(&mut nvme)
-                    .map_err(dev_err("saxpy", "namespace"))?;
-                t.fetch(x + off, &mut xs)
-                    .map_err(dev_err("saxpy", "reading x"))?;
-                t.fetch(y + off, &mut ys)
-                    .map_err(dev_err("saxpy", "reading y"))?;
-                work.add(&self.finish(t));
-            }
-            crate::app::saxpy::saxpy_bytes(a, &mut ys, &xs);
-            // SAFETY: elements `i..i + len` of `y`, which nothing else accesses during the
-            // call (the caller's contract).
-            let stored =
-                unsafe { self.store(y + off, &ys) }.map_err(dev_err("saxpy", "storing y"))?;
-            if !stored {
-                return Err(AppError::device(
-                    "saxpy",
-                    BackendKind::Vfio,
-                    "storing y",
-                    NvmeError::NoMapper {
-                        addr: y + off,
-                        len: ys.len() as u64,
-                    },
-                ));
-            }
-            i += len;
-            progress(i as u64, n as u64);
-        }
-        Ok(work)
+        let mut nvme = self.lock();
+        let mut t = self
+            .trip(&mut nvme)
+            .map_err(dev_err("saxpy", "namespace"))?;
+        // SAFETY: the caller's contract.
+        unsafe { apps::saxpy(&mut t, a, x, y, n, progress) }?;
+        Ok(self.finish(t))
     }
 
     unsafe fn sum_slots(
@@ -422,59 +303,13 @@ impl Backend for NvmeBackend {
         table: *const SlotRef,
         n: usize,
     ) -> Result<(Vec<SlotResult>, DeviceWork)> {
-        let mut entries = vec![0u8; n * std::mem::size_of::<SlotRef>()];
         let mut nvme = self.lock();
         let mut t = self
             .trip(&mut nvme)
             .map_err(dev_err("churn", "namespace"))?;
-        if n > 0 {
-            t.fetch(table as u64, &mut entries)
-                .map_err(dev_err("churn", "reading the slot table"))?;
-        }
-        // Per slot: the sum and where it goes, or the address the device was refused at.
-        let mut sums: Vec<std::result::Result<(u64, u64), u64>> = Vec::with_capacity(n);
-        let mut data = Vec::new();
-        for i in 0..n {
-            let addr = u64_at(&entries, i * 16);
-            let words = u64_at(&entries, i * 16 + 8);
-            if addr == 0 || words == 0 {
-                sums.push(Err(addr));
-                continue;
-            }
-            data.resize((words - 1) as usize * 8, 0);
-            if !data.is_empty() {
-                match t.fetch(addr, &mut data) {
-                    Ok(()) => {}
-                    Err(err) if is_nvme_refusal(&err) => {
-                        sums.push(Err(addr));
-                        continue;
-                    }
-                    Err(err) => return Err(dev_err("churn", "reading a slot")(err)),
-                }
-            }
-            let sum = data
-                .chunks_exact(8)
-                .fold(0u64, |s, w| s.wrapping_add(u64_at(w, 0)));
-            sums.push(Ok((sum, addr + (words - 1) * 8)));
-        }
-        let work = self.finish(t);
-        drop(nvme);
-        let mut results = Vec::with_capacity(n);
-        for s in sums {
-            results.push(match s {
-                Ok((sum, last)) => {
-                    // SAFETY: the slot's last word, which nothing writes during the call (the
-                    // caller's contract); a u64.
-                    match unsafe { self.store(last, &sum.to_ne_bytes()) } {
-                        Ok(true) => SlotResult::Stored(sum),
-                        Ok(false) => SlotResult::Refused { addr: last },
-                        Err(e) => return Err(dev_err("churn", "storing a sum")(e)),
-                    }
-                }
-                Err(addr) => SlotResult::Refused { addr },
-            });
-        }
-        Ok((results, work))
+        // SAFETY: the caller's contract.
+        let results = unsafe { apps::sum_slots(&mut t, table, n) }?;
+        Ok((results, self.finish(t)))
     }
 
     fn mirrors(&self) -> Vec<&dyn Mirror> {
