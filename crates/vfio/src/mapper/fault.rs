@@ -262,6 +262,17 @@ impl VfioMapper {
     pub fn fault(&self, addr: u64, len: u64, write: bool) -> Result<()> {
         let r = self.check(addr, len)?;
         self.inner.not_nested()?;
+        // A plain munmap, mremap or madvise returns once the monitor has read its event
+        // (fs/userfaultfd.c: reading completes it), before anything is invalidated: wait until
+        // every change over the range that was read is handled, so that neither the check
+        // below nor the lookup and registration of the mappings uses what such a change ended.
+        self.source.settle(r).map_err(|source| {
+            VfioError::Mirror(MirrorError::Core {
+                op: "settle",
+                range: r,
+                source,
+            })
+        })?;
         let _span =
             tracing::trace_span!("vfio.fault", start = r.start(), end = r.end(), write).entered();
         let mut published = Vec::new();
