@@ -273,6 +273,11 @@ impl VfioMapper {
                 source,
             })
         })?;
+        // Mapped already, the common case of an access: no mapping to look up. (A piece is
+        // only made after its mapping was registered, and, settled, stays current.)
+        if Self::mapped_in(&self.inner, &self.inner.lock_state(), r, write) {
+            return Ok(());
+        }
         let _span =
             tracing::trace_span!("vfio.fault", start = r.start(), end = r.end(), write).entered();
         let mut published = Vec::new();

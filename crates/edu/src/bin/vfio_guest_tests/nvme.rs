@@ -12,7 +12,9 @@ use svmirror_nvme::{Nvme, NvmeConfig, NvmeDevice};
 use svmirror_vfio::{IovaMode, MapperConfig, VfioContainer, VfioMapper};
 
 use crate::Res;
-use crate::support::{chain, dmar_faults, err, expect_dmar_fault, fill, read, status_bytes};
+use crate::support::{
+    chain, dmar_faults, err, expect_dmar_fault, fill, read, status_bytes, wait_for_dmar_ratelimit,
+};
 
 /// The image xtask makes: 8 MiB, 512-byte sectors, sector `n` holding `n` (u64, little
 /// endian) 64 times. Keep in step with `xtask/src/vfio_vm/image.rs` (`write_nvme_image`).
@@ -67,7 +69,7 @@ impl NvmeEnv {
     fn open() -> Result<NvmeEnv, String> {
         // glibc's mmap threshold is dynamic: the first free of an mmapped block raises it, and
         // the next block of that size comes from the heap, at another address. Fixed, a freed
-        // 256 KiB buffer's address is reused by the next one, as the reuse scenario needs.
+        // 2 MiB buffer's address is reused by the next one, as the reuse scenario needs.
         // SAFETY: mallopt changes only the allocator's tuning.
         unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10) };
         let mm = Arc::new(ProcessMm::new().map_err(err("ProcessMm::new (userfaultfd)"))?);
@@ -221,7 +223,11 @@ fn write_from_heap_object(n: &mut NvmeEnv) -> Res {
 /// never written again), and the munmap took the old mapping away.
 fn freed_buffer_address_reused(n: &mut NvmeEnv) -> Res {
     let lba_size = n.nvme.namespace().map_err(err("namespace"))?.lba_size;
-    let len = 256 << 10;
+    // Large enough that no free chunk of the heap holds it: glibc mmaps it (and munmaps it on
+    // free), whatever the earlier scenarios left in the heap. The reads stay clear of the
+    // blocks the write scenario changed.
+    let len = 2 << 20;
+    let (first_lba, lba) = ((4 << 20) / lba_size, (6 << 20) / lba_size);
     let unmaps = |n: &NvmeEnv| -> u64 {
         n.mappers
             .iter()
@@ -230,8 +236,10 @@ fn freed_buffer_address_reused(n: &mut NvmeEnv) -> Res {
     };
     let before = unmaps(n);
     let mut a = vec![0u8; len];
-    n.nvme.read(0, &mut a).map_err(chain("first read"))?;
-    check_pattern(&a, 0)?;
+    n.nvme
+        .read(first_lba, &mut a)
+        .map_err(chain("first read"))?;
+    check_pattern(&a, first_lba * lba_size)?;
     let old = a.as_ptr() as u64;
     drop(a);
     let mut b = vec![0u8; len];
@@ -240,7 +248,6 @@ fn freed_buffer_address_reused(n: &mut NvmeEnv) -> Res {
         new == old,
         "the allocator did not reuse {old:#x} (got {new:#x}): no reuse to test"
     );
-    let lba = 2048;
     n.nvme.read(lba, &mut b).map_err(chain("second read"))?;
     check_pattern(&b, lba * lba_size).map_err(|e| format!("new memory at the old address: {e}"))?;
     let seen = unmaps(n) - before;
@@ -439,6 +446,8 @@ fn unmapped_buffer_blocked_by_the_iommu(n: &mut NvmeEnv) -> Res {
         .mmap_anonymous(PAGE_SIZE, Protection::READ_WRITE)
         .map_err(err("mmap"))?;
     fill(buf.start(), PAGE_SIZE, 0x11);
+    // The edu scenarios' faults may still hold the kernel's DMAR print ratelimit.
+    wait_for_dmar_ratelimit();
     let before = dmar_faults().len();
     let mut remapped = Ok(());
     // The CPU frees the buffer with the command prepared but not yet submitted (the SVM API
