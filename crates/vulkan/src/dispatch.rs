@@ -154,8 +154,21 @@ impl VulkanMirror {
     }
 
     /// Submits `sub` with its fence in the in-flight list, waits, and takes it off the list.
+    ///
+    /// Settles the mirrored range first: a plain munmap, mremap or madvise returns once its
+    /// userfaultfd event is read (fs/userfaultfd.c: reading completes it), before the monitor
+    /// invalidated anything, and the shader goes through every translation the table still
+    /// holds without asking; so the submission waits until every change the monitor has read
+    /// is handled (`PageSource::settle`).
     fn run_tracked(&self, mut sub: Submission) -> Result<()> {
         let inner = &*self.inner;
+        self.mm.settle(inner.range).map_err(|source| {
+            VulkanError::Mirror(svmirror_core::MirrorError::Core {
+                op: "settle",
+                range: inner.range,
+                source,
+            })
+        })?;
         let id = {
             let mut g = inner.state.lock();
             sub.submit()?;

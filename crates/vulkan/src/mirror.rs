@@ -425,6 +425,10 @@ impl VulkanMirror {
             }));
         }
         let _span = tracing::trace_span!("vulkan.fault", page, write).entered();
+        // A change whose event was read but not handled yet (its syscall may have returned)
+        // must not leave `maps` below answering for the old page (see `run_tracked`).
+        let one = Range::with_len(page, PAGE_SIZE).map_err(fault_err(page, write))?;
+        self.mm.settle(one).map_err(fault_err(page, write))?;
         let started = Instant::now();
         let mut retries = 0u64;
         loop {
@@ -464,7 +468,6 @@ impl VulkanMirror {
                         return Ok(());
                     }
                 } else {
-                    let one = Range::with_len(page, PAGE_SIZE).map_err(fault_err(page, write))?;
                     self.mm.fault(one, true).map_err(fault_err(page, write))?;
                 }
             }

@@ -23,14 +23,15 @@ fn a_failed_monitor_releases_the_gpu_mirror_and_faults_fail_closed() {
     assert_eq!(m.resources().imports, 0, "imports freed on release");
     assert_eq!(m.resources().mapped_pages, 0);
     assert_eq!(m.entry(y.as_ptr() as u64), None);
+    // Refused before it is submitted: the dispatch settles first, and a dead monitor answers.
     let r = m.saxpy(1.0, &x, &mut y);
     assert!(
         matches!(
             r,
-            Err(VulkanError::Fault {
+            Err(VulkanError::Mirror(svmirror_core::MirrorError::Core {
                 source: svmirror_core::Error::Released,
                 ..
-            })
+            }))
         ),
         "{r:?}"
     );

@@ -506,10 +506,20 @@ impl BlockSaxpy {
     /// Checks y, and unmaps the mapping with libc: the tests leave holes in it, which the SVM
     /// API refuses to unmap.
     fn check_and_unmap(self, stats: &DispatchStats) {
+        self.check(stats);
+        self.unmap();
+    }
+
+    /// Checks y after one saxpy (y = 2x + 1).
+    fn check(&self, stats: &DispatchStats) {
         for i in (0..self.n).step_by(113) {
             assert_eq!(read_f32(self.y, i), 2.0 * i as f32 + 1.0, "y[{i}]");
         }
         assert!(stats.pages_resolved >= 1, "{stats:?}");
+    }
+
+    /// Unmaps the mapping with libc.
+    fn unmap(self) {
         // SAFETY: our own mapping, touched by raw pointers only.
         let rc = unsafe {
             libc::munmap(
@@ -519,6 +529,100 @@ impl BlockSaxpy {
         };
         assert_eq!(rc, 0);
     }
+}
+
+/// A subscriber whose invalidation reports that it started, then waits for `gate`: it holds
+/// the monitor's handler, as a driver waiting for a lock would.
+struct GatedSub {
+    entered: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    gate: std::sync::Arc<std::sync::Mutex<()>>,
+}
+
+impl svmirror_core::IntervalNotifierOps for GatedSub {
+    fn invalidate(
+        &self,
+        _ctx: &svmirror_core::InvalidateCtx<'_>,
+        _range: &svmirror_core::NotifierRange,
+    ) -> Result<svmirror_core::Pass, svmirror_core::WouldBlock> {
+        if let Some(tx) = self.entered.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+        drop(
+            self.gate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        Ok(svmirror_core::Pass::Done)
+    }
+}
+
+/// A plain munmap of a page the GPU has mapped returns once its UNMAP is read, before the
+/// monitor invalidates (its handler is held here by a gated subscriber, busy with an earlier
+/// event): the page table still translates the page. A dispatch submitted after the munmap
+/// returned must not run on it: it waits until the UNMAP is handled, then faults on the page.
+/// The simulated IOMMU's `settle.rs` test, on Vulkan.
+///
+/// Seen failing with the settles off: on lavapipe, which imports host memory by pointer, the
+/// test process died of SIGSEGV (the dispatch ran at once through the unmapped page's
+/// import); a GPU that pins would have written the old frame.
+#[test]
+fn a_dispatch_after_a_plain_munmap_returned_never_uses_the_old_translation() {
+    use std::time::Duration;
+    let _s = serial();
+    let rig = Rig::new();
+    let m = rig.mirror();
+    let t = BlockSaxpy::new(&rig);
+    // Mapped once; the victim is y's last page, in an import apart from x's.
+    t.check(&t.dispatch(m).unwrap());
+    let victim = t.y + 15 * PAGE;
+    assert_eq!(m.entry(victim), Some(true), "y is mapped writable");
+    let gate = std::sync::Arc::new(std::sync::Mutex::new(()));
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let gated = std::sync::Arc::new(GatedSub {
+        entered: std::sync::Mutex::new(Some(entered_tx)),
+        gate: gate.clone(),
+    });
+    // The first page of the next 2 MiB block: no import of this block holds it.
+    let first = svmirror_core::Range::with_len(t.block + (2 << 20), PAGE).unwrap();
+    let _gated_sub = rig.mm.notifier().insert(first, gated).unwrap();
+    let held = gate.lock().unwrap();
+    // SAFETY: pages of our own mapping, touched by raw pointers only; the first holds no data.
+    let unmap = |a: u64| unsafe { libc::munmap(a as *mut libc::c_void, PAGE as usize) };
+    assert_eq!(unmap(first.start()), 0);
+    entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the first UNMAP reached the gated subscriber");
+    // Its UNMAP is read (so this returns) and queued behind the first.
+    assert_eq!(unmap(victim), 0);
+    assert!(
+        m.entry(victim).is_some(),
+        "the handler has not reached the victim's UNMAP yet"
+    );
+    let tr = &t;
+    let (early, result) = std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        s.spawn(move || {
+            let _ = tx.send(tr.dispatch(m).map(drop));
+        });
+        // The dispatch must wait for the victim's UNMAP to be handled, which the gate holds.
+        let early = rx.recv_timeout(Duration::from_secs(2)).ok();
+        drop(held);
+        match early {
+            Some(r) => (true, Some(r)),
+            None => (false, rx.recv_timeout(Duration::from_secs(10)).ok()),
+        }
+    });
+    assert!(
+        !early,
+        "a dispatch submitted after the munmap returned did not wait: {result:?}"
+    );
+    assert!(
+        matches!(result, Some(Err(_))),
+        "the dispatch wrote an unmapped page: {result:?}"
+    );
+    assert_eq!(m.entry(victim), None);
+    t.unmap();
+    rig.finish();
 }
 
 /// A fault imports a chunk around its page, cut to the page's mapping as it was looked up.
