@@ -14,6 +14,18 @@ fn pool() -> Arc<PinPool> {
     PinPool::new(PinPoolConfig::default()).unwrap()
 }
 
+/// A pool of `slots` pins with one page of staging, moving bytes by `transfer` with
+/// `copy_pipes` pipes: the transfer-path tests' configuration.
+fn page_staged_pool(slots: u32, copy_pipes: usize, transfer: Transfer) -> Arc<PinPool> {
+    PinPool::new(PinPoolConfig {
+        slots,
+        staging_bytes: PAGE_SIZE,
+        copy_pipes,
+        transfer,
+    })
+    .unwrap()
+}
+
 #[test]
 fn read_through_pin_sees_old_page_after_cpu_remaps_address() {
     let _serial = svmirror_testsupport::serial();
@@ -89,13 +101,7 @@ fn copies_through_pipe_and_memfd_are_chunked_and_stay_on_the_pins() {
         (0, Transfer::Pipe),
         (2, Transfer::Pipe),
     ] {
-        let pool = PinPool::new(PinPoolConfig {
-            slots: 4,
-            staging_bytes: PAGE_SIZE,
-            copy_pipes,
-            transfer,
-        })
-        .unwrap();
+        let pool = page_staged_pool(4, copy_pipes, transfer);
         let a = AnonMap::new(8 * PAGE_SIZE as usize).unwrap();
         a.fill_with(|i| (i / 3) as u8);
         let b = AnonMap::new(8 * PAGE_SIZE as usize).unwrap();
@@ -406,13 +412,7 @@ fn read_many_and_write_many_move_every_part_with_and_without_a_pipe() {
         (0, Transfer::Pipe),
         (2, Transfer::Pipe),
     ] {
-        let pool = PinPool::new(PinPoolConfig {
-            slots: 4,
-            staging_bytes: PAGE_SIZE,
-            copy_pipes,
-            transfer,
-        })
-        .unwrap();
+        let pool = page_staged_pool(4, copy_pipes, transfer);
         let a = AnonMap::new(8 * PAGE_SIZE as usize).unwrap();
         a.fill_with(|i| (i % 251) as u8);
         // SAFETY: the test buffer is accessed only through raw pointers.
@@ -460,13 +460,7 @@ fn read_many_and_write_many_move_every_part_with_and_without_a_pipe() {
 fn fill_writes_exactly_its_bytes_across_submissions() {
     let _serial = svmirror_testsupport::serial();
     for transfer in [Transfer::Memfd, Transfer::Pipe] {
-        let pool = PinPool::new(PinPoolConfig {
-            slots: 2,
-            staging_bytes: PAGE_SIZE,
-            copy_pipes: 0,
-            transfer,
-        })
-        .unwrap();
+        let pool = page_staged_pool(2, 0, transfer);
         // More than RING_ENTRIES staging lengths, so more than one submission.
         let pages = super::pool::RING_ENTRIES as usize + 8;
         let a = AnonMap::new(pages * PAGE_SIZE as usize).unwrap();
