@@ -6,36 +6,16 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use common::{PAGE, mm_mirror};
-use svmirror_core::{IntervalNotifierOps, InvalidateCtx, NotifierRange, Pass, Range, WouldBlock};
+use svmirror_core::Range;
 use svmirror_iommu::{DmaCommand, MirrorConfig};
 use svmirror_mm::ProcessMm;
 use svmirror_mm::testing::AnonMap;
-
-/// A subscriber whose invalidation reports that it started, then waits for `gate`: it holds
-/// the monitor's handler, as a driver waiting for a lock would.
-struct GatedSub {
-    entered: Mutex<Option<mpsc::Sender<()>>>,
-    gate: Arc<Mutex<()>>,
-}
-
-impl IntervalNotifierOps for GatedSub {
-    fn invalidate(
-        &self,
-        _ctx: &InvalidateCtx<'_>,
-        _range: &NotifierRange,
-    ) -> Result<Pass, WouldBlock> {
-        if let Some(tx) = self.entered.lock().unwrap().take() {
-            let _ = tx.send(());
-        }
-        drop(self.gate.lock().unwrap_or_else(PoisonError::into_inner));
-        Ok(Pass::Done)
-    }
-}
+use svmirror_testsupport::GatedSub;
 
 /// A plain munmap of a page the device has mapped returns while the monitor's handler is
 /// still busy with an earlier event (held here by a gated subscriber), so its UNMAP is read
@@ -59,12 +39,7 @@ fn a_device_read_after_a_plain_munmap_returned_never_uses_the_old_translation() 
     assert_eq!(read(victim).unwrap().wait().unwrap().data, vec![7; 4]);
     assert!(m.mmu().translate(victim).is_some());
 
-    let gate = Arc::new(Mutex::new(()));
-    let (entered_tx, entered) = mpsc::channel();
-    let gated = Arc::new(GatedSub {
-        entered: Mutex::new(Some(entered_tx)),
-        gate: gate.clone(),
-    });
+    let (gated, gate, entered) = GatedSub::new();
     let _gated_sub = mm
         .notifier()
         .insert(Range::with_len(first, PAGE).unwrap(), gated)

@@ -1,6 +1,6 @@
 //! svmirror-testsupport: the helpers every svmirror test suite used to carry its own copy of,
-//! written once. A dev-dependency only (`publish = false`): no library or binary of the
-//! workspace links it.
+//! written once. A dev-dependency only (`publish = false`): no library or app binary of the
+//! workspace links it (the VFIO guest test binary does, behind svmirror-edu's `guest-tests`).
 //!
 //! | item | what it is |
 //! |---|---|
@@ -9,6 +9,7 @@
 //! | [`hugetlb`] | the 2 MiB hugetlb pool grown for a test and shrunk back on drop; a hugetlb mapping |
 //! | [`volatile`] | volatile reads and writes of test memory at an address |
 //! | [`Rng`] | splitmix64, a small seeded generator for randomized tests |
+//! | [`GatedSub`] | a notifier subscriber that holds the monitor's handler: an event read, not handled |
 //!
 //! The private anonymous mapping guard that tests and benchmarks put device buffers in is
 //! `svmirror_mm::testing::AnonMap`, not here: the app's simulated backend uses it too, and the
@@ -26,11 +27,13 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+mod gate;
 pub mod hugetlb;
 mod rng;
 pub mod volatile;
 mod wait;
 
+pub use gate::GatedSub;
 pub use rng::Rng;
 pub use wait::{MONITOR_WAIT, POLL, eventually, poll_until};
 

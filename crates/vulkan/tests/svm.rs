@@ -531,31 +531,6 @@ impl BlockSaxpy {
     }
 }
 
-/// A subscriber whose invalidation reports that it started, then waits for `gate`: it holds
-/// the monitor's handler, as a driver waiting for a lock would.
-struct GatedSub {
-    entered: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
-    gate: std::sync::Arc<std::sync::Mutex<()>>,
-}
-
-impl svmirror_core::IntervalNotifierOps for GatedSub {
-    fn invalidate(
-        &self,
-        _ctx: &svmirror_core::InvalidateCtx<'_>,
-        _range: &svmirror_core::NotifierRange,
-    ) -> Result<svmirror_core::Pass, svmirror_core::WouldBlock> {
-        if let Some(tx) = self.entered.lock().unwrap().take() {
-            let _ = tx.send(());
-        }
-        drop(
-            self.gate
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        Ok(svmirror_core::Pass::Done)
-    }
-}
-
 /// A plain munmap of a page the GPU has mapped returns once its UNMAP is read, before the
 /// monitor invalidates (its handler is held here by a gated subscriber, busy with an earlier
 /// event): the page table still translates the page. A dispatch submitted after the munmap
@@ -576,12 +551,7 @@ fn a_dispatch_after_a_plain_munmap_returned_never_uses_the_old_translation() {
     t.check(&t.dispatch(m).unwrap());
     let victim = t.y + 15 * PAGE;
     assert_eq!(m.entry(victim), Some(true), "y is mapped writable");
-    let gate = std::sync::Arc::new(std::sync::Mutex::new(()));
-    let (entered_tx, entered) = std::sync::mpsc::channel();
-    let gated = std::sync::Arc::new(GatedSub {
-        entered: std::sync::Mutex::new(Some(entered_tx)),
-        gate: gate.clone(),
-    });
+    let (gated, gate, entered) = svmirror_testsupport::GatedSub::new();
     // The first page of the next 2 MiB block: no import of this block holds it.
     let first = svmirror_core::Range::with_len(t.block + (2 << 20), PAGE).unwrap();
     let _gated_sub = rig.mm.notifier().insert(first, gated).unwrap();

@@ -570,36 +570,6 @@ fn a_nested_access_is_refused(env: &Env) -> Res {
     Ok(())
 }
 
-/// A subscriber whose invalidation reports that it started, then waits for `gate`: it holds
-/// the monitor's handler, as a driver waiting for a lock would.
-struct GatedSub {
-    entered: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
-    gate: Arc<std::sync::Mutex<()>>,
-}
-
-impl svmirror_core::IntervalNotifierOps for GatedSub {
-    fn invalidate(
-        &self,
-        _ctx: &svmirror_core::InvalidateCtx<'_>,
-        _range: &svmirror_core::NotifierRange,
-    ) -> Result<svmirror_core::Pass, svmirror_core::WouldBlock> {
-        let tx = self
-            .entered
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(tx) = tx {
-            let _ = tx.send(());
-        }
-        drop(
-            self.gate
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        Ok(svmirror_core::Pass::Done)
-    }
-}
-
 /// A plain munmap of a page the device has mapped returns once its UNMAP is read, before the
 /// monitor invalidates (its handler is held here by a gated subscriber, busy with an earlier
 /// event): the mapper's translation is still there. A device access asked for after the
@@ -626,12 +596,7 @@ fn an_access_after_a_plain_munmap_returned_never_uses_the_old_translation(env: &
     let m = env.mapper(buf, MapperConfig::default())?;
     m.fault(victim, PAGE_SIZE, false).map_err(err("fault"))?;
     ensure!(m.translate(victim, false).is_some(), "the victim is mapped");
-    let gate = Arc::new(std::sync::Mutex::new(()));
-    let (entered_tx, entered) = std::sync::mpsc::channel();
-    let gated = Arc::new(GatedSub {
-        entered: std::sync::Mutex::new(Some(entered_tx)),
-        gate: gate.clone(),
-    });
+    let (gated, gate, entered) = svmirror_testsupport::GatedSub::new();
     let first_page = Range::with_len(first, PAGE_SIZE).map_err(err("range"))?;
     let _gated_sub = env
         .mm

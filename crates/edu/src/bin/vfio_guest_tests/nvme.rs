@@ -366,22 +366,6 @@ fn backend_contract() -> Res {
     crate::backend_suite("VFIO (NVMe controller's group)", &mm, &container)
 }
 
-/// A small xorshift generator: the churn's sizes and blocks, the same every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// 1000 reads of random sizes (one sector to 256 KiB) at random blocks, each into a fresh
 /// `Vec` that replaces one of 8 live ones (so buffers are freed, and their addresses reused,
 /// all the time: small ones in the heap, large ones mmapped and munmapped); every sector is
@@ -390,15 +374,15 @@ fn read_churn(n: &mut NvmeEnv) -> Res {
     let ns = n.nvme.namespace().map_err(err("namespace"))?;
     let first = 4096 * 512 / ns.lba_size; // past the write scenario's blocks
     let max_blocks = (256 << 10) / ns.lba_size;
-    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let mut rng = svmirror_testsupport::Rng::new(0x5eed_1234_abcd_0001);
     let mut live: Vec<Vec<u8>> = (0..8).map(|_| Vec::new()).collect();
     let (mut bytes, mut mismatches, mut reused) = (0u64, 0u64, 0u64);
     let mut seen = std::collections::HashSet::new();
     let started = Instant::now();
     for i in 0..1000 {
-        let blocks = 1 + rng.below(max_blocks);
-        let lba = first + rng.below(ns.blocks - first - blocks + 1);
-        let slot = rng.below(live.len() as u64) as usize;
+        let blocks = 1 + rng.below(max_blocks as usize) as u64;
+        let lba = first + rng.below((ns.blocks - first - blocks + 1) as usize) as u64;
+        let slot = rng.below(live.len());
         live[slot] = Vec::new(); // free the old buffer first, so its address can come back
         let mut v = vec![0u8; (blocks * ns.lba_size) as usize];
         if !seen.insert(v.as_ptr() as u64) {
